@@ -1,0 +1,60 @@
+// The contract between the op layer (csrc/ops.cpp) and the kernels: plain pointers, no torch types,
+// so that kernel files compile without the torch headers. The arithmetic every kernel implements is
+// specified in astrobio/optim/reference.py.
+#pragma once
+
+#include <cstdint>
+
+namespace astrobio {
+
+constexpr int64_t kBlockSize = 256;  // elements per absmax block
+constexpr int kQmapSize = 256;       // entries of a quantization map
+
+enum class DType : int { kFloat32 = 0, kBFloat16 = 1 };
+
+// The fp32 constants of one step, computed in float64 by the host and rounded once
+// (reference.py: StepConstants).
+struct StepConstants {
+  float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, grad_scale, decay, step_size, inv_bc2_sqrt;
+};
+
+StepConstants make_step_constants(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                  double grad_scale, int64_t step);
+
+struct StepArgs {
+  void* param;                 // numel elements of param_dtype (fp32 master, or bf16 with stochastic rounding)
+  DType param_dtype;
+  const void* grad;            // numel elements of grad_dtype
+  DType grad_dtype;
+  void* exp_avg;               // uint8 codes (quantized) or fp32
+  void* exp_avg_sq;            // uint8 codes (quantized) or fp32
+  bool quantized;
+  float* absmax1;              // ceil(numel / 256) blocks, quantized only
+  float* absmax2;
+  const float* qmap1;          // 256 entries, ascending (signed map for m)
+  const float* qmap2;          // 256 entries, ascending (unsigned map for v)
+  uint16_t* param_bf16;        // optional: new weights rounded to nearest bf16 (nullptr: none)
+  const float* found_inf;      // optional, device kernels only: skip the step when *found_inf != 0
+  int64_t numel;
+  StepConstants c;
+  uint32_t seed;               // stochastic rounding seed for this step
+};
+
+namespace cpu {
+// One fused pass; blocks are split over OpenMP threads. Safe to call without the Python GIL.
+void adamw8bit_step(const StepArgs& args);
+// Which SIMD path adamw8bit_step takes on this CPU: "avx512", "avx2" or "portable".
+const char* simd_path();
+// Streaming bandwidth probes over arrays of n floats, in GB/s counted by bytes the kernel names.
+double triad_bandwidth(int64_t n, int repeats);
+double inplace_rmw_bandwidth(int64_t n, int reads, int writes, int repeats);
+}  // namespace cpu
+
+#ifdef ASTROBIO_WITH_CUDA
+namespace cuda {
+// Launches on `stream` (a cudaStream_t); checks the launch.
+void adamw8bit_step(const StepArgs& args, void* stream);
+}  // namespace cuda
+#endif
+
+}  // namespace astrobio
