@@ -1,0 +1,98 @@
+"""Cutting RebuiltLLMIntegration into contiguous pipeline stages.
+
+Stage 0 holds the embedding and the first layers, the last stage the last layers, the final norm and
+the head; a stage in between holds layers only. A stage maps its input (token ids on stage 0, hidden
+states elsewhere) to its output (hidden states, or logits on the last stage). Parameter names keep the
+whole model's names (``layers.7.attn.wq.weight``), so checkpoints move between stage counts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from astrobio.model.transformer import (ModelConfig, RMSNorm, RebuiltLLMIntegration, TransformerBlock,
+                                        embed_tokens, init_parameters, run_blocks)
+
+
+def even_split(n_layers: int, num_stages: int) -> list[int]:
+    """Layer counts per stage, as even as possible (earlier stages take the remainder)."""
+    if num_stages < 1 or num_stages > n_layers:
+        raise ValueError(f"cannot cut {n_layers} layers into {num_stages} stages; use 1..{n_layers} stages")
+    base, extra = divmod(n_layers, num_stages)
+    return [base + (1 if i < extra else 0) for i in range(num_stages)]
+
+
+def check_split(layers_per_stage: list[int], n_layers: int) -> list[int]:
+    if sum(layers_per_stage) != n_layers or any(k < 1 for k in layers_per_stage):
+        raise ValueError(f"layer split {layers_per_stage} must be positive counts summing to {n_layers}")
+    return list(layers_per_stage)
+
+
+class PipelineStage(nn.Module):
+    """One contiguous piece of the model. ``layers`` is a ModuleDict keyed by the global layer index,
+    so that parameter names match the whole model's."""
+
+    def __init__(self, config: ModelConfig, stage: int, layers_per_stage: list[int]):
+        super().__init__()
+        self.config = config
+        self.stage = stage
+        self.num_stages = len(layers_per_stage)
+        self.first_layer = sum(layers_per_stage[:stage])
+        self.is_first = stage == 0
+        self.is_last = stage == self.num_stages - 1
+        if self.is_first:
+            self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleDict({str(self.first_layer + i): TransformerBlock(config)
+                                     for i in range(layers_per_stage[stage])})
+        if self.is_last:
+            self.norm = RMSNorm(config.d_model, config.norm_eps)
+            self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        if self.is_first:
+            x = embed_tokens(self, x, prefix)
+        x = run_blocks(nn.ModuleList(self.layers.values()), x, self.config, self.gradient_checkpointing)
+        if self.is_last:
+            x = self.head(self.norm(x))
+        return x
+
+
+def build_stage(config: ModelConfig, stage: int, layers_per_stage: list[int] | None = None, seed: int = 0,
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PipelineStage:
+    """Builds one stage with the same initial weights the whole model would give those parameters."""
+    split = check_split(layers_per_stage or even_split(config.n_layers, 1), config.n_layers)
+    if not 0 <= stage < len(split):
+        raise ValueError(f"stage {stage} out of range for a {len(split)}-stage split")
+    with torch.device("meta"):
+        module = PipelineStage(config, stage, split)
+    if torch.device(device).type == "meta":
+        return module.to(dtype)
+    module = module.to_empty(device="cpu").to(torch.float32)
+    init_parameters(module, config, seed)
+    return module.to(device=device, dtype=dtype)
+
+
+def split_model(model: RebuiltLLMIntegration, layers_per_stage: list[int]) -> list[PipelineStage]:
+    """Stages that share (not copy) the whole model's parameters: for single-process comparisons."""
+    config = model.config
+    split = check_split(layers_per_stage, config.n_layers)
+    stages = []
+    for s in range(len(split)):
+        with torch.device("meta"):
+            stage = PipelineStage(config, s, split)
+        if stage.is_first:
+            stage.embed = model.embed
+        for key in stage.layers:
+            stage.layers[key] = model.layers[int(key)]
+        if stage.is_last:
+            stage.norm, stage.head = model.norm, model.head
+        stage.gradient_checkpointing = model.gradient_checkpointing
+        stages.append(stage)
+    return stages
+
+
+def stage_state_dict_keys(config: ModelConfig, stage: int, layers_per_stage: list[int]) -> list[str]:
+    with torch.device("meta"):
+        return list(PipelineStage(config, stage, check_split(layers_per_stage, config.n_layers)).state_dict())

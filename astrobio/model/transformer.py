@@ -1,0 +1,225 @@
+"""RebuiltLLMIntegration: a Llama-style decoder-only transformer (RMSNorm, rotary positions, SwiGLU,
+causal attention through PyTorch SDPA, or flash-attn on a GPU when installed).
+
+Initialisation is deterministic per parameter: each tensor draws from a generator seeded by the run's
+seed and the parameter's name, so a model built whole, or stage by stage on different ranks, or on the
+meta device and materialised later, gets the same weights.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+try:  # optional: used on CUDA for bf16/fp16 inputs
+    from flash_attn import flash_attn_func
+except ImportError:
+    flash_attn_func = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    ffn_hidden: int
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model {self.d_model} must be a multiple of n_heads {self.n_heads}")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError(f"head dim {self.d_model // self.n_heads} must be even for rotary positions")
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_hidden", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (normed * self.weight.float()).to(x.dtype)
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device, offset: int = 0):
+    """cos and sin of shape [seq_len, head_dim / 2], fp32, for positions offset .. offset+seq_len-1."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    positions = torch.arange(offset, offset + seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [batch, seq, heads, head_dim]; rotates pairs (even, odd) of each head."""
+    x32 = x.float().unflatten(-1, (-1, 2))
+    a, b = x32[..., 0], x32[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.wq = nn.Linear(d, d, bias=False)
+        self.wk = nn.Linear(d, d, bias=False)
+        self.wv = nn.Linear(d, d, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: dict | None = None) -> torch.Tensor:
+        b, t, _ = x.shape
+        h, hd = self.config.n_heads, self.config.head_dim
+        q = apply_rotary(self.wq(x).view(b, t, h, hd), cos, sin)
+        k = apply_rotary(self.wk(x).view(b, t, h, hd), cos, sin)
+        v = self.wv(x).view(b, t, h, hd)
+        causal = True
+        if kv_cache is not None:
+            if "k" in kv_cache:
+                k = torch.cat((kv_cache["k"], k), dim=1)
+                v = torch.cat((kv_cache["v"], v), dim=1)
+                causal = t > 1  # one new token attends to everything cached
+            kv_cache["k"], kv_cache["v"] = k, v
+        if (flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+                and (causal or t == 1)):
+            out = flash_attn_func(q, k, v, causal=causal)
+        else:
+            q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+            if causal and k.shape[2] != t:  # prefill onto a non-empty cache: offset causal mask
+                mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            out = out.transpose(1, 2)
+        return self.wo(out.reshape(b, t, h * hd))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.w_gate = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.w_up = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
+        self.w_down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = SwiGLU(config)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class RebuiltLLMIntegration(nn.Module):
+    """The astrobiology language model: embedding, ``n_layers`` blocks, final norm, untied head.
+
+    ``forward(tokens, prefix=None)`` returns logits ``[batch, prefix + seq, vocab]``; ``prefix`` is an
+    optional ``[batch, p, d_model]`` tensor of embeddings (from the multimodal encoders) placed before
+    the token embeddings.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+
+    def forward(self, tokens: torch.Tensor, prefix: torch.Tensor | None = None,
+                kv_caches: list[dict] | None = None, position_offset: int = 0) -> torch.Tensor:
+        x = embed_tokens(self, tokens, prefix)
+        x = run_blocks(self.layers, x, self.config, self.gradient_checkpointing, kv_caches, position_offset)
+        return self.head(self.norm(x))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def embed_tokens(model: nn.Module, tokens: torch.Tensor, prefix: torch.Tensor | None) -> torch.Tensor:
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"tokens must be int64 or int32 token ids, got {tokens.dtype}")
+    x = model.embed(tokens)
+    if prefix is not None:
+        x = torch.cat((prefix.to(x.dtype), x), dim=1)
+    return x
+
+
+def run_blocks(layers: nn.ModuleList, x: torch.Tensor, config: ModelConfig, use_checkpointing: bool,
+               kv_caches: list[dict] | None = None, position_offset: int = 0) -> torch.Tensor:
+    """Runs a contiguous run of blocks over hidden states x ``[batch, seq, d_model]``."""
+    if x.shape[1] + position_offset > config.max_seq_len:
+        raise ValueError(f"sequence of {x.shape[1] + position_offset} positions exceeds max_seq_len "
+                         f"{config.max_seq_len}; use shorter sequences or a model with a longer max_seq_len")
+    cos, sin = rotary_tables(x.shape[1], config.head_dim, config.rope_theta, x.device, position_offset)
+    for i, block in enumerate(layers):
+        cache = kv_caches[i] if kv_caches is not None else None
+        if use_checkpointing and torch.is_grad_enabled() and cache is None:
+            x = checkpoint(block, x, cos, sin, use_reentrant=False)
+        else:
+            x = block(x, cos, sin, cache)
+    return x
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63)
+
+
+@torch.no_grad()
+def init_parameters(module: nn.Module, config: ModelConfig, seed: int, prefix: str = "") -> None:
+    """Deterministic initialisation: normal(0, init_std) for matrices and embeddings (output
+    projections scaled by 1/sqrt(2 * n_layers), as GPT-2), ones for norms. Each parameter draws from
+    its own generator seeded by ``seed`` and its full name (``prefix`` + local name), so the result is
+    the same however the model is cut into stages."""
+    for name, p in module.named_parameters():
+        full = prefix + name
+        if full.endswith("norm.weight"):
+            p.fill_(1.0)
+            continue
+        std = config.init_std
+        if full.endswith(("wo.weight", "w_down.weight")):
+            std /= math.sqrt(2 * config.n_layers)
+        gen = torch.Generator(device="cpu").manual_seed(parameter_seed(seed, full))
+        p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std))
+
+
+def build_model(config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
+                dtype: torch.dtype = torch.float32) -> RebuiltLLMIntegration:
+    """Builds the model; on ``device="meta"`` no memory is allocated (parameter counts, planning)."""
+    with torch.device("meta"):
+        model = RebuiltLLMIntegration(config)
+    if torch.device(device).type == "meta":
+        return model.to(dtype)
+    model = model.to_empty(device="cpu").to(torch.float32)
+    init_parameters(model, config, seed)
+    return model.to(device=device, dtype=dtype)
