@@ -1,0 +1,102 @@
+"""RebuiltLLMIntegration: parameter counts, deterministic initialisation, stages equal to the whole
+model, activation checkpointing and the KV cache change nothing."""
+
+import pytest
+import torch
+
+from astrobio.model import build_model, build_stage, even_split, get_config, split_model
+
+
+def test_13b_preset_counts_13_14b_on_meta_without_allocating():
+    model = build_model(get_config("13b"), device="meta")
+    n = model.num_parameters()
+    assert abs(n - 13.14e9) / 13.14e9 < 0.005
+    assert all(p.is_meta for p in model.parameters())
+    c = get_config("13b")  # the formula of DESIGN.md section 1, as an independent check
+    per_layer = 4 * c.d_model ** 2 + 3 * c.d_model * c.ffn_hidden + 2 * c.d_model
+    assert n == c.n_layers * per_layer + 2 * c.vocab_size * c.d_model + c.d_model
+
+
+def test_unknown_preset_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model 'huge'; choose one of tiny, small, 13b"):
+        get_config("huge")
+
+
+def test_initialisation_is_deterministic_and_seeded():
+    cfg = get_config("tiny")
+    a, b, c = build_model(cfg, seed=1), build_model(cfg, seed=1), build_model(cfg, seed=2)
+    for (name, x), y, z in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(x, y), name
+        if "norm" not in name:
+            assert not torch.equal(x, z), name
+
+
+@pytest.mark.parametrize("split", [[2, 2], [1, 3], [1, 1, 2]])
+def test_stages_equal_the_whole_model(split):
+    cfg = get_config("tiny")
+    model = build_model(cfg, seed=5)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+    expected = model(tokens)
+    x = tokens
+    for s in range(len(split)):  # built separately, as each pipeline rank does
+        x = build_stage(cfg, s, split, seed=5)(x)
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
+    x = tokens
+    for stage in split_model(model, split):
+        x = stage(x)
+    assert torch.equal(x, expected)
+    names = set()
+    for s in range(len(split)):
+        names |= set(build_stage(cfg, s, split, device="meta").state_dict())
+    assert names == set(model.state_dict())
+
+
+def test_even_split_and_bad_splits():
+    assert even_split(56, 2) == [28, 28] and even_split(5, 2) == [3, 2]
+    with pytest.raises(ValueError, match="cannot cut 4 layers into 5 stages"):
+        even_split(4, 5)
+    with pytest.raises(ValueError, match="summing to 4"):
+        build_stage(get_config("tiny"), 0, [1, 2])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    cfg = get_config("tiny")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40))
+    grads = []
+    for ckpt in (False, True):
+        model = build_model(cfg, seed=3)
+        model.gradient_checkpointing = ckpt
+        torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_kv_cache_decoding_matches_full_forward():
+    cfg = get_config("tiny")
+    model = build_model(cfg, seed=4).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
+    with torch.no_grad():
+        full = model(tokens)
+        caches = [{} for _ in range(cfg.n_layers)]
+        outs = [model(tokens[:, :5], kv_caches=caches)]
+        for t in range(5, 12):
+            outs.append(model(tokens[:, t:t + 1], kv_caches=caches, position_offset=t))
+    torch.testing.assert_close(torch.cat(outs, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_prefix_embeddings_are_prepended():
+    cfg = get_config("tiny")
+    model = build_model(cfg, seed=0)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 8))
+    prefix = torch.randn(1, 3, cfg.d_model, requires_grad=True)
+    out = model(tokens, prefix=prefix)
+    assert out.shape == (1, 11, cfg.vocab_size)
+    out[:, -1].sum().backward()
+    assert prefix.grad is not None and prefix.grad.abs().sum() > 0
+
+
+def test_too_long_sequence_is_a_clear_error():
+    cfg = get_config("tiny")
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        build_model(cfg)(torch.zeros(1, cfg.max_seq_len + 1, dtype=torch.long))
