@@ -1,1 +1,5 @@
 """Optimizers: the 8-bit AdamW specification (reference), AdamW8bit, and the CPU offload engine."""
+
+from astrobio.optim.adamw8bit import AdamW8bit, step_seed
+
+__all__ = ["AdamW8bit", "step_seed"]
