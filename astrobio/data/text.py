@@ -1,0 +1,63 @@
+"""Plain-text and JSONL record files (optionally gzip-compressed).
+
+A ``.txt`` file holds records separated by blank lines; a ``.jsonl`` file holds one JSON object per
+line with a string field ``"text"``. Files must be UTF-8. Every error names the file (and the line).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+_BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+def read_text_file(path: str | Path) -> str:
+    """The UTF-8 text of ``path``, decompressed when it is gzip data."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    data = path.read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError) as err:
+            raise ValueError(f"data file {path}: corrupt gzip data ({err})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"data file {path} is not UTF-8 text (bad byte at offset {err.start})") from None
+
+
+def text_records(path: str | Path) -> list[str]:
+    """The blank-line-separated records of a text file, stripped; refuses a file with none."""
+    text = read_text_file(path).replace("\r\n", "\n")
+    records = [r.strip() for r in _BLANK_LINES.split(text)]
+    records = [r for r in records if r]
+    if not records:
+        raise ValueError(f"data file {path} is empty: it holds no text records")
+    return records
+
+
+def jsonl_records(path: str | Path) -> list[str]:
+    """The ``"text"`` field of each line of a JSONL file; blank lines are skipped, empty texts too."""
+    records = []
+    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"data file {path}, line {number}: not valid JSON ({err.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
+            raise ValueError(
+                f'data file {path}, line {number}: expected a JSON object with a string field "text", '
+                f"got {line[:60]!r}"
+            )
+        if item["text"].strip():
+            records.append(item["text"])
+    if not records:
+        raise ValueError(f'data file {path} is empty: it holds no record with a non-empty "text"')
+    return records
