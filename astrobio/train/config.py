@@ -1,0 +1,300 @@
+"""The training configuration: one dataclass, its command-line flags, YAML/TOML files with the same keys,
+and validation.
+
+Precedence: the dataclass defaults, then a ``--config`` file, then the flags given on the command line.
+Keys in a file are the flag names with or without the leading dashes, hyphens or underscores alike
+(``micro-batch-size`` or ``micro_batch_size``). Every check here runs before the trainer writes anything;
+a failure raises ``ConfigError``, which the CLI turns into exit code 2 and one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from astrobio.model import PRESETS, get_config
+
+SCHEDULES = ("1f1b", "gpipe", "zb-h1")
+MASTER_WEIGHTS = ("fp32", "bf16-sr")
+DEVICES = ("cpu", "cuda", "auto")
+DEFAULT_STEPS = 100
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the value, what was expected, and how to fix it."""
+
+
+def option(default, help: str, kind: type | None = None, choices: tuple | None = None):
+    """A config field with its flag's help text; ``kind`` is needed where the default is None."""
+    kind = kind or type(default)
+    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    model: str = option("tiny", "model preset", choices=tuple(PRESETS))
+    steps: int | None = option(None, f"optimizer steps (default {DEFAULT_STEPS} unless --epochs is given)", int)
+    epochs: int | None = option(None, "passes over the training split, instead of --steps", int)
+    batch_size: int | None = option(None, "sequences per optimizer step (default micro-batch x accumulation)",
+                                    int)
+    micro_batch_size: int | None = option(None, "sequences per forward/backward (default 16, or the batch "
+                                          "size / accumulation)", int)
+    gradient_accumulation_steps: int | None = option(None, "micro-batches per optimizer step (default "
+                                                     "batch size / micro-batch size, or 1)", int)
+    seq_len: int = option(128, "tokens per training sequence")
+    lr: float = option(3e-3, "peak learning rate")
+    min_lr: float = option(3e-4, "learning rate at the end of the cosine decay")
+    warmup_steps: int = option(10, "linear warm-up steps before the cosine decay")
+    weight_decay: float = option(0.01, "decoupled weight decay (AdamW)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
+    use_8bit_optimizer: bool = option(True, "astrobio's 8-bit AdamW (off: torch.optim.AdamW)")
+    use_mixed_precision: bool = option(False, "bf16 autocast for forward and backward")
+    use_gradient_checkpointing: bool = option(False, "recompute each block's activations in backward")
+    log_every_n_steps: int = option(1, "write a metrics.jsonl line every N steps")
+    eval_every_n_steps: int = option(25, "validation loss every N steps (also at step 0 and the end; "
+                                     "0 = only those)")
+    eval_batches: int = option(4, "micro-batches of the validation split per evaluation (0 = all of it)")
+    save_every_n_steps: int = option(50, "checkpoint every N steps (0 = only at the end)")
+    save_every_n_epochs: int = option(0, "checkpoint every N epochs (0 = off)")
+    keep_last_k: int = option(2, "checkpoints to keep")
+    output_dir: str = option("runs/default", "where config.json, metrics.jsonl, checkpoints/ and plots/ go")
+    resume: str | None = option(None, "a checkpoint directory, or 'auto' for the newest valid one in "
+                                "--output-dir", str)
+    overwrite: bool = option(False, "replace a previous run's outputs in --output-dir")
+    stop_at_step: int | None = option(None, "stop (with a checkpoint) after this step, as if interrupted; "
+                                      "the schedule still spans --steps", int)
+    seed: int = option(0, "seed for initialisation and data order")
+    data: str = option("builtin", "builtin, builtin:N, an OEC .xml/.xml.gz, a .txt or a .jsonl file")
+    tokenizer: str | None = option(None, "a Hugging Face tokenizer.json (default: bytes)", str)
+    device: str = option("cpu", "cpu, cuda, or auto (cuda when available)", choices=DEVICES)
+    wandb_project: str | None = option(None, "log to Weights & Biases under this project (offline unless "
+                                       "WANDB_MODE or WANDB_API_KEY say otherwise)", str)
+    wandb_name: str | None = option(None, "W&B run name", str)
+    pipeline_stages: int = option(1, "pipeline stages (processes)")
+    schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)
+    use_cpu_offloading: bool = option(False, "keep optimizer state and master weights in host memory")
+    master_weights: str = option("fp32", "master weight precision", choices=MASTER_WEIGHTS)
+    force: bool = option(False, "start even where the memory preflight predicts the run will not fit")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ConfigError instead of printing usage and exiting."""
+
+    def error(self, message):
+        raise ConfigError(f"{message} (see python -m astrobio.train --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Flags named after the fields; absent flags stay absent (SUPPRESS) so a --config file can fill them."""
+    parser = _Parser(prog="python -m astrobio.train", description="Train RebuiltLLMIntegration.",
+                     argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", help="a YAML or TOML file with the same keys as these flags")
+    for name, f in FIELDS.items():
+        flag = "--" + name.replace("_", "-")
+        meta = f.metadata
+        help_text = f"{meta['help']} (default: {f.default})"
+        if meta["kind"] is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(flag, type=meta["kind"], choices=meta["choices"], help=help_text,
+                                metavar=None if meta["choices"] else name.upper())
+    return parser
+
+
+def read_config_file(path: str) -> dict:
+    """The file's keys, normalised to field names; unknown keys and wrong types are errors."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} not found; pass an existing .yaml, .yml or .toml file")
+    try:
+        if file.suffix == ".toml":
+            raw = tomllib.loads(file.read_text())
+        elif file.suffix in (".yaml", ".yml"):
+            raw = yaml.safe_load(file.read_text()) or {}
+        else:
+            raise ConfigError(f"config file {path!r} must end in .yaml, .yml or .toml")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        reason = str(error).splitlines()[0]
+        raise ConfigError(f"config file {path!r} is not valid {file.suffix[1:].upper()}: {reason}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of keys to values")
+    values = {}
+    for key, value in raw.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"unknown key {key!r} in {path}; valid keys are the flag names, e.g. "
+                              f"micro_batch_size (see --help)")
+        values[name] = coerce(name, value, path)
+    return values
+
+
+def coerce(name: str, value, source: str):
+    """A file value checked against the field's kind (ints are accepted where floats are expected)."""
+    meta = FIELDS[name].metadata
+    kind, choices = meta["kind"], meta["choices"]
+    ok = (value is None and FIELDS[name].default is None) or (
+        isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ConfigError(f"{name} in {source} must be {kind.__name__}, got {value!r}")
+    if choices and value not in choices:
+        raise ConfigError(f"{name} in {source} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    """Defaults < --config file < command-line flags, then resolved and validated."""
+    args = vars(build_parser().parse_args(argv))
+    values = read_config_file(args.pop("config")) if "config" in args else {}
+    values.update(args)
+    return validate(resolve_batch(TrainConfig(**values)))
+
+
+def resolve_batch(config: TrainConfig) -> TrainConfig:
+    """Fills whichever of batch size, micro-batch size and accumulation steps is missing; any two given
+    determine the third, and all three given must agree."""
+    batch, micro, accum = config.batch_size, config.micro_batch_size, config.gradient_accumulation_steps
+    for name, value in (("batch_size", batch), ("micro_batch_size", micro),
+                        ("gradient_accumulation_steps", accum)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if batch is None:
+        micro = micro or 16
+        accum = accum or 1
+        batch = micro * accum
+    elif micro is None:
+        accum = accum or 1
+        if batch % accum:
+            raise ConfigError(f"gradient_accumulation_steps {accum} does not divide batch_size {batch}; "
+                              f"choose a divisor of {batch}")
+        micro = batch // accum
+    else:
+        if batch % micro:
+            raise ConfigError(f"micro_batch_size {micro} does not divide batch_size {batch}; choose a "
+                              f"divisor of {batch} (e.g. {largest_divisor(batch, micro)})")
+        if accum is not None and micro * accum != batch:
+            raise ConfigError(f"batch_size {batch} != micro_batch_size {micro} x gradient_accumulation_steps "
+                              f"{accum}; give two of the three, or make them agree")
+        accum = batch // micro
+    return replace(config, batch_size=batch, micro_batch_size=micro, gradient_accumulation_steps=accum)
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Checks that need no data and write nothing; returns the config with ``steps`` defaulted."""
+    check_choices(config)
+    check_counts(config)
+    check_optimizer(config)
+    check_model(config)
+    check_unavailable(config)
+    if config.steps is not None and config.epochs is not None:
+        raise ConfigError(f"give --steps ({config.steps}) or --epochs ({config.epochs}), not both")
+    if config.steps is None and config.epochs is None:
+        config = replace(config, steps=DEFAULT_STEPS)
+    return config
+
+
+def check_choices(config: TrainConfig) -> None:
+    for name, f in FIELDS.items():
+        choices, value = f.metadata["choices"], getattr(config, name)
+        if choices and value not in choices:
+            raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def check_counts(config: TrainConfig) -> None:
+    positive = ("seq_len", "log_every_n_steps", "keep_last_k", "pipeline_stages", "steps", "epochs",
+                "stop_at_step")
+    non_negative = ("warmup_steps", "eval_every_n_steps", "eval_batches", "save_every_n_steps",
+                    "save_every_n_epochs", "seed")
+    for name in positive:
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
+
+
+def check_optimizer(config: TrainConfig) -> None:
+    if not (math.isfinite(config.lr) and config.lr > 0):
+        raise ConfigError(f"lr must be a positive number, got {config.lr}")
+    if not (math.isfinite(config.min_lr) and 0 <= config.min_lr <= config.lr):
+        raise ConfigError(f"min_lr must be in [0, lr={config.lr}], got {config.min_lr}")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(config, name) < 1:
+            raise ConfigError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise ConfigError(f"weight_decay must be >= 0, got {config.weight_decay}")
+    if not (math.isfinite(config.max_grad_norm) and config.max_grad_norm >= 0):
+        raise ConfigError(f"max_grad_norm must be >= 0 (0 = no clipping), got {config.max_grad_norm}")
+
+
+def check_model(config: TrainConfig) -> None:
+    max_seq_len = get_config(config.model).max_seq_len
+    if config.seq_len > max_seq_len:
+        raise ConfigError(f"seq_len {config.seq_len} exceeds model {config.model!r}'s max_seq_len "
+                          f"{max_seq_len}; use --seq-len {max_seq_len} or less")
+
+
+def check_unavailable(config: TrainConfig) -> None:
+    """Flags whose machinery has not landed yet are accepted by the parser and refused here."""
+    if config.pipeline_stages != 1:
+        raise ConfigError(f"--pipeline-stages {config.pipeline_stages} is not available yet; use 1")
+    if config.use_cpu_offloading:
+        raise ConfigError("--use-cpu-offloading is not available yet; drop the flag")
+    if config.master_weights != "fp32":
+        raise ConfigError(f"--master-weights {config.master_weights} is not available yet; use fp32")
+
+
+def check_environment(config: TrainConfig) -> None:
+    """Checks against the file system and installed packages (still writing nothing)."""
+    check_output_dir(config.output_dir)
+    if not config.data.startswith("builtin") and not Path(config.data).is_file():
+        raise ConfigError(f"--data file {config.data!r} not found; pass an existing file or 'builtin'")
+    if config.tokenizer is not None and not Path(config.tokenizer).exists():
+        raise ConfigError(f"--tokenizer {config.tokenizer!r} not found; pass a tokenizer.json or its folder")
+    if config.resume not in (None, "auto") and not Path(config.resume).is_dir():
+        raise ConfigError(f"--resume {config.resume!r} is not a checkpoint directory; pass "
+                          f"checkpoints/step-N or 'auto'")
+    if config.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
+    if config.wandb_project is not None:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError(f"--wandb-project {config.wandb_project!r} needs wandb, which is not "
+                              f"installed; pip install wandb, or drop --wandb-project")
+
+
+def check_output_dir(path: str) -> None:
+    """The directory, or its nearest existing ancestor, must be a writable directory."""
+    target = Path(path).absolute()
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--output-dir {path!r} exists and is not a directory; choose another path")
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir {path!r} cannot be created: {str(existing)!r} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir {path!r} is not writable ({str(existing)!r} denies writing); "
+                          f"choose a writable --output-dir")

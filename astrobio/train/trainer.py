@@ -1,0 +1,535 @@
+"""The trainer behind ``python -m astrobio.train``: a loop over parts made by small builders.
+
+    build_data        tokenizer, packed training loader, fixed validation batches
+    build_model       RebuiltLLMIntegration from a preset, seeded
+    build_optimizer   astrobio's 8-bit AdamW (default) or torch.optim.AdamW
+    build_schedule    linear warm-up, then cosine decay to --min-lr
+    build_step_runner how one step's micro-batches run forward and backward (one process here; the
+                      pipeline plugs in as another StepRunner)
+    build_checkpointer, build_logger
+
+One optimizer step: the step runner runs the step's micro-batches, each loss scaled by 1/accumulation
+so the accumulated gradient is the full batch's; then ``optimizer_step`` clips the global gradient
+norm and applies the update (a step with a non-finite gradient is skipped and counted).
+
+``prepare`` does everything that can fail on a bad configuration (flags, paths, data, the checkpoint to
+resume) before the output directory is touched; ``main`` turns those failures into exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from astrobio.model import build_model as build_transformer
+from astrobio.model import get_config
+from astrobio.train.checkpoint import CheckpointError, Checkpointer, load_checkpoint
+from astrobio.train.config import ConfigError, TrainConfig, check_environment, parse_config
+from astrobio.train.logging import MetricsLogger, memory_stats, read_metrics
+from astrobio.train.plots import plot_loss
+
+# A resumed run must match its checkpoint in these keys (the rest, e.g. --steps or --lr, may change).
+RESUME_KEYS = ("model", "seq_len", "micro_batch_size", "gradient_accumulation_steps", "data", "tokenizer",
+               "seed", "use_8bit_optimizer")
+# Outputs of a run; --overwrite deletes exactly these.
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "plots", "wandb")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------- builders
+
+@dataclass
+class DataBundle:
+    tokenizer: object
+    train_loader: object  # astrobio.data.PackedLoader
+    val_batches: list[Batch]
+    train_tokens: int
+    val_tokens: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.vocab_size
+
+
+def build_data(config: TrainConfig) -> DataBundle:
+    """Tokenizer, the shuffled training loader, and the fixed validation micro-batches."""
+    from astrobio.data import PackedLoader, build_token_splits, load_records, load_tokenizer
+    try:
+        tokenizer = load_tokenizer(config.tokenizer)
+        records = load_records(config.data, seed=config.seed)
+        train_ids, val_ids = build_token_splits(records, tokenizer, seed=config.seed)
+    except (OSError, ValueError, ImportError) as error:
+        raise ConfigError(str(error)) from None
+    loader = PackedLoader(train_ids, config.seq_len, config.micro_batch_size, seed=config.seed)
+    if loader.batches_per_epoch < config.gradient_accumulation_steps:
+        raise ConfigError(f"the training split of {config.data!r} ({len(train_ids)} tokens) holds "
+                          f"{loader.batches_per_epoch} micro-batches of {config.micro_batch_size} x "
+                          f"{config.seq_len} tokens, fewer than one step's {config.gradient_accumulation_steps}; "
+                          f"use more data or a smaller --seq-len / --batch-size")
+    val_loader = PackedLoader(val_ids, config.seq_len, config.micro_batch_size, seed=config.seed, shuffle=False)
+    if val_loader.batches_per_epoch < 1:
+        raise ConfigError(f"the validation split of {config.data!r} ({len(val_ids)} tokens) is shorter than "
+                          f"one micro-batch of {config.micro_batch_size} x {config.seq_len} tokens; use more "
+                          f"data or a smaller --seq-len / --micro-batch-size")
+    count = val_loader.batches_per_epoch
+    if config.eval_batches:
+        count = min(count, config.eval_batches)
+    val_iter = iter(val_loader)
+    val_batches = [next(val_iter) for _ in range(count)]
+    return DataBundle(tokenizer, loader, val_batches, len(train_ids), len(val_ids))
+
+
+def resolve_device(config: TrainConfig) -> torch.device:
+    if config.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(config.device)
+
+
+def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> nn.Module:
+    model = build_transformer(get_config(config.model, vocab_size=vocab_size), seed=config.seed, device=device)
+    model.gradient_checkpointing = config.use_gradient_checkpointing
+    return model
+
+
+def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    betas = (config.beta1, config.beta2)
+    if config.use_8bit_optimizer:
+        from astrobio.optim import AdamW8bit
+        return AdamW8bit(params, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
+
+
+class WarmupCosine:
+    """Learning rate of the step with 0-based index ``step``: linear warm-up over ``warmup`` steps to
+    ``peak``, then a half cosine down to ``floor`` at step ``total``. A pure function of the step, so
+    resuming needs only the step count."""
+
+    def __init__(self, peak: float, floor: float, warmup: int, total: int):
+        self.peak, self.floor, self.warmup, self.total = peak, floor, warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return self.peak * (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.floor + 0.5 * (self.peak - self.floor) * (1.0 + math.cos(math.pi * progress))
+
+    def state_dict(self) -> dict:
+        return {"peak": self.peak, "floor": self.floor, "warmup": self.warmup, "total": self.total}
+
+
+def build_schedule(config: TrainConfig) -> WarmupCosine:
+    return WarmupCosine(config.lr, config.min_lr, config.warmup_steps, config.steps)
+
+
+def build_checkpointer(config: TrainConfig) -> Checkpointer:
+    return Checkpointer(Path(config.output_dir) / "checkpoints", config.keep_last_k)
+
+
+def build_logger(config: TrainConfig) -> MetricsLogger:
+    return MetricsLogger(config.output_dir, config.to_dict(), config.wandb_project, config.wandb_name)
+
+
+# ------------------------------------------------------------------------------------ running steps
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+class StepRunner(Protocol):
+    """Runs micro-batches through the model. ``forward_backward`` accumulates gradients into ``.grad``
+    (each micro-batch's loss scaled by 1/len(micro_batches)) and returns the step's mean loss;
+    ``evaluate`` returns the mean loss without gradients."""
+
+    def forward_backward(self, micro_batches: list[Batch]) -> float: ...
+
+    def evaluate(self, batches: list[Batch]) -> float: ...
+
+
+class LocalStepRunner:
+    """All micro-batches through one whole model in this process."""
+
+    def __init__(self, model: nn.Module, device: torch.device, mixed_precision: bool):
+        self.model = model
+        self.device = device
+        self.mixed_precision = mixed_precision
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
+
+    def forward_backward(self, micro_batches: list[Batch]) -> float:
+        self.model.train()
+        scale = 1.0 / len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in micro_batches:
+            inputs, targets = inputs.to(self.device), targets.to(self.device)
+            with self.autocast():
+                loss = lm_loss(self.model(inputs), targets) * scale
+            loss.backward()
+            total += loss.detach()
+        return total.item()
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> float:
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for inputs, targets in batches:
+            with self.autocast():
+                total += lm_loss(self.model(inputs.to(self.device)), targets.to(self.device))
+        return (total / len(batches)).item()
+
+
+def build_step_runner(config: TrainConfig, model: nn.Module, device: torch.device) -> StepRunner:
+    return LocalStepRunner(model, device, config.use_mixed_precision)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                   max_grad_norm: float) -> tuple[float, bool]:
+    """Clips the global gradient norm to ``max_grad_norm`` (0: no clipping) and steps; returns the
+    norm before clipping and whether the step was skipped for a non-finite gradient."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads).item()
+    finite = math.isfinite(norm)
+    scale = min(1.0, max_grad_norm / (norm + 1e-6)) if max_grad_norm > 0 and finite else 1.0
+    if hasattr(optimizer, "skipped_steps"):  # AdamW8bit scales in its kernel and skips by itself
+        optimizer.step(grad_scale=scale, found_inf=not finite)
+    elif finite:
+        if scale != 1.0:
+            torch._foreach_mul_(grads, scale)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, not finite
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def load_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag that the loop checks between steps (it then checkpoints and stops);
+    a second signal interrupts at once."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def handle(self, signum, frame):
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ------------------------------------------------------------------------------------------ trainer
+
+@dataclass
+class Resume:
+    path: Path
+    model_state: dict
+    state: dict
+    step: int
+
+
+class Trainer:
+    """Owns the parts and the loop; ``state_dict``/``load_state_dict`` are what checkpoints hold."""
+
+    def __init__(self, config: TrainConfig, data: DataBundle, device: torch.device):
+        self.config = config
+        self.data = data
+        self.device = device
+        self.model = build_model(config, data.vocab_size, device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_optimizer(config, self.model)
+        self.schedule = build_schedule(config)
+        self.runner = build_step_runner(config, self.model, device)
+        self.checkpointer = build_checkpointer(config)
+        self.logger = build_logger(config)
+        self.step = 0
+        self.initial_val_loss: float | None = None
+        self.last_val_loss: float | None = None
+        self.last_loss: float | None = None
+        self.lr = self.grad_norm = float("nan")
+        self.skipped_steps = 0
+        self.train_time = 0.0
+        self.tokens_seen = 0
+        self.last_checkpoint: Path | None = None
+        self.tokens_per_step = config.batch_size * config.seq_len
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                "data": self.data.train_loader.state_dict(), "rng": rng_state(self.device),
+                "schedule": self.schedule.state_dict(), "config": self.config.to_dict(),
+                "trainer": {"initial_val_loss": self.initial_val_loss, "last_val_loss": self.last_val_loss,
+                            "last_loss": self.last_loss, "skipped_steps": self.skipped_steps,
+                            "train_time_s": self.train_time, "tokens_seen": self.tokens_seen}}
+
+    def load(self, resume: Resume) -> None:
+        self.model.load_state_dict(resume.model_state)
+        self.optimizer.load_state_dict(resume.state["optimizer"])
+        self.data.train_loader.load_state_dict(resume.state["data"])
+        load_rng_state(resume.state["rng"], self.device)
+        self.step = resume.step
+        info = resume.state["trainer"]
+        self.initial_val_loss, self.last_val_loss = info["initial_val_loss"], info["last_val_loss"]
+        self.last_loss, self.skipped_steps = info["last_loss"], info["skipped_steps"]
+        self.train_time, self.tokens_seen = info["train_time_s"], info["tokens_seen"]
+        self.logger.truncate_after(self.step)
+
+    # ---- the loop
+
+    def train(self) -> dict:
+        started = time.perf_counter()
+        steps = self.config.steps
+        stop_at = min(steps, self.config.stop_at_step or steps)
+        if self.step == 0:
+            self.initial_val_loss = self.last_val_loss = self.runner.evaluate(self.data.val_batches)
+            self.logger.log({"step": 0, "val_loss": self.initial_val_loss, **memory_stats(self.device)})
+        window = [0.0, 0]  # seconds, tokens since the last logged record
+        bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", mininterval=1.0, file=sys.stderr)
+        with StopSignal() as stop:
+            while self.step < stop_at and stop.received is None:
+                seconds = self.train_step()
+                window[0] += seconds
+                window[1] += self.tokens_per_step
+                record = self.after_step(stop_at, window)
+                if record is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", refresh=False)
+                bar.update(1)
+            bar.close()
+            if stop.received is not None or self.step < steps:
+                self.finish_early(stop.received)
+        self.logger.close()
+        plot = plot_loss(read_metrics(self.logger.path), Path(self.config.output_dir) / "plots" / "loss.png")
+        return self.summary(time.perf_counter() - started, plot, stop.received)
+
+    def train_step(self) -> float:
+        """One optimizer step; returns its wall time in seconds."""
+        start = time.perf_counter()
+        lr = self.schedule(self.step)
+        set_lr(self.optimizer, lr)
+        loader = self.data.train_loader
+        micro_batches = [next(loader) for _ in range(self.config.gradient_accumulation_steps)]
+        self.last_loss = self.runner.forward_backward(micro_batches)
+        self.grad_norm, skipped = optimizer_step(self.optimizer, self.params, self.config.max_grad_norm)
+        self.skipped_steps += skipped
+        self.lr = lr
+        self.step += 1
+        seconds = time.perf_counter() - start
+        self.train_time += seconds
+        self.tokens_seen += self.tokens_per_step
+        return seconds
+
+    def after_step(self, stop_at: int, window: list) -> dict | None:
+        """Evaluates, logs and checkpoints as due; returns the logged record (None when not logged)."""
+        config, step = self.config, self.step
+        last = step == stop_at
+        evaluate = last or (config.eval_every_n_steps and step % config.eval_every_n_steps == 0)
+        record = None
+        if evaluate or last or step % config.log_every_n_steps == 0:
+            record = {"step": step, "epoch": round(self.epoch(), 4), "loss": self.last_loss, "lr": self.lr,
+                      "grad_norm": self.grad_norm, "tokens_per_s": window[1] / max(window[0], 1e-9),
+                      "skipped_steps": self.skipped_steps, **memory_stats(self.device)}
+            if evaluate:
+                self.last_val_loss = record["val_loss"] = self.runner.evaluate(self.data.val_batches)
+            self.logger.log(record)
+            window[:] = [0.0, 0]
+        if last or self.checkpoint_due():
+            self.save()
+        return record
+
+    def epoch(self) -> float:
+        return self.step * self.config.gradient_accumulation_steps / self.data.train_loader.batches_per_epoch
+
+    def checkpoint_due(self) -> bool:
+        config, step = self.config, self.step
+        if config.save_every_n_steps and step % config.save_every_n_steps == 0:
+            return True
+        if config.save_every_n_epochs:
+            per_epoch = self.data.train_loader.batches_per_epoch * config.save_every_n_epochs
+            accum = config.gradient_accumulation_steps
+            return step * accum // per_epoch > (step - 1) * accum // per_epoch
+        return False
+
+    def save(self) -> None:
+        self.last_checkpoint = self.checkpointer.save(self.step, self.model.state_dict(), self.state_dict())
+
+    def finish_early(self, signum: int | None) -> None:
+        """Stopped by a signal or --stop-at-step: make sure the current step is checkpointed."""
+        if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step}":
+            self.save()
+        reason = f"signal {signal.Signals(signum).name}" if signum else f"--stop-at-step {self.step}"
+        tqdm.write(f"stopped at step {self.step} of {self.config.steps} ({reason}); continue with "
+                   f"--resume auto --output-dir {self.config.output_dir}", file=sys.stderr)
+
+    def summary(self, wall_time: float, plot: Path, signum: int | None) -> dict:
+        out = Path(self.config.output_dir)
+        summary = {
+            "steps": self.step, "of_steps": self.config.steps, "stopped_by_signal": signum is not None,
+            "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9),
+            "final_train_loss": self.last_loss, "final_val_loss": self.last_val_loss,
+            "initial_val_loss": self.initial_val_loss,
+            "val_loss_ratio": (self.last_val_loss / self.initial_val_loss
+                               if self.last_val_loss is not None and self.initial_val_loss else None),
+            "skipped_steps": self.skipped_steps, "wall_time_s": wall_time, "train_time_s": self.train_time,
+            **{k: v for k, v in memory_stats(self.device).items() if "peak" in k},
+            "output_dir": str(out), "metrics": str(out / "metrics.jsonl"), "plot": str(plot),
+            "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+        }
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+
+
+# ------------------------------------------------------------------------------- preparing a run
+
+def find_resume(config: TrainConfig) -> Resume | None:
+    """The verified checkpoint to resume from (None: start fresh)."""
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        path, skipped = build_checkpointer(config).latest_valid()
+        for line in skipped:
+            print(f"warning: skipping {line}", file=sys.stderr)
+        if path is None:
+            if skipped:
+                raise ConfigError(f"--resume auto: no valid checkpoint in {config.output_dir}/checkpoints "
+                                  f"({len(skipped)} corrupt); delete them or drop --resume to start over")
+            return None
+    else:
+        path = Path(config.resume)
+    try:
+        model_state, state, step = load_checkpoint(path)
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
+    check_resume_matches(config, state["config"], path)
+    return Resume(path, model_state, state, step)
+
+
+def check_resume_matches(config: TrainConfig, saved: dict, path: Path) -> None:
+    for key in RESUME_KEYS:
+        if saved.get(key) != getattr(config, key):
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"checkpoint {path} was trained with {key}={saved.get(key)!r} but this run has "
+                              f"{getattr(config, key)!r}; pass {flag} {saved.get(key)} to resume it, or use "
+                              f"another --output-dir")
+
+
+def resolve_steps(config: TrainConfig, data: DataBundle) -> TrainConfig:
+    """--epochs becomes a step count, now that the data's size is known."""
+    if config.epochs is None:
+        return config
+    per_epoch = data.train_loader.batches_per_epoch // config.gradient_accumulation_steps
+    return replace(config, steps=config.epochs * per_epoch)
+
+
+def previous_run(output_dir: Path) -> str | None:
+    found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    return ", ".join(found) if found else None
+
+
+def prepare(config: TrainConfig) -> tuple[TrainConfig, DataBundle, Resume | None]:
+    """Every check that can refuse the run, in order, with nothing written yet."""
+    check_environment(config)
+    resume = find_resume(config)
+    existing = previous_run(Path(config.output_dir))
+    if existing and config.resume is None and not config.overwrite:
+        raise ConfigError(f"--output-dir {config.output_dir} already holds a run ({existing}); pass "
+                          f"--resume auto to continue it, --overwrite to replace it, or another --output-dir")
+    data = build_data(config)
+    model_vocab = get_config(config.model, vocab_size=data.vocab_size).vocab_size
+    if model_vocab < data.vocab_size:
+        raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but model {config.model!r} only "
+                          f"{model_vocab}; use a smaller tokenizer or another --model")
+    return resolve_steps(config, data), data, resume
+
+
+def create_outputs(config: TrainConfig, resume: Resume | None) -> None:
+    out = Path(config.output_dir)
+    if config.overwrite and resume is None:
+        for name in RUN_OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+
+
+def run(config: TrainConfig) -> dict:
+    """Prepares, trains, and returns the summary (also written to summary.json)."""
+    config, data, resume = prepare(config)
+    create_outputs(config, resume)
+    trainer = Trainer(config, data, resolve_device(config))
+    if resume is not None:
+        trainer.load(resume)
+        print(f"resumed from {resume.path} (step {resume.step})")
+    else:
+        trainer.logger.truncate_after(-1)
+    return trainer.train()
+
+
+def format_summary(summary: dict) -> str:
+    def num(value, fmt):
+        return "n/a" if value is None else format(value, fmt)
+    lines = [
+        f"steps              {summary['steps']} of {summary['of_steps']}",
+        f"tokens/s           {summary['tokens_per_s']:.0f}",
+        f"train loss (final) {num(summary['final_train_loss'], '.4f')}",
+        f"val loss           {num(summary['initial_val_loss'], '.4f')} at step 0 -> "
+        f"{num(summary['final_val_loss'], '.4f')} ({num(summary['val_loss_ratio'], '.1%')} of step 0)",
+        f"peak host memory   {summary['peak_rss_mib']:.0f} MiB (RSS)",
+    ]
+    if "cuda_peak_mib" in summary:
+        lines.append(f"peak device memory {summary['cuda_peak_mib']:.0f} MiB")
+    lines += [f"time               {summary['wall_time_s']:.1f} s ({summary['train_time_s']:.1f} s in steps)",
+              f"outputs            {summary['output_dir']}: config.json, metrics.jsonl, summary.json, "
+              f"{summary['plot']}, {summary['checkpoint']}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        summary = run(parse_config(argv))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_summary(summary))
+    return 130 if summary["stopped_by_signal"] else 0
