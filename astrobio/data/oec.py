@@ -47,17 +47,17 @@ class Quantity:
     upperlimit: float | None = None
     type: str | None = None  # "msini" for a minimum mass
 
-    def text(self, scale: float = 1.0) -> str | None:
+    def text(self, scale: float = 1.0, digits: int = 3) -> str | None:
         """The printed form: the value, else its limits, else None."""
         if self.value is not None:
-            return format_sig(self.value * scale)
+            return format_sig(self.value * scale, digits)
         low, high = self.lowerlimit, self.upperlimit
         if low is not None and high is not None:
-            return f"{format_sig(low * scale)}..{format_sig(high * scale)}"
+            return f"{format_sig(low * scale, digits)}..{format_sig(high * scale, digits)}"
         if high is not None:
-            return f"<{format_sig(high * scale)}"
+            return f"<{format_sig(high * scale, digits)}"
         if low is not None:
-            return f">{format_sig(low * scale)}"
+            return f">{format_sig(low * scale, digits)}"
         return None
 
 
@@ -269,7 +269,7 @@ def _add(lines: list[str], context: dict, key: str, quantity: Quantity | None, s
     """Print a catalogue quantity; a value (not a limit) also enters ``context`` for derivations."""
     if quantity is None:
         return
-    text = quantity.text(scale)
+    text = quantity.text(scale, corpus.SAMPLED_DIGITS.get(key, 3))
     if text is None:
         return
     lines.append(f"{key}: {text}")
