@@ -27,6 +27,7 @@ from astrobio.data import (
     load_tokenizer,
     parse_record,
     read_oec,
+    split_records,
 )
 from astrobio.data.corpus import builtin_records
 from astrobio.data.oec import parse_oec, system_record
@@ -426,6 +427,7 @@ def test_token_splits_are_by_record_and_deterministic():
     train_docs, val_docs = _documents(train, tok), _documents(val, tok)
     assert len(val_docs) == 10 and sorted(train_docs + val_docs) == sorted(records)
     assert train_docs == [r for r in records if r not in set(val_docs)]  # original order kept
+    assert split_records(records, 0.05, seed=3) == (train_docs, val_docs)
     again = build_token_splits(records, tok, val_fraction=0.05, seed=3)
     assert torch.equal(again[0], train) and torch.equal(again[1], val)
     assert _documents(build_token_splits(records, tok, val_fraction=0.05, seed=4)[1], tok) != val_docs

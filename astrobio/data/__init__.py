@@ -6,7 +6,7 @@ readers here.
 """
 
 from astrobio.data.corpus import DERIVED_FIELDS, derive, field_completions, format_record, generate_system, parse_record
-from astrobio.data.loader import PackedLoader, build_token_splits, load_records
+from astrobio.data.loader import PackedLoader, build_token_splits, load_records, split_records
 from astrobio.data.oec import oec_records, read_oec
 from astrobio.data.tokenizer import ByteTokenizer, load_tokenizer
 
@@ -24,4 +24,5 @@ __all__ = [
     "oec_records",
     "parse_record",
     "read_oec",
+    "split_records",
 ]

@@ -1,8 +1,8 @@
 """From a data URI to training batches: records, tokens, a train/validation split, packed windows.
 
 ``load_records`` reads ``builtin`` / ``builtin:N`` (the synthetic corpus), an Open Exoplanet Catalogue
-XML file, a text file or a JSONL file. ``build_token_splits`` splits the records (not the tokens) into
-train and validation and encodes each as BOS + text + EOS. ``PackedLoader`` cuts a token stream into
+XML file, a text file or a JSONL file. ``split_records`` splits the records (not the tokens) into train
+and validation; ``build_token_splits`` encodes each split's records as BOS + text + EOS. ``PackedLoader`` cuts a token stream into
 fixed windows and visits them in a seeded order per epoch; its ``state_dict`` is the sampling position
 a checkpoint saves, so a resumed run sees exactly the batches of an uninterrupted one.
 """
@@ -50,14 +50,10 @@ def _builtin_count(uri: str) -> int:
     return int(count)
 
 
-def build_token_splits(
-    records: Sequence[str], tokenizer, val_fraction: float = 0.05, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) int64 token streams; a seeded choice of records goes to validation.
-
-    ``round(len(records) * val_fraction)`` records are held out, at least one when ``val_fraction`` > 0;
-    both splits keep the records' original order.
-    """
+def split_records(records: Sequence[str], val_fraction: float = 0.05, seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train, validation) records: a seeded choice of ``round(len(records) * val_fraction)`` records
+    (at least one when ``val_fraction`` > 0) is held out; both keep the records' original order.
+    The held-out records are those ``build_token_splits`` validates on (an evaluation probes them)."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must lie in [0, 1), got {val_fraction}")
     count = len(records)
@@ -66,14 +62,20 @@ def build_token_splits(
         raise ValueError(
             f"{count} record(s) cannot be split into train and validation; use more records or val_fraction=0"
         )
-    order = np.random.default_rng(_check_seed(seed)).permutation(count)
-    val_indices = sorted(order[:held_out].tolist())
-    train_indices = sorted(order[held_out:].tolist())
-    return _encode(records, train_indices, tokenizer), _encode(records, val_indices, tokenizer)
+    is_val = np.zeros(count, dtype=bool)
+    is_val[np.random.default_rng(_check_seed(seed)).permutation(count)[:held_out]] = True
+    return [r for r, v in zip(records, is_val) if not v], [r for r, v in zip(records, is_val) if v]
 
 
-def _encode(records: Sequence[str], indices: list[int], tokenizer) -> torch.Tensor:
-    texts = [records[i] for i in indices]
+def build_token_splits(
+    records: Sequence[str], tokenizer, val_fraction: float = 0.05, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) int64 token streams of ``split_records``, each record as BOS + text + EOS."""
+    train, val = split_records(records, val_fraction, seed)
+    return _encode(train, tokenizer), _encode(val, tokenizer)
+
+
+def _encode(texts: Sequence[str], tokenizer) -> torch.Tensor:
     encode_records = getattr(tokenizer, "encode_records", None)  # the vectorised path of our tokenizers
     if encode_records is not None:
         return torch.from_numpy(encode_records(texts))
