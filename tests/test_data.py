@@ -496,11 +496,15 @@ def test_packed_loader_resume_sees_the_uninterrupted_batches():
         other.load_state_dict(saved)
     with pytest.raises(ValueError, match="num_tokens"):
         PackedLoader(tokens[:-20], seq_len=10, micro_batch_size=3, seed=9).load_state_dict(saved)
+    with pytest.raises(ValueError, match="fingerprint"):
+        PackedLoader((tokens + 1) % 259, seq_len=10, micro_batch_size=3, seed=9).load_state_dict(saved)
 
 
 def test_packed_loader_refuses_too_short_streams():
+    short = PackedLoader(torch.arange(64), seq_len=64, micro_batch_size=1, seed=0)
+    assert short.batches_per_epoch == 0
     with pytest.raises(ValueError, match="shorter than one window of seq_len \\+ 1 = 65"):
-        PackedLoader(torch.arange(64), seq_len=64, micro_batch_size=1, seed=0)
+        next(short)
     few = PackedLoader(torch.arange(65), seq_len=64, micro_batch_size=2, seed=0)
     assert few.batches_per_epoch == 0
     with pytest.raises(ValueError, match="fewer than one micro-batch of 2"):

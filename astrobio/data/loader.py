@@ -9,6 +9,7 @@ a checkpoint saves, so a resumed run sees exactly the batches of an uninterrupte
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -94,6 +95,9 @@ class PackedLoader:
     windows a batch; an epoch visits ``batches_per_epoch`` batches in a permutation seeded by
     (seed, epoch) and drops the windows left over. ``epoch`` counts completed epochs and ``position``
     the batches served in the current one.
+
+    A stream too short for one batch gives ``batches_per_epoch == 0`` (callers check it to report their
+    own configuration error) and ``next`` raises a ValueError saying why.
     """
 
     def __init__(self, tokens: torch.Tensor, seq_len: int, micro_batch_size: int, seed: int, shuffle: bool = True):
@@ -101,18 +105,14 @@ class PackedLoader:
             raise ValueError(f"tokens must be a 1-D integer tensor, got {tuple(tokens.shape)} {tokens.dtype}")
         if seq_len < 1 or micro_batch_size < 1:
             raise ValueError(f"seq_len and micro_batch_size must be positive, got {seq_len} and {micro_batch_size}")
-        if tokens.numel() < seq_len + 1:
-            raise ValueError(
-                f"the token stream ({tokens.numel()} tokens) is shorter than one window of seq_len + 1 = "
-                f"{seq_len + 1} tokens; use more data or a smaller seq_len"
-            )
         self.seq_len = seq_len
         self.micro_batch_size = micro_batch_size
         self.seed = _check_seed(seed)
         self.shuffle = shuffle
         self.num_tokens = tokens.numel()
-        self._windows = tokens.to(torch.int64).unfold(0, seq_len + 1, seq_len)
-        self.num_windows = self._windows.shape[0]
+        self.num_windows = max(0, (self.num_tokens - 1) // seq_len)
+        self._tokens = tokens.to(torch.int64)
+        self.fingerprint = _fingerprint(self._tokens)
         self.batches_per_epoch = self.num_windows // micro_batch_size
         self.epoch = 0
         self.position = 0
@@ -122,6 +122,11 @@ class PackedLoader:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.num_windows == 0:
+            raise ValueError(
+                f"the token stream ({self.num_tokens} tokens) is shorter than one window of seq_len + 1 = "
+                f"{self.seq_len + 1} tokens; use more data or a smaller seq_len"
+            )
         if self.batches_per_epoch == 0:
             raise ValueError(
                 f"the token stream ({self.num_tokens} tokens) holds {self.num_windows} window(s) of "
@@ -129,7 +134,8 @@ class PackedLoader:
                 "use more data or a smaller seq_len / micro_batch_size"
             )
         start = self.position * self.micro_batch_size
-        chunk = self._windows[self._epoch_order()[start : start + self.micro_batch_size]]
+        windows = self._tokens.unfold(0, self.seq_len + 1, self.seq_len)  # a view: window w starts at w * seq_len
+        chunk = windows[self._epoch_order()[start : start + self.micro_batch_size]]
         self.position += 1
         if self.position == self.batches_per_epoch:
             self.epoch += 1
@@ -155,17 +161,25 @@ class PackedLoader:
             "seq_len": self.seq_len,
             "micro_batch_size": self.micro_batch_size,
             "num_tokens": self.num_tokens,
+            "fingerprint": self.fingerprint,
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state``; refuses a state saved for other data or another batch shape."""
-        for key in ("seed", "shuffle", "seq_len", "micro_batch_size", "num_tokens"):
+        for key in ("seed", "shuffle", "seq_len", "micro_batch_size", "num_tokens", "fingerprint"):
             if state.get(key) != getattr(self, key):
                 raise ValueError(
                     f"data loader state was saved with {key}={state.get(key)!r} but this loader has "
                     f"{key}={getattr(self, key)!r}; resume with the same data, seed, seq_len and micro-batch size"
                 )
         epoch, position = state.get("epoch"), state.get("position")
-        if not isinstance(epoch, int) or epoch < 0 or not isinstance(position, int) or not 0 <= position < max(1, self.batches_per_epoch):
+        valid_epoch = isinstance(epoch, int) and epoch >= 0
+        if not (valid_epoch and isinstance(position, int) and 0 <= position < max(1, self.batches_per_epoch)):
             raise ValueError(f"data loader state has an invalid epoch/position {epoch!r}/{position!r}")
         self.epoch, self.position = epoch, position
+
+
+def _fingerprint(tokens: torch.Tensor, samples: int = 4096) -> str:
+    """A short hash of evenly spaced tokens: tells a resumed run that its data changed, in microseconds."""
+    step = max(1, tokens.numel() // samples)
+    return hashlib.sha256(tokens[::step].contiguous().numpy().tobytes()).hexdigest()[:16]
