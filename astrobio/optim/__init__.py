@@ -1,5 +1,6 @@
 """Optimizers: the 8-bit AdamW specification (reference), AdamW8bit, and the CPU offload engine."""
 
 from astrobio.optim.adamw8bit import AdamW8bit, step_seed
+from astrobio.optim.offload import OffloadEngine, StepStats
 
-__all__ = ["AdamW8bit", "step_seed"]
+__all__ = ["AdamW8bit", "OffloadEngine", "StepStats", "step_seed"]

@@ -1,0 +1,620 @@
+"""Asynchronous CPU offload of the 8-bit AdamW (DESIGN.md sections 1 and 3).
+
+Master weights (fp32, or bf16 with stochastic rounding), 8-bit moments and gradient accumulators live in
+host memory; the device keeps only the weights the model computes with. Each optimizer step:
+
+1. While backward runs, a post-accumulate-grad hook copies each gradient to the host (on a CUDA device:
+   into a pinned staging buffer on a side stream, with an event) and frees the device gradient. When a
+   bucket's gradients of one micro-batch are all there, a CPU worker thread adds them into the bucket's
+   host accumulator; after the last micro-batch it also computes the bucket's squared norm (in fp64).
+2. ``end_step`` waits for the accumulators, forms the global gradient norm (exact: from every bucket, before
+   any bucket steps), skips the whole step when it is not finite, else derives the clipping coefficient and
+   hands every bucket to the workers, in forward order. A worker runs the fused 8-bit AdamW on the bucket
+   (``astrobio._C.adamw8bit_step_nogil``, which releases the GIL), writing the new weights in the device's
+   dtype into a staging buffer in the same pass, then copies them to the device parameters (side stream +
+   event on a CUDA device).
+3. With ``module`` given, forward pre-hooks make each submodule wait only for the buckets holding its own
+   parameters, so the host step overlaps the next forward; without it ``end_step`` waits for every bucket.
+
+On a CPU-only machine the "device" is the CPU and the same code path runs: copies are host copies, streams
+and events are no-ops, buffers are not pinned.
+
+Usage (one engine per pipeline stage, over that stage's parameters)::
+
+    engine = OffloadEngine(model.named_parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
+                           weight_decay=0.1, max_grad_norm=1.0, accum_dtype="fp32",
+                           master_weights="fp32", bucket_bytes=32 << 20, module=model)
+    for step in range(steps):
+        engine.begin_step(num_micro_batches)
+        for micro_batch in micro_batches:          # any schedule: GPipe, 1F1B, ZB-H1 ...
+            loss = model(micro_batch) / num_micro_batches
+            loss.backward()                        # the hooks copy and accumulate; p.grad stays None
+        stats = engine.end_step(lr=scheduler_lr)   # StepStats(grad_norm, skipped, clip_coef, lr)
+    engine.synchronize()                           # before reading parameters outside a hooked forward
+    checkpoint["optimizer"] = engine.state_dict()  # later: engine.load_state_dict(checkpoint["optimizer"])
+    engine.close()
+
+Contract:
+
+- Gradients are summed over micro-batches (scale the loss, or pass ``end_step(grad_scale=1/N)``, which the
+  kernel applies and which the reported norm and the clipping include). ``grad_norm`` is the L2 norm
+  before clipping, as ``torch.nn.utils.clip_grad_norm_`` returns; clipping multiplies by
+  ``min(1, max_grad_norm / (grad_norm + 1e-6))``. A non-finite norm (any NaN or Inf gradient) skips the
+  step: weights and moments stay as they were and ``skipped_steps`` grows.
+- A parameter that receives no gradient in a micro-batch contributes zeros. More micro-batches than
+  ``begin_step`` announced is an error.
+- A module that reads another module's parameters in its forward (tied weights) must call
+  ``engine.synchronize()`` first, or be built without ``module`` (``end_step`` then waits).
+- Per parameter ``i`` (position in ``params``), the state is AdamW8bit's (``step``, ``exp_avg``,
+  ``exp_avg_sq``, ``absmax1``, ``absmax2``) plus ``master``; stochastic rounding uses
+  ``step_seed(seed, step, i)``, so N steps here equal N steps of ``AdamW8bit(params, seed=seed)`` on the
+  same (accumulated, clipped) gradients, bit for bit.
+- ``state_dict()`` may be taken between steps or between micro-batches (it then also holds the
+  accumulators and the micro-batch count; after loading it, continue the step's remaining micro-batches
+  and call ``end_step`` without ``begin_step``). Moment tensors are live references: save before the next
+  ``end_step``. ``load_state_dict`` validates everything first and also writes the master weights to the
+  device parameters.
+- ``worker_delay``: a test hook, a callable run at the start of every worker task (e.g. a random sleep)
+  to expose ordering bugs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from astrobio import ops
+from astrobio.optim import reference
+from astrobio.optim.adamw8bit import check_hyperparameters, check_parameter, checked_state, new_state, step_seed
+
+ACCUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MASTER_WEIGHTS = {"fp32": torch.float32, "bf16-sr": torch.bfloat16}
+_NORM_CHUNK = 1 << 20  # elements per fp64 chunk of the norm (bounds its temporary)
+
+
+@dataclass
+class StepStats:
+    """What end_step did: the global gradient norm before clipping, whether the step was skipped, the
+    clipping coefficient applied (1.0 when none) and the learning rate used."""
+
+    grad_norm: float
+    skipped: bool
+    clip_coef: float
+    lr: float
+
+
+def squared_norm(x: torch.Tensor) -> float:
+    """Sum of squares of ``x`` in fp64 (chunked); NaN or Inf when any element is not finite."""
+    flat, total = x.reshape(-1), 0.0
+    for start in range(0, flat.numel(), _NORM_CHUNK):
+        chunk = flat[start:start + _NORM_CHUNK].to(torch.float64)
+        total += float(torch.dot(chunk, chunk))
+    return total
+
+
+class _HostLink:
+    """Copies between the device and the host. On a CUDA device: a side stream each way and events; on
+    the CPU the copies are plain host copies and every event is None."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.d2h = torch.cuda.Stream(device)
+            self.h2d = torch.cuda.Stream(device)
+
+    def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Main thread, in a gradient hook: enqueue ``dst <- src``; ``src`` may be freed right after."""
+        if not self.cuda:
+            dst.copy_(src)
+            return
+        self.d2h.wait_stream(torch.cuda.current_stream(src.device))
+        with torch.cuda.stream(self.d2h):
+            dst.copy_(src, non_blocking=True)
+        src.record_stream(self.d2h)  # the allocator keeps src's memory until the copy has run
+
+    def host_copies_done(self) -> torch.cuda.Event | None:
+        return self.d2h.record_event() if self.cuda else None
+
+    def compute_done(self) -> torch.cuda.Event | None:
+        return torch.cuda.current_stream().record_event() if self.cuda else None
+
+    @staticmethod
+    def wait_host(event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            event.synchronize()
+
+    def to_device(self, pairs: list[tuple[torch.Tensor, torch.Tensor]],
+                  after: torch.cuda.Event | None) -> torch.cuda.Event | None:
+        """Worker thread: copy each (device dst, host src) once the device has passed ``after``."""
+        if not self.cuda:
+            for dst, src in pairs:
+                dst.copy_(src)
+            return None
+        with torch.cuda.stream(self.h2d):
+            if after is not None:
+                self.h2d.wait_event(after)
+            for dst, src in pairs:
+                dst.copy_(src, non_blocking=True)
+            return self.h2d.record_event()
+
+    @staticmethod
+    def wait_device(event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+
+class _StagingPool:
+    """Host staging buffers for gradients in flight, shared by all buckets. A buffer goes out to an open
+    fill (main thread) and comes back when a worker has accumulated it. When every buffer sits in an
+    open fill, none can come back, so the pool grows instead of waiting forever."""
+
+    def __init__(self, nbytes: int, pin: bool):
+        self.nbytes, self.pin = nbytes, pin
+        self._free: list[torch.Tensor] = []
+        self._in_workers = 0
+        self._cond = threading.Condition()
+
+    def acquire(self) -> torch.Tensor:
+        with self._cond:
+            while not self._free and self._in_workers > 0:
+                self._cond.wait()
+            if self._free:
+                return self._free.pop()
+        return torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin)
+
+    def handed_to_worker(self) -> None:
+        with self._cond:
+            self._in_workers += 1
+
+    def release(self, buffer: torch.Tensor) -> None:
+        """A worker is done with ``buffer``."""
+        with self._cond:
+            self._free.append(buffer)
+            self._in_workers -= 1
+            self._cond.notify()
+
+    def put_back(self, buffer: torch.Tensor) -> None:
+        """The main thread returns a buffer it never handed to a worker."""
+        with self._cond:
+            self._free.append(buffer)
+            self._cond.notify()
+
+
+@dataclass
+class _Slot:
+    """One parameter: where it lies in its bucket's flat buffers, and its optimizer state."""
+
+    param: torch.nn.Parameter
+    index: int  # position in the params given to the engine
+    name: str
+    bucket: int = 0
+    offset: int = 0
+    position: int = 0  # within its bucket
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Fill:
+    """The gradients of one micro-batch of one bucket, arriving in a staging buffer."""
+
+    buffer: torch.Tensor
+    grads: torch.Tensor  # the buffer viewed as the bucket's flat gradient
+    arrived: set[int] = field(default_factory=set)
+
+
+class _Bucket:
+    """Parameters of one dtype, consecutive in backward order, with flat host buffers."""
+
+    def __init__(self, index: int, slots: list[_Slot], master_dtype: torch.dtype, accum_dtype: torch.dtype,
+                 pin: bool):
+        self.index, self.slots = index, slots
+        offset = 0
+        for position, slot in enumerate(slots):
+            slot.offset, slot.position = offset, position
+            offset += slot.param.numel()
+        self.numel = offset
+        self.grad_dtype = slots[0].param.dtype
+        self.master = torch.empty(offset, dtype=master_dtype, pin_memory=pin)
+        self.accum = torch.zeros(offset, dtype=accum_dtype, pin_memory=pin)
+        # the kernel writes the new weights in the device's dtype here when the master has another dtype
+        needs_upload = master_dtype == torch.float32 and self.grad_dtype == torch.bfloat16
+        self.upload = torch.empty(offset, dtype=torch.bfloat16, pin_memory=pin) if needs_upload else None
+        for slot in slots:
+            self.view(self.master, slot).copy_(slot.param.detach())
+        self.fills_done = 0
+        self.open_fill: _Fill | None = None
+        self.accumulated: Future | None = None  # the last accumulation task of this step
+        self.stepped: Future | None = None  # the optimizer step; its result is the upload event
+        self.sq_norm: float | None = None
+
+    @staticmethod
+    def view(flat: torch.Tensor, slot: _Slot) -> torch.Tensor:
+        return flat[slot.offset:slot.offset + slot.param.numel()].view(slot.param.shape)
+
+    def upload_source(self) -> torch.Tensor:
+        return self.upload if self.upload is not None else self.master
+
+
+def _named(params: Iterable) -> list[tuple[str, torch.nn.Parameter]]:
+    named = []
+    for i, item in enumerate(params):
+        name, p = item if isinstance(item, tuple) else (f"param{i}", item)
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"OffloadEngine expects parameters or (name, parameter) pairs, got {type(p)} for {name}")
+        named.append((name, p))
+    if not named:
+        raise ValueError("OffloadEngine got an empty parameter list")
+    return named
+
+
+def _host_step_function(backend: str) -> Callable[..., None]:
+    """The host kernel: the C++ op with the GIL released, or the reference (holds the GIL)."""
+    if ops.resolve_backend(backend, "cpu") == "cpu":
+        from astrobio import _C
+        return _C.adamw8bit_step_nogil
+    return reference.adamw8bit_step
+
+
+class OffloadEngine:
+    """Host-resident 8-bit AdamW fed by gradient hooks; see the module docstring for the protocol."""
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, max_grad_norm: float | None = None,
+                 accum_dtype: str = "fp32", master_weights: str = "fp32", bucket_bytes: int = 32 << 20,
+                 module: torch.nn.Module | None = None, min_8bit_size: int = reference.MIN_8BIT_NUMEL,
+                 seed: int = 0, num_workers: int = 1, backend: str = "auto"):
+        check_hyperparameters(lr, tuple(betas), eps, weight_decay)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}")
+        if accum_dtype not in ACCUM_DTYPES:
+            raise ValueError(f"accum_dtype must be one of {', '.join(ACCUM_DTYPES)}, got {accum_dtype!r}")
+        if master_weights not in MASTER_WEIGHTS:
+            raise ValueError(f"master_weights must be one of {', '.join(MASTER_WEIGHTS)}, got {master_weights!r}")
+        if bucket_bytes < 1 or num_workers < 1:
+            raise ValueError(f"bucket_bytes and num_workers must be >= 1, got {bucket_bytes} and {num_workers}")
+        self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), eps, weight_decay
+        self.max_grad_norm, self.seed = max_grad_norm, int(seed)
+        self.accum_dtype, self.master_weights = accum_dtype, master_weights
+        self.skipped_steps = 0
+        self.worker_delay: Callable[[], None] | None = None
+        self._host_step = _host_step_function(backend)
+        self._qmaps = (reference.dynamic_map(signed=True), reference.dynamic_map(signed=False))
+        slots = self._make_slots(_named(params))
+        self.device = slots[0].param.device
+        self._link = _HostLink(self.device)
+        pin = self._link.cuda
+        self._buckets = self._make_buckets(slots, int(bucket_bytes), pin)
+        for slot in slots:
+            slot.state = new_state(self._buckets[slot.bucket].view(self._buckets[slot.bucket].master, slot),
+                                   min_8bit_size)
+        self._slots = slots
+        self._pool = _StagingPool(max(b.numel * b.grad_dtype.itemsize for b in self._buckets), pin)
+        self._lanes = [ThreadPoolExecutor(1, thread_name_prefix=f"astrobio-offload-{i}") for i in range(num_workers)]
+        self._num_micro_batches: int | None = None
+        self._hooks = [s.param.register_post_accumulate_grad_hook(functools.partial(self._on_grad, s)) for s in slots]
+        self._module_hooks: list[Any] = []
+        if module is not None:
+            self.attach(module)
+
+    @staticmethod
+    def _make_slots(named: list[tuple[str, torch.nn.Parameter]]) -> list[_Slot]:
+        seen: set[int] = set()
+        for i, (name, p) in enumerate(named):
+            check_parameter(p, f"OffloadEngine parameter {i} ({name})")
+            if not p.requires_grad:
+                raise ValueError(f"parameter {i} ({name}) does not require grad; pass only trainable parameters")
+            if id(p) in seen:
+                raise ValueError(f"parameter {i} ({name}) appears twice; pass each parameter once")
+            if p.device != named[0][1].device:
+                raise ValueError(f"parameter {i} ({name}) is on {p.device} but parameter 0 is on "
+                                 f"{named[0][1].device}; one engine serves one device (one per pipeline stage)")
+            seen.add(id(p))
+        return [_Slot(param=p, index=i, name=name) for i, (name, p) in enumerate(named)]
+
+    def _make_buckets(self, slots: list[_Slot], bucket_bytes: int, pin: bool) -> list[_Bucket]:
+        """Greedy buckets over the parameters in backward (reverse registration) order."""
+        groups: list[list[_Slot]] = []
+        size = 0
+        for slot in reversed(slots):
+            nbytes = slot.param.numel() * slot.param.element_size()
+            if not groups or size + nbytes > bucket_bytes or groups[-1][0].param.dtype != slot.param.dtype:
+                groups.append([])
+                size = 0
+            groups[-1].append(slot)
+            size += nbytes
+        master, accum = MASTER_WEIGHTS[self.master_weights], ACCUM_DTYPES[self.accum_dtype]
+        buckets = []
+        for index, group in enumerate(groups):
+            for slot in group:
+                slot.bucket = index
+            buckets.append(_Bucket(index, group, master, accum, pin))
+        return buckets
+
+    @property
+    def num_buckets(self) -> int:
+        return len(self._buckets)
+
+    def attach(self, module: torch.nn.Module) -> None:
+        """Forward pre-hooks on every submodule of ``module`` that owns engine parameters: each waits
+        only for the buckets holding its own parameters, so end_step no longer waits for the steps."""
+        bucket_of = {id(s.param): s.bucket for s in self._slots}
+        for sub in module.modules():
+            buckets = sorted({bucket_of[id(p)] for p in sub.parameters(recurse=False) if id(p) in bucket_of})
+            if buckets:
+                self._module_hooks.append(sub.register_forward_pre_hook(functools.partial(self._before_forward, buckets)))
+
+    def _before_forward(self, buckets: list[int], module: torch.nn.Module, args: Any) -> None:
+        for index in buckets:
+            self._wait_step(self._buckets[index])
+
+    def _lane(self, bucket: _Bucket) -> ThreadPoolExecutor:
+        """Every task of a bucket runs on one worker thread, so they run in the order submitted."""
+        return self._lanes[bucket.index % len(self._lanes)]
+
+    def _delay(self) -> None:
+        if self.worker_delay is not None:
+            self.worker_delay()
+
+    # -- one optimizer step -------------------------------------------------------------------------------
+
+    def begin_step(self, num_micro_batches: int) -> None:
+        """Open an optimizer step that will run ``num_micro_batches`` backward passes."""
+        if self._num_micro_batches is not None:
+            raise RuntimeError("begin_step called twice without end_step; call end_step() to finish the open step")
+        if num_micro_batches < 1:
+            raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
+        self._num_micro_batches = int(num_micro_batches)
+
+    def _on_grad(self, slot: _Slot, param: torch.Tensor) -> None:
+        """Post-accumulate-grad hook (main thread): stage the gradient for the host, free it on the device."""
+        if self._num_micro_batches is None:
+            raise RuntimeError(f"a gradient for {slot.name} arrived outside an optimizer step; call "
+                               f"engine.begin_step(num_micro_batches) before the backward passes")
+        bucket = self._buckets[slot.bucket]
+        self._wait_step(bucket)
+        if bucket.open_fill is not None and slot.position in bucket.open_fill.arrived:
+            self._submit_fill(bucket)  # this parameter's second gradient: a new micro-batch began
+        if bucket.open_fill is None:
+            buffer = self._pool.acquire()
+            grads = buffer[:bucket.numel * bucket.grad_dtype.itemsize].view(bucket.grad_dtype)
+            bucket.open_fill = _Fill(buffer, grads)
+        fill = bucket.open_fill
+        self._link.to_host(bucket.view(fill.grads, slot), param.grad)
+        fill.arrived.add(slot.position)
+        param.grad = None
+        if len(fill.arrived) == len(bucket.slots):
+            self._submit_fill(bucket)
+
+    def _submit_fill(self, bucket: _Bucket) -> None:
+        fill, bucket.open_fill = bucket.open_fill, None
+        if bucket.fills_done == self._num_micro_batches:
+            self._pool.put_back(fill.buffer)
+            raise RuntimeError(f"bucket {bucket.index} received gradients of more than the "
+                               f"{self._num_micro_batches} micro-batches announced by begin_step")
+        for slot in bucket.slots:
+            if slot.position not in fill.arrived:
+                bucket.view(fill.grads, slot).zero_()
+        copied = self._link.host_copies_done()
+        first = bucket.fills_done == 0
+        bucket.fills_done += 1
+        last = bucket.fills_done == self._num_micro_batches
+        self._pool.handed_to_worker()
+        bucket.accumulated = self._lane(bucket).submit(self._accumulate, bucket, fill, copied, first, last)
+
+    def _accumulate(self, bucket: _Bucket, fill: _Fill, copied: Any, first: bool, last: bool) -> None:
+        """Worker: add one micro-batch's gradients into the host accumulator."""
+        try:
+            self._delay()
+            self._link.wait_host(copied)
+            if first:
+                bucket.accum.copy_(fill.grads)
+            else:
+                bucket.accum.add_(fill.grads)
+        finally:
+            self._pool.release(fill.buffer)
+        if last:
+            bucket.sq_norm = squared_norm(bucket.accum)
+
+    def _finish_accumulation(self, bucket: _Bucket) -> None:
+        """Worker, at end_step, for a bucket that got fewer micro-batches than announced."""
+        self._delay()
+        if bucket.fills_done == 0:
+            bucket.accum.zero_()
+        bucket.sq_norm = squared_norm(bucket.accum)
+
+    def end_step(self, lr: float | None = None, grad_scale: float = 1.0) -> StepStats:
+        """Finish the step: global norm, skip or clip, then the bucket steps (asynchronous when a module
+        is attached). ``lr`` (e.g. from a schedule) replaces the engine's lr from now on."""
+        if self._num_micro_batches is None:
+            raise RuntimeError("end_step called without begin_step; call engine.begin_step(num_micro_batches) first")
+        if lr is not None:
+            check_hyperparameters(lr, self.betas, self.eps, self.weight_decay)
+            self.lr = float(lr)
+        if not (math.isfinite(grad_scale) and grad_scale > 0):
+            raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale}")
+        grad_norm = math.sqrt(self._reduce_squared_norms()) * grad_scale
+        self._num_micro_batches = None
+        if not math.isfinite(grad_norm):
+            self.skipped_steps += 1
+            return StepStats(grad_norm=grad_norm, skipped=True, clip_coef=1.0, lr=self.lr)
+        clip_coef = 1.0
+        if self.max_grad_norm is not None:
+            clip_coef = min(1.0, self.max_grad_norm / (grad_norm + 1e-6))
+        backward_done = self._link.compute_done()
+        for bucket in reversed(self._buckets):  # forward order: the next forward needs these first
+            bucket.stepped = self._lane(bucket).submit(self._step_bucket, bucket, self.lr, grad_scale * clip_coef,
+                                                       backward_done)
+        if not self._module_hooks:
+            self.synchronize()
+        return StepStats(grad_norm=grad_norm, skipped=False, clip_coef=clip_coef, lr=self.lr)
+
+    def _reduce_squared_norms(self) -> float:
+        """Flush open fills, wait for every accumulator, and sum the buckets' squared norms."""
+        for bucket in self._buckets:
+            if bucket.open_fill is not None:
+                self._submit_fill(bucket)
+            if bucket.fills_done < self._num_micro_batches:
+                bucket.accumulated = self._lane(bucket).submit(self._finish_accumulation, bucket)
+        total = 0.0
+        for bucket in self._buckets:
+            bucket.accumulated.result()
+            total += bucket.sq_norm
+            bucket.accumulated, bucket.sq_norm, bucket.fills_done = None, None, 0
+        return total
+
+    def _step_bucket(self, bucket: _Bucket, lr: float, grad_scale: float, after: Any) -> Any:
+        """Worker: the fused 8-bit AdamW over the bucket's parameters, then the upload to the device."""
+        self._delay()
+        beta1, beta2 = self.betas
+        qmap1, qmap2 = self._qmaps
+        no_absmax = torch.empty(0, dtype=torch.float32)
+        for slot in bucket.slots:
+            state = slot.state
+            state["step"] += 1
+            quantized = state["exp_avg"].dtype == torch.uint8
+            upload = bucket.view(bucket.upload, slot) if bucket.upload is not None else None
+            self._host_step(bucket.view(bucket.master, slot), bucket.view(bucket.accum, slot), state["exp_avg"],
+                            state["exp_avg_sq"], state["absmax1"] if quantized else no_absmax,
+                            state["absmax2"] if quantized else no_absmax, qmap1, qmap2, upload, None, lr, beta1,
+                            beta2, self.eps, self.weight_decay, grad_scale, state["step"],
+                            step_seed(self.seed, state["step"], slot.index))
+        return self._upload(bucket, after)
+
+    def _upload(self, bucket: _Bucket, after: Any) -> Any:
+        source = bucket.upload_source()
+        return self._link.to_device([(s.param.data, bucket.view(source, s)) for s in bucket.slots], after)
+
+    def _wait_step(self, bucket: _Bucket) -> None:
+        """Main thread: wait until the bucket's step has run and its upload is ordered before later work."""
+        if bucket.stepped is not None:
+            stepped, bucket.stepped = bucket.stepped, None
+            self._link.wait_device(stepped.result())
+
+    def synchronize(self) -> None:
+        """Wait for every pending accumulation and step; device work after this sees the new weights."""
+        for bucket in self._buckets:
+            if bucket.accumulated is not None:
+                bucket.accumulated.result()
+            self._wait_step(bucket)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Hyperparameters, per-parameter state (moments, step, master), and, between micro-batches of an
+        open step, the accumulators and the micro-batch count."""
+        self.synchronize()
+        if any(b.open_fill is not None for b in self._buckets):
+            raise RuntimeError("state_dict() was called during a backward pass; call it between micro-batches")
+        state = {}
+        for slot in self._slots:
+            bucket = self._buckets[slot.bucket]
+            state[slot.index] = {**slot.state, "master": bucket.view(bucket.master, slot).clone()}
+        saved = {"hyperparameters": dict(lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
+                                         max_grad_norm=self.max_grad_norm),
+                 "master_weights": self.master_weights, "accum_dtype": self.accum_dtype,
+                 "skipped_steps": self.skipped_steps, "state": state, "accumulation": None}
+        if self._num_micro_batches is not None:
+            saved["accumulation"] = self._accumulation_state()
+        return saved
+
+    def _accumulation_state(self) -> dict[str, Any]:
+        accumulators, done = {}, {}
+        for slot in self._slots:
+            bucket = self._buckets[slot.bucket]
+            view = bucket.view(bucket.accum, slot)
+            accumulators[slot.index] = view.clone() if bucket.fills_done else torch.zeros_like(view)
+            done[slot.index] = bucket.fills_done
+        return {"num_micro_batches": self._num_micro_batches, "micro_batches_done": done,
+                "accumulators": accumulators}
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """Load a state_dict of an engine over the same parameters (validated before anything changes)."""
+        self.synchronize()
+        if any(b.open_fill is not None for b in self._buckets):
+            raise RuntimeError("load_state_dict() was called during a backward pass; call it between steps")
+        for key, own in (("master_weights", self.master_weights), ("accum_dtype", self.accum_dtype)):
+            if saved.get(key) != own:
+                raise ValueError(f"the state was saved with {key}={saved.get(key)!r} but this engine uses {own!r}; "
+                                 f"build the engine with {key}={saved.get(key)!r}")
+        hyper = saved["hyperparameters"]
+        check_hyperparameters(hyper["lr"], tuple(hyper["betas"]), hyper["eps"], hyper["weight_decay"])
+        states = self._checked_states(saved["state"])
+        accumulation = self._checked_accumulation(saved.get("accumulation"))
+        for slot, (state, master) in zip(self._slots, states):
+            bucket = self._buckets[slot.bucket]
+            slot.state = state
+            bucket.view(bucket.master, slot).copy_(master)
+            if bucket.upload is not None:
+                bucket.view(bucket.upload, slot).copy_(master)  # round to nearest, as the kernel writes it
+        for bucket in self._buckets:
+            self._link.wait_device(self._upload(bucket, self._link.compute_done()))
+        self._load_accumulation(accumulation)
+        self.lr, self.betas, self.eps = float(hyper["lr"]), tuple(hyper["betas"]), hyper["eps"]
+        self.weight_decay, self.max_grad_norm = hyper["weight_decay"], hyper["max_grad_norm"]
+        self.skipped_steps = int(saved["skipped_steps"])
+
+    def _checked_states(self, saved: dict[int, Any]) -> list[tuple[dict[str, Any], torch.Tensor]]:
+        if sorted(saved) != [s.index for s in self._slots]:
+            raise ValueError(f"the state holds parameters {sorted(saved)[:8]}... but this engine has "
+                             f"{len(self._slots)} parameters; was it saved for another model or stage?")
+        checked = []
+        master_dtype = MASTER_WEIGHTS[self.master_weights]
+        for slot in self._slots:
+            entry = dict(saved[slot.index])
+            master = entry.pop("master", None)
+            where = f"offload state of parameter {slot.index} ({slot.name}, shape {tuple(slot.param.shape)})"
+            if not torch.is_tensor(master) or master.shape != slot.param.shape or master.dtype != master_dtype:
+                got = f"{master.dtype} {tuple(master.shape)}" if torch.is_tensor(master) else repr(master)
+                raise ValueError(f"{where}: master must be a {master_dtype} tensor of the parameter's shape, got {got}")
+            host_like = torch.empty(slot.param.shape, dtype=master_dtype)
+            checked.append((checked_state(host_like, entry, where), master))
+        return checked
+
+    def _checked_accumulation(self, accumulation: dict[str, Any] | None) -> dict[str, Any] | None:
+        if accumulation is None:
+            return None
+        accum_dtype = ACCUM_DTYPES[self.accum_dtype]
+        for slot in self._slots:
+            acc = accumulation["accumulators"].get(slot.index)
+            if not torch.is_tensor(acc) or acc.shape != slot.param.shape or acc.dtype != accum_dtype:
+                raise ValueError(f"the accumulator of parameter {slot.index} ({slot.name}) must be a {accum_dtype} "
+                                 f"tensor of shape {tuple(slot.param.shape)}")
+            done = accumulation["micro_batches_done"].get(slot.index)
+            if not isinstance(done, int) or not 0 <= done <= accumulation["num_micro_batches"]:
+                raise ValueError(f"micro_batches_done of parameter {slot.index} must be an int in "
+                                 f"[0, {accumulation['num_micro_batches']}], got {done!r}")
+        return accumulation
+
+    def _load_accumulation(self, accumulation: dict[str, Any] | None) -> None:
+        self._num_micro_batches = None if accumulation is None else int(accumulation["num_micro_batches"])
+        for bucket in self._buckets:
+            bucket.fills_done, bucket.sq_norm = 0, None
+            if accumulation is None:
+                continue
+            for slot in bucket.slots:
+                bucket.view(bucket.accum, slot).copy_(accumulation["accumulators"][slot.index])
+            bucket.fills_done = max(accumulation["micro_batches_done"][s.index] for s in bucket.slots)
+            if bucket.fills_done == self._num_micro_batches:  # complete: its norm was never computed here
+                bucket.accumulated = self._lane(bucket).submit(self._finish_accumulation, bucket)
+
+    def close(self) -> None:
+        """Wait for pending work, remove every hook and stop the worker threads."""
+        self.synchronize()
+        for handle in self._hooks + self._module_hooks:
+            handle.remove()
+        self._hooks, self._module_hooks = [], []
+        for lane in self._lanes:
+            lane.shutdown(wait=True)
+
+    def __enter__(self) -> "OffloadEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

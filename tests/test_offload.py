@@ -1,0 +1,333 @@
+"""The offload engine against device-resident AdamW8bit on the same micro-batches.
+
+The baseline runs the model with plain autograd, sums each micro-batch's gradients into accumulators of
+the engine's dtype by hand, computes the global norm in fp64 over all of them, and steps AdamW8bit with the
+clipping coefficient as ``grad_scale``; for fp32 master weights of a bf16 model it steps fp32 copies and
+rounds them into the model. Everything is compared bit for bit: the engine runs the same kernel on the
+same sums; its norm sums fp64 partials per bucket in another order, which moves the fp64 norm by an ulp
+at most, and the kernel rounds the coefficient to fp32, where such a difference vanishes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import time
+
+import pytest
+import torch
+
+from astrobio.optim import AdamW8bit, OffloadEngine
+
+HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
+
+
+class Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 320), torch.nn.GELU(), torch.nn.Linear(320, 24),
+                                       torch.nn.GELU(), torch.nn.Linear(24, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class WideCheap(torch.nn.Module):
+    """A very wide layer that costs next to nothing to run: an optimizer step on it takes longer than
+    its forward, so a forward that does not wait for the step reads stale weights."""
+
+    def __init__(self, width=1 << 17):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.randn(width) * 0.1 + 1.0)
+        self.shift = torch.nn.Parameter(torch.randn(width) * 0.1)
+        self.out = torch.nn.Parameter(torch.randn(width) / width ** 0.5)
+        self.width = width
+
+    def forward(self, x):
+        h = torch.tanh(x.repeat(1, self.width // x.shape[1]) * self.scale + self.shift)
+        return (h * self.out).sum(dim=1, keepdim=True)
+
+
+def make_model(kind, dtype, seed=0):
+    torch.manual_seed(seed)
+    return (Mlp() if kind == "mlp" else WideCheap()).to(dtype)
+
+
+def make_batches(steps, micro, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[(torch.randn(4, 16, generator=g), torch.randn(4, 1, generator=g)) for _ in range(micro)]
+            for _ in range(steps)]
+
+
+def loss_of(model, x, y):
+    dtype = next(model.parameters()).dtype
+    return torch.nn.functional.mse_loss(model(x.to(dtype)).float(), y)
+
+
+class DeviceResident:
+    """AdamW8bit on the device, fed by hand-accumulated, hand-clipped gradients."""
+
+    def __init__(self, model, accum_dtype, master_weights, max_grad_norm):
+        self.model, self.max_grad_norm = model, max_grad_norm
+        self.accum_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[accum_dtype]
+        params = list(model.parameters())
+        self.separate = master_weights == "fp32" and params[0].dtype == torch.bfloat16
+        self.masters = [torch.nn.Parameter(p.detach().float()) for p in params] if self.separate else params
+        for m in self.masters:
+            m.grad_dtype = None  # the accumulator's dtype may differ from the master's
+        self.opt = AdamW8bit(self.masters, **HYPER)
+
+    def step(self, micro_batches, before=None):
+        params, accums, losses = list(self.model.parameters()), None, []
+        for k, (x, y) in enumerate(micro_batches):
+            if before is not None:
+                before(k)
+            loss = loss_of(self.model, x, y)
+            loss.backward()
+            losses.append(loss.item())
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            if accums is None:
+                accums = [g.to(self.accum_dtype) for g in grads]
+            else:
+                for a, g in zip(accums, grads):
+                    a.add_(g)
+            self.model.zero_grad(set_to_none=True)
+        norm = math.sqrt(sum(float((a.double() ** 2).sum()) for a in accums))
+        coef = 1.0 if self.max_grad_norm is None else min(1.0, self.max_grad_norm / (norm + 1e-6))
+        for m, a in zip(self.masters, accums):
+            m.grad = a
+        self.opt.step(grad_scale=coef)
+        self.opt.zero_grad(set_to_none=True)
+        if self.separate:
+            with torch.no_grad():
+                for p, m in zip(params, self.masters):
+                    p.copy_(m)
+        return losses, norm
+
+
+def run_engine(engine, model, micro_batches, before=None):
+    engine.begin_step(len(micro_batches))
+    losses = []
+    for k, (x, y) in enumerate(micro_batches):
+        if before is not None:
+            before(k)
+        loss = loss_of(model, x, y)
+        loss.backward()
+        losses.append(loss.item())
+        assert all(p.grad is None for p in model.parameters())  # device gradients are freed
+    return losses, engine.end_step()
+
+
+def random_delays(seed=0, most=0.002):
+    rng = random.Random(seed)
+    return lambda: time.sleep(rng.random() * most)
+
+
+def assert_same_weights(engine, model, baseline):
+    engine.synchronize()
+    for i, (p, q) in enumerate(zip(model.parameters(), baseline.model.parameters())):
+        assert torch.equal(p, q), f"device parameter {i}"
+    state = engine.state_dict()["state"]
+    for i, m in enumerate(baseline.masters):
+        assert torch.equal(state[i]["master"], m.detach().to(state[i]["master"].dtype)), f"master {i}"
+        for key in ("exp_avg", "exp_avg_sq", "absmax1", "absmax2"):
+            if key in baseline.opt.state[m]:
+                assert torch.equal(state[i][key], baseline.opt.state[m][key]), f"{key} of parameter {i}"
+
+
+def compare(kind, dtype, master_weights, accum_dtype, micro, steps, delays=False, attach=True, workers=1,
+            bucket_bytes=6000, max_grad_norm=0.05):
+    model, twin = make_model(kind, dtype), make_model(kind, dtype)
+    baseline = DeviceResident(twin, accum_dtype, master_weights, max_grad_norm)
+    engine = OffloadEngine(model.parameters(), **HYPER, max_grad_norm=max_grad_norm, accum_dtype=accum_dtype,
+                           master_weights=master_weights, bucket_bytes=bucket_bytes,
+                           module=model if attach else None, num_workers=workers)
+    if delays:
+        engine.worker_delay = random_delays()
+    batches = make_batches(steps, micro)
+    runs = [run_engine(engine, model, b) for b in batches]  # back to back: nothing else gives workers time
+    for (losses, stats), micro_batches in zip(runs, batches):
+        want_losses, want_norm = baseline.step(micro_batches)
+        assert losses == want_losses
+        assert not stats.skipped and stats.grad_norm == pytest.approx(want_norm, rel=1e-12)
+    assert any(stats.clip_coef < 1.0 for _, stats in runs)  # clipping really acted
+    assert_same_weights(engine, model, baseline)
+    engine.close()
+
+
+CASES = [  # model dtype, master weights, accumulator dtype
+    (torch.float32, "fp32", "fp32"),
+    (torch.bfloat16, "fp32", "fp32"),
+    (torch.bfloat16, "bf16-sr", "fp32"),
+    (torch.bfloat16, "bf16-sr", "bf16"),
+]
+
+
+@pytest.mark.parametrize("micro", [1, 8])
+@pytest.mark.parametrize("dtype, master_weights, accum_dtype", CASES)
+def test_offload_equals_device_resident(dtype, master_weights, accum_dtype, micro):
+    compare("mlp", dtype, master_weights, accum_dtype, micro, steps=4)
+
+
+@pytest.mark.parametrize("dtype, master_weights, accum_dtype", CASES)
+def test_offload_equals_device_resident_with_random_worker_delays(dtype, master_weights, accum_dtype):
+    compare("mlp", dtype, master_weights, accum_dtype, micro=8, steps=3, delays=True, workers=2)
+
+
+@pytest.mark.parametrize("attach", [True, False], ids=["forward-hooks", "synchronous"])
+def test_wide_cheap_layer_sees_every_update(attach):
+    compare("wide", torch.float32, "fp32", "fp32", micro=2, steps=4, delays=True, attach=attach, workers=2,
+            bucket_bytes=1 << 19, max_grad_norm=0.5)
+
+
+def test_grad_norm_matches_torch_clip_grad_norm():
+    model, twin = make_model("mlp", torch.float32), make_model("mlp", torch.float32)
+    engine = OffloadEngine(model.parameters(), **HYPER, max_grad_norm=1.0, bucket_bytes=4000, module=model)
+    micro_batches = make_batches(1, 3)[0]
+    _, stats = run_engine(engine, model, micro_batches)
+    for x, y in micro_batches:
+        loss_of(twin, x, y).backward()
+    want = torch.nn.utils.clip_grad_norm_(twin.parameters(), 1.0).item()
+    assert stats.grad_norm == pytest.approx(want, rel=1e-5)
+    assert stats.clip_coef == pytest.approx(min(1.0, 1.0 / (want + 1e-6)), rel=1e-5)
+    engine.close()
+
+
+def test_parameter_without_gradient_in_a_micro_batch_counts_as_zero():
+    model, twin = make_model("mlp", torch.float32), make_model("mlp", torch.float32)
+    baseline = DeviceResident(twin, "fp32", "fp32", None)
+    engine = OffloadEngine(model.parameters(), **HYPER, bucket_bytes=6000, module=model)
+
+    def first_micro_batch_without_last_bias(m):  # a partial bucket fill, then a bucket short of micro-batches
+        return lambda k: m.net[4].bias.requires_grad_(k > 0)
+
+    for micro_batches in make_batches(3, 4):
+        losses, _ = run_engine(engine, model, micro_batches, first_micro_batch_without_last_bias(model))
+        assert losses == baseline.step(micro_batches, first_micro_batch_without_last_bias(twin))[0]
+    assert_same_weights(engine, model, baseline)
+    engine.close()
+
+
+def test_non_finite_gradient_skips_the_step():
+    model = make_model("mlp", torch.float32)
+    engine = OffloadEngine(model.parameters(), **HYPER, bucket_bytes=6000, module=model)
+    batches = make_batches(3, 2)
+    run_engine(engine, model, batches[0])
+    before = engine.state_dict()
+    before = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for i, s in before["state"].items()}
+    weights = [p.detach().clone() for p in model.parameters()]
+    engine.begin_step(2)
+    for k, (x, y) in enumerate(batches[1]):
+        (loss_of(model, x, y) * (float("nan") if k == 1 else 1.0)).backward()
+    stats = engine.end_step()
+    assert stats.skipped and not math.isfinite(stats.grad_norm) and engine.skipped_steps == 1
+    engine.synchronize()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
+    after = engine.state_dict()
+    for i, entry in before.items():
+        for key, value in entry.items():
+            assert (after["state"][i][key] == value) if key == "step" else torch.equal(after["state"][i][key], value)
+    assert after["skipped_steps"] == 1
+    _, stats = run_engine(engine, model, batches[2])  # the accumulators start afresh
+    assert not stats.skipped and math.isfinite(stats.grad_norm)
+    assert engine.state_dict()["state"][0]["step"] == 2
+    engine.close()
+
+
+def round_trip(saved):
+    buffer = io.BytesIO()
+    torch.save(saved, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("master_weights, dtype", [("fp32", torch.bfloat16), ("bf16-sr", torch.bfloat16)])
+@pytest.mark.parametrize("where", ["between-steps", "between-micro-batches"])
+def test_state_dict_resumes_exactly(where, master_weights, dtype):
+    options = dict(**HYPER, max_grad_norm=0.05, master_weights=master_weights, bucket_bytes=6000)
+    batches = make_batches(5, 4)
+    straight = make_model("mlp", dtype)
+    engine = OffloadEngine(straight.parameters(), **options, module=straight)
+    straight_losses = [run_engine(engine, straight, b)[0] for b in batches]
+    engine.synchronize()
+
+    first = make_model("mlp", dtype)
+    engine_a = OffloadEngine(first.parameters(), **options, module=first)
+    losses = [run_engine(engine_a, first, b)[0] for b in batches[:2]]
+    if where == "between-micro-batches":
+        engine_a.begin_step(4)
+        for x, y in batches[2][:3]:
+            loss_of(first, x, y).backward()
+    saved = round_trip(engine_a.state_dict())
+    engine_a.close()
+
+    resumed = make_model("mlp", dtype, seed=5)  # other weights: the engine restores them from its masters
+    engine_b = OffloadEngine(resumed.parameters(), **options, module=resumed)
+    engine_b.load_state_dict(saved)
+    rest = batches[2:]
+    if where == "between-micro-batches":
+        x, y = batches[2][3]
+        loss_of(resumed, x, y).backward()
+        engine_b.end_step()
+        rest = batches[3:]
+    losses += [run_engine(engine_b, resumed, b)[0] for b in rest]
+    engine_b.synchronize()
+    if where == "between-steps":
+        assert losses == straight_losses
+    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+    final_a, final_b = engine.state_dict()["state"], engine_b.state_dict()["state"]
+    for i in final_a:
+        for key, value in final_a[i].items():
+            assert (final_b[i][key] == value) if key == "step" else torch.equal(final_b[i][key], value)
+    engine.close()
+    engine_b.close()
+
+
+def test_load_rejects_a_state_of_another_configuration():
+    model = make_model("mlp", torch.float32)
+    engine = OffloadEngine(model.parameters(), **HYPER, module=model)
+    run_engine(engine, model, make_batches(1, 1)[0])
+    saved = engine.state_dict()
+    other = OffloadEngine(make_model("mlp", torch.float32).parameters(), master_weights="bf16-sr")
+    with pytest.raises(ValueError, match="master_weights"):
+        other.load_state_dict(saved)
+    fewer = OffloadEngine(list(make_model("mlp", torch.float32).parameters())[:-1])
+    with pytest.raises(ValueError, match="parameters"):
+        fewer.load_state_dict(saved)
+    bad = dict(saved, state={i: dict(s) for i, s in saved["state"].items()})
+    bad["state"][0]["exp_avg"] = bad["state"][0]["exp_avg"][:1]
+    with pytest.raises(ValueError, match="exp_avg"):
+        OffloadEngine(make_model("mlp", torch.float32).parameters()).load_state_dict(bad)
+    for e in (engine, other, fewer):
+        e.close()
+
+
+def test_protocol_errors_are_clear():
+    model = make_model("mlp", torch.float32)
+    engine = OffloadEngine(model.parameters(), **HYPER)
+    x, y = make_batches(1, 1)[0][0]
+    with pytest.raises(RuntimeError, match="begin_step"):
+        loss_of(model, x, y).backward()
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(RuntimeError, match="begin_step"):
+        engine.end_step()
+    engine.begin_step(1)
+    loss_of(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="more than the 1 micro-batches"):
+        loss_of(model, x, y).backward()
+    engine.close()
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda p: OffloadEngine(p, accum_dtype="fp16"), ValueError, "accum_dtype"),
+    (lambda p: OffloadEngine(p, master_weights="fp16"), ValueError, "master_weights"),
+    (lambda p: OffloadEngine(p, max_grad_norm=0.0), ValueError, "max_grad_norm"),
+    (lambda p: OffloadEngine(p + p[:1]), ValueError, "twice"),
+    (lambda p: OffloadEngine([torch.nn.Parameter(torch.ones(3), requires_grad=False)]), ValueError, "trainable"),
+    (lambda p: OffloadEngine([]), ValueError, "empty"),
+    (lambda p: OffloadEngine(p, lr=-1.0), ValueError, "lr"),
+], ids=["accum", "master", "clip", "duplicate", "frozen", "empty", "lr"])
+def test_bad_options_raise(make, error, match):
+    with pytest.raises(error, match=match):
+        make(list(make_model("mlp", torch.float32).parameters()))
