@@ -29,12 +29,13 @@ from astrobio.data import (
     read_oec,
     split_records,
 )
-from astrobio.data.corpus import builtin_records
 from astrobio.data.oec import parse_oec, system_record
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OEC_FILE = REPO_ROOT.parent / "shared" / "data" / "oec_systems.xml.gz"
-needs_oec = pytest.mark.skipif(not OEC_FILE.is_file(), reason=f"the real catalogue {OEC_FILE} is absent (../shared/data)")
+needs_oec = pytest.mark.skipif(
+    not OEC_FILE.is_file(), reason=f"the real catalogue {OEC_FILE} is absent (../shared/data next to the repository)"
+)
 
 # Physical constants, written here independently of the package.
 AU_M = 1.495978707e11
@@ -67,7 +68,7 @@ def sig_close(printed: str, exact: float, digits: int = 3) -> bool:
 # --------------------------------------------------------------------------------------------- tokenizers
 
 
-@pytest.mark.parametrize("text", ["", "hz: yes", "Température d'équilibre: 255 K", "α Cen b ☉ 🪐", "行星\n\tend"])
+@pytest.mark.parametrize("text", ["", "Température d'équilibre: 255 K", "α Cen b ☉ 🪐", "行星\n\tend"])
 def test_byte_tokenizer_round_trips_unicode(text):
     tok = ByteTokenizer()
     ids = tok.encode(text)
@@ -113,7 +114,8 @@ def test_hf_tokenizer_json_behind_the_same_interface(hf_tokenizer_file):
     for where in (path, path.parent):  # the file or the folder holding it
         tok = load_tokenizer(str(where))
         assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size) == (0, 1, 2, 10)
-        assert tok.encode("planet b hz : yes") == raw.encode("planet b hz : yes", add_special_tokens=False).ids == [8, 9, 4, 5, 6]
+        text = "planet b hz : yes"
+        assert tok.encode(text) == raw.encode(text, add_special_tokens=False).ids == [8, 9, 4, 5, 6]
         assert tok.decode([0, 4, 5, 7, 1]) == "hz : no"
         train, val = build_token_splits(["hz : yes", "hz : no"], tok, val_fraction=0.0)
         assert train.tolist() == [0, 4, 5, 6, 1, 0, 4, 5, 7, 1] and val.numel() == 0
@@ -195,17 +197,21 @@ def test_earth_around_the_sun_is_derived_right():
     assert earth["teq"] == 255.0  # the textbook 255 K for Bond albedo 0.3
 
 
+STAR_KEYS = ("star_mass", "star_radius", "star_teff", "spectral_type", "luminosity", "hz_inner", "hz_outer")
+PLANET_KEYS = ("planet", "mass", "radius", "albedo", "a", "period", "flux", "teq", "density", "type", "hz")
+
+
 def test_record_layout_puts_derived_fields_after_their_inputs(default_corpus):
     for record in default_corpus[:50]:
         keys = [key for key, _ in fields_of(record)]
         starts = [i for i, k in enumerate(keys) if k == "planet"]
         star_keys = keys[1 : starts[0]]
         assert keys[0] == "system"
-        assert star_keys == ["star_mass", "star_radius", "star_teff", "spectral_type", "luminosity", "hz_inner", "hz_outer"]
+        assert star_keys == list(STAR_KEYS)
         blocks = [star_keys] + [keys[i : i + 11] for i in starts]
         assert len(keys) == 1 + 7 + 11 * len(starts)
         for block in blocks[1:]:
-            assert block == ["planet", "mass", "radius", "albedo", "a", "period", "flux", "teq", "density", "type", "hz"]
+            assert block == list(PLANET_KEYS)
         for block in blocks:
             for index, key in enumerate(block):
                 inputs = DERIVED_FIELDS[key].inputs if key in DERIVED_FIELDS else ()
@@ -227,7 +233,8 @@ def test_truth_functions_reproduce_records_and_probe_pairs(default_corpus):
         for (prompt, answer), planet in zip(pairs, system["planets"]):
             assert prompt.endswith("\nhz: ") and answer == planet["hz"]
             assert record.startswith(prompt + answer)
-    assert DERIVED_FIELDS["hz"].truth({"flux": "unknown"}) is None and DERIVED_FIELDS["period"].truth({"a": 1.0}) is None
+    assert DERIVED_FIELDS["hz"].truth({"flux": "unknown"}) is None
+    assert DERIVED_FIELDS["period"].truth({"a": 1.0}) is None
 
 
 # ----------------------------------------------------------------------------------------------- OEC

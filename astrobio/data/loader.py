@@ -2,9 +2,10 @@
 
 ``load_records`` reads ``builtin`` / ``builtin:N`` (the synthetic corpus), an Open Exoplanet Catalogue
 XML file, a text file or a JSONL file. ``split_records`` splits the records (not the tokens) into train
-and validation; ``build_token_splits`` encodes each split's records as BOS + text + EOS. ``PackedLoader`` cuts a token stream into
-fixed windows and visits them in a seeded order per epoch; its ``state_dict`` is the sampling position
-a checkpoint saves, so a resumed run sees exactly the batches of an uninterrupted one.
+and validation; ``build_token_splits`` encodes each split's records as BOS + text + EOS.
+``PackedLoader`` cuts a token stream into fixed windows and visits them in a seeded order per epoch;
+its ``state_dict`` is the sampling position a checkpoint saves, so a resumed run sees exactly the
+batches of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from astrobio.data.text import jsonl_records, text_records
 from astrobio.data.tokenizer import concat_documents
 
 BUILTIN_RECORDS = 20000
-_READERS = {".xml": oec_records, ".txt": text_records, ".md": text_records, ".jsonl": jsonl_records, ".ndjson": jsonl_records}
+_READERS = {
+    ".xml": oec_records,
+    ".txt": text_records,
+    ".md": text_records,
+    ".jsonl": jsonl_records,
+    ".ndjson": jsonl_records,
+}
 _URI_HELP = "'builtin', 'builtin:N', or a .txt, .jsonl or Open Exoplanet Catalogue .xml file (optionally .gz)"
 
 
@@ -38,7 +45,8 @@ def load_records(uri: str, seed: int = 0) -> list[str]:
     if not path.is_file():
         raise ValueError(f"data path {uri} is not a file; --data takes {_URI_HELP}")
     if suffix not in _READERS:
-        raise ValueError(f"data file {uri} has an unsupported format {suffix or '(no extension)'!r}; --data takes {_URI_HELP}")
+        found = suffix or "(no extension)"
+        raise ValueError(f"data file {uri} has an unsupported format {found!r}; --data takes {_URI_HELP}")
     return _READERS[suffix](path)
 
 

@@ -30,7 +30,7 @@ JUPITER_RADIUS_EARTH = 11.209
 
 _BODY_TAGS = ("system", "binary", "star", "planet")
 _NUMERIC_TAGS = frozenset(
-    {"mass", "radius", "temperature", "period", "semimajoraxis", "eccentricity", "distance", "metallicity", "age", "separation"}
+    {"mass", "radius", "temperature", "period", "semimajoraxis", "eccentricity", "distance", "metallicity", "age"}
 )
 _LABEL_TAGS = frozenset({"spectraltype", "discoverymethod", "discoveryyear", "list"})
 _UNSAFE = re.compile(rb"<!DOCTYPE|<!ENTITY", re.IGNORECASE)
@@ -110,7 +110,9 @@ def parse_oec(data: bytes, source: str = "<bytes>") -> list[Body]:
     elif root.tag == "systems":
         elements = root.findall("system")
     else:
-        raise ValueError(f"{source}: root element <{root.tag}>, expected <systems> or <system> (Open Exoplanet Catalogue format)")
+        raise ValueError(
+            f"{source}: root element <{root.tag}>, expected <systems> or <system> (Open Exoplanet Catalogue format)"
+        )
     if not elements:
         raise ValueError(f"{source} holds no <system> element")
     return [_parse_body(element, source) for element in elements]

@@ -81,7 +81,8 @@ class HFTokenizer:
         self.eos_id = self._find(_EOS_NAMES)
         if self.eos_id is None:
             raise ValueError(
-                f"tokenizer file {path} defines no end-of-text token; add one of {', '.join(_EOS_NAMES)} to its vocabulary"
+                f"tokenizer file {path} defines no end-of-text token; "
+                f"add one of {', '.join(_EOS_NAMES)} to its vocabulary"
             )
         bos = self._find(_BOS_NAMES)
         pad = self._find(_PAD_NAMES)
@@ -126,7 +127,9 @@ def load_tokenizer(path: str | Path | None = None) -> ByteTokenizer | HFTokenize
     try:
         json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"tokenizer file {file} is not valid JSON ({err}); is it a Hugging Face tokenizer.json?") from None
+        raise ValueError(
+            f"tokenizer file {file} is not valid JSON ({err}); expected a Hugging Face tokenizer.json"
+        ) from None
     try:
         tokenizer = Tokenizer.from_str(text)
     except Exception as err:  # tokenizers raises a bare Exception for a schema it does not accept
