@@ -62,7 +62,10 @@ class Handler(BaseHTTPRequestHandler):
         if route.truncate_to is not None and route.served < route.truncate_times:
             payload = payload[:route.truncate_to]
         route.served += 1
-        self.wfile.write(payload)
+        try:
+            self.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (the timeout test)
+            pass
 
     def reply(self, code: int, body: bytes):
         self.send_response(code)
@@ -293,3 +296,29 @@ def test_uri_mistakes_are_clear_errors(tmp_path):
         open_source("ftp://example.org/t.csv")
     with pytest.raises(SourceError, match="does not exist"):
         open_source(tmp_path / "absent.csv").fetch()
+
+
+def test_builtin_source_records_and_rows_describe_the_same_systems():
+    from astrobio.data import parse_record
+
+    source = open_source("builtin:5")
+    records = source.records(seed=2)
+    rows = source.rows(seed=2)
+    planets = [(parse_record(r)["star"], p) for r in records for p in parse_record(r)["planets"]]
+    assert len(records) == 5 and len(rows) == len(planets)
+    for row, (star, planet) in zip(rows, planets):
+        assert (row["planet_mass"], row["semimajor_axis"], row["star_temperature"]) == (
+            planet["mass"], planet["a"], star["star_teff"])
+    assert source.fetch() == "\n\n".join(source.records()).encode()
+
+
+def test_an_oec_file_gives_records_and_planet_rows(tmp_path):
+    path = tmp_path / "mini.xml"
+    path.write_text("<systems><system><name>S</name><distance>10</distance><star><name>S</name><mass>0.5</mass>"
+                    "<planet><name>S b</name><mass>2</mass><period>3.5</period></planet></star>"
+                    "<binary><planet><name>S c</name><radius upperlimit='1'/></planet></binary></system></systems>")
+    source = open_source(path)
+    assert source.format == "oec" and source.records()[0].startswith("system: S\ndistance: 10")
+    b, c = source.rows()
+    assert (b["name"], b["planet_mass"], b["period"], b["star_mass"], b["distance"]) == ("S b", 2 * 317.83, 3.5, 0.5, 10)
+    assert (c["name"], c["planet_radius"], c["star_mass"], c["distance"]) == ("S c", None, None, 10)

@@ -171,10 +171,13 @@ class BuiltinSource(Source):
     def fetch(self) -> bytes:
         return "\n\n".join(self.records()).encode()
 
-    def rows(self) -> list[dict]:
+    def rows(self, seed: int = 0) -> list[dict]:
+        """The catalogue rows of the planets of the systems ``records(seed)`` describes."""
         from astrobio.data.catalogue import builtin_planet_rows
+        from astrobio.data.loader import BUILTIN_RECORDS
 
-        return builtin_planet_rows(seed=0)
+        count = self.name.partition(":")[2]
+        return builtin_planet_rows(int(count) if count.isdigit() else BUILTIN_RECORDS, seed)
 
 
 def table_rows(data: bytes, delimiter: str, name: str) -> list[dict]:
