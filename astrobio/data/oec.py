@@ -166,6 +166,7 @@ def oec_records(path: str | Path) -> list[str]:
 
 
 def system_record(system: Body) -> str:
+    """The record of one system: its lines, then each star, binary and planet depth first."""
     lines = [f"system: {system.name or 'unnamed'}"]
     _add(lines, {}, "distance", system.quantities.get("distance"))
     for child in system.children:
