@@ -158,6 +158,20 @@ def test_basic_auth_from_netrc_in_home(server, tmp_path):
     assert open_source(server.url + "/t.csv", policy=FAST).fetch() == BODY
 
 
+def test_user_and_password_in_the_uri_are_sent_but_never_shown(server, caplog):
+    server.routes["/t.csv"] = Route(auth="Basic " + b64encode(b"alice:" + SECRET.encode()).decode())
+    port = server.server_address[1]
+    assert open_source(f"http://alice:{SECRET}@127.0.0.1:{port}/t.csv", policy=FAST).fetch() == BODY
+    caplog.set_level(logging.DEBUG)
+    server.routes["/u.csv"] = server.routes["/t.csv"]
+    wrong = open_source(f"http://alice:wrong{SECRET}@127.0.0.1:{port}/u.csv", policy=FAST)
+    with pytest.raises(AuthError, match=r"http://\*\*\*@127.0.0.1:\d+/u.csv answered HTTP 401.*the URI's user:password"):
+        wrong.fetch()
+    assert SECRET not in repr(wrong) + caplog.text
+    with pytest.raises(TypeError):
+        pickle.dumps(wrong)
+
+
 def test_netrc_parse_error_does_not_quote_the_file(tmp_path):
     (tmp_path / ".netrc").write_text(f"machine 127.0.0.1 login alice password\n{SECRET} stray {SECRET}\n")
     from astrobio.data.sources.auth import resolve_credentials

@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 ENV_PREFIX = "ASTROBIO_TOKEN_"
 AUTH_KINDS = ("auto", "bearer", "basic", "none")
@@ -105,7 +105,15 @@ class Credentials:
         raise TypeError("credentials are not picklable: they must never reach a file")
 
 
-def resolve_credentials(spec: AuthSpec, userinfo: str | None = None) -> Credentials | None:
+def uri_credentials(uri: str) -> Credentials | None:
+    """Basic-auth credentials written into a URI as ``user:password@host`` (percent-decoded), or None."""
+    parts = urlsplit(uri)
+    if parts.username is None:
+        return None
+    return Credentials("basic", "the URI's user:password", f"{unquote(parts.username)}:{unquote(parts.password or '')}")
+
+
+def resolve_credentials(spec: AuthSpec, in_uri: Credentials | None = None) -> Credentials | None:
     """The source's credentials, or None (no variable set, none in the URI, no .netrc entry)."""
     if spec.kind == "none":
         return None
@@ -116,8 +124,8 @@ def resolve_credentials(spec: AuthSpec, userinfo: str | None = None) -> Credenti
             raise AuthError(f"environment variable {spec.env_var} must hold user:password for #auth=basic "
                             "(its value has no ':'); fix the variable or drop #auth=basic to send a bearer token")
         return Credentials(kind, f"environment variable {spec.env_var}", value)
-    if userinfo:
-        return Credentials("basic", "the URI's user:password", userinfo)
+    if in_uri is not None:
+        return in_uri
     return netrc_credentials(spec)
 
 

@@ -24,7 +24,8 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import urlsplit, urlunsplit
 from urllib.request import Request, urlopen
 
-from astrobio.data.sources.auth import AuthError, AuthSpec, Credentials, redact_uri, resolve_credentials
+from astrobio.data.sources.auth import (AuthError, AuthSpec, Credentials, redact_uri, resolve_credentials,
+                                        uri_credentials)
 from astrobio.data.sources.cache import CHUNK, CacheEntry, entry_for
 from astrobio.data.sources.registry import FileSource, Source, SourceError, SourceOptions, suffix_for
 
@@ -68,7 +69,7 @@ class HTTPSource(Source):
         # the request URL and cache key carry neither credentials nor our own options (the fragment)
         netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
         self._url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-        self._userinfo = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else None
+        self._uri_credentials = uri_credentials(uri)  # a Credentials object: never shown, never pickled
         self.entry: CacheEntry = entry_for(self._url, suffix_for(self.format, parts.path), cache_root)
 
     def __repr__(self) -> str:
@@ -91,7 +92,7 @@ class HTTPSource(Source):
         if self.entry.verified():
             log.debug("%s: cache hit %s", self.name, self.entry.path)
             return self.entry.path
-        credentials = resolve_credentials(self.auth, self._userinfo)
+        credentials = resolve_credentials(self.auth, self._uri_credentials)
         started = time.monotonic()
         for attempt in range(1, self.policy.attempts + 1):
             try:
