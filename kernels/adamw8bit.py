@@ -1,0 +1,238 @@
+"""The 8-bit AdamW step as a Triton kernel: the op ``astrobio::adamw8bit_step_triton``.
+
+Computes exactly what astrobio/optim/reference.py specifies (the same arithmetic as the C++ and
+CUDA kernels, bit for bit): each program owns ``ROWS`` quantization blocks of 256 elements as a
+[ROWS, 256] tile, so a block's absmax is a row reduction and the whole step is one pass over memory.
+Rounding is made explicit where Triton's defaults differ from IEEE: ``tl.div_rn`` and ``tl.sqrt_rn``
+(plain ``/`` and ``tl.sqrt`` are approximate on the GPU) and ``enable_fp_fusion=False`` (no
+multiply-add contraction). The nearest code is a branchless binary search over the thresholds
+``(qmap[i] + qmap[i + 1]) * 0.5``, computed on the fly from the (cached) 1 KB map.
+
+``adamw8bit_step`` takes the op's argument list (csrc/ops.cpp), validates it as the C++ op does and
+runs the kernel; astrobio.ops routes the backend "triton" here. Runs on CUDA tensors, or on CPU
+tensors when Triton's interpreter is on (``TRITON_INTERPRET=1`` set before triton is imported).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from astrobio.optim.reference import BLOCK_SIZE, StepConstants
+
+QMAP_SIZE = 256
+ROWS = 4       # quantization blocks per program: 1024 elements, 8 per thread with 4 warps
+NUM_WARPS = 4
+
+
+@triton.jit
+def _mix32(x):
+    """reference._mix32 on uint32 values (the products wrap modulo 2**32)."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _nearest_code(qmap_ptr, n):
+    """The number of thresholds strictly below n: binary search, 8 probes of a 256-entry map."""
+    code = tl.zeros(n.shape, tl.int32)
+    for k in tl.static_range(8):  # probe widths 128, 64, ..., 1
+        lo = tl.load(qmap_ptr + code + ((128 >> k) - 1))
+        hi = tl.load(qmap_ptr + code + (128 >> k))
+        code = tl.where(n > (lo + hi) * 0.5, code + (128 >> k), code)
+    return code
+
+
+@triton.jit
+def _inverse_or_zero(x):
+    """1 / x correctly rounded, 0 where x == 0 (an all-zero block)."""
+    one = tl.full(x.shape, 1.0, tl.float32)
+    return tl.where(x > 0.0, tl.div_rn(one, tl.where(x > 0.0, x, one)), 0.0)
+
+
+@triton.jit
+def _round_nearest_bf16_bits(p):
+    """fp32 -> bf16 bit pattern, round to nearest even (NaN stays NaN), as torch's conversion."""
+    bits = p.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return tl.where(p != p, (bits >> 16) | 0x40, rounded).to(tl.uint16)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _adamw8bit_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, absmax1_ptr, absmax2_ptr,
+                      qmap1_ptr, qmap2_ptr, param_bf16_ptr, found_inf_ptr, numel,
+                      beta1, beta2, one_minus_beta1, one_minus_beta2, eps, grad_scale, decay, step_size,
+                      inv_bc2_sqrt, seed,
+                      QUANTIZED: tl.constexpr, PARAM_IS_BF16: tl.constexpr, WRITE_BF16: tl.constexpr,
+                      HAS_FOUND_INF: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # quantization block of each row
+    offs = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]         # 64-bit element indices
+    if HAS_FOUND_INF:  # a skipped step updates no element
+        numel = tl.where(tl.load(found_inf_ptr) == 0.0, numel, 0)
+    mask = offs < numel
+    row_mask = block < tl.cdiv(numel, BLOCK)
+
+    p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if QUANTIZED:
+        code1 = tl.load(exp_avg_ptr + offs, mask=mask, other=0).to(tl.int32)
+        code2 = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0).to(tl.int32)
+        scale1 = tl.load(absmax1_ptr + block, mask=row_mask, other=0.0)
+        scale2 = tl.load(absmax2_ptr + block, mask=row_mask, other=0.0)
+        m = tl.where(mask, tl.load(qmap1_ptr + code1) * scale1[:, None], 0.0)
+        v = tl.where(mask, tl.load(qmap2_ptr + code2) * scale2[:, None], 0.0)
+    else:
+        m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
+        v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
+
+    # reference.adamw_update, operation by operation
+    g = g * grad_scale
+    m = beta1 * m + one_minus_beta1 * g
+    v = beta2 * v + one_minus_beta2 * (g * g)
+    denom = tl.sqrt_rn(v) * inv_bc2_sqrt + eps
+    p = p * decay - step_size * tl.div_rn(m, denom)
+
+    if PARAM_IS_BF16:  # stochastic rounding with the counter hash of the global index
+        hi = _mix32((offs >> 32).to(tl.uint32) ^ seed.to(tl.uint32, bitcast=True))
+        r = _mix32(offs.to(tl.uint32) ^ hi) & 0xFFFF
+        bf16_bits = ((p.to(tl.uint32, bitcast=True) + r) >> 16).to(tl.uint16)
+        tl.store(param_ptr + offs, bf16_bits.to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(param_ptr + offs, p, mask=mask)
+        bf16_bits = _round_nearest_bf16_bits(p)
+    if WRITE_BF16:
+        tl.store(param_bf16_ptr + offs, bf16_bits.to(tl.bfloat16, bitcast=True), mask=mask)
+
+    if QUANTIZED:  # masked elements hold m = v = 0 and leave the absmax unchanged
+        max1 = tl.max(tl.abs(m), axis=1)
+        max2 = tl.max(tl.abs(v), axis=1)
+        inv1 = _inverse_or_zero(max1)
+        inv2 = _inverse_or_zero(max2)
+        code1 = _nearest_code(qmap1_ptr, m * inv1[:, None])
+        code2 = _nearest_code(qmap2_ptr, v * inv2[:, None])
+        tl.store(exp_avg_ptr + offs, code1.to(tl.uint8), mask=mask)
+        tl.store(exp_avg_sq_ptr + offs, code2.to(tl.uint8), mask=mask)
+        tl.store(absmax1_ptr + block, max1, mask=row_mask)
+        tl.store(absmax2_ptr + block, max2, mask=row_mask)
+    else:
+        tl.store(exp_avg_ptr + offs, m, mask=mask)
+        tl.store(exp_avg_sq_ptr + offs, v, mask=mask)
+
+
+@triton_op("astrobio::adamw8bit_step_triton",
+           mutates_args={"param", "exp_avg", "exp_avg_sq", "absmax1", "absmax2", "param_bf16"})
+def adamw8bit_step_triton(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                          exp_avg_sq: torch.Tensor, absmax1: torch.Tensor, absmax2: torch.Tensor,
+                          qmap1: torch.Tensor, qmap2: torch.Tensor, param_bf16: torch.Tensor | None,
+                          found_inf: torch.Tensor | None, lr: float, beta1: float, beta2: float, eps: float,
+                          weight_decay: float, grad_scale: float, step: int, seed: int) -> None:
+    """The kernel launch, for validated arguments (see ``adamw8bit_step``)."""
+    numel = param.numel()
+    if numel == 0:
+        return
+    c = StepConstants.make(lr, beta1, beta2, eps, weight_decay, step, grad_scale)
+    quantized = exp_avg.dtype == torch.uint8
+    seed32 = seed & 0xFFFFFFFF
+    grid = (triton.cdiv(numel, ROWS * BLOCK_SIZE),)
+    # Unused pointer arguments get `param`: the constexpr flags keep the kernel from touching them.
+    wrap_triton(_adamw8bit_kernel)[grid](
+        param, grad, exp_avg, exp_avg_sq,
+        absmax1 if quantized else param, absmax2 if quantized else param,
+        qmap1 if quantized else param, qmap2 if quantized else param,
+        param if param_bf16 is None else param_bf16, param if found_inf is None else found_inf, numel,
+        c.beta1, c.beta2, c.one_minus_beta1, c.one_minus_beta2, c.eps, c.grad_scale, c.decay, c.step_size,
+        c.inv_bc2_sqrt, seed32 - (1 << 32) if seed32 >= (1 << 31) else seed32,  # the uint32's int32 bits
+        QUANTIZED=quantized, PARAM_IS_BF16=param.dtype == torch.bfloat16, WRITE_BF16=param_bf16 is not None,
+        HAS_FOUND_INF=found_inf is not None, ROWS=ROWS, BLOCK=BLOCK_SIZE, num_warps=NUM_WARPS,
+        enable_fp_fusion=False)
+
+
+def _fail(message: str) -> None:
+    raise RuntimeError(f"adamw8bit_step (triton): {message}")
+
+
+def _check_float(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in (torch.float32, torch.bfloat16):
+        _fail(f"{name} must be float32 or bfloat16, got {t.dtype}; convert it with .float() or .bfloat16()")
+
+
+def _check_tensor(t: torch.Tensor, name: str, param: torch.Tensor, numel: int | None, why: str = "") -> None:
+    if t.device != param.device:
+        _fail(f"{name} is on {t.device} but param is on {param.device}; move them to one device")
+    if not t.is_contiguous():
+        _fail(f"{name} must be contiguous; call .contiguous() on it (the kernel updates memory in place)")
+    if numel is not None and t.numel() != numel:
+        _fail(f"{name} has {t.numel()} elements, expected {numel} ({why})")
+
+
+def _check_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, grad_scale: float,
+                           step: int) -> None:
+    if step < 1:
+        _fail(f"step must be >= 1 (the count including this update), got {step}")
+    if not lr >= 0.0:
+        _fail(f"lr must be >= 0, got {lr}")
+    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+        _fail(f"betas must lie in [0, 1), got ({beta1}, {beta2})")
+    if not eps > 0.0:
+        _fail(f"eps must be > 0, got {eps}")
+    if not math.isfinite(grad_scale):
+        _fail(f"grad_scale must be finite, got {grad_scale}")
+
+
+def _check_device(param: torch.Tensor) -> None:
+    from triton import knobs  # read at call time: the interpreter switch is an environment variable
+
+    if param.device.type != "cuda" and not (param.device.type == "cpu" and knobs.runtime.interpret):
+        _fail(f"param is on {param.device}; the Triton kernel steps CUDA tensors "
+              "(CPU tensors only under TRITON_INTERPRET=1)")
+
+
+def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                   absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor,
+                   param_bf16: torch.Tensor | None, found_inf: torch.Tensor | None,
+                   lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                   grad_scale: float, step: int, seed: int) -> None:
+    """One in-place 8-bit AdamW step (the op ``astrobio::adamw8bit_step``'s arguments and checks)."""
+    _check_hyperparameters(lr, beta1, beta2, eps, grad_scale, step)
+    n = param.numel()
+    _check_float(param, "param")
+    _check_float(grad, "grad")
+    _check_tensor(param, "param", param, None)
+    _check_tensor(grad, "grad", param, n, "one gradient per parameter element")
+    _check_tensor(exp_avg, "exp_avg", param, n, "one moment per parameter element")
+    _check_tensor(exp_avg_sq, "exp_avg_sq", param, n, "one moment per parameter element")
+    if exp_avg.dtype != exp_avg_sq.dtype:
+        _fail(f"exp_avg is {exp_avg.dtype} but exp_avg_sq is {exp_avg_sq.dtype}; both must be uint8 or float32")
+    if exp_avg.dtype == torch.uint8:
+        blocks = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
+        for t, name, size, why in ((absmax1, "absmax1", blocks, "one absmax per block of 256 elements"),
+                                   (absmax2, "absmax2", blocks, "one absmax per block of 256 elements"),
+                                   (qmap1, "qmap1", QMAP_SIZE, "a 256-entry quantization map"),
+                                   (qmap2, "qmap2", QMAP_SIZE, "a 256-entry quantization map")):
+            _check_tensor(t, name, param, size, why)
+            if t.dtype != torch.float32:
+                _fail(f"{name} must be float32, got {t.dtype}")
+    elif exp_avg.dtype != torch.float32:
+        _fail(f"exp_avg must be uint8 codes or float32 moments, got {exp_avg.dtype}")
+    if param_bf16 is not None:
+        _check_tensor(param_bf16, "param_bf16", param, n, "a bf16 copy of every parameter element")
+        if param_bf16.dtype != torch.bfloat16:
+            _fail(f"param_bf16 must be bfloat16, got {param_bf16.dtype}")
+    if found_inf is not None:
+        if found_inf.numel() != 1 or found_inf.dtype != torch.float32:
+            _fail(f"found_inf must be a one-element float32 tensor, got {found_inf.numel()} elements of "
+                  f"{found_inf.dtype}")
+        if found_inf.device != param.device:
+            _fail(f"found_inf is on {found_inf.device} but param is on {param.device}; keep it on param's device")
+    _check_device(param)
+    torch.ops.astrobio.adamw8bit_step_triton(param, grad, exp_avg, exp_avg_sq, absmax1, absmax2, qmap1, qmap2,
+                                             param_bf16, found_inf, float(lr), float(beta1), float(beta2),
+                                             float(eps), float(weight_decay), float(grad_scale), int(step),
+                                             int(seed))

@@ -1,0 +1,182 @@
+"""The Triton kernel (astrobio.kernels.adamw8bit) against the specification, on the CPU.
+
+Triton's interpreter must be switched on (TRITON_INTERPRET=1) before triton is imported, so the
+kernel runs in one child process: this file run as a script. The child steps every case with the
+``triton`` backend of astrobio.ops and saves the states; the tests here replay the same steps with
+the reference (astrobio/optim/reference.py) and require every bit to match. This process keeps the
+compiled Triton, so other test files never see the interpreter. On a GPU,
+tests/test_adamw8bit_gpu.py runs the compiled kernel against the same reference.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from astrobio import ops  # noqa: E402
+from astrobio.optim import reference as R  # noqa: E402
+
+SIZES = (1, 255, 256, 257, 4097)
+# name: (8-bit moments, param dtype, grad dtype, write a bf16 copy)
+VARIANTS = {
+    "q8-fp32master-bf16grad-copy": (True, torch.float32, torch.bfloat16, True),
+    "q8-bf16sr-fp32grad": (True, torch.bfloat16, torch.float32, False),
+    "q8-bf16sr-bf16grad-copy": (True, torch.bfloat16, torch.bfloat16, True),
+    "fp32moments-fp32master-fp32grad": (False, torch.float32, torch.float32, False),
+}
+CASES = [f"{n}-{name}" for n in SIZES for name in VARIANTS]
+# (step, found_inf) per call: the second call is skipped, the third repeats its step count
+CALLS = ((1, None), (2, 1.0), (2, 0.0), (3, None))
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, grad_scale=0.5)
+CHILD_TIMEOUT_S = 240
+
+
+def make_case(case: str, index: int) -> dict:
+    """Initial state (random codes and absmax, so the first step already dequantizes) and gradients
+    spanning five decades, so that blocks use the whole range of the maps."""
+    n = int(case.split("-", 1)[0])
+    quantized, param_dtype, grad_dtype, copy = VARIANTS[case.split("-", 1)[1]]
+    gen = torch.Generator().manual_seed(1000 + index)
+    blocks = R.num_blocks(n)
+    state = {"param": torch.randn(n, generator=gen).to(param_dtype)}
+    if quantized:
+        state["exp_avg"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
+        state["exp_avg_sq"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
+        state["absmax1"] = torch.rand(blocks, generator=gen) * 1e-2
+        state["absmax2"] = torch.rand(blocks, generator=gen) * 1e-4
+    else:
+        state["exp_avg"] = torch.randn(n, generator=gen) * 1e-2
+        state["exp_avg_sq"] = torch.rand(n, generator=gen) * 1e-4
+        state["absmax1"] = state["absmax2"] = torch.empty(0)
+    state["param_bf16"] = torch.full((n,), float("nan"), dtype=torch.bfloat16) if copy else None
+    scale = 10 ** torch.empty(len(CALLS), n).uniform_(-4, 1, generator=gen)
+    grads = [(torch.randn(n, generator=gen) * s).to(grad_dtype) for s in scale]
+    return {"state": state, "grads": grads}
+
+
+def run_steps(backend: str, case: dict) -> dict:
+    """Every call of CALLS on a copy of the case's state; returns the final state."""
+    s = {k: (v.clone() if v is not None else None) for k, v in case["state"].items()}
+    qmap1, qmap2 = R.dynamic_map(True), R.dynamic_map(False)
+    for (step, flag), grad in zip(CALLS, case["grads"]):
+        found_inf = None if flag is None else torch.tensor([flag])
+        ops.adamw8bit_step(backend, s["param"], grad, s["exp_avg"], s["exp_avg_sq"], s["absmax1"], s["absmax2"],
+                           qmap1, qmap2, s["param_bf16"], found_inf, *HYPER.values(), step, 77 + step)
+    return s
+
+
+def _run_child(inputs_path: str, outputs_path: str) -> None:
+    """The child: TRITON_INTERPRET=1 is set, so the Triton kernel runs in the interpreter."""
+    cases = torch.load(inputs_path)
+    out = {"backends": ops.available_backends("cpu"),
+           "states": {name: run_steps("triton", case) for name, case in cases.items()}}
+    case = cases[CASES[3]]  # n=255, 8-bit moments
+    s = {k: (v.clone() if v is not None else None) for k, v in case["state"].items()}
+    args = (s["param"], case["grads"][0], s["exp_avg"], s["exp_avg_sq"], s["absmax1"], s["absmax2"],
+            R.dynamic_map(True), R.dynamic_map(False), s["param_bf16"], None, *HYPER.values(), 1, 5)
+    # NOTE: only the schema check here: fake-tensor tracing of an interpreted kernel fails inside torch
+    # (a meta tensor given CPU storage); tests/test_adamw8bit_gpu.py runs the full opcheck on a GPU.
+    out["opcheck"] = torch.library.opcheck(torch.ops.astrobio.adamw8bit_step_triton.default, args,
+                                           test_utils=("test_schema",))
+    torch.save(out, outputs_path)
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Runs every case through the interpreted Triton kernel once; returns (inputs, child outputs)."""
+    folder = tmp_path_factory.mktemp("triton_interpret")
+    cases = {name: make_case(name, i) for i, name in enumerate(CASES)}
+    torch.save(cases, folder / "in.pt")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, __file__, str(folder / "in.pt"), str(folder / "out.pt")], env=env,
+                          capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    assert done.returncode == 0, f"the interpreter child failed:\n{done.stdout}\n{done.stderr[-4000:]}"
+    return cases, torch.load(folder / "out.pt")
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_interpreted_kernel_matches_reference_bit_for_bit(interpreted, case):
+    cases, out = interpreted
+    expected = run_steps("reference", cases[case])
+    got = out["states"][case]
+    for key, want in expected.items():
+        if want is None:
+            assert got[key] is None
+            continue
+        assert got[key].dtype == want.dtype, key
+        if not torch.equal(got[key].view(torch.uint8), want.view(torch.uint8)):
+            diff = (got[key].view(torch.uint8) != want.view(torch.uint8)).nonzero().flatten()
+            raise AssertionError(f"{key} differs from the reference in {diff.numel()} bytes, first at {diff[:8].tolist()}")
+    assert not bool(expected["param"].isnan().any())  # the comparison above saw real numbers
+
+
+def test_skipped_call_changes_nothing(interpreted):
+    """found_inf = 1 skips the call: replaying CALLS without it gives the same final state."""
+    cases, out = interpreted
+    case = cases[CASES[-2]]
+    kept = dict(case, grads=[g for (_, flag), g in zip(CALLS, case["grads"]) if flag != 1.0])
+    s = {k: (v.clone() if v is not None else None) for k, v in kept["state"].items()}
+    for (step, _), grad in zip([c for c in CALLS if c[1] != 1.0], kept["grads"]):
+        R.adamw8bit_step(s["param"], grad, s["exp_avg"], s["exp_avg_sq"], s["absmax1"], s["absmax2"],
+                         R.dynamic_map(True), R.dynamic_map(False), s["param_bf16"], None, *HYPER.values(),
+                         step, 77 + step)
+    for key in ("param", "exp_avg", "exp_avg_sq", "absmax1", "absmax2"):
+        assert torch.equal(out["states"][CASES[-2]][key], s[key]), key
+
+
+def test_interpreter_makes_triton_a_cpu_backend(interpreted, monkeypatch):
+    _, out = interpreted
+    assert "triton" in out["backends"]
+    assert out["backends"][-1] == "reference"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "triton" not in ops.available_backends("cpu")
+
+
+def test_opcheck_accepts_the_triton_op(interpreted):
+    _, out = interpreted
+    assert all(result == "SUCCESS" for result in out["opcheck"].values()), out["opcheck"]
+
+
+def _valid_args(n: int = 300) -> list:
+    blocks = R.num_blocks(n)
+    return [torch.zeros(n), torch.zeros(n), torch.zeros(n, dtype=torch.uint8), torch.zeros(n, dtype=torch.uint8),
+            torch.zeros(blocks), torch.zeros(blocks), R.dynamic_map(True), R.dynamic_map(False), None, None,
+            1e-3, 0.9, 0.999, 1e-8, 0.0, 1.0, 1, 0]
+
+
+@pytest.mark.parametrize("index, value, match", [
+    (1, torch.zeros(299), "grad has 299 elements, expected 300"),
+    (1, torch.zeros(300, dtype=torch.float16), "grad must be float32 or bfloat16"),
+    (2, torch.zeros(300), "exp_avg is torch.float32 but exp_avg_sq is torch.uint8"),
+    (4, torch.zeros(3), "absmax1 has 3 elements, expected 2"),
+    (7, torch.zeros(255), "qmap2 has 255 elements, expected 256"),
+    (8, torch.zeros(300), "param_bf16 must be bfloat16"),
+    (9, torch.zeros(2), "found_inf must be a one-element float32 tensor"),
+    (3, torch.zeros(600, dtype=torch.uint8)[::2], "exp_avg_sq must be contiguous"),
+    (13, 0.0, "eps must be > 0"),
+    (16, 0, "step must be >= 1"),
+], ids=["grad-size", "grad-dtype", "moment-dtypes", "absmax-size", "qmap-size", "copy-dtype", "found-inf",
+        "contiguous", "eps", "step"])
+def test_bad_arguments_raise_clear_errors(index, value, match):
+    from astrobio.kernels import adamw8bit as triton_adamw8bit
+
+    args = _valid_args()
+    args[index] = value
+    with pytest.raises(RuntimeError, match=match):
+        triton_adamw8bit.adamw8bit_step(*args)
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    from astrobio.kernels import adamw8bit as triton_adamw8bit
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="CPU tensors only under TRITON_INTERPRET=1"):
+        triton_adamw8bit.adamw8bit_step(*_valid_args())
+
+
+if __name__ == "__main__":
+    _run_child(sys.argv[1], sys.argv[2])
