@@ -1,0 +1,9 @@
+"""Memory: the planner (what a configuration will hold, before it runs) and the profiler (what it does
+hold, while it runs)."""
+
+from astrobio.memory.hardware import PROFILES, HardwareProfile, get_hardware
+from astrobio.memory.planner import MemoryBudget, Plan, PlanConfig, PlanError, Term, check_fits, plan, preflight
+from astrobio.memory.units import parse_bytes
+
+__all__ = ["PROFILES", "HardwareProfile", "MemoryBudget", "Plan", "PlanConfig", "PlanError", "Term",
+           "check_fits", "get_hardware", "parse_bytes", "plan", "preflight"]

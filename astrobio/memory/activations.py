@@ -1,0 +1,88 @@
+"""Activation memory of RebuiltLLMIntegration, counted from its shapes.
+
+What autograd keeps for one TransformerBlock (astrobio/model/transformer.py) over T = batch x seq
+tokens, with activations of ``e`` bytes per element (2 in bf16, 4 in fp32), h = d_model, f = ffn_hidden,
+n = heads. Each line is a tensor the block's backward needs (``saved_tensors_hooks`` on the real block
+lists exactly these; tests/test_memory_planner.py checks the count against it):
+
+    attn_norm   x.float() (a new fp32 copy when e < 4; the block input itself when e = 4)  4Th or 0
+                normalised fp32 (saved by the weight multiply)                              4Th
+                its output in the activation dtype (input of wq, wk, wv)                    eTh
+    attention   q and k after rotary, v (SDPA / flash keep q, k, v and the output)          3eTh
+                the output (input of wo), logsumexp fp32                                    eTh + 4Tn
+    mlp_norm    the residual in fp32 (a copy when e < 4, the fp32 residual otherwise)       4Th
+                normalised fp32; its output (input of w_gate and w_up)                      4Th + eTh
+    SwiGLU      gate output (silu's input), silu output, up output, their product           4eTf
+
+Rotary multiplies by constant tables and so saves only the (shared) cos / sin tables. The block input
+is not saved by the block in bf16 (a dtype copy and a residual add keep nothing); under activation
+checkpointing the checkpoint keeps it (eTh per layer) and the backward recomputes one block at a time.
+
+Backward of one block additionally holds a few gradients at once; the largest moment is the SwiGLU
+product's backward: the product's gradient and the two it produces (3eTf), plus the residual stream's
+gradient in and out (2eTh).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from astrobio.model import ModelConfig
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """One micro-batch's shape."""
+    batch: int
+    seq: int
+
+    @property
+    def count(self) -> int:
+        return self.batch * self.seq
+
+
+def block_saved_bytes(config: ModelConfig, tokens: Tokens, act_bytes: int) -> int:
+    """Bytes one block's autograd graph keeps, not counting the block input (see ``block_input_saved``)."""
+    t, h, f, e = tokens.count, config.d_model, config.ffn_hidden, act_bytes
+    upcast_copy = FP32 * t * h if e < FP32 else 0
+    norms = upcast_copy + 3 * FP32 * t * h + 2 * e * t * h
+    attention = 4 * e * t * h + FP32 * t * config.n_heads
+    mlp = 4 * e * t * f
+    rsqrt = 2 * FP32 * t
+    return norms + attention + mlp + rsqrt
+
+
+def block_input_saved(config: ModelConfig, tokens: Tokens, act_bytes: int) -> int:
+    """The block input is saved by attn_norm only when it already is fp32 (``x.float()`` is ``x``)."""
+    return act_bytes * tokens.count * config.d_model if act_bytes == FP32 else 0
+
+
+def hidden_bytes(config: ModelConfig, tokens: Tokens, act_bytes: int) -> int:
+    """One hidden-state tensor [batch, seq, d_model]: a checkpoint, a stage boundary."""
+    return act_bytes * tokens.count * config.d_model
+
+
+def block_backward_transient(config: ModelConfig, tokens: Tokens, act_bytes: int) -> int:
+    """Gradients alive at once inside one block's backward (see the module docstring)."""
+    t = tokens.count
+    return act_bytes * t * (3 * config.ffn_hidden + 2 * config.d_model)
+
+
+def head_saved_bytes(config: ModelConfig, tokens: Tokens, act_bytes: int) -> int:
+    """Final RMSNorm (fp32 input copy or the fp32 input, normalised fp32) and the head's input."""
+    t, h = tokens.count, config.d_model
+    return 2 * FP32 * t * h + act_bytes * t * h
+
+
+def loss_working_bytes(config: ModelConfig, tokens: Tokens, act_bytes: int, chunks: int = 1) -> int:
+    """Logits and cross-entropy over them, at the backward's peak.
+
+    Logits [T, vocab] in the activation dtype; ``cross_entropy(logits.float(), ...)`` keeps the fp32
+    log-softmax output, and its backward holds the dense fp32 gradient of the log-probabilities and of
+    the logits at once: (e + 12) bytes per logit. Computed ``chunks`` pieces at a time (head + loss per
+    chunk of the sequence) it divides by ``chunks``.
+    """
+    logits = tokens.count * config.vocab_size
+    return -(-(act_bytes + 3 * FP32) * logits // chunks)

@@ -1,0 +1,525 @@
+"""The memory planner: what each pipeline stage's device and the host will hold, before anything runs.
+
+``plan(PlanConfig(...)) -> Plan`` counts parameters from the model built on the meta device (per
+stage), activations from the layer's shapes (astrobio.memory.activations), optimizer state per tensor
+from the 8-bit specification's block layout, and estimates the step time (astrobio.memory.timing).
+``check_fits(plan)`` raises ``PlanError`` naming the term that is over, by how much, and which change
+would make it fit (each suggestion is itself planned, not guessed).
+
+A stage's device peak is taken at the worst moment of its steady-state step: the backward of the
+last in-flight micro-batch, walked layer by layer (the loss, then each block from the last), with the
+other in-flight micro-batches' activations, the gradients alive at that moment and the resident terms;
+and, when the optimizer runs on the device, the optimizer step itself.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass, field, replace
+
+from astrobio.memory import activations as act
+from astrobio.memory.hardware import GIB, HardwareProfile, get_hardware
+from astrobio.memory.timing import StepTime, estimate_step
+from astrobio.memory.units import gib
+from astrobio.model import ModelConfig, build_stage, even_split, get_config
+from astrobio.optim.reference import BLOCK_SIZE, MIN_8BIT_NUMEL
+from astrobio.parallel.schedules import compute_order, normalize_kind
+
+SCHEDULES = ("gpipe", "1f1b", "zb-h1")
+MiB = 2 ** 20
+ENGINE_BUCKET_BYTES = 32 * MiB  # astrobio.optim.offload.OffloadEngine's default
+
+
+class PlanError(ValueError):
+    """The configuration will not fit; the message says where, by how much, and what to change."""
+
+    def __init__(self, message: str, plan: "Plan"):
+        super().__init__(message)
+        self.plan = plan
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    model: str | ModelConfig = "13b"
+    stages: int = 2
+    layers_per_stage: tuple[int, ...] | None = None
+    seq_len: int = 2048
+    micro_batch_size: int = 1
+    micro_batches: int = 32            # micro-batches per optimizer step (gradient accumulation)
+    schedule: str = "1f1b"
+    checkpointing: bool = True
+    offload: bool = True               # optimizer state, master weights, gradient accumulators on the host
+    master_weights: str = "fp32"       # fp32 | bf16-sr
+    accum_dtype: str = "fp32"          # host gradient accumulators: fp32 | bf16
+    optimizer: str = "adamw8bit"       # adamw8bit | adamw (torch, fp32 or param-dtype moments)
+    param_dtype: str | None = None     # bf16 | fp32; default bf16 on a GPU, fp32 on the CPU
+    autocast: bool = False             # bf16 activations over fp32 weights (autocast keeps bf16 copies)
+    hardware: str = "a5000"
+    gpu_memory: int | None = None      # bytes per device; default: the hardware profile's
+    host_memory: int = 256 * GIB
+    max_device_fraction: float = 0.90  # the planner's device budget, and the profiler's alert line
+    max_host_fraction: float = 0.90
+    bucket_bytes: int = ENGINE_BUCKET_BYTES  # gradient bucket streamed to the host
+    buckets_in_flight: int = 2         # one filling, one copying
+    loss_chunks: int = 1
+    vocab_size: int | None = None      # for presets that take the tokenizer's
+    mfu: float | None = None           # hardware overrides
+    host_link: float | None = None
+    host_memory_bandwidth: float | None = None
+
+    def __post_init__(self):
+        choices = {"schedule": SCHEDULES, "master_weights": ("fp32", "bf16-sr"), "accum_dtype": ("fp32", "bf16"),
+                   "optimizer": ("adamw8bit", "adamw"), "param_dtype": (None, "bf16", "fp32")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}; choose one of "
+                                 f"{', '.join(str(a) for a in allowed if a is not None)}")
+        for name in ("stages", "seq_len", "micro_batch_size", "micro_batches", "loss_chunks",
+                     "buckets_in_flight", "bucket_bytes", "host_memory"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Term:
+    name: str
+    bytes: int
+    detail: str = ""
+
+
+@dataclass
+class MemoryBudget:
+    """Terms held at the peak moment, their sum, and the budget it must stay under."""
+    label: str
+    terms: list[Term]
+    budget: int
+    capacity: int
+    moment: str = ""
+    params: int = 0
+    layers: tuple[int, int] = (0, 0)
+
+    @property
+    def total(self) -> int:
+        return sum(t.bytes for t in self.terms)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.budget
+
+    def largest(self) -> Term:
+        return max(self.terms, key=lambda t: t.bytes)
+
+
+@dataclass
+class Plan:
+    config: PlanConfig
+    model: ModelConfig
+    hardware: HardwareProfile
+    split: list[int]
+    stage_params: list[int]
+    devices: list[MemoryBudget]
+    host: MemoryBudget
+    timing: StepTime
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.host.fits and (self.hardware.unified or all(d.fits for d in self.devices))
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.stage_params)
+
+    def to_dict(self) -> dict:
+        config = asdict(self.config)
+        config["model"] = self.config.model if isinstance(self.config.model, str) else asdict(self.model)
+        return {"config": config, "model": asdict(self.model), "hardware": asdict(self.hardware),
+                "split": self.split, "stage_params": self.stage_params, "total_params": self.total_params,
+                "fits": self.fits, "devices": [budget_dict(d) for d in self.devices],
+                "host": budget_dict(self.host), "timing": asdict(self.timing), "notes": self.notes}
+
+
+def budget_dict(b: MemoryBudget) -> dict:
+    return {"label": b.label, "moment": b.moment, "params": b.params, "layers": list(b.layers),
+            "terms": [asdict(t) for t in b.terms], "total": b.total, "budget": b.budget,
+            "capacity": b.capacity, "fits": b.fits}
+
+
+# ---------------------------------------------------------------------------------------------------
+# parameters, from the model on the meta device
+
+
+def resolve_model(config: PlanConfig) -> ModelConfig:
+    if isinstance(config.model, ModelConfig):
+        return config.model
+    return get_config(config.model, vocab_size=config.vocab_size)
+
+
+@functools.lru_cache(maxsize=32)
+def stage_tensors(model: ModelConfig, split: tuple[int, ...]) -> list[list[tuple[str, int]]]:
+    """(name, numel) of every parameter of every stage, from ``build_stage(..., device="meta")``."""
+    return [[(name, p.numel()) for name, p in build_stage(model, s, list(split), device="meta").named_parameters()]
+            for s in range(len(split))]
+
+
+def moments_bytes(numels: list[int], optimizer: str, state_bytes: int) -> int:
+    """Optimizer state. 8-bit: one byte each for m and v plus one fp32 absmax per block per moment;
+    tensors under MIN_8BIT_NUMEL keep fp32 moments (the specification). torch AdamW: two moments
+    in ``state_bytes``."""
+    if optimizer == "adamw":
+        return sum(2 * state_bytes * n for n in numels)
+    total = 0
+    for n in numels:
+        total += 8 * n if n < MIN_8BIT_NUMEL else 2 * n + 2 * 4 * (-(-n // BLOCK_SIZE))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------
+# device: one stage
+
+
+@dataclass
+class StageShape:
+    model: ModelConfig
+    tokens: act.Tokens
+    layers: int
+    is_first: bool
+    is_last: bool
+    act_bytes: int
+
+
+def splits_backward(schedule: str, stage: int) -> bool:
+    """ZB-H1 splits B and W on every stage but the first (the executor: stage 0 has no input to wait for)."""
+    return schedule == "zb-h1" and stage > 0
+
+
+def occupancy(schedule: str, stages: int, stage: int, micro_batches: int) -> list[tuple[int, int]]:
+    """For each backward of the stage, in the schedule's order: how many other micro-batches it holds
+    waiting for their B, and how many waiting for their W (from astrobio.parallel's schedule)."""
+    split = splits_backward(schedule, stage)
+    waiting_b: set[int] = set()
+    waiting_w: set[int] = set()
+    out = []
+    for op, mb in compute_order(normalize_kind(schedule), stage, stages, micro_batches):
+        if op == "F":
+            waiting_b.add(mb)
+        elif op == "B":
+            waiting_b.discard(mb)
+            out.append((len(waiting_b), len(waiting_w)))
+            if split:
+                waiting_w.add(mb)
+        else:
+            waiting_w.discard(mb)
+    return out
+
+
+def micro_batch_activations(s: StageShape, checkpointing: bool) -> int:
+    """What one micro-batch leaves on a stage between its forward and its backward. A sent output is
+    released once sent (the executor keeps its autograd edge only); a received input is kept for B."""
+    m, t, e = s.model, s.tokens, s.act_bytes
+    if checkpointing:
+        head = act.head_saved_bytes(m, t, e) if s.is_last else 0
+        return s.layers * act.hidden_bytes(m, t, e) + head
+    per_layer = act.block_saved_bytes(m, t, e) + act.block_input_saved(m, t, e)
+    held_input = act.hidden_bytes(m, t, e) if (not s.is_first and e < act.FP32) else 0
+    head = act.head_saved_bytes(m, t, e) if s.is_last else 0
+    return s.layers * per_layer + held_input + head
+
+
+def caught_grad_bytes(s: StageShape, layers: int) -> int:
+    """Gradients of Linear outputs that a split backward keeps for W: q, k, v, o, down (h wide),
+    gate, up (f wide) per block; the logits' gradient on the last stage."""
+    m, t, e = s.model, s.tokens.count, s.act_bytes
+    head = e * t * m.vocab_size if s.is_last else 0
+    return layers * e * t * (5 * m.d_model + 2 * m.ffn_hidden) + head
+
+
+def w_pending_bytes(s: StageShape, checkpointing: bool) -> int:
+    """A micro-batch between its B and its W: the retained graph (its activations, and on the last
+    stage the loss's fp32 log-probabilities) and the caught output gradients."""
+    loss_saved = act.FP32 * s.tokens.count * s.model.vocab_size if s.is_last else 0
+    return micro_batch_activations(s, checkpointing) + loss_saved + caught_grad_bytes(s, s.layers)
+
+
+def module_key(name: str) -> str:
+    """``layers.7.attn.wq.weight`` -> ``7``; ``embed.weight`` -> ``embed``."""
+    return name.split(".")[1] if name.startswith("layers.") else name.split(".")[0]
+
+
+def layer_grad_bytes(tensors: list[tuple[str, int]], grad_bytes: int) -> dict[str, int]:
+    """Gradient bytes per block (keyed by its global index) and for the rest (embed, norm, head)."""
+    out: dict[str, int] = {}
+    for name, n in tensors:
+        out[module_key(name)] = out.get(module_key(name), 0) + grad_bytes * n
+    return out
+
+
+def backward_moments(s: StageShape, cfg: PlanConfig, grads: dict[str, int], others: int, split: bool,
+                     grads_resident: bool, grad_in_flight) -> list[tuple[str, int, int, int]]:
+    """(moment, activations, loss working set, gradients) through one micro-batch's backward.
+
+    Under a split backward (ZB-H1) the graph is retained for W, so nothing is freed as B proceeds and
+    the caught Linear-output gradients pile up."""
+    m, t, e = s.model, s.tokens, s.act_bytes
+    full = micro_batch_activations(s, cfg.checkpointing)
+    layer_keys = sorted((k for k in grads if k.isdigit()), key=int)
+    accumulated = sum(grads.values()) if (grads_resident and cfg.micro_batches > 1) else 0
+    out = []
+    done = 0
+    if s.is_last:
+        loss = act.loss_working_bytes(m, t, e, cfg.loss_chunks)
+        g = accumulated if grads_resident else grad_in_flight("head")
+        out.append(("backward of the loss", others + full, loss, g))
+        done = grads.get("head", 0) + grads.get("norm", 0)
+    hidden = act.hidden_bytes(m, t, e)
+    # under checkpointing the block input is the checkpoint itself, already counted in ``hidden``
+    saved = act.block_saved_bytes(m, t, e) + (0 if cfg.checkpointing else act.block_input_saved(m, t, e))
+    transient = act.block_backward_transient(m, t, e)
+    head_saved = act.head_saved_bytes(m, t, e) if s.is_last else 0
+    retained_loss = act.FP32 * t.count * m.vocab_size if (split and s.is_last) else 0
+    for i in range(s.layers - 1, -1, -1):
+        if split:
+            held = full + retained_loss + caught_grad_bytes(s, s.layers - i) + transient
+            held += saved if cfg.checkpointing else 0
+        elif cfg.checkpointing:
+            held = (i + 1) * hidden + saved + transient
+        else:
+            held = full - (s.layers - 1 - i) * saved - head_saved + transient
+        done += grads[layer_keys[i]]
+        g = (accumulated or done) if grads_resident else grad_in_flight(layer_keys[i])
+        out.append((f"backward of block {layer_keys[i]}", others + held, 0, g))
+    if s.is_first:
+        g = (accumulated or sum(grads.values())) if grads_resident else grad_in_flight("embed")
+        out.append(("backward of the embedding", others, 0, g))
+    return out
+
+
+def plan_stage(cfg: PlanConfig, hw: HardwareProfile, s: StageShape, stage: int,
+               tensors: list[tuple[str, int]], param_bytes: int) -> MemoryBudget:
+    numels = [n for _, n in tensors]
+    n_params = sum(numels)
+    dtype_name = "bf16" if param_bytes == 2 else "fp32"
+    resident = [Term(f"{dtype_name} weights", param_bytes * n_params, f"{n_params / 1e9:.3f}B parameters")]
+    if cfg.autocast and param_bytes == 4:
+        matrices = sum(n for name, n in tensors if name.endswith("weight") and "norm" not in name
+                       and not name.startswith("embed"))
+        resident.append(Term("autocast bf16 weight copies", 2 * matrices, "autocast's cast cache"))
+    if not cfg.offload:
+        if param_bytes == 2 and cfg.master_weights == "fp32":
+            resident.append(Term("fp32 master weights", 4 * n_params, "on the device (no offload)"))
+        state_bytes = 4 if (param_bytes == 4 or cfg.master_weights == "fp32") else 2
+        resident.append(Term(f"optimizer moments ({cfg.optimizer})",
+                             moments_bytes(numels, cfg.optimizer, state_bytes), "on the device (no offload)"))
+
+    grads = layer_grad_bytes(tensors, param_bytes)
+    buckets = gradient_buckets(tensors, cfg.bucket_bytes, param_bytes)
+
+    def grad_in_flight(key: str) -> int:
+        """The bucket holding ``key``'s gradients filling while the previous ones copy out."""
+        return cfg.buckets_in_flight * max(b for b, keys in buckets if key in keys)
+    split = splits_backward(cfg.schedule, stage)
+    per_mb, per_w = micro_batch_activations(s, cfg.checkpointing), w_pending_bytes(s, cfg.checkpointing)
+    n_b, n_w = max(occupancy(cfg.schedule, cfg.stages, stage, cfg.micro_batches),
+                   key=lambda bw: bw[0] * per_mb + bw[1] * per_w)
+    others = n_b * per_mb + n_w * per_w
+    moments = backward_moments(s, cfg, grads, others, split, not cfg.offload, grad_in_flight)
+    if not cfg.offload:
+        moments.append(("optimizer step", 0, 0, sum(grads.values())))
+    moment, activ, loss, g = max(moments, key=lambda x: x[1] + x[2] + x[3])
+
+    terms = list(resident)
+    grad_detail = (f"{cfg.buckets_in_flight} buckets streamed to the host" if cfg.offload
+                   else "resident on the device, at the peak moment")
+    terms.append(Term("gradients", g, grad_detail))
+    how = ("layer-boundary checkpoints + one block's recompute working set" if cfg.checkpointing
+           else "every block's saved tensors")
+    wdetail = f", {n_w} more waiting for W" if n_w else ""
+    terms.append(Term("activations", activ, f"{n_b + 1} micro-batch(es) in flight ({cfg.schedule}{wdetail}); {how}"))
+    terms.append(Term("logits + loss", loss, f"last stage, {cfg.loss_chunks} chunk(s); at the peak moment"))
+    allocated = sum(t.bytes for t in terms)
+    terms.append(Term("allocator slack", int(hw.allocator_slack * allocated),
+                      f"{hw.allocator_slack:.0%} of allocated"))
+    if hw.context_bytes:
+        terms.append(Term("CUDA context", hw.context_bytes, "context, cuBLAS workspace, NCCL buffers"))
+    capacity = cfg.gpu_memory or hw.device_memory
+    return MemoryBudget(label=f"stage {stage}", terms=terms, budget=int(cfg.max_device_fraction * capacity),
+                        capacity=capacity, moment=moment, params=n_params)
+
+
+# ---------------------------------------------------------------------------------------------------
+# host
+
+
+def plan_host(cfg: PlanConfig, hw: HardwareProfile, tensors: list[list[tuple[str, int]]],
+              devices: list[MemoryBudget], param_bytes: int) -> MemoryBudget:
+    """Host terms as astrobio.optim.offload.OffloadEngine lays them out: per bucket flat master,
+    accumulator and (fp32 master over bf16 weights) bf16 upload buffers, pinned on a CUDA machine;
+    a pool of gradient staging buffers of the largest bucket's size; moments per parameter."""
+    numels = [n for stage in tensors for _, n in stage]
+    n_params = sum(numels)
+    terms = []
+    if cfg.offload:
+        master = 4 if cfg.master_weights == "fp32" else 2
+        terms.append(Term(f"master weights ({cfg.master_weights})", master * n_params,
+                          "fp32" if master == 4 else "bf16, stochastic rounding; also the upload source"))
+        terms.append(Term(f"optimizer moments ({cfg.optimizer})", moments_bytes(numels, cfg.optimizer, 4),
+                          "8-bit m, v + fp32 absmax per 256" if cfg.optimizer == "adamw8bit" else "fp32 m, v"))
+        acc = 4 if cfg.accum_dtype == "fp32" else 2
+        terms.append(Term(f"gradient accumulators ({cfg.accum_dtype})", acc * n_params, "summed over micro-batches"))
+        if master == 4 and param_bytes == 2:
+            terms.append(Term("bf16 upload copy", 2 * n_params, "new weights written by the step, copied to the device"))
+        staging = sum(cfg.buckets_in_flight * largest_bucket(stage, cfg.bucket_bytes, param_bytes) for stage in tensors)
+        terms.append(Term("gradient staging", staging, f"{cfg.buckets_in_flight} buffers of the largest bucket per stage"))
+    if hw.unified:
+        terms.extend(Term(f"{d.label} (device = host memory)", d.total, d.moment) for d in devices)
+    if hw.process_host_bytes:
+        terms.append(Term("process runtime", cfg.stages * hw.process_host_bytes,
+                          f"{cfg.stages} process(es): torch + CUDA libraries"))
+    return MemoryBudget(label="host", terms=terms, budget=int(cfg.max_host_fraction * cfg.host_memory),
+                        capacity=cfg.host_memory, params=n_params)
+
+
+def gradient_buckets(tensors: list[tuple[str, int]], bucket_bytes: int, param_bytes: int) -> list[tuple[int, set]]:
+    """The engine's greedy buckets in backward order, as (bytes, module keys in it); a parameter
+    larger than a bucket is its own."""
+    out: list[tuple[int, set]] = []
+    for name, n in reversed(tensors):
+        nbytes = n * param_bytes
+        if not out or out[-1][0] + nbytes > bucket_bytes:
+            out.append((0, set()))
+        out[-1] = (out[-1][0] + nbytes, out[-1][1] | {module_key(name)})
+    return out
+
+
+def largest_bucket(tensors: list[tuple[str, int]], bucket_bytes: int, param_bytes: int) -> int:
+    return max(b for b, _ in gradient_buckets(tensors, bucket_bytes, param_bytes))
+
+
+def pinned_bytes(p: "Plan") -> int:
+    """Host bytes in page-locked memory (the engine pins its flat buffers when the device is CUDA)."""
+    if p.hardware.unified or not p.config.offload:
+        return 0
+    return sum(t.bytes for t in p.host.terms if not t.name.startswith(("optimizer moments", "process runtime")))
+
+
+# ---------------------------------------------------------------------------------------------------
+# the plan
+
+
+def plan(cfg: PlanConfig) -> Plan:
+    """Plans device memory per stage, host memory, and the step time for ``cfg``."""
+    model = resolve_model(cfg)
+    hw = get_hardware(cfg.hardware, mfu=cfg.mfu, host_link=cfg.host_link,
+                      host_memory_bandwidth=cfg.host_memory_bandwidth)
+    split = list(cfg.layers_per_stage) if cfg.layers_per_stage else even_split(model.n_layers, cfg.stages)
+    if len(split) != cfg.stages:
+        raise ValueError(f"layers_per_stage {split} has {len(split)} entries for {cfg.stages} stages")
+    if cfg.seq_len > model.max_seq_len:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.max_seq_len}")
+    param_dtype = cfg.param_dtype or ("fp32" if hw.unified else "bf16")
+    param_bytes = 2 if param_dtype == "bf16" else 4
+    act_bytes = 2 if (param_bytes == 2 or cfg.autocast) else 4
+    tensors = stage_tensors(model, tuple(split))
+    tokens = act.Tokens(cfg.micro_batch_size, cfg.seq_len)
+    devices = []
+    for s, layers in enumerate(split):
+        shape = StageShape(model, tokens, layers, s == 0, s == len(split) - 1, act_bytes)
+        budget = plan_stage(cfg, hw, shape, s, tensors[s], param_bytes)
+        budget.layers = (sum(split[:s]), sum(split[:s + 1]) - 1)
+        devices.append(budget)
+    host = plan_host(cfg, hw, tensors, devices, param_bytes)
+    stage_params = [sum(n for _, n in t) for t in tensors]
+    timing = estimate_step(cfg, hw, model, split, tensors, param_bytes)
+    return Plan(cfg, model, hw, split, stage_params, devices, host, timing, notes=plan_notes(cfg, hw))
+
+
+def plan_notes(cfg: PlanConfig, hw: HardwareProfile) -> list[str]:
+    notes = []
+    if cfg.schedule == "zb-h1":
+        notes.append("ZB-H1 keeps each deferred W's linear inputs and output gradients until W runs.")
+    if hw.unified:
+        notes.append("CPU: the devices are host memory; their peaks count against the host budget.")
+    return notes
+
+
+# ---------------------------------------------------------------------------------------------------
+# refusing what will not fit
+
+
+def _worst_device(p: Plan) -> MemoryBudget:
+    return max(p.devices, key=lambda d: d.total - d.budget)
+
+
+def candidate_changes(cfg: PlanConfig, model: ModelConfig) -> list[tuple[str, PlanConfig]]:
+    """Changes worth trying, in the order a person would try them."""
+    out = []
+    if not cfg.offload:
+        out.append(("enable CPU offload", replace(cfg, offload=True)))
+    if not cfg.checkpointing:
+        out.append(("enable activation checkpointing", replace(cfg, checkpointing=True)))
+    if cfg.schedule != "1f1b":
+        out.append(("use the 1F1B schedule", replace(cfg, schedule="1f1b")))
+    if cfg.micro_batch_size > 1:
+        half = cfg.micro_batch_size // 2
+        out.append((f"micro-batch size {half} (and {cfg.micro_batches * 2} micro-batches)",
+                    replace(cfg, micro_batch_size=half, micro_batches=cfg.micro_batches * 2)))
+    if cfg.loss_chunks < 8:
+        out.append(("compute the loss in 8 chunks", replace(cfg, loss_chunks=8)))
+    if cfg.stages * 2 <= model.n_layers and cfg.layers_per_stage is None:
+        out.append((f"{cfg.stages * 2} pipeline stages", replace(cfg, stages=cfg.stages * 2)))
+    if cfg.offload and cfg.master_weights == "fp32":
+        out.append(("bf16 master weights with stochastic rounding", replace(cfg, master_weights="bf16-sr")))
+    if cfg.offload and cfg.accum_dtype == "fp32":
+        out.append(("bf16 gradient accumulators", replace(cfg, accum_dtype="bf16")))
+    return out
+
+
+def suggestions(p: Plan) -> list[str]:
+    """Single changes that fit; when none does, pairs of changes that do; failing that, the single
+    changes that bring the worst stage down by at least a tenth."""
+    worst_now = max(d.total for d in p.devices)
+    singles = [(what, changed) for what, changed in candidate_changes(p.config, p.model)]
+    planned = [(what, plan(changed)) for what, changed in singles]
+    fitting = [(what, q) for what, q in planned if q.fits]
+    if not fitting:
+        for i, (what, changed) in enumerate(singles):
+            for what2, changed2 in candidate_changes(changed, p.model)[i:]:
+                q = plan(changed2)
+                if q.fits and what2 != what:
+                    fitting.append((f"{what} and {what2}", q))
+    shown = fitting[:4] or [(w, q) for w, q in planned if max(d.total for d in q.devices) < 0.9 * worst_now]
+    return [f"  - {what}: largest stage {gib(max(d.total for d in q.devices))}, host {gib(q.host.total)} "
+            f"({'fits' if q.fits else 'still over'})" for what, q in shown]
+
+
+def over_message(b: MemoryBudget) -> str:
+    top = sorted(b.terms, key=lambda t: -t.bytes)[:3]
+    parts = ", ".join(f"{t.name} {gib(t.bytes)}" for t in top)
+    return (f"{b.label} needs {gib(b.total)}, {gib(b.total - b.budget)} over its budget of {gib(b.budget)} "
+            f"({b.budget / b.capacity:.0%} of {gib(b.capacity)}); largest terms: {parts}")
+
+
+def check_fits(p: Plan) -> None:
+    """Raises PlanError when a device or the host is over budget."""
+    if p.fits:
+        return
+    over = [] if p.hardware.unified else [d for d in p.devices if not d.fits]
+    if not p.host.fits:
+        over.append(p.host)
+    lines = ["this configuration will not fit:"] + [f"  {over_message(b)}" for b in over]
+    tries = suggestions(p)
+    if tries:
+        lines += ["what would change it (each planned):"] + tries
+    raise PlanError("\n".join(lines), p)
+
+
+def preflight(cfg: PlanConfig, force: bool = False, log=print) -> Plan:
+    """Plans ``cfg`` and refuses it (PlanError) unless it fits; ``force`` logs the refusal instead."""
+    p = plan(cfg)
+    try:
+        check_fits(p)
+    except PlanError as err:
+        if not force:
+            raise
+        log(f"--force: running anyway although {err}")
+    return p

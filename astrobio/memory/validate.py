@@ -1,0 +1,207 @@
+"""Planned against measured peak memory, for one training step of a real model.
+
+CPU: the "device" is host memory. A fresh process imports torch, warms the kernels up on a toy input,
+takes its resident set (VmRSS) as the baseline, then builds the model and runs two optimizer steps
+(forward, cross-entropy, backward, step; the second step runs with the optimizer state in place, which
+is the steady state the planner plans). The measured peak is VmHWM minus the baseline. glibc is told to
+serve every allocation above 64 KiB with mmap and to return it on free (MALLOC_MMAP_THRESHOLD_), so the
+resident set follows the live tensors instead of the allocator's dynamic threshold and heap fragments.
+
+CUDA: one stage at a time on one device, bf16 weights, a 13B-shaped model cut to a few layers; its
+gradients leave the device in a post-accumulate-grad hook (as the offload engine does), the stage runs
+its in-flight micro-batches' forwards then their backwards, and the measured peak is
+``torch.cuda.max_memory_allocated`` minus what was allocated before the stage was built, against the
+plan's allocated terms (everything except allocator slack and the CUDA context).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from astrobio.memory.planner import Plan, PlanConfig, occupancy, plan
+from astrobio.model import build_model, build_stage, get_config
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+@dataclass
+class Comparison:
+    name: str
+    planned: int
+    measured: int
+
+    @property
+    def ratio(self) -> float:
+        return self.measured / self.planned
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "planned": self.planned, "measured": self.measured, "ratio": self.ratio}
+
+
+def proc_status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}; the CPU measurement needs Linux")
+
+
+def cpu_plan_config(preset: str, seq_len: int, micro_batch_size: int, checkpointing: bool,
+                    optimizer: str) -> PlanConfig:
+    return PlanConfig(model=preset, stages=1, seq_len=seq_len, micro_batch_size=micro_batch_size, micro_batches=1,
+                      schedule="1f1b", checkpointing=checkpointing, offload=False, optimizer=optimizer,
+                      param_dtype="fp32", hardware="cpu", host_memory=2 ** 40)
+
+
+def make_optimizer(params, kind: str) -> torch.optim.Optimizer:
+    if kind == "adamw8bit":
+        from astrobio.optim import AdamW8bit
+        return AdamW8bit(params, lr=1e-4)
+    return torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+
+def train_steps(model: torch.nn.Module, tokens: torch.Tensor, optimizer: torch.optim.Optimizer, steps: int) -> None:
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(tokens[:, :-1])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+        del logits
+        loss.backward()
+        optimizer.step()
+
+
+def warm_up(preset: str, checkpointing: bool, optimizer: str) -> None:
+    """Loads the kernels the measured run uses, on toy shapes, so their one-time buffers are baseline."""
+    config = get_config(preset, d_model=64, n_layers=1, n_heads=2, ffn_hidden=64)
+    model = build_model(config)
+    model.gradient_checkpointing = checkpointing
+    train_steps(model, torch.randint(0, config.vocab_size, (1, 9)), make_optimizer(model.parameters(), optimizer), 2)
+
+
+def measure_cpu_child(preset: str, seq_len: int, micro_batch_size: int, checkpointing: bool, optimizer: str) -> int:
+    """Runs in the fresh process: peak resident growth of two training steps, in bytes."""
+    warm_up(preset, checkpointing, optimizer)
+    baseline = proc_status_bytes("VmRSS")
+    config = get_config(preset)
+    model = build_model(config)
+    model.gradient_checkpointing = checkpointing
+    tokens = torch.randint(0, config.vocab_size, (micro_batch_size, seq_len + 1))
+    train_steps(model, tokens, make_optimizer(model.parameters(), optimizer), 2)
+    return proc_status_bytes("VmHWM") - baseline
+
+
+def measure_cpu(preset: str, seq_len: int, micro_batch_size: int, checkpointing: bool = False,
+                optimizer: str = "adamw", threads: int | None = None) -> Comparison:
+    """Plans, then measures in a fresh subprocess; returns both."""
+    p = plan(cpu_plan_config(preset, seq_len, micro_batch_size, checkpointing, optimizer))
+    args = [sys.executable, "-m", "astrobio.memory.validate", "--child", "--preset", preset,
+            "--seq-len", str(seq_len), "--micro-batch-size", str(micro_batch_size), "--optimizer", optimizer]
+    if checkpointing:
+        args.append("--checkpointing")
+    env = dict(os.environ, **MALLOC_ENV)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"measurement process failed ({done.returncode}):\n{done.stderr[-2000:]}")
+    measured = int(done.stdout.strip().splitlines()[-1])
+    name = f"cpu {preset} b{micro_batch_size} s{seq_len} {'ckpt' if checkpointing else 'no-ckpt'} {optimizer}"
+    return Comparison(name, p.devices[0].total, measured)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CUDA: one stage at a time
+
+
+def stream_gradients_out(module: torch.nn.Module, host: dict) -> None:
+    """Copies each gradient to the host and frees it, as the offload engine does."""
+    def hook(p: torch.Tensor) -> None:
+        host[id(p)] = p.grad.to("cpu", non_blocking=False)
+        p.grad = None
+    for p in module.parameters():
+        p.register_post_accumulate_grad_hook(hook)
+
+
+def measure_cuda_stage(p: Plan, stage: int, device: torch.device) -> Comparison:
+    cfg, model = p.config, p.model
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated(device)
+    module = build_stage(model, stage, p.split, device="meta").to_empty(device=device).to(torch.bfloat16)
+    with torch.no_grad():
+        for t in module.parameters():
+            t.normal_(0, 0.02)
+    module.gradient_checkpointing = cfg.checkpointing
+    stream_gradients_out(module, {})
+    torch.cuda.reset_peak_memory_stats(device)
+    n = 1 + max(waiting_b for waiting_b, _ in occupancy(cfg.schedule, cfg.stages, stage, cfg.micro_batches))
+    shape = (cfg.micro_batch_size, cfg.seq_len)
+    outputs = []
+    for _ in range(n):
+        if module.is_first:
+            x = torch.randint(0, model.vocab_size, shape, device=device)
+        else:
+            x = torch.randn(*shape, model.d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
+        outputs.append((x, module(x)))
+    for x, out in outputs:
+        if module.is_last:
+            target = torch.randint(0, model.vocab_size, shape, device=device)
+            loss = F.cross_entropy(out.float().flatten(0, 1), target.flatten())
+            del out
+            loss.backward()
+        else:
+            out.backward(torch.randn_like(out))
+    outputs.clear()
+    torch.cuda.synchronize(device)
+    measured = torch.cuda.max_memory_allocated(device) - before
+    planned = sum(t.bytes for t in p.devices[stage].terms if t.name not in ("allocator slack", "CUDA context"))
+    del module
+    return Comparison(f"cuda {model.n_layers}-layer 13B-shaped stage {stage}", planned, measured)
+
+
+def cuda_check_config(layers: int, seq_len: int) -> PlanConfig:
+    from dataclasses import replace
+    model = replace(get_config("13b"), n_layers=layers)
+    return PlanConfig(model=model, stages=2, seq_len=seq_len, micro_batch_size=1, micro_batches=8,
+                      schedule="1f1b", checkpointing=True, offload=True, hardware="h200",
+                      buckets_in_flight=1, bucket_bytes=1)
+
+
+def measure_cuda(layers: int = 4, seq_len: int = 2048) -> list[Comparison]:
+    """Each stage of a 13B-shaped model with ``layers`` layers: planned against measured allocator peak.
+
+    The hook above frees each gradient as soon as it is copied, so one parameter's gradient is in
+    flight: the plan is asked for one bucket of the largest gradient (``buckets_in_flight=1``)."""
+    p = plan(cuda_check_config(layers, seq_len))
+    device = torch.device("cuda")
+    return [measure_cuda_stage(p, s, device) for s in range(p.config.stages)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"))
+    args = parser.parse_args(argv)
+    if args.child:
+        print(measure_cpu_child(args.preset, args.seq_len, args.micro_batch_size, args.checkpointing, args.optimizer))
+        return 0
+    result = measure_cpu(args.preset, args.seq_len, args.micro_batch_size, args.checkpointing, args.optimizer)
+    print(json.dumps(result.as_dict()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
