@@ -13,9 +13,9 @@ runs the kernel; astrobio.ops routes the backend "triton" here. Runs on CUDA ten
 tensors when Triton's interpreter is on (``TRITON_INTERPRET=1`` set before triton is imported).
 """
 
-from __future__ import annotations
-
 import math
+import os
+from typing import Optional
 
 import torch
 import triton
@@ -130,8 +130,8 @@ def _adamw8bit_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, absmax1_
            mutates_args={"param", "exp_avg", "exp_avg_sq", "absmax1", "absmax2", "param_bf16"})
 def adamw8bit_step_triton(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                           exp_avg_sq: torch.Tensor, absmax1: torch.Tensor, absmax2: torch.Tensor,
-                          qmap1: torch.Tensor, qmap2: torch.Tensor, param_bf16: torch.Tensor | None,
-                          found_inf: torch.Tensor | None, lr: float, beta1: float, beta2: float, eps: float,
+                          qmap1: torch.Tensor, qmap2: torch.Tensor, param_bf16: Optional[torch.Tensor],
+                          found_inf: Optional[torch.Tensor], lr: float, beta1: float, beta2: float, eps: float,
                           weight_decay: float, grad_scale: float, step: int, seed: int) -> None:
     """The kernel launch, for validated arguments (see ``adamw8bit_step``)."""
     numel = param.numel()
@@ -187,9 +187,8 @@ def _check_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, gr
 
 
 def _check_device(param: torch.Tensor) -> None:
-    from triton import knobs  # read at call time: the interpreter switch is an environment variable
-
-    if param.device.type != "cuda" and not (param.device.type == "cpu" and knobs.runtime.interpret):
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # as astrobio.ops.has_triton reads it
+    if param.device.type != "cuda" and not (param.device.type == "cpu" and interpreted):
         _fail(f"param is on {param.device}; the Triton kernel steps CUDA tensors "
               "(CPU tensors only under TRITON_INTERPRET=1)")
 
