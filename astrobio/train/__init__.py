@@ -1,6 +1,19 @@
-"""The trainer: ``python -m astrobio.train`` (see docs/TRAINING.md)."""
+"""The trainer: ``python -m astrobio.train`` (see docs/TRAINING.md).
 
-from astrobio.train.config import ConfigError, TrainConfig, parse_config
-from astrobio.train.trainer import main, run
+Imports are lazy so that ``python -m astrobio.train`` can set up the process (``__main__``) before
+torch loads.
+"""
 
-__all__ = ["ConfigError", "TrainConfig", "main", "parse_config", "run"]
+import importlib
+
+_EXPORTS = {"ConfigError": "astrobio.train.config", "TrainConfig": "astrobio.train.config",
+            "parse_config": "astrobio.train.config", "main": "astrobio.train.trainer",
+            "run": "astrobio.train.trainer"}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'astrobio.train' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

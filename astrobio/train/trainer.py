@@ -80,11 +80,13 @@ def build_data(config: TrainConfig) -> DataBundle:
                           f"{loader.batches_per_epoch} micro-batches of {config.micro_batch_size} x "
                           f"{config.seq_len} tokens, fewer than one step's {config.gradient_accumulation_steps}; "
                           f"use more data or a smaller --seq-len / --batch-size")
-    val_loader = PackedLoader(val_ids, config.seq_len, config.micro_batch_size, seed=config.seed, shuffle=False)
-    if val_loader.batches_per_epoch < 1:
+    val_windows = (len(val_ids) - 1) // config.seq_len
+    if val_windows < 1:
         raise ConfigError(f"the validation split of {config.data!r} ({len(val_ids)} tokens) is shorter than "
-                          f"one micro-batch of {config.micro_batch_size} x {config.seq_len} tokens; use more "
-                          f"data or a smaller --seq-len / --micro-batch-size")
+                          f"one sequence of {config.seq_len + 1} tokens; use more data or a smaller --seq-len")
+    # a small validation split is evaluated in smaller batches rather than refused
+    val_loader = PackedLoader(val_ids, config.seq_len, min(config.micro_batch_size, val_windows),
+                              seed=config.seed, shuffle=False)
     count = val_loader.batches_per_epoch
     if config.eval_batches:
         count = min(count, config.eval_batches)

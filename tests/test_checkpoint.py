@@ -1,0 +1,187 @@
+"""Checkpoints: exact round trips of state dicts, atomic saves with keep-last-K, refusal of truncated or
+altered files, and resume reproducing an uninterrupted run's losses exactly."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from astrobio.model import build_model, get_config
+from astrobio.optim import AdamW8bit
+from astrobio.train import main, parse_config, run
+from astrobio.train.checkpoint import (CheckpointError, Checkpointer, decode_tree, encode_tree, load_checkpoint,
+                                       verify)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def assert_same_tree(a, b):
+    assert type(a) is type(b), (a, b)
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert list(a) == list(b)
+        for k in a:
+            assert_same_tree(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tree(x, y)
+    else:
+        assert a == b
+
+
+def trained_optimizer(kind: str):
+    model = build_model(get_config("tiny", vocab_size=259))
+    params = list(model.parameters())
+    opt = AdamW8bit(params, lr=1e-3) if kind == "8bit" else torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95))
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    return model, opt
+
+
+@pytest.mark.parametrize("kind", ["torch", "8bit"])
+def test_state_dicts_round_trip_exactly(tmp_path, kind):
+    model, opt = trained_optimizer(kind)
+    state = {"optimizer": opt.state_dict(), "rng": {"python": __import__("random").getstate()},
+             "mixed": {3: (1, 2.5, None, "x"), "__odd": [True]}}
+    path = Checkpointer(tmp_path, keep_last_k=1).save(7, model.state_dict(), state)
+    model_state, loaded, step = load_checkpoint(path)
+    assert step == 7
+    assert_same_tree(loaded, state)
+    assert_same_tree(dict(sorted(model_state.items())), dict(sorted(model.state_dict().items())))
+    again = type(opt)(list(model.parameters()), lr=1e-3)
+    again.load_state_dict(loaded["optimizer"])
+    assert_same_tree(again.state_dict(), opt.state_dict())
+
+
+def test_tree_encoding_refuses_objects():
+    with pytest.raises(TypeError, match="cannot store object at state.x"):
+        encode_tree({"x": object()}, {})
+    tensors = {}
+    skeleton = encode_tree({"a": (torch.ones(2), [1, {"b": torch.zeros(1)}])}, tensors)
+    json.dumps(skeleton)  # plain JSON, tensors referenced by name
+    assert set(tensors) == {"state.a.0", "state.a.1.1.b"}
+    assert_same_tree(decode_tree(skeleton, tensors), {"a": (torch.ones(2), [1, {"b": torch.zeros(1)}])})
+
+
+def save_steps(root: Path, steps, keep: int) -> Checkpointer:
+    ckpt = Checkpointer(root, keep_last_k=keep)
+    for step in steps:
+        ckpt.save(step, {"w": torch.full((3,), float(step))}, {"step": step})
+    return ckpt
+
+
+def test_keep_last_k_and_no_temporary_left(tmp_path):
+    ckpt = save_steps(tmp_path, [1, 2, 10, 3], keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-10", "step-3"]
+    assert [p.name for p in ckpt.checkpoints()] == ["step-3", "step-10"]  # ordered by step, not by name
+
+
+def corrupt(path: Path, how: str) -> None:
+    target = path / "model.safetensors"
+    data = bytearray(target.read_bytes())
+    if how == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    elif how == "flip":
+        data[-1] ^= 0xFF
+        target.write_bytes(data)
+    elif how == "manifest":
+        (path / "manifest.json").unlink()
+
+
+@pytest.mark.parametrize("how, words", [("truncate", "truncated"), ("flip", "does not match its sha256"),
+                                        ("manifest", "manifest.json is missing")])
+def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(tmp_path, how, words):
+    ckpt = save_steps(tmp_path, [5, 10], keep=3)
+    corrupt(tmp_path / "step-10", how)
+    with pytest.raises(CheckpointError, match=words):
+        verify(tmp_path / "step-10")
+    with pytest.raises(CheckpointError, match=words):
+        load_checkpoint(tmp_path / "step-10")
+    path, skipped = ckpt.latest_valid()
+    assert path == tmp_path / "step-5" and len(skipped) == 1 and "step-10" in skipped[0]
+    model_state, _, step = load_checkpoint(path)
+    assert step == 5 and torch.equal(model_state["w"], torch.full((3,), 5.0))
+
+
+# ------------------------------------------------------------------------------- resuming a run
+
+def run_args(out: Path, *extra: str) -> list[str]:
+    return ["--data", "builtin:200", "--seq-len", "32", "--micro-batch-size", "2",
+            "--gradient-accumulation-steps", "2", "--steps", "20", "--warmup-steps", "3",
+            "--eval-every-n-steps", "0", "--eval-batches", "1", "--save-every-n-steps", "5",
+            "--keep-last-k", "5", "--output-dir", str(out), *extra]
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+@pytest.mark.parametrize("optimizer", ["--use-8bit-optimizer", "--no-use-8bit-optimizer"])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, optimizer):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(parse_config(run_args(straight, optimizer)))
+    first = run(parse_config(run_args(split, optimizer, "--stop-at-step", "10")))
+    assert first["steps"] == 10 and sorted(losses(split)) == list(range(1, 11))
+    run(parse_config(run_args(split, optimizer, "--resume", "auto")))
+    expected = losses(straight)
+    assert sorted(expected) == list(range(1, 21))
+    assert losses(split) == expected  # exactly equal floats
+
+
+def test_resume_auto_skips_a_corrupt_checkpoint(tmp_path, capsys):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    run(parse_config(run_args(straight, "--steps", "12")))
+    run(parse_config(run_args(split, "--steps", "12", "--stop-at-step", "10")))
+    corrupt(split / "checkpoints" / "step-10", "truncate")
+    capsys.readouterr()
+
+    assert main(run_args(split, "--steps", "12", "--resume", str(split / "checkpoints" / "step-10"))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "step-10 is corrupt" in err and "truncated" in err
+
+    assert main(run_args(split, "--steps", "12", "--resume", "auto")) == 0
+    captured = capsys.readouterr()
+    assert "skipping checkpoint" in captured.err and "step-10" in captured.err
+    assert "resumed from" in captured.out and "step-5" in captured.out
+    assert losses(split) == losses(straight)
+
+
+def test_resume_with_another_model_shape_is_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(parse_config(run_args(out, "--steps", "5")))
+    capsys.readouterr()
+    assert main(run_args(out, "--steps", "6", "--seq-len", "16", "--resume", "auto")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seq_len=32" in err
+
+
+def test_sigint_checkpoints_and_resume_continues(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "astrobio.train", *run_args(out, "--steps", "400", "--save-every-n-steps", "0")]
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(losses(out) if metrics.exists() else {}) < 3:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped at step" in err and "--resume auto" in err
+    stopped = max(losses(out))
+    assert 3 <= stopped < 400
+    assert (out / "checkpoints" / f"step-{stopped}" / "manifest.json").is_file()
+    assert json.loads((out / "summary.json").read_text())["steps"] == stopped
+    assert main(run_args(out, "--steps", str(stopped + 2), "--resume", "auto")) == 0
+    assert sorted(losses(out)) == list(range(1, stopped + 3))

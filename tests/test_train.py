@@ -1,0 +1,251 @@
+"""The trainer: configuration (flags, files, validation, exit code 2), exact gradient accumulation,
+clipping, the schedule, and a short end-to-end run (the default job's pytest version)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from astrobio.model import build_model, get_config
+from astrobio.optim import AdamW8bit
+from astrobio.train import ConfigError, main, parse_config, run
+from astrobio.train.trainer import LocalStepRunner, WarmupCosine, optimizer_step
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def small_args(out: Path, *extra: str) -> list[str]:
+    """A run small enough for CI: tiny model, 300 built-in records, 4 x 32-token micro-batches."""
+    return ["--data", "builtin:300", "--seq-len", "32", "--micro-batch-size", "4", "--eval-batches", "2",
+            "--output-dir", str(out), *extra]
+
+
+# ------------------------------------------------------------------------------------ configuration
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], (16, 16, 1)),
+    (["--batch-size", "8", "--micro-batch-size", "2"], (8, 2, 4)),
+    (["--micro-batch-size", "2", "--gradient-accumulation-steps", "3"], (6, 2, 3)),
+    (["--batch-size", "8", "--gradient-accumulation-steps", "2"], (8, 4, 2)),
+    (["--batch-size", "12", "--micro-batch-size", "4", "--gradient-accumulation-steps", "3"], (12, 4, 3)),
+])
+def test_batch_sizes_resolve(flags, expected):
+    config = parse_config(flags)
+    assert (config.batch_size, config.micro_batch_size, config.gradient_accumulation_steps) == expected
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--batch-size", "8", "--micro-batch-size", "3"], "micro_batch_size 3 does not divide batch_size 8"),
+    (["--batch-size", "8", "--micro-batch-size", "2", "--gradient-accumulation-steps", "3"], "agree"),
+    (["--batch-size", "9", "--gradient-accumulation-steps", "2"], "does not divide batch_size 9"),
+])
+def test_inconsistent_batch_sizes_are_refused(flags, words):
+    with pytest.raises(ConfigError, match=words):
+        parse_config(flags)
+
+
+FILE_VALUES = {"model": "tiny", "steps": 7, "batch-size": 8, "micro_batch_size": 2, "lr": 0.001,
+               "use-8bit-optimizer": False, "use_mixed_precision": True, "data": "builtin:50",
+               "wandb_name": "probe"}
+FLAGS = ["--model", "tiny", "--steps", "7", "--batch-size", "8", "--micro-batch-size", "2", "--lr", "0.001",
+         "--no-use-8bit-optimizer", "--use-mixed-precision", "--data", "builtin:50", "--wandb-name", "probe"]
+
+
+def toml_text(values: dict) -> str:
+    def literal(v):
+        return ("true" if v else "false") if isinstance(v, bool) else json.dumps(v)
+    return "".join(f"{k} = {literal(v)}\n" for k, v in values.items())
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".toml"])
+def test_config_file_equals_flags(tmp_path, suffix):
+    import yaml
+    path = tmp_path / f"run{suffix}"
+    path.write_text(yaml.safe_dump(FILE_VALUES) if suffix == ".yaml" else toml_text(FILE_VALUES))
+    from_file = parse_config(["--config", str(path)])
+    assert from_file == parse_config(FLAGS)
+    assert from_file != parse_config([])  # the file did change something
+    # a flag given on the command line wins over the file
+    assert parse_config(["--config", str(path), "--lr", "0.002"]).lr == 0.002
+
+
+@pytest.mark.parametrize("text, words", [
+    ("bogus_key: 1\n", "unknown key 'bogus_key'"),
+    ("lr: fast\n", "lr in .* must be float"),
+    ("model: huge\n", "model in .* must be one of"),
+    ("- 1\n- 2\n", "must hold a mapping"),
+])
+def test_bad_config_file_is_refused(tmp_path, text, words):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        parse_config(["--config", str(path)])
+
+
+def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    return [
+        (["--model", "huge"], "invalid choice: 'huge'"),
+        (["--batch-size", "8", "--micro-batch-size", "3"], "does not divide"),
+        (["--lr", "0"], "lr must be a positive number"),
+        (["--lr", "-0.001"], "lr must be a positive number"),
+        (["--steps", "5", "--epochs", "1"], "not both"),
+        (["--seq-len", "100000"], "exceeds model 'tiny'"),
+        (["--data", str(tmp_path / "missing.jsonl")], "not found"),
+        (["--data", "builtin:0"], "positive whole number"),
+        (["--pipeline-stages", "2"], "not available yet"),
+        (["--use-cpu-offloading"], "not available yet"),
+        (["--master-weights", "bf16-sr"], "not available yet"),
+        (["--resume", str(tmp_path / "nowhere")], "not a checkpoint directory"),
+        (["--output-dir", str(blocker / "run")], "is a file"),
+    ]
+
+
+def test_bad_configurations_exit_2_with_one_line_and_write_nothing(tmp_path, capsys):
+    for flags, words in bad_cases(tmp_path):
+        out = tmp_path / "run"
+        code = main(small_args(out) + flags)
+        err = capsys.readouterr().err
+        assert code == 2, flags
+        assert err.count("\n") == 1 and err.startswith("error: ") and words in err, (flags, err)
+        assert not out.exists(), flags
+
+
+def test_cli_bad_configuration_has_no_traceback(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "astrobio.train", "--output-dir", str(out),
+                             "--batch-size", "8", "--micro-batch-size", "3"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "micro_batch_size 3 does not divide batch_size 8" in result.stderr
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------- the step
+
+def tiny_model(seed: int = 0):
+    return build_model(get_config("tiny", vocab_size=259), seed=seed)
+
+
+def test_gradient_accumulation_equals_full_batch():
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 259, (8, 33))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    reference = tiny_model()
+    loss = F.cross_entropy(reference(inputs).flatten(0, 1), targets.flatten())
+    loss.backward()
+
+    model = tiny_model()
+    micro_batches = [(inputs[i:i + 2], targets[i:i + 2]) for i in range(0, 8, 2)]
+    accumulated = LocalStepRunner(model, torch.device("cpu"), False).forward_backward(micro_batches)
+
+    assert accumulated == pytest.approx(loss.item(), rel=1e-6)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("eight_bit", [False, True])
+def test_optimizer_step_clips_like_clip_grad_norm(eight_bit):
+    def make(model):
+        params = list(model.parameters())
+        opt = AdamW8bit(params, lr=1e-2) if eight_bit else torch.optim.AdamW(params, lr=1e-2)
+        return params, opt
+
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 259, (2, 17))
+    ours, reference = tiny_model(), tiny_model()
+    for model in (ours, reference):
+        (F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()) * 50).backward()
+    params, opt = make(ours)
+    norm, skipped = optimizer_step(opt, params, max_grad_norm=0.5)
+    ref_params, ref_opt = make(reference)
+    ref_norm = torch.nn.utils.clip_grad_norm_(ref_params, 0.5)
+    ref_opt.step()
+    assert not skipped and norm > 0.5 and norm == pytest.approx(ref_norm.item(), rel=1e-6)
+    for p, q in zip(params, ref_params):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        assert p.grad is None  # the step leaves no gradient behind
+
+
+@pytest.mark.parametrize("eight_bit", [False, True])
+def test_non_finite_gradient_skips_the_step(eight_bit):
+    model = tiny_model()
+    params = list(model.parameters())
+    opt = AdamW8bit(params, lr=1e-2) if eight_bit else torch.optim.AdamW(params, lr=1e-2)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    params[3].grad[0] = float("nan")
+    norm, skipped = optimizer_step(opt, params, max_grad_norm=1.0)
+    assert skipped and math.isnan(norm)
+    for p, b in zip(params, before):
+        assert torch.equal(p, b)
+
+
+def test_warmup_cosine_schedule():
+    schedule = WarmupCosine(peak=1e-3, floor=1e-4, warmup=4, total=20)
+    lrs = [schedule(s) for s in range(21)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert lrs[4] == pytest.approx(1e-3)
+    assert lrs[12] == pytest.approx(5.5e-4)  # half-way through the decay: the mean of peak and floor
+    assert lrs[20] == pytest.approx(1e-4)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+
+
+# ------------------------------------------------------------------------------------ a real run
+
+def test_short_run_learns_and_writes_its_outputs(tmp_path):
+    out = tmp_path / "run"
+    summary = run(parse_config(small_args(out, "--steps", "30", "--eval-every-n-steps", "10",
+                                          "--save-every-n-steps", "10", "--log-every-n-steps", "2")))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    val = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    assert sorted(val) == [0, 10, 20, 30]
+    assert val[0] == pytest.approx(math.log(259), abs=0.15)  # an untrained model is near uniform
+    assert val[30] <= 0.75 * val[0]
+    trained = [r for r in records if "loss" in r]
+    assert [r["step"] for r in trained] == list(range(2, 31, 2))
+    for r in trained:
+        assert {"lr", "grad_norm", "tokens_per_s", "rss_mib", "peak_rss_mib"} <= set(r)
+        assert r["tokens_per_s"] > 0 and math.isfinite(r["grad_norm"])
+    assert trained[-1]["loss"] < trained[0]["loss"]
+
+    assert summary["initial_val_loss"] == val[0] and summary["final_val_loss"] == val[30]
+    assert json.loads((out / "summary.json").read_text())["steps"] == 30
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["steps"] == 30 and resolved["batch_size"] == 4 and resolved["gradient_accumulation_steps"] == 1
+    assert (out / "plots" / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-20", "step-30"]  # keep_last_k 2
+    assert (out / "checkpoints" / "step-30" / "manifest.json").is_file()
+
+
+def test_epochs_set_the_step_count(tmp_path):
+    out = tmp_path / "run"
+    summary = run(parse_config(["--data", "builtin:20", "--seq-len", "32", "--micro-batch-size", "8",
+                                "--gradient-accumulation-steps", "2", "--epochs", "2", "--output-dir", str(out),
+                                "--eval-batches", "1"]))
+    from astrobio.data import ByteTokenizer, PackedLoader, build_token_splits, load_records
+    train_ids, _ = build_token_splits(load_records("builtin:20"), ByteTokenizer())
+    per_epoch = PackedLoader(train_ids, 32, 8, seed=0).batches_per_epoch // 2
+    assert summary["steps"] == 2 * per_epoch
+    assert json.loads((out / "config.json").read_text())["steps"] == 2 * per_epoch
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(small_args(out, "--steps", "2")) == 0
+    capsys.readouterr()
+    assert main(small_args(out, "--steps", "2")) == 2
+    assert "--resume auto" in capsys.readouterr().err
+    assert main(small_args(out, "--steps", "3", "--overwrite")) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]  # the old run's records are gone
