@@ -3,7 +3,9 @@ hold, while it runs)."""
 
 from astrobio.memory.hardware import PROFILES, HardwareProfile, get_hardware
 from astrobio.memory.planner import MemoryBudget, Plan, PlanConfig, PlanError, Term, check_fits, plan, preflight
+from astrobio.memory.profiler import MemoryProfiler, plot_memory
+from astrobio.memory.report import format_plan
 from astrobio.memory.units import parse_bytes
 
-__all__ = ["PROFILES", "HardwareProfile", "MemoryBudget", "Plan", "PlanConfig", "PlanError", "Term",
-           "check_fits", "get_hardware", "parse_bytes", "plan", "preflight"]
+__all__ = ["PROFILES", "HardwareProfile", "MemoryBudget", "MemoryProfiler", "Plan", "PlanConfig", "PlanError", "Term",
+           "check_fits", "format_plan", "get_hardware", "parse_bytes", "plan", "plot_memory", "preflight"]

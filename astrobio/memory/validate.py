@@ -99,23 +99,40 @@ def measure_cpu_child(preset: str, seq_len: int, micro_batch_size: int, checkpoi
     return proc_status_bytes("VmHWM") - baseline
 
 
-def measure_cpu(preset: str, seq_len: int, micro_batch_size: int, checkpointing: bool = False,
-                optimizer: str = "adamw", threads: int | None = None) -> Comparison:
-    """Plans, then measures in a fresh subprocess; returns both."""
-    p = plan(cpu_plan_config(preset, seq_len, micro_batch_size, checkpointing, optimizer))
-    args = [sys.executable, "-m", "astrobio.memory.validate", "--child", "--preset", preset,
-            "--seq-len", str(seq_len), "--micro-batch-size", str(micro_batch_size), "--optimizer", optimizer]
-    if checkpointing:
-        args.append("--checkpointing")
-    env = dict(os.environ, **MALLOC_ENV)
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    done = subprocess.run(args, env=env, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"measurement process failed ({done.returncode}):\n{done.stderr[-2000:]}")
-    measured = int(done.stdout.strip().splitlines()[-1])
-    name = f"cpu {preset} b{micro_batch_size} s{seq_len} {'ckpt' if checkpointing else 'no-ckpt'} {optimizer}"
-    return Comparison(name, p.devices[0].total, measured)
+@dataclass(frozen=True)
+class CpuCase:
+    preset: str
+    seq_len: int
+    micro_batch_size: int
+    checkpointing: bool = False
+    optimizer: str = "adamw"
+
+    @property
+    def name(self) -> str:
+        return (f"cpu {self.preset} b{self.micro_batch_size} s{self.seq_len} "
+                f"{'ckpt' if self.checkpointing else 'no-ckpt'} {self.optimizer}")
+
+    def child_args(self) -> list[str]:
+        args = [sys.executable, "-m", "astrobio.memory.validate", "--child", "--preset", self.preset,
+                "--seq-len", str(self.seq_len), "--micro-batch-size", str(self.micro_batch_size),
+                "--optimizer", self.optimizer]
+        return args + (["--checkpointing"] if self.checkpointing else [])
+
+
+def measure_cpu(cases: list[CpuCase], threads: int = 1) -> list[Comparison]:
+    """Plans each case, then measures all of them at once, each in its own fresh process."""
+    env = dict(os.environ, **MALLOC_ENV, OMP_NUM_THREADS=str(threads))
+    procs = [subprocess.Popen(c.child_args(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for c in cases]
+    results = []
+    for case, proc in zip(cases, procs):
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"measurement of {case.name} failed ({proc.returncode}):\n{err[-2000:]}")
+        planned = plan(cpu_plan_config(case.preset, case.seq_len, case.micro_batch_size, case.checkpointing,
+                                       case.optimizer)).devices[0].total
+        results.append(Comparison(case.name, planned, int(out.strip().splitlines()[-1])))
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -198,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(measure_cpu_child(args.preset, args.seq_len, args.micro_batch_size, args.checkpointing, args.optimizer))
         return 0
-    result = measure_cpu(args.preset, args.seq_len, args.micro_batch_size, args.checkpointing, args.optimizer)
-    print(json.dumps(result.as_dict()))
+    case = CpuCase(args.preset, args.seq_len, args.micro_batch_size, args.checkpointing, args.optimizer)
+    print(json.dumps(measure_cpu([case])[0].as_dict()))
     return 0
 
 

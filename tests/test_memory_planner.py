@@ -1,0 +1,169 @@
+"""The memory planner: its counts against what autograd, the optimizer and the model really hold, the 13B
+plan of DESIGN.md section 1, refusals that say what to change, and planned vs measured peak memory."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from astrobio.memory import PlanConfig, PlanError, check_fits, format_plan, get_hardware, parse_bytes, plan, preflight
+from astrobio.memory import activations as act
+from astrobio.memory.planner import moments_bytes, occupancy
+from astrobio.memory.validate import CpuCase, measure_cpu
+from astrobio.model import build_model, get_config
+from astrobio.model.transformer import TransformerBlock, rotary_tables
+from astrobio.optim.adamw8bit import AdamW8bit
+from astrobio.plan import main as plan_cli
+
+GIB = 2 ** 30
+
+
+@pytest.fixture(scope="module")
+def plan_13b():
+    return plan(PlanConfig(model="13b", stages=2, gpu_memory=24 * GIB, host_memory=256 * GIB, seq_len=2048,
+                           micro_batch_size=1, hardware="a5000"))
+
+
+# --- counts against the real thing ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_saved_bytes_equal_what_autograd_saves(dtype):
+    config = get_config("tiny", d_model=96, n_heads=3, ffn_hidden=200)
+    block = TransformerBlock(config).to(dtype)
+    batch, seq = 2, 37
+    x = torch.randn(batch, seq, config.d_model, dtype=dtype, requires_grad=True)
+    cos, sin = rotary_tables(seq, config.head_dim, config.rope_theta, "cpu")
+    skip = {t.untyped_storage().data_ptr() for t in [*block.parameters(), cos, sin]}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, cos, sin)
+    tokens = act.Tokens(batch, seq)
+    e = dtype.itemsize
+    planned = act.block_saved_bytes(config, tokens, e) + act.block_input_saved(config, tokens, e)
+    # bf16: the norms' fp32 weight copies (2 x 4h bytes) are the only tensors not counted
+    assert sum(saved.values()) == pytest.approx(planned, rel=0.01)
+
+
+def test_stage_parameter_counts_sum_to_the_model():
+    for name, split in (("tiny", (1, 3)), ("small", (5, 5, 4)), ("13b", (28, 28))):
+        config = get_config(name)
+        p = plan(PlanConfig(model=name, stages=len(split), layers_per_stage=split, seq_len=64, micro_batches=4))
+        assert sum(p.stage_params) == build_model(config, device="meta").num_parameters()
+        assert p.devices[0].params == p.stage_params[0]
+    assert sum(plan(PlanConfig(model="13b", seq_len=64)).stage_params) == pytest.approx(13.14e9, rel=0.005)
+
+
+def test_moments_bytes_equal_adamw8bit_state():
+    sizes = [1, 255, 4095, 4096, 4097, 70_001]
+    params = [torch.nn.Parameter(torch.randn(n)) for n in sizes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = AdamW8bit(params, lr=1e-3)
+    opt.step()
+    held = sum(v.nbytes for state in opt.state.values() for v in state.values() if torch.is_tensor(v))
+    assert moments_bytes(sizes, "adamw8bit", 4) == held
+
+
+def test_occupancy_follows_the_schedules():
+    # DESIGN.md 6: 1F1B keeps at most 2 micro-batches in flight on stage 0 of 2; GPipe keeps all of them
+    assert max(b for b, _ in occupancy("1f1b", 2, 0, 32)) + 1 == 2
+    assert max(b for b, _ in occupancy("1f1b", 2, 1, 32)) + 1 == 1
+    assert max(b for b, _ in occupancy("gpipe", 2, 0, 32)) + 1 == 32
+    # ZB-H1 defers stage 1's W by one micro-batch; stage 0 runs its W right after B
+    assert max(w for _, w in occupancy("zb-h1", 2, 1, 8)) == 1
+    assert max(w for _, w in occupancy("zb-h1", 2, 0, 8)) == 0
+
+
+def test_gpipe_holds_every_micro_batch_checkpoints(plan_13b):
+    gpipe = plan(replace(plan_13b.config, schedule="gpipe"))
+    term = lambda p: next(t.bytes for t in p.devices[0].terms if t.name == "activations")  # noqa: E731
+    # DESIGN.md 1: a layer-boundary checkpoint is 2 s h bytes per layer per micro-batch (bf16)
+    checkpoint = 2 * 2048 * 4352
+    assert term(gpipe) - term(plan_13b) == (32 - 2) * 28 * checkpoint
+
+
+# --- the 13B plan -----------------------------------------------------------------------------------
+
+
+def test_13b_fits_on_two_a5000_under_22_gib(plan_13b):
+    p = plan_13b
+    assert p.fits
+    check_fits(p)
+    for device, params in zip(p.devices, p.stage_params):
+        assert device.total <= 22 * GIB
+        assert next(t.bytes for t in device.terms if t.name == "bf16 weights") == 2 * params
+    # host: at least fp32 master + fp32 accumulators + 2 bytes of 8-bit moments per parameter
+    assert p.host.total >= 10 * p.total_params and p.host.fits
+    assert p.timing.tokens_per_s > 0 and p.timing.critical_path in ("compute", "link", "CPU (gradient accumulation)")
+    text = format_plan(p)
+    assert "FITS" in text and "tokens/s" in text and "stage 1" in text
+
+
+def test_13b_on_one_gpu_without_offload_is_refused_naming_the_term():
+    p = plan(PlanConfig(model="13b", stages=1, offload=False, gpu_memory=24 * GIB, seq_len=2048))
+    assert not p.fits
+    with pytest.raises(PlanError) as caught:
+        check_fits(p)
+    message = str(caught.value)
+    assert "stage 0 needs" in message and "over its budget" in message
+    assert "bf16 weights" in message and "fp32 master weights" in message
+    assert "offload" in message  # what to change
+    assert caught.value.plan is p
+
+
+def test_host_over_budget_suggests_the_lean_plan():
+    p = plan(PlanConfig(model="13b", host_memory=96 * GIB, seq_len=2048))
+    with pytest.raises(PlanError, match="host needs") as caught:
+        check_fits(p)
+    assert "bf16 master weights" in str(caught.value) or "bf16 gradient accumulators" in str(caught.value)
+    assert preflight(p.config, force=True, log=lambda line: None).host.total == p.host.total
+
+
+def test_bad_configuration_names_the_value():
+    with pytest.raises(ValueError, match="schedule='2f2b'"):
+        PlanConfig(schedule="2f2b")
+    with pytest.raises(ValueError, match="unknown hardware profile 'tpu'"):
+        get_hardware("tpu")
+    with pytest.raises(ValueError, match="max_seq_len"):
+        plan(PlanConfig(model="tiny", seq_len=4096))
+    assert parse_bytes("24GiB") == 24 * GIB and parse_bytes("256 GB") == 256 * 10 ** 9
+    with pytest.raises(ValueError, match="24XB"):
+        parse_bytes("24XB")
+
+
+def test_cli_prints_json_and_exit_status(capsys):
+    rc = plan_cli(["--model", "tiny", "--stages", "2", "--hardware", "cpu", "--seq-len", "64", "--micro-batches", "4",
+                   "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["fits"]
+    assert out["total_params"] == build_model(get_config("tiny"), device="meta").num_parameters()
+    assert [d["label"] for d in out["devices"]] == ["stage 0", "stage 1"]
+    assert plan_cli(["--model", "13b", "--stages", "1", "--no-offload", "--gpu-memory", "24GiB"]) == 1
+    assert "will not fit" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        plan_cli(["--gpu-memory", "lots"])
+    assert bad.value.code == 2
+
+
+# --- planned against measured ----------------------------------------------------------------------
+
+
+def test_planned_peak_matches_measured_on_the_cpu_within_20_percent():
+    cases = [CpuCase("tiny", seq_len=256, micro_batch_size=4),  # activations dominate
+             CpuCase("tiny", seq_len=256, micro_batch_size=4, checkpointing=True, optimizer="adamw8bit"),
+             CpuCase("small", seq_len=32, micro_batch_size=1, optimizer="adamw8bit")]  # weights, grads, state
+    tiny_plan = plan(PlanConfig(model="tiny", stages=1, seq_len=256, micro_batch_size=4, micro_batches=1,
+                                checkpointing=False, offload=False, optimizer="adamw", hardware="cpu"))
+    activations = next(t.bytes for t in tiny_plan.devices[0].terms if t.name == "activations")
+    assert activations > 0.5 * tiny_plan.devices[0].total  # so the first case tests the activation count
+    for result in measure_cpu(cases):
+        assert 0.8 <= result.ratio <= 1.2, result.as_dict()
