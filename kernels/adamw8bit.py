@@ -75,9 +75,11 @@ def _adamw8bit_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, absmax1_
     block = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)  # quantization block of each row
     offs = block[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]         # 64-bit element indices
     if HAS_FOUND_INF:  # a skipped step updates no element
-        numel = tl.where(tl.load(found_inf_ptr) == 0.0, numel, 0)
-    mask = offs < numel
-    row_mask = block < tl.cdiv(numel, BLOCK)
+        limit = tl.where(tl.load(found_inf_ptr) == 0.0, numel, 0)
+    else:
+        limit = numel
+    mask = offs < limit
+    row_mask = block < tl.cdiv(limit, BLOCK)
 
     p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
