@@ -4,6 +4,8 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <vector>
 
 namespace astrobio {
 
@@ -43,8 +45,11 @@ struct StepArgs {
 namespace cpu {
 // One fused pass; blocks are split over OpenMP threads. Safe to call without the Python GIL.
 void adamw8bit_step(const StepArgs& args);
-// Which SIMD path adamw8bit_step takes on this CPU: "avx512", "avx2" or "portable".
+// Which SIMD path adamw8bit_step takes on this CPU: "avx512", "avx2" or "portable" (the environment
+// variable ASTROBIO_CPU_SIMD forces one; an unknown or unsupported value throws std::invalid_argument).
 const char* simd_path();
+// The SIMD paths this CPU can run, portable first.
+std::vector<std::string> simd_paths();
 // Streaming bandwidth probes over arrays of n floats, in GB/s counted by bytes the kernel names.
 double triad_bandwidth(int64_t n, int repeats);
 double inplace_rmw_bandwidth(int64_t n, int reads, int writes, int repeats);

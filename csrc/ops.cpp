@@ -149,7 +149,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "astrobio kernels: the astrobio:: torch ops register on import; these are the non-op bindings.";
   m.def("adamw8bit_step_nogil", &astrobio::adamw8bit_step_cpu, py::call_guard<py::gil_scoped_release>(),
         "The CPU adamw8bit_step with the GIL released (for host worker threads).");
-  m.def("simd_path", &astrobio::cpu::simd_path, "The SIMD path the CPU kernel takes on this machine.");
+  m.def("simd_path", &astrobio::cpu::simd_path,
+        "The SIMD path the CPU kernel takes (ASTROBIO_CPU_SIMD=portable|avx2|avx512 forces one).");
+  m.def("cpu_simd_paths", &astrobio::cpu::simd_paths, "The SIMD paths this CPU can run, portable first.");
   m.def("triad_bandwidth", &astrobio::cpu::triad_bandwidth, py::call_guard<py::gil_scoped_release>(),
         py::arg("n"), py::arg("repeats"), "Triad a[i] = b[i] + s * c[i] over n floats, in GB/s.");
   m.def("inplace_rmw_bandwidth", &astrobio::cpu::inplace_rmw_bandwidth, py::call_guard<py::gil_scoped_release>(),

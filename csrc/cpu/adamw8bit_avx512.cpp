@@ -1,0 +1,292 @@
+// AVX-512 path of the CPU adamw8bit_step (needs F, BW, VL, DQ and VBMI). Sixteen lanes of the update in
+// the reference's operation order (no FMA); 256-entry tables (the maps, the thresholds) are looked up 64
+// codes at a time with byte permutes over four byte planes, and the nearest-code bucket index is
+// computed on the top 16 bits of each normalised value (kernel_common.h).
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include <omp.h>
+
+#include <algorithm>
+
+#include "kernel_common.h"
+
+#define ASTROBIO_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi")))
+
+namespace astrobio::cpu::avx512 {
+
+bool supported() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vbmi");
+}
+
+namespace {
+
+// Byte order that makes the unpack cascade in lookup_floats yield elements in natural order:
+// position 16L + 4r + s holds element 16r + 4L + s.
+struct Transpose {
+  alignas(64) uint8_t perm[64];
+  constexpr Transpose() : perm() {
+    for (int lane = 0; lane < 4; ++lane)
+      for (int r = 0; r < 4; ++r)
+        for (int s = 0; s < 4; ++s) perm[16 * lane + 4 * r + s] = static_cast<uint8_t>(16 * r + 4 * lane + s);
+  }
+};
+constexpr Transpose kTranspose;
+
+struct PackSelectors {
+  alignas(64) uint16_t high_words[32];  // odd words of two registers: the top halves of 32 floats
+  alignas(64) uint8_t low_bytes[64];    // even bytes of two registers: the low bytes of 64 words
+  constexpr PackSelectors() : high_words(), low_bytes() {
+    for (int i = 0; i < 32; ++i) high_words[i] = static_cast<uint16_t>(2 * i + 1);
+    for (int i = 0; i < 64; ++i) low_bytes[i] = static_cast<uint8_t>(2 * i);
+  }
+};
+constexpr PackSelectors kPack;
+
+// table[idx] for 64 byte indices, table of 256 bytes.
+ASTROBIO_AVX512 inline __m512i lookup256(const uint8_t* table, __m512i idx, __mmask64 bit7) {
+  const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(table), idx, _mm512_load_si512(table + 64));
+  const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(table + 128), idx, _mm512_load_si512(table + 192));
+  return _mm512_mask_blend_epi8(bit7, lo, hi);
+}
+
+// 64 fp32 table entries (four byte planes) for 64 codes in natural order, as four registers of 16.
+ASTROBIO_AVX512 inline void lookup_floats(const uint8_t (*planes)[kQmapSize], __m512i codes, __m512 out[4]) {
+  const __m512i t = _mm512_permutexvar_epi8(_mm512_load_si512(kTranspose.perm), codes);
+  const __mmask64 bit7 = _mm512_movepi8_mask(t);
+  const __m512i b0 = lookup256(planes[0], t, bit7), b1 = lookup256(planes[1], t, bit7);
+  const __m512i b2 = lookup256(planes[2], t, bit7), b3 = lookup256(planes[3], t, bit7);
+  const __m512i u01lo = _mm512_unpacklo_epi8(b0, b1), u01hi = _mm512_unpackhi_epi8(b0, b1);
+  const __m512i u23lo = _mm512_unpacklo_epi8(b2, b3), u23hi = _mm512_unpackhi_epi8(b2, b3);
+  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(u01lo, u23lo));
+  out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(u01lo, u23lo));
+  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(u01hi, u23hi));
+  out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(u01hi, u23hi));
+}
+
+// Bucket indices (words) of 32 normalised values given as their top 16 bits.
+ASTROBIO_AVX512 inline __m512i bucket_index(const MapTables& t, __m512i h) {
+  __m512i ah = _mm512_and_si512(h, _mm512_set1_epi16(0x7FFF));
+  ah = _mm512_max_epu16(ah, _mm512_set1_epi16(static_cast<int16_t>(t.clamp_lo >> 16)));
+  ah = _mm512_min_epu16(ah, _mm512_set1_epi16(static_cast<int16_t>(t.clamp_hi >> 16)));
+  // slot = (sign << 5) | (exponent & 31): the permutes below read only the low 6 bits
+  const __m512i slot = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ah, 7), _mm512_srli_epi16(h, 10),
+                                                 _mm512_set1_epi16(0x1F), 0xE4);
+  const __m512i base = _mm512_permutex2var_epi16(_mm512_load_si512(t.exp_base_adjusted), slot,
+                                                 _mm512_load_si512(t.exp_base_adjusted + 32));
+  const __m512i shift =
+      _mm512_permutex2var_epi16(_mm512_load_si512(t.exp_shift), slot, _mm512_load_si512(t.exp_shift + 32));
+  return _mm512_add_epi16(base, _mm512_srlv_epi16(ah, shift));
+}
+
+// Nearest codes of 64 normalised values (natural order), stored to out[0..63].
+ASTROBIO_AVX512 inline void quantize64(const MapTables& t, const __m512 n[4], uint8_t* out) {
+  const __m512i sel_hi = _mm512_load_si512(kPack.high_words);
+  const __m512i h0 = _mm512_permutex2var_epi16(_mm512_castps_si512(n[0]), sel_hi, _mm512_castps_si512(n[1]));
+  const __m512i h1 = _mm512_permutex2var_epi16(_mm512_castps_si512(n[2]), sel_hi, _mm512_castps_si512(n[3]));
+  const __m512i i0 = bucket_index(t, h0), i1 = bucket_index(t, h1);
+  const __m512i idx = _mm512_permutex2var_epi8(i0, _mm512_load_si512(kPack.low_bytes), i1);
+  const __m512i bit8_set = _mm512_set1_epi16(0x100);
+  const __mmask64 bit8 = _mm512_kunpackd(_mm512_test_epi16_mask(i1, bit8_set), _mm512_test_epi16_mask(i0, bit8_set));
+  const __mmask64 bit7 = _mm512_movepi8_mask(idx);
+  __m512i code = _mm512_mask_blend_epi8(bit8, lookup256(t.lut, idx, bit7), lookup256(t.lut + 256, idx, bit7));
+  __m512 thr[4];
+  lookup_floats(t.threshold_planes, code, thr);
+  const __mmask64 lo = _mm512_kunpackw(_mm512_cmp_ps_mask(n[1], thr[1], _CMP_GT_OQ),
+                                       _mm512_cmp_ps_mask(n[0], thr[0], _CMP_GT_OQ));
+  const __mmask64 hi = _mm512_kunpackw(_mm512_cmp_ps_mask(n[3], thr[3], _CMP_GT_OQ),
+                                       _mm512_cmp_ps_mask(n[2], thr[2], _CMP_GT_OQ));
+  code = _mm512_mask_sub_epi8(code, _mm512_kunpackd(hi, lo), code, _mm512_set1_epi8(-1));
+  _mm512_storeu_si512(out, code);
+}
+
+struct Consts {
+  __m512 beta1, beta2, omb1, omb2, eps, grad_scale, decay, step_size, inv_bc2_sqrt;
+};
+
+ASTROBIO_AVX512 inline Consts broadcast(const StepConstants& c) {
+  return {_mm512_set1_ps(c.beta1), _mm512_set1_ps(c.beta2), _mm512_set1_ps(c.one_minus_beta1),
+          _mm512_set1_ps(c.one_minus_beta2), _mm512_set1_ps(c.eps), _mm512_set1_ps(c.grad_scale),
+          _mm512_set1_ps(c.decay), _mm512_set1_ps(c.step_size), _mm512_set1_ps(c.inv_bc2_sqrt)};
+}
+
+template <DType kType>
+ASTROBIO_AVX512 inline __m512 load16(const void* base, int64_t i) {
+  if constexpr (kType == DType::kFloat32) {
+    return _mm512_loadu_ps(static_cast<const float*>(base) + i);
+  } else {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(base) + i));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
+}
+
+ASTROBIO_AVX512 inline __m512i mix32(__m512i x) {
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7FEB352D));
+  x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(static_cast<int>(0x846CA68Bu)));
+  return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+}
+
+// The tensors of one step as local pointers (no aliasing with the arguments) and the variant as types:
+// gradient dtype, master dtype, and whether a bf16 copy of the weights is written.
+template <DType kGrad, DType kParam, bool kCopy>
+struct Tensors {
+  void* __restrict param;
+  const void* __restrict grad;
+  void* __restrict exp_avg;
+  void* __restrict exp_avg_sq;
+  float* __restrict absmax1;
+  float* __restrict absmax2;
+  uint16_t* __restrict param_bf16;
+  uint32_t seed;
+
+  explicit Tensors(const StepArgs& a)
+      : param(a.param), grad(a.grad), exp_avg(a.exp_avg), exp_avg_sq(a.exp_avg_sq), absmax1(a.absmax1),
+        absmax2(a.absmax2), param_bf16(a.param_bf16), seed(a.seed) {}
+
+  // Stores 16 new weights at element i: fp32 (and its round-to-nearest bf16 copy) or stochastic bf16.
+  ASTROBIO_AVX512 inline void store_params(int64_t i, __m512 p, uint32_t sr_hi) const {
+    const __m512i bits = _mm512_castps_si512(p);
+    __m512i h;
+    if constexpr (kParam == DType::kFloat32) {
+      _mm512_storeu_ps(static_cast<float*>(param) + i, p);
+      if constexpr (!kCopy) return;
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+      h = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+      h = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(p, p, _CMP_UNORD_Q), h, _mm512_set1_epi32(0x7FC0));
+    } else {
+      const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+      const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lanes);
+      const __m512i r = _mm512_and_si512(mix32(_mm512_xor_si512(lo, _mm512_set1_epi32(static_cast<int>(sr_hi)))),
+                                         _mm512_set1_epi32(0xFFFF));
+      h = _mm512_srli_epi32(_mm512_add_epi32(bits, r), 16);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<uint16_t*>(param) + i), _mm512_cvtepi32_epi16(h));
+      if constexpr (!kCopy) return;
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(param_bf16 + i), _mm512_cvtepi32_epi16(h));
+  }
+
+  // The update of 16 elements at i (reference.py: adamw_update); returns the new weights, updates m and v.
+  ASTROBIO_AVX512 inline __m512 update16(const Consts& k, int64_t i, __m512& m, __m512& v) const {
+    const __m512 g = _mm512_mul_ps(load16<kGrad>(grad, i), k.grad_scale);
+    m = _mm512_add_ps(_mm512_mul_ps(k.beta1, m), _mm512_mul_ps(k.omb1, g));
+    v = _mm512_add_ps(_mm512_mul_ps(k.beta2, v), _mm512_mul_ps(k.omb2, _mm512_mul_ps(g, g)));
+    const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), k.inv_bc2_sqrt), k.eps);
+    const __m512 upd = _mm512_mul_ps(k.step_size, _mm512_div_ps(m, denom));
+    return _mm512_sub_ps(_mm512_mul_ps(load16<kParam>(param, i), k.decay), upd);
+  }
+};
+
+// max(|a|, |b|) in one instruction (vrangeps: larger magnitude, sign cleared).
+ASTROBIO_AVX512 inline __m512 max_abs16(__m512 a, __m512 b) { return _mm512_range_ps(a, b, 0x0B); }
+
+// One full block of 256 elements with 8-bit moments.
+template <class T>
+ASTROBIO_AVX512 void step_block_quantized(const T& x, const Consts& k, const MapTables& t1, const MapTables& t2,
+                                          int64_t block) {
+  const int64_t begin = block * kBlockSize;
+  auto* codes1 = static_cast<uint8_t*>(x.exp_avg) + begin;
+  auto* codes2 = static_cast<uint8_t*>(x.exp_avg_sq) + begin;
+  const uint32_t sr_hi = sr_high(begin, x.seed);
+  const __m512 absmax1 = _mm512_set1_ps(x.absmax1[block]), absmax2 = _mm512_set1_ps(x.absmax2[block]);
+  alignas(64) float m_new[kBlockSize], v_new[kBlockSize];
+  __m512 max_m = _mm512_setzero_ps(), max_v = _mm512_setzero_ps();
+  for (int group = 0; group < 4; ++group) {
+    __m512 m[4], v[4];
+    lookup_floats(t1.qmap_planes, _mm512_loadu_si512(codes1 + 64 * group), m);
+    lookup_floats(t2.qmap_planes, _mm512_loadu_si512(codes2 + 64 * group), v);
+    for (int r = 0; r < 4; ++r) {
+      const int j = 64 * group + 16 * r;
+      m[r] = _mm512_mul_ps(m[r], absmax1);
+      v[r] = _mm512_mul_ps(v[r], absmax2);
+      x.store_params(begin + j, x.update16(k, begin + j, m[r], v[r]), sr_hi);
+      _mm512_store_ps(m_new + j, m[r]);
+      _mm512_store_ps(v_new + j, v[r]);
+      max_m = max_abs16(max_m, m[r]);
+      max_v = max_abs16(max_v, v[r]);
+    }
+  }
+  const float am = _mm512_reduce_max_ps(max_m), av = _mm512_reduce_max_ps(max_v);
+  const __m512 inv_m = _mm512_set1_ps(am > 0.0f ? 1.0f / am : 0.0f);
+  const __m512 inv_v = _mm512_set1_ps(av > 0.0f ? 1.0f / av : 0.0f);
+  for (int group = 0; group < 4; ++group) {
+    __m512 nm[4], nv[4];
+    for (int r = 0; r < 4; ++r) {
+      nm[r] = _mm512_mul_ps(_mm512_load_ps(m_new + 64 * group + 16 * r), inv_m);
+      nv[r] = _mm512_mul_ps(_mm512_load_ps(v_new + 64 * group + 16 * r), inv_v);
+    }
+    quantize64(t1, nm, codes1 + 64 * group);
+    quantize64(t2, nv, codes2 + 64 * group);
+  }
+  x.absmax1[block] = am;
+  x.absmax2[block] = av;
+}
+
+// One full block of 256 elements with fp32 moments.
+template <class T>
+ASTROBIO_AVX512 void step_block_fp32(const T& x, const Consts& k, int64_t block) {
+  const int64_t begin = block * kBlockSize;
+  auto* m_ptr = static_cast<float*>(x.exp_avg);
+  auto* v_ptr = static_cast<float*>(x.exp_avg_sq);
+  const uint32_t sr_hi = sr_high(begin, x.seed);
+  for (int64_t i = begin; i < begin + kBlockSize; i += 16) {
+    __m512 m = _mm512_loadu_ps(m_ptr + i), v = _mm512_loadu_ps(v_ptr + i);
+    x.store_params(i, x.update16(k, i, m, v), sr_hi);
+    _mm512_storeu_ps(m_ptr + i, m);
+    _mm512_storeu_ps(v_ptr + i, v);
+  }
+}
+
+template <DType kGrad, DType kParam, bool kCopy>
+void step_full_blocks(const StepArgs& a, const MapTables* t1, const MapTables* t2) {
+  const int64_t full = a.numel / kBlockSize;
+  const Tensors<kGrad, kParam, kCopy> x(a);
+  const StepConstants c = a.c;
+#pragma omp parallel if (full > 4)
+  {
+    const Consts k = broadcast(c);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < full; ++b) {
+      if (a.quantized) {
+        step_block_quantized(x, k, *t1, *t2, b);
+      } else {
+        step_block_fp32(x, k, b);
+      }
+    }
+  }
+}
+
+template <DType kGrad, DType kParam>
+void step_full_blocks(const StepArgs& a, const MapTables* t1, const MapTables* t2) {
+  if (a.param_bf16 != nullptr) {
+    step_full_blocks<kGrad, kParam, true>(a, t1, t2);
+  } else {
+    step_full_blocks<kGrad, kParam, false>(a, t1, t2);
+  }
+}
+
+template <DType kGrad>
+void step_full_blocks(const StepArgs& a, const MapTables* t1, const MapTables* t2) {
+  if (a.param_dtype == DType::kFloat32) {
+    step_full_blocks<kGrad, DType::kFloat32>(a, t1, t2);
+  } else {
+    step_full_blocks<kGrad, DType::kBFloat16>(a, t1, t2);
+  }
+}
+
+}  // namespace
+
+void step(const StepArgs& a, const MapTables* t1, const MapTables* t2) {
+  if (a.grad_dtype == DType::kFloat32) {
+    step_full_blocks<DType::kFloat32>(a, t1, t2);
+  } else {
+    step_full_blocks<DType::kBFloat16>(a, t1, t2);
+  }
+  if (a.numel % kBlockSize != 0) step_block_scalar(a, t1, t2, a.numel / kBlockSize);
+}
+
+}  // namespace astrobio::cpu::avx512
+#endif  // __x86_64__
