@@ -13,7 +13,9 @@ from __future__ import annotations
 import io
 import math
 import random
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -179,6 +181,53 @@ def test_offload_equals_device_resident_with_random_worker_delays(dtype, master_
 def test_wide_cheap_layer_sees_every_update(attach):
     compare("wide", torch.float32, "fp32", "fp32", micro=2, steps=4, delays=True, attach=attach, workers=2,
             bucket_bytes=1 << 19, max_grad_norm=0.5)
+
+
+class ThreadAllReduce:
+    """An in-process stand-in for an all-reduce over pipeline ranks (one thread per rank): every rank
+    gets the sum of all ranks' values, added in rank order."""
+
+    def __init__(self, ranks):
+        self.values, self.barrier = [None] * ranks, threading.Barrier(ranks)
+
+    def for_rank(self, rank):
+        def reduce(value):
+            self.values[rank] = value
+            self.barrier.wait()
+            total = sum(self.values)
+            self.barrier.wait()
+            return total
+        return reduce
+
+
+@pytest.mark.parametrize("master_weights", ["fp32", "bf16-sr"])
+def test_two_pipeline_stages_clip_globally_like_one_device(master_weights):
+    """Two engines over the two halves of a model (as two pipeline ranks would hold them), their norms
+    summed across by end_step(sum_across=...), equal one device-resident optimizer over the whole model."""
+    model, twin = make_model("mlp", torch.bfloat16), make_model("mlp", torch.bfloat16)
+    baseline = DeviceResident(twin, "fp32", master_weights, max_grad_norm=0.05)
+    params = list(model.parameters())
+    options = dict(**HYPER, max_grad_norm=0.05, master_weights=master_weights, bucket_bytes=6000, module=model)
+    stages = [OffloadEngine(params[:4], **options), OffloadEngine(params[4:], **options, index_offset=4)]
+    reducer = ThreadAllReduce(2)
+    for micro_batches in make_batches(3, 4):
+        for engine in stages:
+            engine.begin_step(4)
+        losses = []
+        for x, y in micro_batches:
+            loss = loss_of(model, x, y)
+            loss.backward()
+            losses.append(loss.item())
+        with ThreadPoolExecutor(2) as ranks:
+            stats = list(ranks.map(lambda r: stages[r].end_step(sum_across=reducer.for_rank(r)), range(2)))
+        want_losses, want_norm = baseline.step(micro_batches)
+        assert losses == want_losses
+        assert stats[0].grad_norm == stats[1].grad_norm == pytest.approx(want_norm, rel=1e-12)
+    for engine in stages:
+        engine.synchronize()
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    for engine in stages:
+        engine.close()
 
 
 def test_grad_norm_matches_torch_clip_grad_norm():

@@ -47,8 +47,13 @@ Contract:
   ``engine.synchronize()`` first, or be built without ``module`` (``end_step`` then waits).
 - Per parameter ``i`` (position in ``params``), the state is AdamW8bit's (``step``, ``exp_avg``,
   ``exp_avg_sq``, ``absmax1``, ``absmax2``) plus ``master``; stochastic rounding uses
-  ``step_seed(seed, step, i)``, so N steps here equal N steps of ``AdamW8bit(params, seed=seed)`` on the
-  same (accumulated, clipped) gradients, bit for bit.
+  ``step_seed(seed, step, index_offset + i)``, so N steps here equal N steps of
+  ``AdamW8bit(params, seed=seed)`` on the same (accumulated, clipped) gradients, bit for bit.
+- Pipeline stages: one engine per rank over its stage's parameters, with ``index_offset`` = the number of
+  parameters of the stages before it (the same rounding bits as one engine over the whole model), and
+  ``end_step(sum_across=...)`` summing the squared norms over the ranks so that clipping and skipping are
+  global: e.g. a function that all-reduces (SUM) ``torch.tensor([sq], dtype=torch.float64)`` over the
+  pipeline ranks and returns its ``.item()``.
 - ``state_dict()`` may be taken between steps or between micro-batches (it then also holds the
   accumulators and the micro-batch count; after loading it, continue the step's remaining micro-batches
   and call ``end_step`` without ``begin_step``). Moment tensors are live references: save before the next
@@ -269,7 +274,7 @@ class OffloadEngine:
                  eps: float = 1e-8, weight_decay: float = 0.01, max_grad_norm: float | None = None,
                  accum_dtype: str = "fp32", master_weights: str = "fp32", bucket_bytes: int = 32 << 20,
                  module: torch.nn.Module | None = None, min_8bit_size: int = reference.MIN_8BIT_NUMEL,
-                 seed: int = 0, num_workers: int = 1, backend: str = "auto"):
+                 seed: int = 0, index_offset: int = 0, num_workers: int = 1, backend: str = "auto"):
         check_hyperparameters(lr, tuple(betas), eps, weight_decay)
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}")
@@ -280,7 +285,7 @@ class OffloadEngine:
         if bucket_bytes < 1 or num_workers < 1:
             raise ValueError(f"bucket_bytes and num_workers must be >= 1, got {bucket_bytes} and {num_workers}")
         self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), eps, weight_decay
-        self.max_grad_norm, self.seed = max_grad_norm, int(seed)
+        self.max_grad_norm, self.seed, self.index_offset = max_grad_norm, int(seed), int(index_offset)
         self.accum_dtype, self.master_weights = accum_dtype, master_weights
         self.skipped_steps = 0
         self.worker_delay: Callable[[], None] | None = None
@@ -429,9 +434,13 @@ class OffloadEngine:
             bucket.accum.zero_()
         bucket.sq_norm = squared_norm(bucket.accum)
 
-    def end_step(self, lr: float | None = None, grad_scale: float = 1.0) -> StepStats:
+    def end_step(self, lr: float | None = None, grad_scale: float = 1.0,
+                 sum_across: Callable[[float], float] | None = None) -> StepStats:
         """Finish the step: global norm, skip or clip, then the bucket steps (asynchronous when a module
-        is attached). ``lr`` (e.g. from a schedule) replaces the engine's lr from now on."""
+        is attached). ``lr`` (e.g. from a schedule) replaces the engine's lr from now on. ``sum_across``
+        turns this engine's sum of squared gradients into the whole model's (e.g. an all-reduce over the
+        pipeline stages' ranks; it must return the same float on every rank), so that every stage clips
+        and skips alike."""
         if self._num_micro_batches is None:
             raise RuntimeError("end_step called without begin_step; call engine.begin_step(num_micro_batches) first")
         if lr is not None:
@@ -439,7 +448,8 @@ class OffloadEngine:
             self.lr = float(lr)
         if not (math.isfinite(grad_scale) and grad_scale > 0):
             raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale}")
-        grad_norm = math.sqrt(self._reduce_squared_norms()) * grad_scale
+        squares = self._reduce_squared_norms()
+        grad_norm = math.sqrt(squares if sum_across is None else sum_across(squares)) * grad_scale
         self._num_micro_batches = None
         if not math.isfinite(grad_norm):
             self.skipped_steps += 1
@@ -484,7 +494,7 @@ class OffloadEngine:
                             state["exp_avg_sq"], state["absmax1"] if quantized else no_absmax,
                             state["absmax2"] if quantized else no_absmax, qmap1, qmap2, upload, None, lr, beta1,
                             beta2, self.eps, self.weight_decay, grad_scale, state["step"],
-                            step_seed(self.seed, state["step"], slot.index))
+                            step_seed(self.seed, state["step"], self.index_offset + slot.index))
         return self._upload(bucket, after)
 
     def _upload(self, bucket: _Bucket, after: Any) -> Any:
