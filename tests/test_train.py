@@ -249,3 +249,64 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
     assert main(small_args(out, "--steps", "3", "--overwrite")) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3]  # the old run's records are gone
+
+
+def step_losses(out: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
+    base = small_args(tmp_path / "fp32", "--steps", "3", "--eval-batches", "1")
+    run(parse_config(base))
+    run(parse_config(small_args(tmp_path / "ckpt", "--steps", "3", "--eval-batches", "1",
+                                "--use-gradient-checkpointing")))
+    run(parse_config(small_args(tmp_path / "bf16", "--steps", "3", "--eval-batches", "1",
+                                "--use-mixed-precision")))
+    fp32 = step_losses(tmp_path / "fp32")
+    assert step_losses(tmp_path / "ckpt") == pytest.approx(fp32, rel=1e-5)  # recomputation changes nothing
+    bf16 = step_losses(tmp_path / "bf16")
+    assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=2e-2)  # bf16 rounding, same model and data
+
+
+class FakeWandb:
+    """Stands in for the wandb module: records what the logger hands it."""
+
+    def __init__(self):
+        self.init_kwargs, self.logged, self.finished = None, [], False
+
+    def init(self, **kwargs):
+        self.init_kwargs = kwargs
+        return self
+
+    def log(self, data, step):
+        self.logged.append((step, data))
+
+    def finish(self):
+        self.finished = True
+
+
+@pytest.mark.parametrize("env, mode", [({}, "offline"), ({"WANDB_API_KEY": "secret-key"}, "online"),
+                                       ({"WANDB_API_KEY": "secret-key", "WANDB_MODE": "disabled"}, "disabled")])
+def test_wandb_mirrors_metrics_offline_by_default(tmp_path, monkeypatch, env, mode):
+    from astrobio.train.logging import MetricsLogger
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    for key in ("WANDB_API_KEY", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config = parse_config(small_args(tmp_path)).to_dict()
+    logger = MetricsLogger(tmp_path, config, wandb_project="astro", wandb_name="probe")
+    logger.log({"step": 3, "loss": 1.5})
+    logger.close()
+    assert fake.init_kwargs["mode"] == mode and fake.init_kwargs["project"] == "astro"
+    assert "secret-key" not in json.dumps(fake.init_kwargs["config"])
+    assert fake.logged == [(3, {"loss": 1.5})] and fake.finished
+    assert json.loads((tmp_path / "metrics.jsonl").read_text()) == {"step": 3, "loss": 1.5}
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("wandb") is not None, reason="wandb is installed")
+def test_wandb_project_without_wandb_is_a_config_error(tmp_path, capsys):
+    assert main(small_args(tmp_path / "run", "--wandb-project", "astro")) == 2
+    assert "pip install wandb" in capsys.readouterr().err

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, f in FIELDS.items():
         flag = "--" + name.replace("_", "-")
         meta = f.metadata
-        help_text = f"{meta['help']} (default: {f.default})"
+        help_text = meta["help"] if f.default is None else f"{meta['help']} (default: {f.default})"
         if meta["kind"] is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
         else:
