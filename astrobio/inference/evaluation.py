@@ -1,0 +1,141 @@
+"""Evaluation: validation loss and perplexity on a data source, and a task accuracy.
+
+The task probe asks the model to complete a derived field of a record (habitable-zone membership
+``hz``, or the planet's mass class ``type``) from the record before it. Each candidate label is scored
+by the model's log-probability of ``label + "\\n"`` after the prompt, and the best one is the
+prediction (ranking, so a model cannot lose points to formatting). The truth is recomputed from the
+record's own printed quantities with the physics that generated the corpus (``astrobio.data.derive``),
+not read from the text. Accuracy comes with a 95% Wilson interval and the majority-class baseline
+of the same examples.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from astrobio.data import derive, field_completions, parse_record
+
+PROBE_LABELS = {"hz": ("yes", "no"), "type": ("terran", "neptunian", "jovian")}
+
+
+@dataclass
+class ProbeResult:
+    field: str
+    source: str
+    examples: int
+    correct: int
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    majority_label: str
+    majority_baseline: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (f"{self.field} on {self.source}: accuracy {self.accuracy:.1%} "
+                f"(95% CI {self.ci_low:.1%}-{self.ci_high:.1%}, n={self.examples}); "
+                f"majority class '{self.majority_label}' {self.majority_baseline:.1%}")
+
+
+def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def physics_truth(prompt: str, field: str) -> str | None:
+    """The field's value for the last planet in ``prompt``, recomputed by the corpus physics from the
+    sampled quantities printed before it (every derived field in the chain is recomputed)."""
+    text = prompt[: prompt.rfind("\n")] if "\n" in prompt else prompt  # drop the open 'field: ' line
+    derived = derive(parse_record(text))
+    if not derived["planets"]:
+        return None
+    value = derived["planets"][-1].get(field)
+    return None if value is None else str(value)
+
+
+def probe_examples(records: list[str], field: str, limit: int, physics: bool = True) -> list[tuple[str, str]]:
+    """(prompt, truth) pairs, at most ``limit``; ``physics`` recomputes the truth (built-in corpus);
+    otherwise the printed value is taken (catalogue records, derived by the reader from real values)."""
+    labels = PROBE_LABELS[field]
+    examples = []
+    for record in records:
+        for prompt, printed in field_completions(record, field):
+            truth = physics_truth(prompt, field) if physics else printed
+            if truth in labels:
+                examples.append((prompt, truth))
+            if len(examples) >= limit:
+                return examples
+    return examples
+
+
+@torch.no_grad()
+def label_scores(model, tokenizer, prompt: str, labels: tuple[str, ...], context: int) -> torch.Tensor:
+    """Log-probability of each ``label + "\\n"`` after the last ``context`` tokens of the prompt."""
+    device = next(model.parameters()).device
+    prompt_ids = [tokenizer.bos_id] + tokenizer.encode(prompt)
+    answers = [tokenizer.encode(label + "\n") for label in labels]
+    keep = max(1, context - max(len(a) for a in answers))
+    prompt_ids = prompt_ids[-keep:]
+    length = len(prompt_ids) + max(len(a) for a in answers)
+    batch = torch.full((len(labels), length), tokenizer.pad_id, dtype=torch.long)
+    for i, answer in enumerate(answers):
+        row = prompt_ids + answer
+        batch[i, : len(row)] = torch.tensor(row)
+    logprobs = F.log_softmax(model(batch.to(device)).float(), dim=-1)
+    scores = []
+    for i, answer in enumerate(answers):
+        positions = torch.arange(len(prompt_ids) - 1, len(prompt_ids) - 1 + len(answer))
+        targets = torch.tensor(answer)
+        scores.append(logprobs[i, positions, targets].sum())
+    return torch.stack(scores)
+
+
+def run_probe(model, tokenizer, records: list[str], field: str, source: str, context: int,
+              limit: int = 400, physics: bool = True) -> ProbeResult:
+    labels = PROBE_LABELS[field]
+    examples = probe_examples(records, field, limit, physics)
+    if not examples:
+        raise ValueError(f"no record of {source} holds a '{field}:' line to probe")
+    correct = 0
+    for prompt, truth in examples:
+        scores = label_scores(model, tokenizer, prompt, labels, context)
+        correct += labels[int(scores.argmax())] == truth
+    counts = Counter(truth for _, truth in examples)
+    majority, majority_count = counts.most_common(1)[0]
+    low, high = wilson_interval(correct, len(examples))
+    return ProbeResult(field, source, len(examples), correct, correct / len(examples), low, high, majority,
+                       majority_count / len(examples))
+
+
+@torch.no_grad()
+def validation_loss(model, tokens: torch.Tensor, seq_len: int, batch_size: int = 8,
+                    max_batches: int | None = None) -> dict:
+    """Mean next-token loss over consecutive windows of ``tokens`` and its perplexity."""
+    from astrobio.data import PackedLoader
+    windows = (len(tokens) - 1) // seq_len
+    if windows < 1:
+        raise ValueError(f"the evaluation split ({len(tokens)} tokens) is shorter than one sequence of "
+                         f"{seq_len + 1} tokens; use more data or a smaller --seq-len")
+    loader = PackedLoader(tokens, seq_len, min(batch_size, windows), seed=0, shuffle=False)
+    count = loader.batches_per_epoch if max_batches is None else min(max_batches, loader.batches_per_epoch)
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    it = iter(loader)
+    for _ in range(count):
+        inputs, targets = next(it)
+        logits = model(inputs.to(device)).float()
+        total += F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="sum").item()
+        n += targets.numel()
+    loss = total / n
+    return {"val_loss": loss, "perplexity": math.exp(min(loss, 80.0)), "tokens": n}
