@@ -88,9 +88,10 @@ setup(
     package_dir={"astrobio.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    install_requires=["torch>=2.11", "numpy", "tqdm", "matplotlib", "pyyaml", "safetensors"],
+    install_requires=["torch>=2.11", "numpy", "tqdm", "matplotlib", "pyyaml", "safetensors", "torch-geometric"],
     extras_require={
         "test": ["pytest", "hypothesis"],
+        "wandb": ["wandb"],
         "gpu": ["triton", "bitsandbytes"],
         "compare": ["deepspeed", "torchao", "bitsandbytes"],
     },
