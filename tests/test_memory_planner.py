@@ -10,7 +10,7 @@ import torch
 from astrobio.memory import PlanConfig, PlanError, check_fits, format_plan, get_hardware, parse_bytes, plan, preflight
 from astrobio.memory import activations as act
 from astrobio.memory.planner import moments_bytes, occupancy
-from astrobio.memory.validate import CpuCase, measure_cpu
+from astrobio.memory.validate import CpuCase, measure_cpu, measure_cuda, run_stage
 from astrobio.model import build_model, get_config
 from astrobio.model.transformer import TransformerBlock, rotary_tables
 from astrobio.optim.adamw8bit import AdamW8bit
@@ -167,3 +167,18 @@ def test_planned_peak_matches_measured_on_the_cpu_within_20_percent():
     assert activations > 0.5 * tiny_plan.devices[0].total  # so the first case tests the activation count
     for result in measure_cpu(cases):
         assert 0.8 <= result.ratio <= 1.2, result.as_dict()
+
+
+def test_gpu_check_stage_run_streams_every_gradient():
+    """The stage run that benchmarks/validate_memory_plan.py measures on a GPU, here on tiny shapes."""
+    p = plan(PlanConfig(model=get_config("tiny", vocab_size=300), stages=2, seq_len=32, micro_batches=4,
+                        hardware="cpu", buckets_in_flight=1, bucket_bytes=1))
+    for stage in range(2):
+        held = 1 + max(b for b, _ in occupancy("1f1b", 2, stage, 4))
+        assert run_stage(p, stage, torch.device("cpu")) == held * 2 * p.stage_params[stage]  # bf16 gradients
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_planned_peak_matches_measured_on_a_gpu_within_10_percent():
+    for result in measure_cuda(layers=4, seq_len=1024):
+        assert 0.9 <= result.ratio <= 1.1, result.as_dict()

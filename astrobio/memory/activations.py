@@ -76,13 +76,14 @@ def head_saved_bytes(config: ModelConfig, tokens: Tokens, act_bytes: int) -> int
     return 2 * FP32 * t * h + act_bytes * t * h
 
 
-def loss_working_bytes(config: ModelConfig, tokens: Tokens, act_bytes: int, chunks: int = 1) -> int:
-    """Logits and cross-entropy over them, at the backward's peak.
+def loss_working_bytes(config: ModelConfig, tokens: Tokens, chunks: int = 1) -> int:
+    """Cross-entropy over the logits, at its backward's peak.
 
-    Logits [T, vocab] in the activation dtype; ``cross_entropy(logits.float(), ...)`` keeps the fp32
-    log-softmax output, and its backward holds the dense fp32 gradient of the log-probabilities and of
-    the logits at once: (e + 12) bytes per logit. Computed ``chunks`` pieces at a time (head + loss per
-    chunk of the sequence) it divides by ``chunks``.
+    ``cross_entropy(logits.float(), ...)`` keeps the fp32 log-softmax output; the logits in the
+    activation dtype are released once their fp32 copy exists (the trainer and the pipeline executor
+    keep only the loss), so the forward holds at most (e + 8) bytes per logit. The backward holds the
+    saved log-probabilities, the dense fp32 gradient of the log-probabilities and that of the logits at
+    once: 12 bytes per logit, the larger of the two. Computed ``chunks`` pieces at a time (head + loss
+    per chunk of the sequence) it divides by ``chunks``.
     """
-    logits = tokens.count * config.vocab_size
-    return -(-(act_bytes + 3 * FP32) * logits // chunks)
+    return -(-3 * FP32 * tokens.count * config.vocab_size // chunks)

@@ -267,10 +267,14 @@ def backward_moments(s: StageShape, cfg: PlanConfig, grads: dict[str, int], othe
     out = []
     done = 0
     if s.is_last:
-        loss = act.loss_working_bytes(m, t, e, cfg.loss_chunks)
-        g = accumulated if grads_resident else grad_in_flight("head")
-        out.append(("backward of the loss", others + full, loss, g))
+        loss = act.loss_working_bytes(m, t, cfg.loss_chunks)
+        # no gradient of this micro-batch exists yet; then the head's backward holds the logits'
+        # gradient in the activation dtype and produces the head's (largest) weight gradient
+        out.append(("backward of the loss", others + full, loss, accumulated))
         done = grads.get("head", 0) + grads.get("norm", 0)
+        logits_grad = -(-e * t.count * m.vocab_size // cfg.loss_chunks)
+        out.append(("backward of the head", others + full, logits_grad,
+                    (accumulated or done) if grads_resident else grad_in_flight("head")))
     hidden = act.hidden_bytes(m, t, e)
     # under checkpointing the block input is the checkpoint itself, already counted in ``hidden``
     saved = act.block_saved_bytes(m, t, e) + (0 if cfg.checkpointing else act.block_input_saved(m, t, e))

@@ -21,10 +21,11 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.graph import get_gradient_edge
 
 from astrobio.memory.planner import Plan, PlanConfig, occupancy, plan
 from astrobio.model import build_model, build_stage, get_config
@@ -139,54 +140,66 @@ def measure_cpu(cases: list[CpuCase], threads: int = 1) -> list[Comparison]:
 # CUDA: one stage at a time
 
 
-def stream_gradients_out(module: torch.nn.Module, host: dict) -> None:
-    """Copies each gradient to the host and frees it, as the offload engine does."""
+def stream_gradients_out(module: torch.nn.Module, streamed: list) -> list:
+    """Copies each gradient to the host and frees it on the device, as the offload engine does."""
     def hook(p: torch.Tensor) -> None:
-        host[id(p)] = p.grad.to("cpu", non_blocking=False)
+        streamed.append(p.grad.to("cpu").nbytes)
         p.grad = None
-    for p in module.parameters():
-        p.register_post_accumulate_grad_hook(hook)
+    return [p.register_post_accumulate_grad_hook(hook) for p in module.parameters()]
 
 
-def measure_cuda_stage(p: Plan, stage: int, device: torch.device) -> Comparison:
+def run_stage(p: Plan, stage: int, device: torch.device) -> int:
+    """The stage's worst stretch of a step: the forwards of the micro-batches it holds at once, then
+    their backwards, keeping what the pipeline executor keeps (a received input; of a sent output,
+    only its autograd edge). Returns the gradient bytes streamed out."""
     cfg, model = p.config, p.model
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated(device)
-    module = build_stage(model, stage, p.split, device="meta").to_empty(device=device).to(torch.bfloat16)
+    module = build_stage(model, stage, p.split, device="meta", dtype=torch.bfloat16).to_empty(device=device)
     with torch.no_grad():
         for t in module.parameters():
             t.normal_(0, 0.02)
     module.gradient_checkpointing = cfg.checkpointing
-    stream_gradients_out(module, {})
-    torch.cuda.reset_peak_memory_stats(device)
-    n = 1 + max(waiting_b for waiting_b, _ in occupancy(cfg.schedule, cfg.stages, stage, cfg.micro_batches))
+    streamed: list[int] = []
+    hooks = stream_gradients_out(module, streamed)
+    held = 1 + max(waiting_b for waiting_b, _ in occupancy(cfg.schedule, cfg.stages, stage, cfg.micro_batches))
     shape = (cfg.micro_batch_size, cfg.seq_len)
-    outputs = []
-    for _ in range(n):
+    roots = []
+    for _ in range(held):
         if module.is_first:
             x = torch.randint(0, model.vocab_size, shape, device=device)
         else:
             x = torch.randn(*shape, model.d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
-        outputs.append((x, module(x)))
-    for x, out in outputs:
+        out = module(x)
         if module.is_last:
             target = torch.randint(0, model.vocab_size, shape, device=device)
-            loss = F.cross_entropy(out.float().flatten(0, 1), target.flatten())
-            del out
-            loss.backward()
+            roots.append((x, F.cross_entropy(out.float().flatten(0, 1), target.flatten()), None))
         else:
-            out.backward(torch.randn_like(out))
-    outputs.clear()
+            roots.append((x, get_gradient_edge(out), (out.shape, out.dtype)))
+        del out
+    for x, root, meta in roots:
+        grad = None if meta is None else [torch.randn(meta[0], dtype=meta[1], device=device)]
+        torch.autograd.backward([root], grad)
+    roots.clear()
+    for h in hooks:
+        h.remove()
+    return sum(streamed)
+
+
+def measure_cuda_stage(p: Plan, stage: int, device: torch.device) -> Comparison:
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    run_stage(p, stage, device)
     torch.cuda.synchronize(device)
     measured = torch.cuda.max_memory_allocated(device) - before
     planned = sum(t.bytes for t in p.devices[stage].terms if t.name not in ("allocator slack", "CUDA context"))
-    del module
-    return Comparison(f"cuda {model.n_layers}-layer 13B-shaped stage {stage}", planned, measured)
+    return Comparison(f"cuda {p.model.n_layers}-layer 13B-shaped stage {stage}", planned, measured)
 
 
 def cuda_check_config(layers: int, seq_len: int) -> PlanConfig:
-    from dataclasses import replace
+    """13B's shapes (d_model, heads, SwiGLU width, vocab) with ``layers`` layers, two stages, 1F1B.
+    The measurement frees each gradient as soon as it is copied, so one parameter's gradient is in
+    flight: one bucket, of one parameter (``buckets_in_flight=1``, ``bucket_bytes=1``)."""
     model = replace(get_config("13b"), n_layers=layers)
     return PlanConfig(model=model, stages=2, seq_len=seq_len, micro_batch_size=1, micro_batches=8,
                       schedule="1f1b", checkpointing=True, offload=True, hardware="h200",
@@ -194,12 +207,10 @@ def cuda_check_config(layers: int, seq_len: int) -> PlanConfig:
 
 
 def measure_cuda(layers: int = 4, seq_len: int = 2048) -> list[Comparison]:
-    """Each stage of a 13B-shaped model with ``layers`` layers: planned against measured allocator peak.
-
-    The hook above frees each gradient as soon as it is copied, so one parameter's gradient is in
-    flight: the plan is asked for one bucket of the largest gradient (``buckets_in_flight=1``)."""
+    """Each stage of the 13B-shaped model, one after the other on one GPU: planned allocated bytes
+    against the caching allocator's peak."""
     p = plan(cuda_check_config(layers, seq_len))
-    device = torch.device("cuda")
+    device = torch.device("cuda", torch.cuda.current_device())
     return [measure_cuda_stage(p, s, device) for s in range(p.config.stages)]
 
 
