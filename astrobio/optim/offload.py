@@ -109,7 +109,7 @@ class _HostLink:
     the CPU the copies are plain host copies and every event is None."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device, self.cuda = device, device.type == "cuda"
         if self.cuda:
             self.d2h = torch.cuda.Stream(device)
             self.h2d = torch.cuda.Stream(device)
@@ -119,7 +119,7 @@ class _HostLink:
         if not self.cuda:
             dst.copy_(src)
             return
-        self.d2h.wait_stream(torch.cuda.current_stream(src.device))
+        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.d2h):
             dst.copy_(src, non_blocking=True)
         src.record_stream(self.d2h)  # the allocator keeps src's memory until the copy has run
@@ -128,7 +128,7 @@ class _HostLink:
         return self.d2h.record_event() if self.cuda else None
 
     def compute_done(self) -> torch.cuda.Event | None:
-        return torch.cuda.current_stream().record_event() if self.cuda else None
+        return torch.cuda.current_stream(self.device).record_event() if self.cuda else None
 
     @staticmethod
     def wait_host(event: torch.cuda.Event | None) -> None:
@@ -149,10 +149,10 @@ class _HostLink:
                 dst.copy_(src, non_blocking=True)
             return self.h2d.record_event()
 
-    @staticmethod
-    def wait_device(event: torch.cuda.Event | None) -> None:
+    def wait_device(self, event: torch.cuda.Event | None) -> None:
+        """Order the device's current stream after ``event`` (the host does not wait)."""
         if event is not None:
-            torch.cuda.current_stream().wait_event(event)
+            torch.cuda.current_stream(self.device).wait_event(event)
 
 
 class _StagingPool:
@@ -268,7 +268,17 @@ def _host_step_function(backend: str) -> Callable[..., None]:
 
 
 class OffloadEngine:
-    """Host-resident 8-bit AdamW fed by gradient hooks; see the module docstring for the protocol."""
+    """Host-resident 8-bit AdamW fed by gradient hooks; see the module docstring for the protocol.
+
+    ``params``: parameters or (name, parameter) pairs, all on one device, all trainable. ``lr``, ``betas``,
+    ``eps``, ``weight_decay``: as AdamW8bit (one set for all parameters). ``max_grad_norm``: clip the
+    global norm to this (None: no clipping). ``accum_dtype``: "fp32" or "bf16" host accumulators.
+    ``master_weights``: "fp32", or "bf16-sr" (bf16 masters with stochastic rounding, no fp32 copy).
+    ``bucket_bytes``: device-gradient bytes per bucket (parameters of one dtype, in backward order).
+    ``module``: the model (or stage) whose forward pre-hooks wait per bucket. ``min_8bit_size``, ``seed``:
+    as AdamW8bit; ``index_offset``: see pipeline stages. ``num_workers``: CPU worker threads (each bucket
+    always on the same one). ``backend``: "auto"/"cpu" (the C++ kernel) or "reference".
+    """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, max_grad_norm: float | None = None,
