@@ -167,7 +167,7 @@ def test_resume_with_another_model_shape_is_refused(tmp_path, capsys):
     assert err.count("\n") == 1 and "seq_len=32" in err
 
 
-def test_sigint_checkpoints_and_resume_continues(tmp_path):
+def test_sigint_checkpoints_and_resume_continues_exactly(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "astrobio.train", *run_args(out, "--steps", "400", "--save-every-n-steps", "0")]
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -183,5 +183,8 @@ def test_sigint_checkpoints_and_resume_continues(tmp_path):
     assert 3 <= stopped < 400
     assert (out / "checkpoints" / f"step-{stopped}" / "manifest.json").is_file()
     assert json.loads((out / "summary.json").read_text())["steps"] == stopped
-    assert main(run_args(out, "--steps", str(stopped + 2), "--resume", "auto")) == 0
+    more = ["--steps", "400", "--save-every-n-steps", "0", "--stop-at-step", str(stopped + 2)]
+    assert main(run_args(out, *more, "--resume", "auto")) == 0
+    run(parse_config(run_args(tmp_path / "straight", *more)))
     assert sorted(losses(out)) == list(range(1, stopped + 3))
+    assert losses(out) == losses(tmp_path / "straight")

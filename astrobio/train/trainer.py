@@ -24,6 +24,7 @@ import random
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -246,6 +247,8 @@ class StopSignal:
         self.previous = {}
 
     def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self  # handlers can only be installed from the main thread
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.previous[sig] = signal.signal(sig, self.handle)
         return self
@@ -313,6 +316,7 @@ class Trainer:
         self.initial_val_loss, self.last_val_loss = info["initial_val_loss"], info["last_val_loss"]
         self.last_loss, self.skipped_steps = info["last_loss"], info["skipped_steps"]
         self.train_time, self.tokens_seen = info["train_time_s"], info["tokens_seen"]
+        self.last_checkpoint = resume.path
         self.logger.truncate_after(self.step)
 
     # ---- the loop
@@ -365,7 +369,7 @@ class Trainer:
         last = step == stop_at
         evaluate = last or (config.eval_every_n_steps and step % config.eval_every_n_steps == 0)
         record = None
-        if evaluate or last or step % config.log_every_n_steps == 0:
+        if evaluate or step % config.log_every_n_steps == 0:
             record = {"step": step, "epoch": round(self.epoch(), 4), "loss": self.last_loss, "lr": self.lr,
                       "grad_norm": self.grad_norm, "tokens_per_s": window[1] / max(window[0], 1e-9),
                       "skipped_steps": self.skipped_steps, **memory_stats(self.device)}
@@ -404,7 +408,7 @@ class Trainer:
     def summary(self, wall_time: float, plot: Path, signum: int | None) -> dict:
         out = Path(self.config.output_dir)
         summary = {
-            "steps": self.step, "of_steps": self.config.steps, "stopped_by_signal": signum is not None,
+            "steps": self.step, "of_steps": self.config.steps, "stopped_by_signal": signum,
             "tokens_per_s": self.tokens_seen / max(self.train_time, 1e-9),
             "final_train_loss": self.last_loss, "final_val_loss": self.last_val_loss,
             "initial_val_loss": self.initial_val_loss,
@@ -534,4 +538,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(format_summary(summary))
-    return 130 if summary["stopped_by_signal"] else 0
+    signum = summary["stopped_by_signal"]
+    return 128 + signum if signum else 0  # the shell's convention for a process stopped by a signal
