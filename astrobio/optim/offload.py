@@ -149,6 +149,11 @@ class _HostLink:
                 dst.copy_(src, non_blocking=True)
             return self.h2d.record_event()
 
+    def finish_uploads(self) -> None:
+        """Host waits until every host-to-device copy has run (before host buffers are rewritten)."""
+        if self.cuda:
+            self.h2d.synchronize()
+
     def wait_device(self, event: torch.cuda.Event | None) -> None:
         """Order the device's current stream after ``event`` (the host does not wait)."""
         if event is not None:
@@ -518,11 +523,13 @@ class OffloadEngine:
             self._link.wait_device(stepped.result())
 
     def synchronize(self) -> None:
-        """Wait for every pending accumulation and step; device work after this sees the new weights."""
+        """Wait for every pending accumulation, step and upload; device work after this sees the new
+        weights, and the host buffers are free to read or rewrite."""
         for bucket in self._buckets:
             if bucket.accumulated is not None:
                 bucket.accumulated.result()
             self._wait_step(bucket)
+        self._link.finish_uploads()
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
