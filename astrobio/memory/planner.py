@@ -440,7 +440,8 @@ def plan(cfg: PlanConfig) -> Plan:
 def plan_notes(cfg: PlanConfig, hw: HardwareProfile) -> list[str]:
     notes = []
     if cfg.schedule == "zb-h1":
-        notes.append("ZB-H1 keeps each deferred W's linear inputs and output gradients until W runs.")
+        notes.append("ZB-H1 (astrobio.parallel.executor): a stage after the first keeps each micro-batch's graph and "
+                     "its caught Linear-output gradients from its B until its W.")
     if hw.unified:
         notes.append("CPU: the devices are host memory; their peaks count against the host budget.")
     return notes
