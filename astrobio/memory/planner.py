@@ -298,56 +298,77 @@ def backward_moments(s: StageShape, cfg: PlanConfig, grads: dict[str, int], othe
     return out
 
 
-def plan_stage(cfg: PlanConfig, hw: HardwareProfile, s: StageShape, stage: int,
-               tensors: list[tuple[str, int]], param_bytes: int) -> MemoryBudget:
+def resident_terms(cfg: PlanConfig, tensors: list[tuple[str, int]], param_bytes: int) -> list[Term]:
+    """What a stage holds all step long: its weights, and without offload the optimizer's tensors."""
     numels = [n for _, n in tensors]
     n_params = sum(numels)
     dtype_name = "bf16" if param_bytes == 2 else "fp32"
-    resident = [Term(f"{dtype_name} weights", param_bytes * n_params, f"{n_params / 1e9:.3f}B parameters")]
+    terms = [Term(f"{dtype_name} weights", param_bytes * n_params, f"{n_params / 1e9:.3f}B parameters")]
     if cfg.autocast and param_bytes == 4:
         matrices = sum(n for name, n in tensors if name.endswith("weight") and "norm" not in name
                        and not name.startswith("embed"))
-        resident.append(Term("autocast bf16 weight copies", 2 * matrices, "autocast's cast cache"))
+        terms.append(Term("autocast bf16 weight copies", 2 * matrices, "autocast's cast cache"))
     if not cfg.offload:
         if param_bytes == 2 and cfg.master_weights == "fp32":
-            resident.append(Term("fp32 master weights", 4 * n_params, "on the device (no offload)"))
+            terms.append(Term("fp32 master weights", 4 * n_params, "on the device (no offload)"))
         state_bytes = 4 if (param_bytes == 4 or cfg.master_weights == "fp32") else 2
-        resident.append(Term(f"optimizer moments ({cfg.optimizer})",
-                             moments_bytes(numels, cfg.optimizer, state_bytes), "on the device (no offload)"))
+        terms.append(Term(f"optimizer moments ({cfg.optimizer})",
+                          moments_bytes(numels, cfg.optimizer, state_bytes), "on the device (no offload)"))
+    return terms
 
+
+@dataclass
+class PeakMoment:
+    name: str
+    activations: int
+    loss: int
+    gradients: int
+    waiting_b: int  # other micro-batches held, waiting for their B
+    waiting_w: int  # ... waiting for their W
+
+
+def peak_moment(cfg: PlanConfig, s: StageShape, stage: int, tensors: list[tuple[str, int]],
+                param_bytes: int) -> PeakMoment:
+    """The moment of the step when the stage's activations, loss and gradients add up the most."""
     grads = layer_grad_bytes(tensors, param_bytes)
     buckets = gradient_buckets(tensors, cfg.bucket_bytes, param_bytes)
 
     def grad_in_flight(key: str) -> int:
         """The bucket holding ``key``'s gradients filling while the previous ones copy out."""
         return cfg.buckets_in_flight * max(b for b, keys in buckets if key in keys)
-    split = splits_backward(cfg.schedule, stage)
+
     per_mb, per_w = micro_batch_activations(s, cfg.checkpointing), w_pending_bytes(s, cfg.checkpointing)
     n_b, n_w = max(occupancy(cfg.schedule, cfg.stages, stage, cfg.micro_batches),
                    key=lambda bw: bw[0] * per_mb + bw[1] * per_w)
     others = n_b * per_mb + n_w * per_w
+    split = splits_backward(cfg.schedule, stage)
     moments = backward_moments(s, cfg, grads, others, split, not cfg.offload, grad_in_flight)
     if not cfg.offload:
         moments.append(("optimizer step", 0, 0, sum(grads.values())))
-    moment, activ, loss, g = max(moments, key=lambda x: x[1] + x[2] + x[3])
+    name, activations, loss, gradients = max(moments, key=lambda x: x[1] + x[2] + x[3])
+    return PeakMoment(name, activations, loss, gradients, n_b, n_w)
 
-    terms = list(resident)
+
+def plan_stage(cfg: PlanConfig, hw: HardwareProfile, s: StageShape, stage: int,
+               tensors: list[tuple[str, int]], param_bytes: int) -> MemoryBudget:
+    peak = peak_moment(cfg, s, stage, tensors, param_bytes)
+    terms = resident_terms(cfg, tensors, param_bytes)
     grad_detail = (f"{cfg.buckets_in_flight} buckets streamed to the host" if cfg.offload
                    else "resident on the device, at the peak moment")
-    terms.append(Term("gradients", g, grad_detail))
+    terms.append(Term("gradients", peak.gradients, grad_detail))
     how = ("layer-boundary checkpoints + one block's recompute working set" if cfg.checkpointing
            else "every block's saved tensors")
-    wdetail = f", {n_w} more waiting for W" if n_w else ""
-    terms.append(Term("activations", activ, f"{n_b + 1} micro-batch(es) in flight ({cfg.schedule}{wdetail}); {how}"))
-    terms.append(Term("logits + loss", loss, f"last stage, {cfg.loss_chunks} chunk(s); at the peak moment"))
+    waiting_w = f", {peak.waiting_w} more waiting for W" if peak.waiting_w else ""
+    terms.append(Term("activations", peak.activations,
+                      f"{peak.waiting_b + 1} micro-batch(es) in flight ({cfg.schedule}{waiting_w}); {how}"))
+    terms.append(Term("logits + loss", peak.loss, f"last stage, {cfg.loss_chunks} chunk(s); at the peak moment"))
     allocated = sum(t.bytes for t in terms)
-    terms.append(Term("allocator slack", int(hw.allocator_slack * allocated),
-                      f"{hw.allocator_slack:.0%} of allocated"))
+    terms.append(Term("allocator slack", int(hw.allocator_slack * allocated), f"{hw.allocator_slack:.0%} of allocated"))
     if hw.context_bytes:
         terms.append(Term("CUDA context", hw.context_bytes, "context, cuBLAS workspace, NCCL buffers"))
     capacity = cfg.gpu_memory or hw.device_memory
     return MemoryBudget(label=f"stage {stage}", terms=terms, budget=int(cfg.max_device_fraction * capacity),
-                        capacity=capacity, moment=moment, params=n_params)
+                        capacity=capacity, moment=peak.name, params=sum(n for _, n in tensors))
 
 
 # ---------------------------------------------------------------------------------------------------

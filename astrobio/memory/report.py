@@ -14,6 +14,10 @@ def size(n_bytes: int) -> str:
     return f"{n_bytes / GIB:.2f} GiB"
 
 
+def count(n: int) -> str:
+    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
 def verdict(b: MemoryBudget) -> str:
     return "fits" if b.fits else f"DOES NOT FIT ({size(b.total - b.budget)} over)"
 
@@ -22,7 +26,7 @@ def header(p: Plan) -> list[str]:
     c, m = p.config, p.model
     offload = (f"CPU offload on (master {c.master_weights}, accumulators {c.accum_dtype}, {c.optimizer})"
                if c.offload else f"no offload ({c.optimizer} on the device)")
-    return [f"model {c.model if isinstance(c.model, str) else 'custom'}: {p.total_params / 1e9:.3f}B parameters "
+    return [f"model {c.model if isinstance(c.model, str) else 'custom'}: {count(p.total_params)} parameters "
             f"(meta-device count), {m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}",
             f"run: {c.stages} stage(s) on {p.hardware.name}, seq {c.seq_len}, micro-batch {c.micro_batch_size} x "
             f"{c.micro_batches} per step, {c.schedule}, checkpointing {'on' if c.checkpointing else 'off'}, {offload}"]
@@ -35,11 +39,12 @@ def device_table(p: Plan) -> list[str]:
     first = p.devices[0]
     cols = [d.label for d in p.devices]
     width = max(len(n) for n in names + ["parameters"]) + 2
-    title = (f"device memory per stage (budget {size(first.budget)} = "
-             f"{first.budget / first.capacity:.0%} of {size(first.capacity)})")
+    title = ("device memory per stage (the devices are host memory: see the host budget)" if p.hardware.unified
+             else f"device memory per stage (budget {size(first.budget)} = "
+                  f"{first.budget / first.capacity:.0%} of {size(first.capacity)})")
     lines = [title, " " * width + "".join(f"{c:>14}" for c in cols)]
     lines.append("layers".ljust(width) + "".join(f"{f'{d.layers[0]}-{d.layers[1]}':>14}" for d in p.devices))
-    lines.append("parameters".ljust(width) + "".join(f"{f'{d.params / 1e9:.3f}B':>14}" for d in p.devices))
+    lines.append("parameters".ljust(width) + "".join(f"{count(d.params):>14}" for d in p.devices))
     for name in names:
         values = [next((t.bytes for t in d.terms if t.name == name), 0) for d in p.devices]
         lines.append(name.ljust(width) + "".join(f"{size(v):>14}" for v in values))
