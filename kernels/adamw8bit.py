@@ -5,8 +5,9 @@ CUDA kernels, bit for bit): each program owns ``ROWS`` quantization blocks of 25
 [ROWS, 256] tile, so a block's absmax is a row reduction and the whole step is one pass over memory.
 Rounding is made explicit where Triton's defaults differ from IEEE: ``tl.div_rn`` and ``tl.sqrt_rn``
 (plain ``/`` and ``tl.sqrt`` are approximate on the GPU) and ``enable_fp_fusion=False`` (no
-multiply-add contraction). The nearest code is a branchless binary search over the thresholds
-``(qmap[i] + qmap[i + 1]) * 0.5``, computed on the fly from the (cached) 1 KB map.
+multiply-add contraction). The nearest code is a branchless binary search over the 255 thresholds
+``(qmap[i] + qmap[i + 1]) * 0.5`` (reference.thresholds, computed per call by two tiny torch ops, so
+that a probe is one load from the L1-resident 1 KB table).
 
 ``adamw8bit_step`` takes the op's argument list (csrc/ops.cpp), validates it as the C++ op does and
 runs the kernel; astrobio.ops routes the backend "triton" here. Runs on CUDA tensors, or on CPU
@@ -22,7 +23,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from astrobio.optim.reference import BLOCK_SIZE, StepConstants
+from astrobio.optim.reference import BLOCK_SIZE, StepConstants, thresholds
 
 QMAP_SIZE = 256
 ROWS = 4       # quantization blocks per program: 1024 elements, 8 per thread with 4 warps
@@ -40,13 +41,12 @@ def _mix32(x):
 
 
 @triton.jit
-def _nearest_code(qmap_ptr, n):
-    """The number of thresholds strictly below n: binary search, 8 probes of a 256-entry map."""
+def _nearest_code(thresholds_ptr, n):
+    """The number of the 255 thresholds strictly below n: a binary search of 8 probes."""
     code = tl.zeros(n.shape, tl.int32)
     for k in tl.static_range(8):  # probe widths 128, 64, ..., 1
-        lo = tl.load(qmap_ptr + code + ((128 >> k) - 1))
-        hi = tl.load(qmap_ptr + code + (128 >> k))
-        code = tl.where(n > (lo + hi) * 0.5, code + (128 >> k), code)
+        probe = tl.load(thresholds_ptr + code + ((128 >> k) - 1))
+        code = tl.where(n > probe, code + (128 >> k), code)
     return code
 
 
@@ -67,7 +67,8 @@ def _round_nearest_bf16_bits(p):
 
 @triton.jit(do_not_specialize=["seed"])
 def _adamw8bit_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, absmax1_ptr, absmax2_ptr,
-                      qmap1_ptr, qmap2_ptr, param_bf16_ptr, found_inf_ptr, numel,
+                      qmap1_ptr, qmap2_ptr, thresholds1_ptr, thresholds2_ptr, param_bf16_ptr, found_inf_ptr,
+                      numel,
                       beta1, beta2, one_minus_beta1, one_minus_beta2, eps, grad_scale, decay, step_size,
                       inv_bc2_sqrt, seed,
                       QUANTIZED: tl.constexpr, PARAM_IS_BF16: tl.constexpr, WRITE_BF16: tl.constexpr,
@@ -117,8 +118,8 @@ def _adamw8bit_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, absmax1_
         max2 = tl.max(tl.abs(v), axis=1)
         inv1 = _inverse_or_zero(max1)
         inv2 = _inverse_or_zero(max2)
-        code1 = _nearest_code(qmap1_ptr, m * inv1[:, None])
-        code2 = _nearest_code(qmap2_ptr, v * inv2[:, None])
+        code1 = _nearest_code(thresholds1_ptr, m * inv1[:, None])
+        code2 = _nearest_code(thresholds2_ptr, v * inv2[:, None])
         tl.store(exp_avg_ptr + offs, code1.to(tl.uint8), mask=mask)
         tl.store(exp_avg_sq_ptr + offs, code2.to(tl.uint8), mask=mask)
         tl.store(absmax1_ptr + block, max1, mask=row_mask)
@@ -144,10 +145,10 @@ def adamw8bit_step_triton(param: torch.Tensor, grad: torch.Tensor, exp_avg: torc
     seed32 = seed & 0xFFFFFFFF
     grid = (triton.cdiv(numel, ROWS * BLOCK_SIZE),)
     # Unused pointer arguments get `param`: the constexpr flags keep the kernel from touching them.
+    maps = (qmap1, qmap2, thresholds(qmap1), thresholds(qmap2)) if quantized else (param,) * 4
     wrap_triton(_adamw8bit_kernel)[grid](
         param, grad, exp_avg, exp_avg_sq,
-        absmax1 if quantized else param, absmax2 if quantized else param,
-        qmap1 if quantized else param, qmap2 if quantized else param,
+        absmax1 if quantized else param, absmax2 if quantized else param, *maps,
         param if param_bf16 is None else param_bf16, param if found_inf is None else found_inf, numel,
         c.beta1, c.beta2, c.one_minus_beta1, c.one_minus_beta2, c.eps, c.grad_scale, c.decay, c.step_size,
         c.inv_bc2_sqrt, seed32 - (1 << 32) if seed32 >= (1 << 31) else seed32,  # the uint32's int32 bits

@@ -110,7 +110,8 @@ def test_interpreted_kernel_matches_reference_bit_for_bit(interpreted, case):
         assert got[key].dtype == want.dtype, key
         if not torch.equal(got[key].view(torch.uint8), want.view(torch.uint8)):
             diff = (got[key].view(torch.uint8) != want.view(torch.uint8)).nonzero().flatten()
-            raise AssertionError(f"{key} differs from the reference in {diff.numel()} bytes, first at {diff[:8].tolist()}")
+            raise AssertionError(f"{key} differs from the reference in {diff.numel()} bytes, "
+                                 f"first at {diff[:8].tolist()}")
     assert not bool(expected["param"].isnan().any())  # the comparison above saw real numbers
 
 

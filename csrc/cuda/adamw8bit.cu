@@ -8,8 +8,9 @@
 // elements. The block's absmax is then a 5-step warp shuffle reduction (no shared memory, no
 // __syncthreads), and a lane's 8 elements are one 16-byte load of bf16 values, two of fp32 values
 // and one 8-byte load of codes; a warp touches one contiguous 256-element span per array. Thread
-// blocks of 8 warps stride over the quantization blocks (a grid of a few blocks per SM), so the
-// codebooks are staged into shared memory once per thread block, not once per 256 elements.
+// blocks of 8 warps stride over the quantization blocks (one wave: as many blocks as fit on the GPU
+// at once), so the codebooks are staged into shared memory once per thread block, not once per 256
+// elements.
 // Includes no torch header (DESIGN.md 8): the op layer (ops_cuda.cpp) hands over plain pointers.
 #include <cuda_runtime.h>
 
@@ -28,7 +29,6 @@ constexpr int kWarpSize = 32;
 constexpr int kWarps = 8;                               // warps (quantization blocks in flight) per thread block
 constexpr int kThreads = kWarps * kWarpSize;            // == kQmapSize: one codebook entry per thread
 constexpr int kPaddedMap = kQmapSize + kQmapSize / 32;  // one pad word after every 32 thresholds
-constexpr int kBlocksPerSm = 8;
 static_assert(kLane * kWarpSize == kBlockSize, "a warp covers exactly one quantization block");
 static_assert(kThreads == kQmapSize, "the codebook staging loads one entry per thread");
 
@@ -69,14 +69,23 @@ __device__ __forceinline__ uint16_t stochastic_round_bf16(float f, int64_t index
 // Branchless binary search; the table holds threshold j at j + j / 32 so that the lanes of a warp,
 // which search in lockstep, read different banks (unpadded, every probe of the first steps falls in
 // bank 31). Before the probe of width `step` the lower end idx is a multiple of 2 * step, which
-// makes the padded offsets below compile-time constants; q is the padded position of idx.
+// makes the padded offsets below compile-time constants. `at` is the shared-memory byte address of
+// idx's padded position, so a probe is one load at a constant offset, a compare and an add.
+__device__ __forceinline__ float load_shared(uint32_t address) {
+  float value;
+  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(value) : "r"(address));
+  return value;
+}
+
 __device__ __forceinline__ uint32_t nearest_code(const float* thr, float x) {
-  int q = 0;
+  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(thr));
+  uint32_t at = base;
 #pragma unroll
   for (int step = kQmapSize / 2; step >= 1; step >>= 1) {
-    if (x > thr[q + (step - 1) + ((step - 1) >> 5)]) q += step + (step >> 5);
+    if (x > load_shared(at + 4 * ((step - 1) + ((step - 1) >> 5)))) at += 4 * (step + (step >> 5));
   }
-  return static_cast<uint32_t>(q - q / 33);
+  const uint32_t q = (at - base) / 4;  // idx + idx / 32
+  return q - q / 33;
 }
 
 __device__ void stage_codebooks(const StepArgs& a, Codebooks& cb) {
@@ -306,12 +315,30 @@ bool vector_aligned(const StepArgs& a) {
   return codes_ok && aligned_to(a.param, 16) && aligned_to(a.grad, 16) && aligned_to(a.param_bf16, 16);
 }
 
+// How many thread blocks of `kernel` fit on one SM at once (queried once per kernel).
+template <typename Kernel>
+int resident_blocks_per_sm(Kernel kernel) {
+  int blocks = 0;
+  check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, 0), "the occupancy query");
+  return blocks > 0 ? blocks : 1;
+}
+
+// One wave: no more thread blocks than fit on the GPU at once, so the grid-stride loop gives every
+// block the same share and no partial last wave idles part of the chip.
+template <typename ParamT, typename GradT, bool Quantized>
+void launch_kernel(const StepArgs& a, int64_t wanted, int sms, cudaStream_t stream, bool aligned) {
+  const auto kernel = adamw8bit_kernel<ParamT, GradT, Quantized>;
+  static const int per_sm = resident_blocks_per_sm(kernel);
+  const int64_t grid = std::min<int64_t>(wanted, static_cast<int64_t>(sms) * per_sm);
+  kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, aligned);
+}
+
 template <typename ParamT, typename GradT>
-void launch(const StepArgs& a, dim3 grid, cudaStream_t stream, bool aligned) {
+void launch(const StepArgs& a, int64_t wanted, int sms, cudaStream_t stream, bool aligned) {
   if (a.quantized) {
-    adamw8bit_kernel<ParamT, GradT, true><<<grid, kThreads, 0, stream>>>(a, aligned);
+    launch_kernel<ParamT, GradT, true>(a, wanted, sms, stream, aligned);
   } else {
-    adamw8bit_kernel<ParamT, GradT, false><<<grid, kThreads, 0, stream>>>(a, aligned);
+    launch_kernel<ParamT, GradT, false>(a, wanted, sms, stream, aligned);
   }
 }
 
@@ -323,16 +350,15 @@ void adamw8bit_step(const StepArgs& a, void* stream) {
   check(cudaGetDevice(&device), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "reading the multiprocessor count");
   const int64_t blocks = (a.numel + kBlockSize - 1) / kBlockSize;
-  const int64_t wanted = (blocks + kWarps - 1) / kWarps;
-  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(wanted, static_cast<int64_t>(sms) * kBlocksPerSm)));
+  const int64_t wanted = (blocks + kWarps - 1) / kWarps;  // thread blocks for one pass without striding
   const auto s = static_cast<cudaStream_t>(stream);
   const bool aligned = vector_aligned(a);
   const bool fp32_param = a.param_dtype == DType::kFloat32;
   const bool fp32_grad = a.grad_dtype == DType::kFloat32;
-  if (fp32_param && fp32_grad) launch<float, float>(a, grid, s, aligned);
-  else if (fp32_param) launch<float, uint16_t>(a, grid, s, aligned);
-  else if (fp32_grad) launch<uint16_t, float>(a, grid, s, aligned);
-  else launch<uint16_t, uint16_t>(a, grid, s, aligned);
+  if (fp32_param && fp32_grad) launch<float, float>(a, wanted, sms, s, aligned);
+  else if (fp32_param) launch<float, uint16_t>(a, wanted, sms, s, aligned);
+  else if (fp32_grad) launch<uint16_t, float>(a, wanted, sms, s, aligned);
+  else launch<uint16_t, uint16_t>(a, wanted, sms, s, aligned);
   check(cudaGetLastError(), "launching adamw8bit_kernel");
 }
 
