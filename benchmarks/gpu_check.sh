@@ -94,29 +94,36 @@ if ((BUILD_RC == 0)); then
   BUILD_RC=$?
 fi
 
-# --- GPU tests ---------------------------------------------------------------------------------------
+# --- the 8-bit AdamW: GPU tests, then the benchmark ------------------------------------------------
+# Its own tests and benchmark run first (issue #6's acceptance); the other GPU tests follow, so that a
+# slow newcomer cannot use up the budget before them.
 TEST_LOG=$OUT/gpu_tests.log
-: >"$TEST_LOG"
-TEST_RC=1
-if ((BUILD_RC == 0)); then
-  run_step gpu-tests 240 "$TEST_LOG" "$PY" -m pytest -q -m gpu -rfEs -p no:cacheprovider \
-    --continue-on-collection-errors tests/
-  TEST_RC=$?
-  DETAILS[-1]=$(grep -E "(passed|failed|error|skipped)" "$TEST_LOG" | tail -n 1 | tr -d '=' | sed 's/^ *//')
-else
-  skip gpu-tests "the build failed (build.log)"
-fi
-
-# --- benchmarks --------------------------------------------------------------------------------------
 BENCH_LOG=$OUT/benchmarks.log
+: >"$TEST_LOG"
 : >"$BENCH_LOG"
-if ((BUILD_RC != 0)); then
-  skip bench-adamw8bit "the build failed"
-elif [ -f benchmarks/bench_adamw8bit.py ]; then
-  run_step bench-adamw8bit 150 "$BENCH_LOG" "$PY" benchmarks/bench_adamw8bit.py --device cuda --params 512M \
-    --json "$OUT/adamw8bit_gpu.json"
+pytest_summary() { grep -E "[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran" "$TEST_LOG" | tail -n 1 | tr -d '=' | sed 's/^ *//'; }
+TEST_RC=1
+OTHER_RC=0
+if ((BUILD_RC == 0)); then
+  run_step gpu-tests-adamw8bit 200 "$TEST_LOG" "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_adamw8bit_gpu.py
+  TEST_RC=$?
+  DETAILS[-1]=$(pytest_summary)
+  if [ -f benchmarks/bench_adamw8bit.py ]; then
+    run_step bench-adamw8bit 150 "$BENCH_LOG" "$PY" benchmarks/bench_adamw8bit.py --device cuda --params 512M \
+      --json "$OUT/adamw8bit_gpu.json"
+  else
+    skip bench-adamw8bit "benchmarks/bench_adamw8bit.py not found"
+  fi
+  # pytest exits 5 when no other test is marked gpu: nothing failed
+  run_step gpu-tests-other 150 "$TEST_LOG" "$PY" -m pytest -q -m gpu -rfEs -p no:cacheprovider \
+    --continue-on-collection-errors --ignore=tests/test_adamw8bit_gpu.py tests/
+  OTHER_RC=$?
+  ((OTHER_RC == 5)) && OTHER_RC=0 && STATUSES[-1]=PASS
+  DETAILS[-1]=$(pytest_summary)
 else
-  skip bench-adamw8bit "benchmarks/bench_adamw8bit.py not found"
+  skip gpu-tests-adamw8bit "the build failed (build.log)"
+  skip bench-adamw8bit "the build failed"
+  skip gpu-tests-other "the build failed"
 fi
 
 # --- optional checks of later issues: each runs only when its script exists ------------------------
@@ -157,12 +164,12 @@ if grep -q "=== bench-adamw8bit" "$BENCH_LOG"; then
 fi
 {
   echo
-  printf '%-18s %-12s %6s  %s\n' part status seconds detail
+  printf '%-20s %-12s %6s  %s\n' part status seconds detail
   for i in "${!NAMES[@]}"; do
-    printf '%-18s %-12s %6s  %s\n' "${NAMES[$i]}" "${STATUSES[$i]}" "${TIMES[$i]}" "${DETAILS[$i]}"
+    printf '%-20s %-12s %6s  %s\n' "${NAMES[$i]}" "${STATUSES[$i]}" "${TIMES[$i]}" "${DETAILS[$i]}"
   done
   echo "total ${SECONDS}s of a ${BUDGET}s budget; logs in $OUT"
 } | tee "$OUT/summary.txt"
 
-((BUILD_RC == 0 && TEST_RC == 0)) && exit 0
+((BUILD_RC == 0 && TEST_RC == 0 && OTHER_RC == 0)) && exit 0
 exit 1

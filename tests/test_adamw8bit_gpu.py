@@ -49,12 +49,13 @@ def require(backend: str) -> None:
         pytest.skip(str(error))
 
 
-def calls() -> list[tuple[int, float | None, int]]:
-    """(step, found_inf, seed) per call: found_inf alternates between absent and 0, one call is skipped,
-    and the seeds use all 32 bits."""
+def calls() -> list[tuple[int, float, int]]:
+    """(step, found_inf, seed) per call: found_inf is 0 except on the skipped call (a found_inf of None,
+    the other compiled variant of the Triton kernel, is what AdamW8bit passes in the tests below), and
+    the seeds use all 32 bits."""
     out, step = [], 0
     for call in range(1, STEPS + 1):
-        flag = 1.0 if call == SKIPPED_CALL else (0.0 if call % 2 == 0 else None)
+        flag = 1.0 if call == SKIPPED_CALL else 0.0
         step += flag != 1.0
         out.append((max(step, 1), flag, (call * 0x9E3779B1) & 0xFFFFFFFF))
     return out
@@ -105,7 +106,7 @@ def run(backend: str, n: int, variant: str) -> dict:
         state = {k: on_device(v, offset if k not in ("absmax1", "absmax2") else 0) for k, v in state.items()}
     qmap1, qmap2 = R.dynamic_map(True).to(device), R.dynamic_map(False).to(device)
     for (step, flag, seed), grad in zip(calls(), gradients(n, variant)):
-        found_inf = None if flag is None else torch.tensor([flag], device=device)
+        found_inf = torch.tensor([flag], device=device)
         grad = grad if backend == "reference" else on_device(grad, offset)
         ops.adamw8bit_step(backend, state["param"], grad, state["exp_avg"], state["exp_avg_sq"], state["absmax1"],
                            state["absmax2"], qmap1, qmap2, state["param_bf16"], found_inf, *HYPER.values(), step,
