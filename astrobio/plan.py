@@ -16,7 +16,8 @@ import json
 import sys
 
 from astrobio.memory.hardware import PROFILES
-from astrobio.memory.planner import SCHEDULES, PlanConfig, PlanError, check_fits, plan
+from astrobio.memory.planner import SCHEDULES, PlanConfig, plan
+from astrobio.memory.preflight import PlanError, check_fits
 from astrobio.memory.report import format_plan
 from astrobio.memory.units import parse_bytes
 from astrobio.model import PRESETS

@@ -2,7 +2,8 @@
 hold, while it runs)."""
 
 from astrobio.memory.hardware import PROFILES, HardwareProfile, get_hardware
-from astrobio.memory.planner import MemoryBudget, Plan, PlanConfig, PlanError, Term, check_fits, plan, preflight
+from astrobio.memory.planner import MemoryBudget, Plan, PlanConfig, Term, plan
+from astrobio.memory.preflight import PlanError, check_fits, preflight
 from astrobio.memory.profiler import MemoryProfiler, plot_memory
 from astrobio.memory.report import format_plan
 from astrobio.memory.units import parse_bytes

@@ -3,8 +3,7 @@
 ``plan(PlanConfig(...)) -> Plan`` counts parameters from the model built on the meta device (per
 stage), activations from the layer's shapes (astrobio.memory.activations), optimizer state per tensor
 from the 8-bit specification's block layout, and estimates the step time (astrobio.memory.timing).
-``check_fits(plan)`` raises ``PlanError`` naming the term that is over, by how much, and which change
-would make it fit (each suggestion is itself planned, not guessed).
+Refusing what will not fit is astrobio.memory.preflight's job.
 
 A stage's device peak is taken at the worst moment of its steady-state step: the backward of the
 last in-flight micro-batch, walked layer by layer (the loss, then each block from the last), with the
@@ -15,12 +14,11 @@ and, when the optimizer runs on the device, the optimizer step itself.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 from astrobio.memory import activations as act
 from astrobio.memory.hardware import GIB, HardwareProfile, get_hardware
 from astrobio.memory.timing import StepTime, estimate_step
-from astrobio.memory.units import gib
 from astrobio.model import ModelConfig, build_stage, even_split, get_config
 from astrobio.optim.reference import BLOCK_SIZE, MIN_8BIT_NUMEL
 from astrobio.parallel.schedules import compute_order, normalize_kind
@@ -28,14 +26,6 @@ from astrobio.parallel.schedules import compute_order, normalize_kind
 SCHEDULES = ("gpipe", "1f1b", "zb-h1")
 MiB = 2 ** 20
 ENGINE_BUCKET_BYTES = 32 * MiB  # astrobio.optim.offload.OffloadEngine's default
-
-
-class PlanError(ValueError):
-    """The configuration will not fit; the message says where, by how much, and what to change."""
-
-    def __init__(self, message: str, plan: "Plan"):
-        super().__init__(message)
-        self.plan = plan
 
 
 @dataclass(frozen=True)
@@ -105,9 +95,6 @@ class MemoryBudget:
     @property
     def fits(self) -> bool:
         return self.total <= self.budget
-
-    def largest(self) -> Term:
-        return max(self.terms, key=lambda t: t.bytes)
 
 
 @dataclass
@@ -466,86 +453,3 @@ def plan_notes(cfg: PlanConfig, hw: HardwareProfile) -> list[str]:
     if hw.unified:
         notes.append("CPU: the devices are host memory; their peaks count against the host budget.")
     return notes
-
-
-# ---------------------------------------------------------------------------------------------------
-# refusing what will not fit
-
-
-def _worst_device(p: Plan) -> MemoryBudget:
-    return max(p.devices, key=lambda d: d.total - d.budget)
-
-
-def candidate_changes(cfg: PlanConfig, model: ModelConfig) -> list[tuple[str, PlanConfig]]:
-    """Changes worth trying, in the order a person would try them."""
-    out = []
-    if not cfg.offload:
-        out.append(("enable CPU offload", replace(cfg, offload=True)))
-    if not cfg.checkpointing:
-        out.append(("enable activation checkpointing", replace(cfg, checkpointing=True)))
-    if cfg.schedule != "1f1b":
-        out.append(("use the 1F1B schedule", replace(cfg, schedule="1f1b")))
-    if cfg.micro_batch_size > 1:
-        half = cfg.micro_batch_size // 2
-        out.append((f"micro-batch size {half} (and {cfg.micro_batches * 2} micro-batches)",
-                    replace(cfg, micro_batch_size=half, micro_batches=cfg.micro_batches * 2)))
-    if cfg.loss_chunks < 8:
-        out.append(("compute the loss in 8 chunks", replace(cfg, loss_chunks=8)))
-    if cfg.stages * 2 <= model.n_layers and cfg.layers_per_stage is None:
-        out.append((f"{cfg.stages * 2} pipeline stages", replace(cfg, stages=cfg.stages * 2)))
-    if cfg.offload and cfg.master_weights == "fp32":
-        out.append(("bf16 master weights with stochastic rounding", replace(cfg, master_weights="bf16-sr")))
-    if cfg.offload and cfg.accum_dtype == "fp32":
-        out.append(("bf16 gradient accumulators", replace(cfg, accum_dtype="bf16")))
-    return out
-
-
-def suggestions(p: Plan) -> list[str]:
-    """Single changes that fit; when none does, pairs of changes that do; failing that, the single
-    changes that bring the worst stage down by at least a tenth."""
-    worst_now = max(d.total for d in p.devices)
-    singles = [(what, changed) for what, changed in candidate_changes(p.config, p.model)]
-    planned = [(what, plan(changed)) for what, changed in singles]
-    fitting = [(what, q) for what, q in planned if q.fits]
-    if not fitting:
-        for i, (what, changed) in enumerate(singles):
-            for what2, changed2 in candidate_changes(changed, p.model)[i:]:
-                q = plan(changed2)
-                if q.fits and what2 != what:
-                    fitting.append((f"{what} and {what2}", q))
-    shown = fitting[:4] or [(w, q) for w, q in planned if max(d.total for d in q.devices) < 0.9 * worst_now]
-    return [f"  - {what}: largest stage {gib(max(d.total for d in q.devices))}, host {gib(q.host.total)} "
-            f"({'fits' if q.fits else 'still over'})" for what, q in shown]
-
-
-def over_message(b: MemoryBudget) -> str:
-    top = sorted(b.terms, key=lambda t: -t.bytes)[:3]
-    parts = ", ".join(f"{t.name} {gib(t.bytes)}" for t in top)
-    return (f"{b.label} needs {gib(b.total)}, {gib(b.total - b.budget)} over its budget of {gib(b.budget)} "
-            f"({b.budget / b.capacity:.0%} of {gib(b.capacity)}); largest terms: {parts}")
-
-
-def check_fits(p: Plan) -> None:
-    """Raises PlanError when a device or the host is over budget."""
-    if p.fits:
-        return
-    over = [] if p.hardware.unified else [d for d in p.devices if not d.fits]
-    if not p.host.fits:
-        over.append(p.host)
-    lines = ["this configuration will not fit:"] + [f"  {over_message(b)}" for b in over]
-    tries = suggestions(p)
-    if tries:
-        lines += ["what would change it (each planned):"] + tries
-    raise PlanError("\n".join(lines), p)
-
-
-def preflight(cfg: PlanConfig, force: bool = False, log=print) -> Plan:
-    """Plans ``cfg`` and refuses it (PlanError) unless it fits; ``force`` logs the refusal instead."""
-    p = plan(cfg)
-    try:
-        check_fits(p)
-    except PlanError as err:
-        if not force:
-            raise
-        log(f"--force: running anyway although {err}")
-    return p
