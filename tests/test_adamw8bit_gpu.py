@@ -1,6 +1,10 @@
 """The GPU backends of astrobio::adamw8bit_step (the CUDA kernel and the Triton kernel) against the
-specification, on a CUDA GPU; the whole file is skipped without one.
+specification. Everything but the first check needs a CUDA GPU and is skipped without one:
 
+- the CUDA kernel's own source, compiled for the host with csrc/cuda/host_emulation.h (a thread per
+  CUDA thread) and run on the CPU against the reference: its indexing, tails, unaligned path, warp
+  reduction, code search and grid-stride loop are checked in CI, where there is no GPU
+  (the hardware itself, its vector accesses and the PTX, only on a GPU);
 - every backend against astrobio/optim/reference.py (run on the CPU) over 50 calls, bit for bit:
   sizes that do not divide the 256-element block, fp32/bf16 gradients, fp32 or bf16 stochastic-
   rounding masters, the bf16 copy, fp32 moments, tensors not aligned to 16 bytes, and found_inf on
@@ -10,7 +14,12 @@ specification, on a CUDA GPU; the whole file is skipped without one.
 - convergence next to torch.optim.AdamW; torch.library.opcheck on CUDA tensors.
 """
 
+import ctypes
+import functools
 import io
+import pathlib
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -19,8 +28,13 @@ from astrobio import ops
 from astrobio.optim import reference as R
 from astrobio.optim.adamw8bit import AdamW8bit
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")]
+
+
+def on_gpu(test):
+    """Marks a test `gpu` and skips it without a GPU."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")
+    return pytest.mark.gpu(skip(test))
+
 
 GPU_BACKENDS = ("cuda", "triton")
 DEVICE = "cuda"
@@ -49,12 +63,12 @@ def require(backend: str) -> None:
         pytest.skip(str(error))
 
 
-def calls() -> list[tuple[int, float, int]]:
+def calls(steps: int = STEPS) -> list[tuple[int, float, int]]:
     """(step, found_inf, seed) per call: found_inf is 0 except on the skipped call (a found_inf of None,
     the other compiled variant of the Triton kernel, is what AdamW8bit passes in the tests below), and
     the seeds use all 32 bits."""
     out, step = [], 0
-    for call in range(1, STEPS + 1):
+    for call in range(1, steps + 1):
         flag = 1.0 if call == SKIPPED_CALL else 0.0
         step += flag != 1.0
         out.append((max(step, 1), flag, (call * 0x9E3779B1) & 0xFFFFFFFF))
@@ -79,48 +93,42 @@ def initial_state(n: int, variant: str) -> dict:
     return state
 
 
-def gradients(n: int, variant: str):
+def gradients(n: int, variant: str, steps: int = STEPS):
     """One gradient per call, spanning five decades, so blocks use the whole range of the maps."""
     grad_dtype = VARIANTS[variant][2]
     gen = torch.Generator().manual_seed(10_000 + n)
-    for _ in range(STEPS):
+    for _ in range(steps):
         yield (torch.randn(n, generator=gen) * 10 ** torch.empty(n).uniform_(-4, 1, generator=gen)).to(grad_dtype)
 
 
-def on_device(t: torch.Tensor | None, offset: int) -> torch.Tensor | None:
-    """A contiguous CUDA copy of t that starts `offset` elements into a larger buffer."""
+def on_device(t: torch.Tensor | None, offset: int, device: str = DEVICE) -> torch.Tensor | None:
+    """A contiguous copy of t on `device` that starts `offset` elements into a larger buffer."""
     if t is None:
         return None
-    buffer = torch.empty(t.numel() + offset, dtype=t.dtype, device=DEVICE)
+    buffer = torch.empty(t.numel() + offset, dtype=t.dtype, device=device)
     view = buffer[offset:]
     view.copy_(t)
     return view
 
 
-def run(backend: str, n: int, variant: str) -> dict:
-    """All calls with one backend; the reference runs on the CPU, the GPU backends on CUDA tensors."""
-    offset = VARIANTS[variant][4]
-    device = "cpu" if backend == "reference" else DEVICE
-    state = initial_state(n, variant)
-    if backend != "reference":
-        state = {k: on_device(v, offset if k not in ("absmax1", "absmax2") else 0) for k, v in state.items()}
+def run(backend: str, n: int, variant: str, steps: int = STEPS, step_fn=None, device: str = DEVICE) -> dict:
+    """All calls with one backend (or `step_fn`, with the op's arguments) on tensors on `device` that
+    start at the variant's offset; the reference runs on the CPU, from the buffers' start."""
+    step_fn = step_fn or functools.partial(ops.adamw8bit_step, backend)
+    device, offset = ("cpu", 0) if backend == "reference" else (device, VARIANTS[variant][4])
+    state = {k: on_device(v, offset if k not in ("absmax1", "absmax2") else 0, device)
+             for k, v in initial_state(n, variant).items()}
     qmap1, qmap2 = R.dynamic_map(True).to(device), R.dynamic_map(False).to(device)
-    for (step, flag, seed), grad in zip(calls(), gradients(n, variant)):
-        found_inf = torch.tensor([flag], device=device)
-        grad = grad if backend == "reference" else on_device(grad, offset)
-        ops.adamw8bit_step(backend, state["param"], grad, state["exp_avg"], state["exp_avg_sq"], state["absmax1"],
-                           state["absmax2"], qmap1, qmap2, state["param_bf16"], found_inf, *HYPER.values(), step,
-                           seed)
+    for (step, flag, seed), grad in zip(calls(steps), gradients(n, variant, steps)):
+        step_fn(state["param"], on_device(grad, offset, device), state["exp_avg"], state["exp_avg_sq"],
+                state["absmax1"], state["absmax2"], qmap1, qmap2, state["param_bf16"],
+                torch.tensor([flag], device=device), *HYPER.values(), step, seed)
     return {k: (v.cpu() if v is not None else None) for k, v in state.items()}
 
 
-_reference_cache: dict[tuple[int, str], dict] = {}
-
-
-def reference_result(n: int, variant: str) -> dict:
-    if (n, variant) not in _reference_cache:
-        _reference_cache[(n, variant)] = run("reference", n, variant)
-    return _reference_cache[(n, variant)]
+@functools.cache
+def reference_result(n: int, variant: str, steps: int = STEPS) -> dict:
+    return run("reference", n, variant, steps)
 
 
 def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
@@ -132,6 +140,7 @@ def assert_bitwise_equal(got: torch.Tensor, want: torch.Tensor, what: str) -> No
                              f"{where[:6].tolist()}")
 
 
+@on_gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("n, variant", CASES, ids=[f"{n}-{v}" for n, v in CASES])
 def test_matches_reference_bit_for_bit(backend, n, variant):
@@ -144,6 +153,143 @@ def test_matches_reference_bit_for_bit(backend, n, variant):
         else:
             assert_bitwise_equal(got[key], value, f"{backend} {key}")
     assert bool(want["param"].float().isfinite().all())
+
+
+# --- the CUDA kernel's source, run on the CPU -------------------------------------------------------
+
+CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
+EMULATED_CASES = [(255, "q8-fp32grad-bf16sr-copy"), (257, "q8-bf16grad-fp32master-copy"),
+                  (4097, "fp32moments-bf16grad-fp32master"), (4097, "q8-bf16grad-bf16sr"),
+                  (20_003, "q8-unaligned-bf16grad-fp32master-copy"), (20_003, "q8-fp32grad-fp32master")]
+EMULATED_STEPS = SKIPPED_CALL + 2
+EMULATED_GRID = 2  # thread blocks: fewer than 20,003 elements need, so warps stride over several blocks
+INLINE_PTX = 'asm volatile("ld.shared.f32 %0, [%1];" : "=f"(value) : "r"(address));'
+LAUNCHER = "// --- launch (host)"
+HARNESS = r"""
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "kernel.h"
+
+namespace {
+using astrobio::StepArgs;
+
+template <typename ParamT, typename GradT, bool Quantized>
+void run_grid(const StepArgs& a, unsigned grid) {
+  constexpr int threads = astrobio::cuda::kThreads;
+  const bool aligned = astrobio::cuda::vector_aligned(a);
+  gridDim.x = grid;
+  for (unsigned block = 0; block < grid; ++block) {
+    std::barrier<> block_barrier(threads);
+    std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
+    for (int w = 0; w < threads / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+    std::vector<float> slots(threads);
+    std::vector<std::thread> workers;
+    for (unsigned t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] {
+        threadIdx.x = t;
+        blockIdx.x = block;
+        emulated_block_barrier = &block_barrier;
+        emulated_warp_barrier = warp_barriers[t / 32].get();
+        emulated_warp_slots = &slots[t / 32 * 32];
+        astrobio::cuda::adamw8bit_kernel<ParamT, GradT, Quantized>(a, aligned);
+      });
+    }
+    for (auto& worker : workers) worker.join();
+  }
+}
+
+template <typename ParamT, typename GradT>
+void run(const StepArgs& a, unsigned grid) {
+  if (a.quantized) run_grid<ParamT, GradT, true>(a, grid);
+  else run_grid<ParamT, GradT, false>(a, grid);
+}
+}  // namespace
+
+extern "C" void emulated_step(void* param, int param_bf16_dtype, const void* grad, int grad_bf16_dtype,
+                              void* exp_avg, void* exp_avg_sq, int quantized, float* absmax1, float* absmax2,
+                              const float* qmap1, const float* qmap2, uint16_t* param_bf16,
+                              const float* found_inf, int64_t numel, const float* constants, uint32_t seed,
+                              unsigned grid) {
+  StepArgs a{};
+  a.param = param;
+  a.param_dtype = param_bf16_dtype ? astrobio::DType::kBFloat16 : astrobio::DType::kFloat32;
+  a.grad = grad;
+  a.grad_dtype = grad_bf16_dtype ? astrobio::DType::kBFloat16 : astrobio::DType::kFloat32;
+  a.exp_avg = exp_avg;
+  a.exp_avg_sq = exp_avg_sq;
+  a.quantized = quantized != 0;
+  a.absmax1 = absmax1;
+  a.absmax2 = absmax2;
+  a.qmap1 = qmap1;
+  a.qmap2 = qmap2;
+  a.param_bf16 = param_bf16;
+  a.found_inf = found_inf;
+  a.numel = numel;
+  a.c = {constants[0], constants[1], constants[2], constants[3], constants[4], constants[5], constants[6],
+         constants[7], constants[8]};
+  a.seed = seed;
+  const bool fp32_param = a.param_dtype == astrobio::DType::kFloat32;
+  const bool fp32_grad = a.grad_dtype == astrobio::DType::kFloat32;
+  if (fp32_param && fp32_grad) run<float, float>(a, grid);
+  else if (fp32_param) run<float, uint16_t>(a, grid);
+  else if (fp32_grad) run<uint16_t, float>(a, grid);
+  else run<uint16_t, uint16_t>(a, grid);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated_kernel(tmp_path_factory):
+    """csrc/cuda/adamw8bit.cu up to its launcher, compiled for the host against host_emulation.h."""
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler (c++ or g++) to build the emulated CUDA kernel")
+    source = (CSRC / "cuda" / "adamw8bit.cu").read_text()
+    assert INLINE_PTX in source and LAUNCHER in source, \
+        "adamw8bit.cu changed its inline PTX or launcher marker; update this test's emulation to match"
+    source = source.replace("#include <cuda_runtime.h>", '#include "host_emulation.h"')
+    source = source.replace(INLINE_PTX, "value = emulated_load_shared(address);")
+    source = source[:source.index(LAUNCHER)] + "}  // namespace\n}  // namespace astrobio::cuda\n"
+    folder = tmp_path_factory.mktemp("emulated_cuda")
+    (folder / "kernel.h").write_text(source)
+    (folder / "harness.cpp").write_text(HARNESS)
+    library = folder / "libemulated.so"
+    built = subprocess.run([compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
+                            f"-I{folder}", f"-I{CSRC / 'cuda'}", str(folder / "harness.cpp"), "-o", str(library)],
+                           capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, f"the emulated CUDA kernel did not compile:\n{built.stderr[-4000:]}"
+    return ctypes.CDLL(str(library))
+
+
+def emulated_step(library, param, grad, exp_avg, exp_avg_sq, absmax1, absmax2, qmap1, qmap2, param_bf16,
+                  found_inf, lr, beta1, beta2, eps, weight_decay, grad_scale, step, seed):
+    """The op's arguments, handed to the emulated kernel with the constants the C++ op layer makes."""
+    c = R.StepConstants.make(lr, beta1, beta2, eps, weight_decay, step, grad_scale)
+    constants = torch.tensor([c.beta1, c.beta2, c.one_minus_beta1, c.one_minus_beta2, c.eps, c.grad_scale, c.decay,
+                              c.step_size, c.inv_bc2_sqrt], dtype=torch.float64).float()
+    pointer = ctypes.c_void_p
+
+    def address(t):
+        return pointer(None if t is None else t.data_ptr())
+
+    library.emulated_step(address(param), int(param.dtype == torch.bfloat16), address(grad),
+                          int(grad.dtype == torch.bfloat16), address(exp_avg), address(exp_avg_sq),
+                          int(exp_avg.dtype == torch.uint8), address(absmax1), address(absmax2), address(qmap1),
+                          address(qmap2), address(param_bf16), address(found_inf), ctypes.c_int64(param.numel()),
+                          address(constants), ctypes.c_uint32(seed & 0xFFFFFFFF), ctypes.c_uint(EMULATED_GRID))
+
+
+@pytest.mark.parametrize("n, variant", EMULATED_CASES, ids=[f"{n}-{v}" for n, v in EMULATED_CASES])
+def test_cuda_source_emulated_on_cpu_matches_reference(emulated_kernel, n, variant):
+    want = reference_result(n, variant, EMULATED_STEPS)
+    got = run("emulated", n, variant, EMULATED_STEPS, functools.partial(emulated_step, emulated_kernel), "cpu")
+    for key, value in want.items():
+        if value is None:
+            assert got[key] is None
+        else:
+            assert_bitwise_equal(got[key], value, f"emulated CUDA kernel {key}")
 
 
 # --- AdamW8bit: state_dict portability and convergence ---------------------------------------------
@@ -198,6 +344,7 @@ def assert_same_run(opt_a, params_a, opt_b, params_b, what: str) -> None:
                 assert value == opt_b.state[b][key], f"{what}: parameter {i} {key}"
 
 
+@on_gpu
 def test_state_dict_moves_between_cuda_cpu_and_triton():
     for backend in ("cuda", "triton"):
         require(backend)
@@ -235,6 +382,7 @@ def train_mlp(make_optimizer, steps: int = 100) -> tuple[float, float]:
         return initial, torch.nn.functional.mse_loss(model(x), y).item()
 
 
+@on_gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_converges_like_torch_adamw(backend):
     require(backend)
@@ -257,11 +405,13 @@ def op_args(n: int = 4097) -> tuple:
             torch.zeros(1, device=DEVICE), *HYPER.values(), 3, 12345)
 
 
+@on_gpu
 def test_opcheck_cuda_op():
     require("cuda")
     torch.library.opcheck(torch.ops.astrobio.adamw8bit_step.default, op_args())
 
 
+@on_gpu
 def test_opcheck_triton_op():
     require("triton")
     from astrobio.kernels import adamw8bit  # noqa: F401  (registers astrobio::adamw8bit_step_triton)
@@ -269,6 +419,7 @@ def test_opcheck_triton_op():
     torch.library.opcheck(torch.ops.astrobio.adamw8bit_step_triton.default, op_args())
 
 
+@on_gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_found_inf_on_the_host_is_refused(backend):
     require(backend)
@@ -278,6 +429,7 @@ def test_found_inf_on_the_host_is_refused(backend):
         ops.adamw8bit_step(backend, *args)
 
 
+@on_gpu
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_mixed_devices_are_refused(backend):
     require(backend)

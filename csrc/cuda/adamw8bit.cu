@@ -315,6 +315,8 @@ bool vector_aligned(const StepArgs& a) {
   return codes_ok && aligned_to(a.param, 16) && aligned_to(a.grad, 16) && aligned_to(a.param_bf16, 16);
 }
 
+// --- launch (host) ---------------------------------------------------------------------------------
+
 // How many thread blocks of `kernel` fit on one SM at once (queried once per kernel).
 template <typename Kernel>
 int resident_blocks_per_sm(Kernel kernel) {
