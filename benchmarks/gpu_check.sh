@@ -148,12 +148,12 @@ else
     --json "$OUT/pipeline_gpu.json"
 fi
 
-# (optional) memory planner: planned against measured peak memory on the GPU
-if [ -f benchmarks/validate_memory.py ] && ((BUILD_RC == 0)); then
-  run_step memory-planner 90 "$BENCH_LOG" "$PY" benchmarks/validate_memory.py --device cuda \
+# (optional) memory planner: planned against measured peak memory on the GPU (each stage within 10%)
+if [ -f benchmarks/validate_memory_plan.py ] && ((BUILD_RC == 0)); then
+  run_step memory-planner 90 "$BENCH_LOG" "$PY" benchmarks/validate_memory_plan.py --device cuda \
     --json "$OUT/memory_gpu.json"
 else
-  skip memory-planner "benchmarks/validate_memory.py not found, or the build failed"
+  skip memory-planner "benchmarks/validate_memory_plan.py not found, or the build failed"
 fi
 
 # --- summary: the benchmark's own table, then one line per part ------------------------------------
