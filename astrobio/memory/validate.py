@@ -56,52 +56,11 @@ def proc_status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}; the CPU measurement needs Linux")
 
 
-def cpu_plan_config(preset: str, seq_len: int, micro_batch_size: int, checkpointing: bool,
-                    optimizer: str) -> PlanConfig:
-    return PlanConfig(model=preset, stages=1, seq_len=seq_len, micro_batch_size=micro_batch_size, micro_batches=1,
-                      schedule="1f1b", checkpointing=checkpointing, offload=False, optimizer=optimizer,
-                      param_dtype="fp32", hardware="cpu", host_memory=2 ** 40)
-
-
-def make_optimizer(params, kind: str) -> torch.optim.Optimizer:
-    if kind == "adamw8bit":
-        from astrobio.optim import AdamW8bit
-        return AdamW8bit(params, lr=1e-4)
-    return torch.optim.AdamW(params, lr=1e-4, fused=True)
-
-
-def train_steps(model: torch.nn.Module, tokens: torch.Tensor, optimizer: torch.optim.Optimizer, steps: int) -> None:
-    for _ in range(steps):
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(tokens[:, :-1])
-        loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
-        del logits
-        loss.backward()
-        optimizer.step()
-
-
-def warm_up(preset: str, checkpointing: bool, optimizer: str) -> None:
-    """Loads the kernels the measured run uses, on toy shapes, so their one-time buffers are baseline."""
-    config = get_config(preset, d_model=64, n_layers=1, n_heads=2, ffn_hidden=64)
-    model = build_model(config)
-    model.gradient_checkpointing = checkpointing
-    train_steps(model, torch.randint(0, config.vocab_size, (1, 9)), make_optimizer(model.parameters(), optimizer), 2)
-
-
-def measure_cpu_child(preset: str, seq_len: int, micro_batch_size: int, checkpointing: bool, optimizer: str) -> int:
-    """Runs in the fresh process: peak resident growth of two training steps, in bytes."""
-    warm_up(preset, checkpointing, optimizer)
-    baseline = proc_status_bytes("VmRSS")
-    config = get_config(preset)
-    model = build_model(config)
-    model.gradient_checkpointing = checkpointing
-    tokens = torch.randint(0, config.vocab_size, (micro_batch_size, seq_len + 1))
-    train_steps(model, tokens, make_optimizer(model.parameters(), optimizer), 2)
-    return proc_status_bytes("VmHWM") - baseline
-
-
 @dataclass(frozen=True)
 class CpuCase:
+    """One CPU measurement. ``optimizer``: ``adamw`` (torch, fused) or ``adamw8bit`` on fp32 weights,
+    one micro-batch per step; or ``offload``: bf16 weights, the OffloadEngine (8-bit AdamW, fp32
+    master and accumulators on the host), two micro-batches per step."""
     preset: str
     seq_len: int
     micro_batch_size: int
@@ -113,6 +72,17 @@ class CpuCase:
         return (f"cpu {self.preset} b{self.micro_batch_size} s{self.seq_len} "
                 f"{'ckpt' if self.checkpointing else 'no-ckpt'} {self.optimizer}")
 
+    @property
+    def micro_batches(self) -> int:
+        return 2 if self.optimizer == "offload" else 1
+
+    def plan_config(self) -> PlanConfig:
+        offload = self.optimizer == "offload"
+        return PlanConfig(model=self.preset, stages=1, seq_len=self.seq_len, micro_batch_size=self.micro_batch_size,
+                          micro_batches=self.micro_batches, schedule="1f1b", checkpointing=self.checkpointing,
+                          offload=offload, optimizer="adamw8bit" if offload else self.optimizer,
+                          param_dtype="bf16" if offload else "fp32", hardware="cpu", host_memory=2 ** 40)
+
     def child_args(self) -> list[str]:
         args = [sys.executable, "-m", "astrobio.memory.validate", "--child", "--preset", self.preset,
                 "--seq-len", str(self.seq_len), "--micro-batch-size", str(self.micro_batch_size),
@@ -120,8 +90,63 @@ class CpuCase:
         return args + (["--checkpointing"] if self.checkpointing else [])
 
 
+class Stepper:
+    """An optimizer step over ``micro_batches`` micro-batches: torch AdamW, AdamW8bit or the OffloadEngine."""
+
+    def __init__(self, model: torch.nn.Module, kind: str, micro_batches: int):
+        self.kind, self.micro_batches = kind, micro_batches
+        if kind == "offload":
+            from astrobio.optim.offload import OffloadEngine
+            self.engine = OffloadEngine(model.named_parameters(), lr=1e-4, module=model)
+        elif kind == "adamw8bit":
+            from astrobio.optim import AdamW8bit
+            self.optimizer = AdamW8bit(model.parameters(), lr=1e-4)
+        else:
+            self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+
+    def step(self, model: torch.nn.Module, tokens: torch.Tensor) -> None:
+        if self.kind == "offload":
+            self.engine.begin_step(self.micro_batches)
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+        for _ in range(self.micro_batches):
+            logits = model(tokens[:, :-1])
+            loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) / self.micro_batches
+            del logits
+            loss.backward()
+        if self.kind == "offload":
+            self.engine.end_step()
+            self.engine.synchronize()
+        else:
+            self.optimizer.step()
+
+
+def build_cpu_model(case: CpuCase, **overrides) -> torch.nn.Module:
+    config = get_config(case.preset, **overrides)
+    model = build_model(config, dtype=torch.bfloat16 if case.optimizer == "offload" else torch.float32)
+    model.gradient_checkpointing = case.checkpointing
+    return model
+
+
+def measure_cpu_child(case: CpuCase) -> int:
+    """Runs in the fresh process: peak resident growth of two training steps, in bytes. A toy model
+    first runs the same kernels, so that their one-time buffers are part of the baseline."""
+    toy = build_cpu_model(case, d_model=64, n_layers=1, n_heads=2, ffn_hidden=64)
+    toy_stepper = Stepper(toy, case.optimizer, case.micro_batches)
+    for _ in range(2):
+        toy_stepper.step(toy, torch.randint(0, toy.config.vocab_size, (1, 9)))
+    baseline = proc_status_bytes("VmRSS")
+    model = build_cpu_model(case)
+    stepper = Stepper(model, case.optimizer, case.micro_batches)
+    tokens = torch.randint(0, model.config.vocab_size, (case.micro_batch_size, case.seq_len + 1))
+    for _ in range(2):
+        stepper.step(model, tokens)
+    return proc_status_bytes("VmHWM") - baseline
+
+
 def measure_cpu(cases: list[CpuCase], threads: int = 1) -> list[Comparison]:
-    """Plans each case, then measures all of them at once, each in its own fresh process."""
+    """Plans each case, then measures all of them at once, each in its own fresh process. On the CPU the
+    device is host memory, so the planned peak is the plan's host total."""
     env = dict(os.environ, **MALLOC_ENV, OMP_NUM_THREADS=str(threads))
     procs = [subprocess.Popen(c.child_args(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for c in cases]
@@ -130,9 +155,7 @@ def measure_cpu(cases: list[CpuCase], threads: int = 1) -> list[Comparison]:
         out, err = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"measurement of {case.name} failed ({proc.returncode}):\n{err[-2000:]}")
-        planned = plan(cpu_plan_config(case.preset, case.seq_len, case.micro_batch_size, case.checkpointing,
-                                       case.optimizer)).devices[0].total
-        results.append(Comparison(case.name, planned, int(out.strip().splitlines()[-1])))
+        results.append(Comparison(case.name, plan(case.plan_config()).host.total, int(out.strip().splitlines()[-1])))
     return results
 
 
@@ -221,12 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--checkpointing", action="store_true")
-    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit"))
+    parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "offload"))
     args = parser.parse_args(argv)
-    if args.child:
-        print(measure_cpu_child(args.preset, args.seq_len, args.micro_batch_size, args.checkpointing, args.optimizer))
-        return 0
     case = CpuCase(args.preset, args.seq_len, args.micro_batch_size, args.checkpointing, args.optimizer)
+    if args.child:
+        print(measure_cpu_child(case))
+        return 0
     print(json.dumps(measure_cpu([case])[0].as_dict()))
     return 0
 
