@@ -257,7 +257,8 @@ def main() -> None:
 
 
 def report(results: dict) -> None:
-    print(f"{results['model']}: {results['parameters'] / 1e6:.2f}M parameters ({results['weights_gib']:.3f} GiB) on {results['device']} "
+    print(f"{results['model']}: {results['parameters'] / 1e6:.2f}M parameters ({results['weights_gib']:.3f} GiB) "
+          f"on {results['device']} "
           f"({results['dtype']}), {results['micro_batches']} micro-batches of {results['batch_size']}x"
           f"{results['seq_len']} tokens, {results['threads']} threads; validation error "
           f"{results['validation_relative_error']:.1e} of the update")

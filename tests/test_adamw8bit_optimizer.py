@@ -10,7 +10,6 @@ moment across a code threshold: its budget is at most 0.1% of codes one code apa
 from __future__ import annotations
 
 import io
-import math
 
 import pytest
 import torch
@@ -219,9 +218,10 @@ def test_state_dict_round_trip_every_10_steps(dtype):
         before = opt_b.state_dict()
         opt_b = save_and_reload(opt_b, resumed, BACKENDS[0])
         after = opt_b.state_dict()
-        for i in before["state"]:
-            for key, value in before["state"][i].items():
-                assert (value == after["state"][i][key]) if key == "step" else torch.equal(value, after["state"][i][key])
+        for i, entry in before["state"].items():
+            for key, value in entry.items():
+                reloaded = after["state"][i][key]
+                assert (value == reloaded) if key == "step" else torch.equal(value, reloaded)
     assert all(torch.equal(p, q) for p, q in zip(straight, resumed))
     for p, q in zip(straight, resumed):
         for key in opt_a.state[p]:

@@ -368,7 +368,8 @@ class OffloadEngine:
         for sub in module.modules():
             buckets = sorted({bucket_of[id(p)] for p in sub.parameters(recurse=False) if id(p) in bucket_of})
             if buckets:
-                self._module_hooks.append(sub.register_forward_pre_hook(functools.partial(self._before_forward, buckets)))
+                hook = functools.partial(self._before_forward, buckets)
+                self._module_hooks.append(sub.register_forward_pre_hook(hook))
 
     def _before_forward(self, buckets: list[int], module: torch.nn.Module, args: Any) -> None:
         for index in buckets:
