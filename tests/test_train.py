@@ -103,7 +103,9 @@ def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--data", "builtin:0"], "positive whole number"),
         (["--pipeline-stages", "2"], "not available yet"),
         (["--use-cpu-offloading"], "not available yet"),
-        (["--master-weights", "bf16-sr"], "not available yet"),
+        (["--master-weights", "bf16-sr"], "add --use-cpu-offloading"),
+        (["--modalities", "text,audio"], "unknown modality 'audio'"),
+        (["--memory-alert-fraction", "1.5"], "memory_alert_fraction must be in (0, 1]"),
         (["--resume", str(tmp_path / "nowhere")], "not a checkpoint directory"),
         (["--output-dir", str(blocker / "run")], "is a file"),
     ]

@@ -22,6 +22,8 @@ from astrobio.model import PRESETS, get_config
 
 SCHEDULES = ("1f1b", "gpipe", "zb-h1")
 MASTER_WEIGHTS = ("fp32", "bf16-sr")
+ACCUM_DTYPES = ("fp32", "bf16")
+OFFLOAD_BY_DEFAULT = ("13b",)  # presets whose optimizer state does not fit next to the weights
 DEVICES = ("cpu", "cuda", "auto")
 DEFAULT_STEPS = 100
 
@@ -72,7 +74,9 @@ class TrainConfig:
     stop_at_step: int | None = option(None, "stop (with a checkpoint) after this step, as if interrupted; "
                                       "the schedule still spans --steps", int)
     seed: int = option(0, "seed for initialisation and data order")
-    data: str = option("builtin", "builtin, builtin:N, an OEC .xml/.xml.gz, a .txt or a .jsonl file")
+    data: str = option("builtin", "a data source URI: builtin, builtin:N, a file (OEC .xml/.xml.gz, .txt, .jsonl, "
+                       ".csv) or http(s)://... (docs/DATA_SOURCES.md)")
+    modalities: str = option("text", "comma-separated: text, and catalogue and/or graph prefix encoders")
     tokenizer: str | None = option(None, "a Hugging Face tokenizer.json (default: bytes)", str)
     device: str = option("cpu", "cpu, cuda, or auto (cuda when available)", choices=DEVICES)
     wandb_project: str | None = option(None, "log to Weights & Biases under this project (offline unless "
@@ -80,9 +84,15 @@ class TrainConfig:
     wandb_name: str | None = option(None, "W&B run name", str)
     pipeline_stages: int = option(1, "pipeline stages (processes)")
     schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)
-    use_cpu_offloading: bool = option(False, "keep optimizer state and master weights in host memory")
-    master_weights: str = option("fp32", "master weight precision", choices=MASTER_WEIGHTS)
+    use_cpu_offloading: bool | None = option(None, "keep optimizer state, master weights and gradient "
+                                             "accumulators in host memory (default: on for 13b, else off)", bool)
+    master_weights: str = option("fp32", "offloaded master weights: fp32, or bf16 with stochastic rounding",
+                                 choices=MASTER_WEIGHTS)
+    accum_dtype: str = option("fp32", "offloaded gradient accumulators", choices=ACCUM_DTYPES)
     force: bool = option(False, "start even where the memory preflight predicts the run will not fit")
+    profile_every_n_steps: int | None = option(None, "memory profile every N steps (default: "
+                                               "--log-every-n-steps)", int)
+    memory_alert_fraction: float = option(0.9, "alert when device memory passes this fraction")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -209,6 +219,9 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"give --steps ({config.steps}) or --epochs ({config.epochs}), not both")
     if config.steps is None and config.epochs is None:
         config = replace(config, steps=DEFAULT_STEPS)
+    if config.use_cpu_offloading is None:
+        config = replace(config, use_cpu_offloading=config.model in OFFLOAD_BY_DEFAULT)
+    check_offload(config)
     return config
 
 
@@ -221,7 +234,7 @@ def check_choices(config: TrainConfig) -> None:
 
 def check_counts(config: TrainConfig) -> None:
     positive = ("seq_len", "log_every_n_steps", "keep_last_k", "pipeline_stages", "steps", "epochs",
-                "stop_at_step")
+                "stop_at_step", "profile_every_n_steps")
     non_negative = ("warmup_steps", "eval_every_n_steps", "eval_batches", "save_every_n_steps",
                     "save_every_n_epochs", "seed")
     for name in positive:
@@ -243,25 +256,51 @@ def check_optimizer(config: TrainConfig) -> None:
             raise ConfigError(f"{name} must be in [0, 1), got {getattr(config, name)}")
     if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
         raise ConfigError(f"weight_decay must be >= 0, got {config.weight_decay}")
+    if not 0 < config.memory_alert_fraction <= 1:
+        raise ConfigError(f"memory_alert_fraction must be in (0, 1], got {config.memory_alert_fraction}")
     if not (math.isfinite(config.max_grad_norm) and config.max_grad_norm >= 0):
         raise ConfigError(f"max_grad_norm must be >= 0 (0 = no clipping), got {config.max_grad_norm}")
 
 
+def prefix_len(config: TrainConfig) -> int:
+    """Prefix positions the --modalities add before the tokens (0 for text alone)."""
+    from astrobio.model.encoders import build_prefix, check_modalities
+    try:
+        prefix = check_modalities(config.modalities)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if not prefix:
+        return 0
+    return build_prefix(get_config(config.model).d_model, prefix, device="meta").prefix_len
+
+
 def check_model(config: TrainConfig) -> None:
     max_seq_len = get_config(config.model).max_seq_len
-    if config.seq_len > max_seq_len:
-        raise ConfigError(f"seq_len {config.seq_len} exceeds model {config.model!r}'s max_seq_len "
-                          f"{max_seq_len}; use --seq-len {max_seq_len} or less")
+    prefix = prefix_len(config)
+    if config.seq_len + prefix > max_seq_len:
+        with_prefix = f" + {prefix} prefix positions ({config.modalities})" if prefix else ""
+        raise ConfigError(f"seq_len {config.seq_len}{with_prefix} exceeds model {config.model!r}'s max_seq_len "
+                          f"{max_seq_len}; use --seq-len {max_seq_len - prefix} or less")
+
+
+def check_offload(config: TrainConfig) -> None:
+    if config.use_cpu_offloading and not config.use_8bit_optimizer:
+        raise ConfigError("--use-cpu-offloading runs the 8-bit AdamW on the host; drop --no-use-8bit-optimizer "
+                          "or pass --no-use-cpu-offloading")
+    if not config.use_cpu_offloading:
+        for name in ("master_weights", "accum_dtype"):
+            if getattr(config, name) != "fp32":
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} {getattr(config, name)} applies to offloaded optimizer state; add "
+                                  f"--use-cpu-offloading or use {flag} fp32")
 
 
 def check_unavailable(config: TrainConfig) -> None:
     """Flags whose machinery has not landed yet are accepted by the parser and refused here."""
     if config.pipeline_stages != 1:
         raise ConfigError(f"--pipeline-stages {config.pipeline_stages} is not available yet; use 1")
-    if config.use_cpu_offloading:
+    if config.use_cpu_offloading is True:
         raise ConfigError("--use-cpu-offloading is not available yet; drop the flag")
-    if config.master_weights != "fp32":
-        raise ConfigError(f"--master-weights {config.master_weights} is not available yet; use fp32")
 
 
 def check_environment(config: TrainConfig) -> None:

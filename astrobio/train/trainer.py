@@ -38,8 +38,9 @@ from tqdm import tqdm
 from astrobio.model import build_model as build_transformer
 from astrobio.model import get_config
 from astrobio.train.checkpoint import CheckpointError, Checkpointer, load_checkpoint
-from astrobio.train.config import ConfigError, TrainConfig, check_environment, parse_config
+from astrobio.train.config import ConfigError, TrainConfig, check_environment, parse_config, prefix_len
 from astrobio.train.logging import MetricsLogger, memory_stats, read_metrics
+from astrobio.train.memory import build_profiler, memory_fields, plot_memory_records, preflight_run
 from astrobio.train.plots import plot_loss
 
 # A resumed run must match its checkpoint in these keys (the rest, e.g. --steps or --lr, may change).
@@ -287,6 +288,7 @@ class Trainer:
         self.runner = build_step_runner(config, self.model, device)
         self.checkpointer = build_checkpointer(config)
         self.logger = build_logger(config)
+        self.profiler = build_profiler(config, device)
         self.step = 0
         self.initial_val_loss: float | None = None
         self.last_val_loss: float | None = None
@@ -327,7 +329,8 @@ class Trainer:
         stop_at = min(steps, self.config.stop_at_step or steps)
         if self.step == 0:
             self.initial_val_loss = self.last_val_loss = self.runner.evaluate(self.data.val_batches)
-            self.logger.log({"step": 0, "val_loss": self.initial_val_loss, **memory_stats(self.device)})
+            self.logger.log({"step": 0, "val_loss": self.initial_val_loss, **memory_stats(self.device),
+                             **self.memory_sample(0, force=True)})
         window = [0.0, 0]  # seconds, tokens since the last logged record
         bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", mininterval=1.0, file=sys.stderr)
         with StopSignal() as stop:
@@ -343,7 +346,10 @@ class Trainer:
             if stop.received is not None or self.step < steps:
                 self.finish_early(stop.received)
         self.logger.close()
-        plot = plot_loss(read_metrics(self.logger.path), Path(self.config.output_dir) / "plots" / "loss.png")
+        records = read_metrics(self.logger.path)
+        plots = Path(self.config.output_dir) / "plots"
+        plot = plot_loss(records, plots / "loss.png")
+        plot_memory_records(records, plots / "memory.png", self.config.memory_alert_fraction)
         return self.summary(time.perf_counter() - started, plot, stop.received)
 
     def train_step(self) -> float:
@@ -369,17 +375,26 @@ class Trainer:
         last = step == stop_at
         evaluate = last or (config.eval_every_n_steps and step % config.eval_every_n_steps == 0)
         record = None
+        memory = self.memory_sample(step)
         if evaluate or step % config.log_every_n_steps == 0:
             record = {"step": step, "epoch": round(self.epoch(), 4), "loss": self.last_loss, "lr": self.lr,
                       "grad_norm": self.grad_norm, "tokens_per_s": window[1] / max(window[0], 1e-9),
-                      "skipped_steps": self.skipped_steps, **memory_stats(self.device)}
+                      "skipped_steps": self.skipped_steps, **memory_stats(self.device), **memory}
             if evaluate:
                 self.last_val_loss = record["val_loss"] = self.runner.evaluate(self.data.val_batches)
             self.logger.log(record)
             window[:] = [0.0, 0]
+        elif memory:
+            self.logger.log({"step": step, **memory})
         if last or self.checkpoint_due():
             self.save()
         return record
+
+    def memory_sample(self, step: int, force: bool = False) -> dict:
+        """The profiler's sample as metrics keys when due (``force``: now), else {}. The profiler also logs
+        an alert as a warning."""
+        sample = self.profiler.sample(step) if force else self.profiler.maybe_sample(step)
+        return {} if sample is None else memory_fields(sample)
 
     def epoch(self) -> float:
         return self.step * self.config.gradient_accumulation_steps / self.data.train_loader.batches_per_epoch
@@ -483,6 +498,7 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, DataBundle, Resume | None
     if model_vocab < data.vocab_size:
         raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but model {config.model!r} only "
                           f"{model_vocab}; use a smaller tokenizer or another --model")
+    preflight_run(config, data.vocab_size, resolve_device(config), prefix_len(config))
     return resolve_steps(config, data), data, resume
 
 

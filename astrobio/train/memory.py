@@ -1,0 +1,87 @@
+"""The trainer's memory checks: the planner's preflight before anything is allocated, and the profiler's
+samples while the run goes (astrobio.memory; docs/MEMORY.md).
+
+``preflight_run`` maps the training config onto a ``PlanConfig`` for this machine (the ``cpu`` profile
+with this host's memory, or the GPU's own size) and refuses a configuration the planner says will not
+fit with a ``ConfigError`` of one line: the budget that is over, by how much, its largest term, and the
+planned changes that would fit. ``--force`` turns the refusal into a warning.
+
+``memory_fields`` turns a profiler sample into the keys a ``metrics.jsonl`` record carries.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from astrobio.memory import MemoryProfiler, Plan, PlanConfig, PlanError, check_fits, plan, plot_memory
+from astrobio.memory.profiler import host_total
+from astrobio.train.config import ConfigError, TrainConfig
+
+# profiler sample keys that go into metrics.jsonl as they are ("alert" becomes "memory_alert" when set)
+SAMPLE_KEYS = ("stage", "host_rss_bytes", "host_peak_bytes", "pinned_bytes", "device_allocated_bytes",
+               "device_reserved_bytes", "device_peak_bytes", "device_total_bytes")
+
+
+def hardware_of(device: torch.device) -> tuple[str, int | None]:
+    """The planner's hardware profile for ``device`` and its memory in bytes (None: the profile's)."""
+    if device.type != "cuda":
+        return "cpu", None
+    props = torch.cuda.get_device_properties(device)
+    return ("h200" if "H200" in props.name else "a5000"), props.total_memory
+
+
+def plan_config(config: TrainConfig, vocab_size: int, device: torch.device, prefix_len: int = 0) -> PlanConfig:
+    """What this run will hold, in the planner's terms (fp32 parameters, as the trainer builds them)."""
+    hardware, gpu_memory = hardware_of(device)
+    return PlanConfig(model=config.model, vocab_size=vocab_size, stages=config.pipeline_stages,
+                      seq_len=config.seq_len + prefix_len, micro_batch_size=config.micro_batch_size,
+                      micro_batches=config.gradient_accumulation_steps, schedule=config.schedule,
+                      checkpointing=config.use_gradient_checkpointing, offload=bool(config.use_cpu_offloading),
+                      master_weights=config.master_weights, accum_dtype=config.accum_dtype,
+                      optimizer="adamw8bit" if config.use_8bit_optimizer else "adamw", param_dtype="fp32",
+                      autocast=config.use_mixed_precision, hardware=hardware, gpu_memory=gpu_memory,
+                      host_memory=host_total())
+
+
+def one_line(error: PlanError) -> str:
+    """The planner's refusal (several lines) as one line for the CLI."""
+    text = ""
+    for line in (line.strip().lstrip("- ") for line in str(error).splitlines() if line.strip()):
+        text += line + (" " if line.endswith(":") else "; ")
+    return text + "or pass --force to start anyway"
+
+
+def preflight_run(config: TrainConfig, vocab_size: int, device: torch.device, prefix_len: int = 0) -> Plan:
+    """Plans the run; raises ConfigError (one line) when it will not fit, unless ``--force``."""
+    try:
+        p = plan(plan_config(config, vocab_size, device, prefix_len))
+    except ValueError as error:
+        raise ConfigError(f"memory planner: {error}") from None
+    try:
+        check_fits(p)
+    except PlanError as error:
+        if not config.force:
+            raise ConfigError(one_line(error)) from None
+        print(f"warning: --force: starting although {one_line(error)}", file=sys.stderr)
+    return p
+
+
+def build_profiler(config: TrainConfig, device: torch.device, stage: int = 0, pinned_bytes=None) -> MemoryProfiler:
+    every = config.profile_every_n_steps or config.log_every_n_steps
+    return MemoryProfiler(device, every, config.memory_alert_fraction, stage=stage, pinned_bytes=pinned_bytes)
+
+
+def memory_fields(sample: dict) -> dict:
+    """A profiler sample as metrics.jsonl keys; ``memory_alert`` only when the alert fired."""
+    fields = {key: sample[key] for key in SAMPLE_KEYS if sample.get(key) is not None}
+    if sample.get("alert"):
+        fields["memory_alert"] = sample["alert"]
+    return fields
+
+
+def plot_memory_records(records: list[dict], path, alert_fraction: float):
+    """plots/memory.png from the metrics records that hold profiler samples (None when there are none)."""
+    samples = [r for r in records if "device_reserved_bytes" in r]
+    return plot_memory(samples, path, alert_fraction) if samples else None
