@@ -58,6 +58,11 @@ class PlanConfig:
     host_memory_bandwidth: float | None = None
 
     def __post_init__(self):
+        if isinstance(self.schedule, str) and self.schedule.lower() not in SCHEDULES:
+            try:  # the pipeline's aliases (ZB_H1, zbh1, ...); anything else is refused below
+                object.__setattr__(self, "schedule", normalize_kind(self.schedule))
+            except ValueError:
+                pass
         choices = {"schedule": SCHEDULES, "master_weights": ("fp32", "bf16-sr"), "accum_dtype": ("fp32", "bf16"),
                    "optimizer": ("adamw8bit", "adamw"), "param_dtype": (None, "bf16", "fp32")}
         for name, allowed in choices.items():
