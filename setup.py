@@ -15,8 +15,20 @@ import sys
 
 from setuptools import find_packages, setup
 
-import torch
-from torch.utils import cpp_extension
+
+def default_cuda_home() -> None:
+    """NOTE: with CUDA_HOME unset, torch derives it from `which nvcc`; a wrapper at /usr/local/bin/nvcc
+    then gives /usr/local, which has no lib64/libcudart, and the link fails. Prefer the standard toolkit
+    location when it is there (must run before torch.utils.cpp_extension is imported)."""
+    if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH"):
+        if os.path.exists("/usr/local/cuda/bin/nvcc"):
+            os.environ["CUDA_HOME"] = "/usr/local/cuda"
+
+
+default_cuda_home()
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CPU_SOURCES = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp", root_dir=ROOT))
