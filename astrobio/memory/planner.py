@@ -58,7 +58,7 @@ class PlanConfig:
     host_memory_bandwidth: float | None = None
 
     def __post_init__(self):
-        if isinstance(self.schedule, str) and self.schedule.lower() not in SCHEDULES:
+        if isinstance(self.schedule, str) and self.schedule not in SCHEDULES:
             try:  # the pipeline's aliases (ZB_H1, zbh1, ...); anything else is refused below
                 object.__setattr__(self, "schedule", normalize_kind(self.schedule))
             except ValueError:
