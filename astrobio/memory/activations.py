@@ -1,26 +1,29 @@
 """Activation memory of RebuiltLLMIntegration, counted from its shapes.
 
 What autograd keeps for one TransformerBlock (astrobio/model/transformer.py) over T = batch x seq
-tokens, with activations of ``e`` bytes per element (2 in bf16, 4 in fp32), h = d_model, f = ffn_hidden,
-n = heads. Each line is a tensor the block's backward needs (``saved_tensors_hooks`` on the real block
-lists exactly these; tests/test_memory_planner.py checks the count against it):
+tokens, h = d_model, f = ffn_hidden, n = heads, with matrix products giving ``e`` bytes per element and
+the residual stream ``r`` (bf16 weights: e = r = 2; fp32: e = r = 4; bf16 autocast over fp32 weights:
+e = 2, r = 4, since the residual adds promote to fp32). Each line is a tensor the block's backward needs
+(``saved_tensors_hooks`` on the real block lists exactly these; tests/test_memory_planner.py checks the
+count against it in all three precisions):
 
-    attn_norm   x.float() (a new fp32 copy when e < 4; the block input itself when e = 4)  4Th or 0
-                normalised fp32 (saved by the weight multiply)                              4Th
-                its output in the activation dtype (input of wq, wk, wv)                    eTh
-    attention   q and k after rotary, v (SDPA / flash keep q, k, v and the output)          3eTh
-                the output (input of wo), logsumexp fp32                                    eTh + 4Tn
-    mlp_norm    the residual in fp32 (a copy when e < 4, the fp32 residual otherwise)       4Th
-                normalised fp32; its output (input of w_gate and w_up)                      4Th + eTh
-    SwiGLU      gate output (silu's input), silu output, up output, their product           4eTf
+    attn_norm   x.float(): a new fp32 copy when r < 4 (when r = 4 it is the block input itself)  4Th or 0
+                normalised fp32 (saved by the weight multiply)                                   4Th
+    mlp_norm    the residual in fp32 (a copy when r < 4, the residual itself otherwise)         4Th
+                normalised fp32                                                                  4Th
+    linears     the norms' outputs as wq/wk/wv and w_gate/w_up inputs: once each (2rTh) when
+                e = r, else autocast's five separate bf16 casts (5eTh)
+    attention   q and k after rotary, v (SDPA / flash keep q, k, v and the output)               3eTh
+                the output (input of wo), logsumexp fp32                                         eTh + 4Tn
+    SwiGLU      gate output (silu's input), silu output, up output, their product                4eTf
 
 Rotary multiplies by constant tables and so saves only the (shared) cos / sin tables. The block input
-is not saved by the block in bf16 (a dtype copy and a residual add keep nothing); under activation
-checkpointing the checkpoint keeps it (eTh per layer) and the backward recomputes one block at a time.
+is not saved by the block when r < 4 (a dtype copy and a residual add keep nothing); under activation
+checkpointing the checkpoint keeps it (rTh per layer) and the backward recomputes one block at a time.
 
 Backward of one block additionally holds a few gradients at once; the largest moment is the SwiGLU
 product's backward: the product's gradient and the two it produces (3eTf), plus the residual stream's
-gradient in and out (2eTh).
+gradient in and out (2rTh).
 """
 
 from __future__ import annotations
@@ -43,37 +46,48 @@ class Tokens:
         return self.batch * self.seq
 
 
-def block_saved_bytes(config: ModelConfig, tokens: Tokens, act_bytes: int) -> int:
+@dataclass(frozen=True)
+class Precision:
+    """Bytes per element of matrix-product outputs and of the residual stream."""
+    matmul: int
+    residual: int
+
+    @classmethod
+    def of(cls, param_bytes: int, autocast: bool) -> "Precision":
+        return cls(2 if (param_bytes == 2 or autocast) else 4, param_bytes)
+
+
+def block_saved_bytes(config: ModelConfig, tokens: Tokens, p: Precision) -> int:
     """Bytes one block's autograd graph keeps, not counting the block input (see ``block_input_saved``)."""
-    t, h, f, e = tokens.count, config.d_model, config.ffn_hidden, act_bytes
-    upcast_copy = FP32 * t * h if e < FP32 else 0
-    norms = upcast_copy + 3 * FP32 * t * h + 2 * e * t * h
+    t, h, f, e, r = tokens.count, config.d_model, config.ffn_hidden, p.matmul, p.residual
+    norms = (FP32 * t * h if r < FP32 else 0) + 3 * FP32 * t * h
+    linear_inputs = 2 * r * t * h if e == r else 5 * e * t * h
     attention = 4 * e * t * h + FP32 * t * config.n_heads
     mlp = 4 * e * t * f
     rsqrt = 2 * FP32 * t
-    return norms + attention + mlp + rsqrt
+    return norms + linear_inputs + attention + mlp + rsqrt
 
 
-def block_input_saved(config: ModelConfig, tokens: Tokens, act_bytes: int) -> int:
+def block_input_saved(config: ModelConfig, tokens: Tokens, p: Precision) -> int:
     """The block input is saved by attn_norm only when it already is fp32 (``x.float()`` is ``x``)."""
-    return act_bytes * tokens.count * config.d_model if act_bytes == FP32 else 0
+    return p.residual * tokens.count * config.d_model if p.residual == FP32 else 0
 
 
-def hidden_bytes(config: ModelConfig, tokens: Tokens, act_bytes: int) -> int:
-    """One hidden-state tensor [batch, seq, d_model]: a checkpoint, a stage boundary."""
-    return act_bytes * tokens.count * config.d_model
+def hidden_bytes(config: ModelConfig, tokens: Tokens, p: Precision) -> int:
+    """One residual-stream tensor [batch, seq, d_model]: a checkpoint, a stage boundary."""
+    return p.residual * tokens.count * config.d_model
 
 
-def block_backward_transient(config: ModelConfig, tokens: Tokens, act_bytes: int) -> int:
+def block_backward_transient(config: ModelConfig, tokens: Tokens, p: Precision) -> int:
     """Gradients alive at once inside one block's backward (see the module docstring)."""
     t = tokens.count
-    return act_bytes * t * (3 * config.ffn_hidden + 2 * config.d_model)
+    return t * (3 * p.matmul * config.ffn_hidden + 2 * p.residual * config.d_model)
 
 
-def head_saved_bytes(config: ModelConfig, tokens: Tokens, act_bytes: int) -> int:
+def head_saved_bytes(config: ModelConfig, tokens: Tokens, p: Precision) -> int:
     """Final RMSNorm (fp32 input copy or the fp32 input, normalised fp32) and the head's input."""
     t, h = tokens.count, config.d_model
-    return 2 * FP32 * t * h + act_bytes * t * h
+    return 2 * FP32 * t * h + p.matmul * t * h
 
 
 def loss_working_bytes(config: ModelConfig, tokens: Tokens, chunks: int = 1) -> int:

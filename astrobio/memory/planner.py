@@ -177,7 +177,7 @@ class StageShape:
     layers: int
     is_first: bool
     is_last: bool
-    act_bytes: int
+    precision: act.Precision
 
 
 def splits_backward(schedule: str, stage: int) -> bool:
@@ -208,20 +208,20 @@ def occupancy(schedule: str, stages: int, stage: int, micro_batches: int) -> lis
 def micro_batch_activations(s: StageShape, checkpointing: bool) -> int:
     """What one micro-batch leaves on a stage between its forward and its backward. A sent output is
     released once sent (the executor keeps its autograd edge only); a received input is kept for B."""
-    m, t, e = s.model, s.tokens, s.act_bytes
+    m, t, p = s.model, s.tokens, s.precision
     if checkpointing:
-        head = act.head_saved_bytes(m, t, e) if s.is_last else 0
-        return s.layers * act.hidden_bytes(m, t, e) + head
-    per_layer = act.block_saved_bytes(m, t, e) + act.block_input_saved(m, t, e)
-    held_input = act.hidden_bytes(m, t, e) if (not s.is_first and e < act.FP32) else 0
-    head = act.head_saved_bytes(m, t, e) if s.is_last else 0
+        head = act.head_saved_bytes(m, t, p) if s.is_last else 0
+        return s.layers * act.hidden_bytes(m, t, p) + head
+    per_layer = act.block_saved_bytes(m, t, p) + act.block_input_saved(m, t, p)
+    held_input = act.hidden_bytes(m, t, p) if (not s.is_first and p.residual < act.FP32) else 0
+    head = act.head_saved_bytes(m, t, p) if s.is_last else 0
     return s.layers * per_layer + held_input + head
 
 
 def caught_grad_bytes(s: StageShape, layers: int) -> int:
     """Gradients of Linear outputs that a split backward keeps for W: q, k, v, o, down (h wide),
     gate, up (f wide) per block; the logits' gradient on the last stage."""
-    m, t, e = s.model, s.tokens.count, s.act_bytes
+    m, t, e = s.model, s.tokens.count, s.precision.matmul
     head = e * t * m.vocab_size if s.is_last else 0
     return layers * e * t * (5 * m.d_model + 2 * m.ffn_hidden) + head
 
@@ -252,7 +252,7 @@ def backward_moments(s: StageShape, cfg: PlanConfig, grads: dict[str, int], othe
 
     Under a split backward (ZB-H1) the graph is retained for W, so nothing is freed as B proceeds and
     the caught Linear-output gradients pile up."""
-    m, t, e = s.model, s.tokens, s.act_bytes
+    m, t, p = s.model, s.tokens, s.precision
     full = micro_batch_activations(s, cfg.checkpointing)
     layer_keys = sorted((k for k in grads if k.isdigit()), key=int)
     accumulated = sum(grads.values()) if (grads_resident and cfg.micro_batches > 1) else 0
@@ -264,14 +264,14 @@ def backward_moments(s: StageShape, cfg: PlanConfig, grads: dict[str, int], othe
         # gradient in the activation dtype and produces the head's (largest) weight gradient
         out.append(("backward of the loss", others + full, loss, accumulated))
         done = grads.get("head", 0) + grads.get("norm", 0)
-        logits_grad = -(-e * t.count * m.vocab_size // cfg.loss_chunks)
+        logits_grad = -(-p.matmul * t.count * m.vocab_size // cfg.loss_chunks)
         out.append(("backward of the head", others + full, logits_grad,
                     (accumulated or done) if grads_resident else grad_in_flight("head")))
-    hidden = act.hidden_bytes(m, t, e)
+    hidden = act.hidden_bytes(m, t, p)
     # under checkpointing the block input is the checkpoint itself, already counted in ``hidden``
-    saved = act.block_saved_bytes(m, t, e) + (0 if cfg.checkpointing else act.block_input_saved(m, t, e))
-    transient = act.block_backward_transient(m, t, e)
-    head_saved = act.head_saved_bytes(m, t, e) if s.is_last else 0
+    saved = act.block_saved_bytes(m, t, p) + (0 if cfg.checkpointing else act.block_input_saved(m, t, p))
+    transient = act.block_backward_transient(m, t, p)
+    head_saved = act.head_saved_bytes(m, t, p) if s.is_last else 0
     retained_loss = act.FP32 * t.count * m.vocab_size if (split and s.is_last) else 0
     for i in range(s.layers - 1, -1, -1):
         if split:
@@ -296,10 +296,6 @@ def resident_terms(cfg: PlanConfig, tensors: list[tuple[str, int]], param_bytes:
     n_params = sum(numels)
     dtype_name = "bf16" if param_bytes == 2 else "fp32"
     terms = [Term(f"{dtype_name} weights", param_bytes * n_params, f"{n_params / 1e9:.3f}B parameters")]
-    if cfg.autocast and param_bytes == 4:
-        matrices = sum(n for name, n in tensors if name.endswith("weight") and "norm" not in name
-                       and not name.startswith("embed"))
-        terms.append(Term("autocast bf16 weight copies", 2 * matrices, "autocast's cast cache"))
     if not cfg.offload:
         if param_bytes == 2 and cfg.master_weights == "fp32":
             terms.append(Term("fp32 master weights", 4 * n_params, "on the device (no offload)"))
@@ -315,8 +311,33 @@ class PeakMoment:
     activations: int
     loss: int
     gradients: int
+    casts: int      # autocast's bf16 copies of fp32 weights
     waiting_b: int  # other micro-batches held, waiting for their B
     waiting_w: int  # ... waiting for their W
+
+    @property
+    def total(self) -> int:
+        return self.activations + self.loss + self.gradients + self.casts
+
+
+@dataclass
+class CastCopies:
+    """Bytes of autocast's bf16 copies of fp32 matrix weights: of the whole stage (the cache at the end
+    of a forward, and what a graph without checkpointing saves), of one block (a recomputed block's
+    graph) and of the head (saved outside the checkpointed blocks)."""
+    stage: int = 0
+    block: int = 0
+    head: int = 0
+
+    @classmethod
+    def of(cls, cfg: PlanConfig, tensors: list[tuple[str, int]], param_bytes: int) -> "CastCopies":
+        if not (cfg.autocast and param_bytes == 4):
+            return cls()
+        matrices = {name: n for name, n in tensors if name.endswith("weight") and "norm" not in name
+                    and not name.startswith("embed")}
+        per_block = layer_grad_bytes([(k, n) for k, n in matrices.items() if k.startswith("layers.")], 2)
+        return cls(stage=2 * sum(matrices.values()), block=max(per_block.values(), default=0),
+                   head=2 * matrices.get("head.weight", 0))
 
 
 def peak_moment(cfg: PlanConfig, s: StageShape, stage: int, tensors: list[tuple[str, int]],
@@ -334,17 +355,26 @@ def peak_moment(cfg: PlanConfig, s: StageShape, stage: int, tensors: list[tuple[
                    key=lambda bw: bw[0] * per_mb + bw[1] * per_w)
     others = n_b * per_mb + n_w * per_w
     split = splits_backward(cfg.schedule, stage)
-    moments = backward_moments(s, cfg, grads, others, split, not cfg.offload, grad_in_flight)
+    casts = CastCopies.of(cfg, tensors, param_bytes)
+    held_casts = (n_b + n_w) * (casts.head if cfg.checkpointing else casts.stage)
+    own_casts = casts.block + casts.head if cfg.checkpointing else casts.stage
+    moments = [PeakMoment(name, a, loss, g, held_casts + own_casts, n_b, n_w) for name, a, loss, g
+               in backward_moments(s, cfg, grads, others, split, not cfg.offload, grad_in_flight)]
+    accumulated = sum(grads.values()) if (not cfg.offload and cfg.micro_batches > 1) else 0
+    if casts.stage:
+        moments.append(PeakMoment("end of a forward", others + per_mb, 0, accumulated, held_casts + casts.stage,
+                                  n_b, n_w))
     if not cfg.offload:
-        moments.append(("optimizer step", 0, 0, sum(grads.values())))
-    name, activations, loss, gradients = max(moments, key=lambda x: x[1] + x[2] + x[3])
-    return PeakMoment(name, activations, loss, gradients, n_b, n_w)
+        moments.append(PeakMoment("optimizer step", 0, 0, sum(grads.values()), 0, n_b, n_w))
+    return max(moments, key=lambda moment: moment.total)
 
 
 def plan_stage(cfg: PlanConfig, hw: HardwareProfile, s: StageShape, stage: int,
                tensors: list[tuple[str, int]], param_bytes: int) -> MemoryBudget:
     peak = peak_moment(cfg, s, stage, tensors, param_bytes)
     terms = resident_terms(cfg, tensors, param_bytes)
+    if peak.casts:
+        terms.append(Term("autocast bf16 weight copies", peak.casts, "autocast's casts of fp32 weights, at the peak moment"))
     grad_detail = (f"{cfg.buckets_in_flight} buckets streamed to the host" if cfg.offload
                    else "resident on the device, at the peak moment")
     terms.append(Term("gradients", peak.gradients, grad_detail))
@@ -435,12 +465,12 @@ def plan(cfg: PlanConfig) -> Plan:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.max_seq_len}")
     param_dtype = cfg.param_dtype or ("fp32" if hw.unified else "bf16")
     param_bytes = 2 if param_dtype == "bf16" else 4
-    act_bytes = 2 if (param_bytes == 2 or cfg.autocast) else 4
+    precision = act.Precision.of(param_bytes, cfg.autocast)
     tensors = stage_tensors(model, tuple(split))
     tokens = act.Tokens(cfg.micro_batch_size, cfg.seq_len)
     devices = []
     for s, layers in enumerate(split):
-        shape = StageShape(model, tokens, layers, s == 0, s == len(split) - 1, act_bytes)
+        shape = StageShape(model, tokens, layers, s == 0, s == len(split) - 1, precision)
         budget = plan_stage(cfg, hw, shape, s, tensors[s], param_bytes)
         budget.layers = (sum(split[:s]), sum(split[:s + 1]) - 1)
         devices.append(budget)
