@@ -4,12 +4,15 @@ multimodal prefix, and the CPU offload engine (the pipeline is in test_train_int
 from __future__ import annotations
 
 import importlib.machinery
+import json
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from astrobio.memory import plan
+from astrobio.model import build_model, get_config
 from astrobio.memory.units import gib
 from astrobio.train import main, parse_config, run
 from astrobio.train.memory import plan_config
@@ -36,7 +39,7 @@ def test_preflight_refuses_a_run_that_will_not_fit(tmp_path, capsys, monkeypatch
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: this configuration will not fit: host needs")
     config = parse_config(small_args(out, "--steps", "2"))
-    expected = plan(plan_config(config, 259, __import__("torch").device("cpu")))
+    expected = plan(plan_config(config, 259, torch.device("cpu")))
     over = expected.host.total - expected.host.budget
     assert over > 0 and f"{gib(over)} over its budget of {gib(expected.host.budget)}" in err
     assert "what would change it" in err and "--force" in err
@@ -95,3 +98,86 @@ def test_profiler_samples_every_n_steps_with_alerts(tmp_path, monkeypatch):
         assert "above the 0% threshold" in r["memory_alert"]  # 0.1% of the machine's memory is passed at once
     assert any("memory_alert" in data for _, data in fake.logged)
     assert (out / "plots" / "memory.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------ multimodal
+
+MULTIMODAL = ("--modalities", "text,catalogue,graph", "--data", "builtin:60", "--seq-len", "48",
+              "--micro-batch-size", "4", "--eval-batches", "2", "--warmup-steps", "2")
+
+
+def multimodal_args(out: Path, *extra: str) -> list[str]:
+    return [*MULTIMODAL, "--output-dir", str(out), *extra]
+
+
+def test_multimodal_run_learns_trains_the_prefix_and_resumes_exactly(tmp_path):
+    from astrobio.model.encoders import build_prefix
+    from astrobio.train.checkpoint import load_checkpoint
+    straight = tmp_path / "straight"
+    summary = run(parse_config(multimodal_args(straight, "--steps", "8")))
+    assert summary["final_val_loss"] < 0.9 * summary["initial_val_loss"]
+    _, state, _ = load_checkpoint(straight / "checkpoints" / "step-8")
+    initial = build_prefix(128, ("catalogue", "graph"), seed=0).state_dict()
+    assert set(state["prefix"]) == set(initial)
+    changed = [k for k in initial if not torch.equal(state["prefix"][k], initial[k])]
+    assert len(changed) > len(initial) // 2  # the optimizer updates the encoders
+    # the optimizer covers the model's and the prefix's parameters
+    model_params = len(list(build_model(get_config("tiny", vocab_size=259)).parameters()))
+    assert len(state["optimizer"]["state"]) == model_params + len(list(build_prefix(128, ("catalogue", "graph"))
+                                                                         .parameters()))
+
+    resumed = tmp_path / "resumed"
+    run(parse_config(multimodal_args(resumed, "--steps", "8", "--stop-at-step", "4")))
+    run(parse_config(multimodal_args(resumed, "--steps", "8", "--resume", "auto")))
+    assert losses(resumed) == losses(straight)  # bit for bit
+
+
+def test_multimodal_prefix_counts_against_max_seq_len(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(multimodal_args(out)[:-4] + ["--seq-len", "510", "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "seq_len 510 + 4 prefix positions (text,catalogue,graph) exceeds model 'tiny'" in err
+    assert "--seq-len 508 or less" in err and not out.exists()
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """A local HTTP server over tmp_path/served that records the Authorization headers it gets."""
+    import http.server
+    import threading
+    served = tmp_path / "served"
+    served.mkdir()
+    seen = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"127.0.0.1:{server.server_address[1]}", seen
+    server.shutdown()
+
+
+def test_http_data_with_credentials_stores_only_the_redacted_uri(tmp_path, http_server, monkeypatch):
+    from astrobio.data import load_records
+    served, host, seen = http_server
+    (served / "corpus.txt").write_text("\n\n".join(load_records("builtin:120")))
+    monkeypatch.setenv("ASTROBIO_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    uri = f"http://reader:hunter2secret@{host}/corpus.txt"
+    run(parse_config(small_args(out, "--steps", "2")[:-4] + ["--data", uri, "--output-dir", str(out)]))
+    assert any(h and h.startswith("Basic ") for h in seen)  # the credentials were used ...
+    written = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl")]
+    assert any(p.name == "state.json" for p in written)
+    for path in written:  # ... and never stored
+        assert "hunter2secret" not in path.read_text() and "reader:" not in path.read_text(), path
+    assert json.loads((out / "config.json").read_text())["data"] == f"http://***@{host}/corpus.txt"

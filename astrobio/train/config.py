@@ -95,7 +95,9 @@ class TrainConfig:
     memory_alert_fraction: float = option(0.9, "alert when device memory passes this fraction")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as written to config.json, checkpoints and W&B: ``data`` without credentials."""
+        from astrobio.data.sources import redact_uri
+        return {**asdict(self), "data": redact_uri(self.data)}
 
 
 FIELDS = {f.name: f for f in fields(TrainConfig)}
@@ -306,8 +308,9 @@ def check_unavailable(config: TrainConfig) -> None:
 def check_environment(config: TrainConfig) -> None:
     """Checks against the file system and installed packages (still writing nothing)."""
     check_output_dir(config.output_dir)
-    if not config.data.startswith("builtin") and not Path(config.data).is_file():
-        raise ConfigError(f"--data file {config.data!r} not found; pass an existing file or 'builtin'")
+    local = not config.data.startswith("builtin") and "://" not in config.data and "#" not in config.data
+    if local and not Path(config.data).is_file():
+        raise ConfigError(f"--data file {config.data!r} not found; pass an existing file, a URL or 'builtin'")
     if config.tokenizer is not None and not Path(config.tokenizer).exists():
         raise ConfigError(f"--tokenizer {config.tokenizer!r} not found; pass a tokenizer.json or its folder")
     if config.resume not in (None, "auto") and not Path(config.resume).is_dir():

@@ -38,6 +38,7 @@ from tqdm import tqdm
 from astrobio.model import build_model as build_transformer
 from astrobio.model import get_config
 from astrobio.train.checkpoint import CheckpointError, Checkpointer, load_checkpoint
+from astrobio.train.data import DataBundle, build_data
 from astrobio.train.config import ConfigError, TrainConfig, check_environment, parse_config, prefix_len
 from astrobio.train.logging import MetricsLogger, memory_stats, read_metrics
 from astrobio.train.memory import build_profiler, memory_fields, plot_memory_records, preflight_run
@@ -45,7 +46,7 @@ from astrobio.train.plots import plot_loss
 
 # A resumed run must match its checkpoint in these keys (the rest, e.g. --steps or --lr, may change).
 RESUME_KEYS = ("model", "seq_len", "micro_batch_size", "gradient_accumulation_steps", "data", "tokenizer",
-               "seed", "use_8bit_optimizer")
+               "seed", "use_8bit_optimizer", "modalities")
 # Outputs of a run; --overwrite deletes exactly these.
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "plots", "wandb")
 
@@ -53,49 +54,6 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 # ----------------------------------------------------------------------------------------- builders
-
-@dataclass
-class DataBundle:
-    tokenizer: object
-    train_loader: object  # astrobio.data.PackedLoader
-    val_batches: list[Batch]
-    train_tokens: int
-    val_tokens: int
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
-
-
-def build_data(config: TrainConfig) -> DataBundle:
-    """Tokenizer, the shuffled training loader, and the fixed validation micro-batches."""
-    from astrobio.data import PackedLoader, build_token_splits, load_records, load_tokenizer
-    try:
-        tokenizer = load_tokenizer(config.tokenizer)
-        records = load_records(config.data, seed=config.seed)
-        train_ids, val_ids = build_token_splits(records, tokenizer, seed=config.seed)
-    except (OSError, ValueError, ImportError) as error:
-        raise ConfigError(str(error)) from None
-    loader = PackedLoader(train_ids, config.seq_len, config.micro_batch_size, seed=config.seed)
-    if loader.batches_per_epoch < config.gradient_accumulation_steps:
-        raise ConfigError(f"the training split of {config.data!r} ({len(train_ids)} tokens) holds "
-                          f"{loader.batches_per_epoch} micro-batches of {config.micro_batch_size} x "
-                          f"{config.seq_len} tokens, fewer than one step's {config.gradient_accumulation_steps}; "
-                          f"use more data or a smaller --seq-len / --batch-size")
-    val_windows = (len(val_ids) - 1) // config.seq_len
-    if val_windows < 1:
-        raise ConfigError(f"the validation split of {config.data!r} ({len(val_ids)} tokens) is shorter than "
-                          f"one sequence of {config.seq_len + 1} tokens; use more data or a smaller --seq-len")
-    # a small validation split is evaluated in smaller batches rather than refused
-    val_loader = PackedLoader(val_ids, config.seq_len, min(config.micro_batch_size, val_windows),
-                              seed=config.seed, shuffle=False)
-    count = val_loader.batches_per_epoch
-    if config.eval_batches:
-        count = min(count, config.eval_batches)
-    val_iter = iter(val_loader)
-    val_batches = [next(val_iter) for _ in range(count)]
-    return DataBundle(tokenizer, loader, val_batches, len(train_ids), len(val_ids))
-
 
 def resolve_device(config: TrainConfig) -> torch.device:
     if config.device == "auto":
@@ -109,8 +67,7 @@ def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> n
     return model
 
 
-def build_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+def build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     betas = (config.beta1, config.beta2)
     if config.use_8bit_optimizer:
         from astrobio.optim import AdamW8bit
@@ -166,40 +123,77 @@ class StepRunner(Protocol):
 
 
 class LocalStepRunner:
-    """All micro-batches through one whole model in this process."""
+    """All micro-batches through one whole model in this process. With ``prefix`` (a MultimodalPrefix)
+    the micro-batches are MultimodalBatch: the prefix embeddings go before the tokens and the loss
+    covers the token positions only."""
 
-    def __init__(self, model: nn.Module, device: torch.device, mixed_precision: bool):
+    def __init__(self, model: nn.Module, device: torch.device, mixed_precision: bool,
+                 prefix: nn.Module | None = None):
         self.model = model
         self.device = device
         self.mixed_precision = mixed_precision
+        self.prefix = prefix
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
 
+    def train(self, mode: bool) -> None:
+        for module in (self.model, self.prefix):
+            if module is not None:
+                module.train(mode)
+
+    def loss(self, batch) -> torch.Tensor:
+        """One micro-batch's mean loss."""
+        if self.prefix is None:
+            inputs, targets = batch
+            return lm_loss(self.model(inputs.to(self.device)), targets.to(self.device))
+        from astrobio.model.encoders import prefix_lm_loss
+        batch = batch.to(self.device)
+        logits = self.model(batch.tokens, prefix=self.prefix(**batch.prefix_inputs()))
+        return prefix_lm_loss(logits, batch.targets, self.prefix.prefix_len)
+
     def forward_backward(self, micro_batches: list[Batch]) -> float:
-        self.model.train()
+        self.train(True)
         scale = 1.0 / len(micro_batches)
         total = torch.zeros((), device=self.device)
-        for inputs, targets in micro_batches:
-            inputs, targets = inputs.to(self.device), targets.to(self.device)
+        for batch in micro_batches:
             with self.autocast():
-                loss = lm_loss(self.model(inputs), targets) * scale
+                loss = self.loss(batch) * scale
             loss.backward()
             total += loss.detach()
         return total.item()
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch]) -> float:
-        self.model.eval()
+        self.train(False)
         total = torch.zeros((), device=self.device)
-        for inputs, targets in batches:
+        for batch in batches:
             with self.autocast():
-                total += lm_loss(self.model(inputs.to(self.device)), targets.to(self.device))
+                total += self.loss(batch)
         return (total / len(batches)).item()
 
 
-def build_step_runner(config: TrainConfig, model: nn.Module, device: torch.device) -> StepRunner:
-    return LocalStepRunner(model, device, config.use_mixed_precision)
+def build_prefix(config: TrainConfig, device: torch.device) -> nn.Module | None:
+    """The multimodal prefix encoders of ``--modalities`` (None for text alone)."""
+    from astrobio.model.encoders import build_prefix as build_prefix_module
+    from astrobio.model.encoders import check_modalities
+    modalities = check_modalities(config.modalities)
+    if not modalities:
+        return None
+    return build_prefix_module(get_config(config.model).d_model, modalities, seed=config.seed, device=device)
+
+
+def trainable(model: nn.Module, prefix: nn.Module | None) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of everything the optimizer updates: the model's, then the prefix's."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if prefix is not None:
+        named += [(f"prefix.{n}", p) for n, p in prefix.named_parameters() if p.requires_grad]
+    return named
+
+
+def build_step_runner(config: TrainConfig, model: nn.Module, device: torch.device,
+                      prefix: nn.Module | None = None) -> StepRunner:
+    return LocalStepRunner(model, device, config.use_mixed_precision, prefix)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
@@ -282,10 +276,11 @@ class Trainer:
         self.data = data
         self.device = device
         self.model = build_model(config, data.vocab_size, device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(config, self.model)
+        self.prefix = build_prefix(config, device)
+        self.params = [p for _, p in trainable(self.model, self.prefix)]
+        self.optimizer = build_optimizer(config, self.params)
         self.schedule = build_schedule(config)
-        self.runner = build_step_runner(config, self.model, device)
+        self.runner = build_step_runner(config, self.model, device, self.prefix)
         self.checkpointer = build_checkpointer(config)
         self.logger = build_logger(config)
         self.profiler = build_profiler(config, device)
@@ -306,10 +301,13 @@ class Trainer:
                 "schedule": self.schedule.state_dict(), "config": self.config.to_dict(),
                 "trainer": {"initial_val_loss": self.initial_val_loss, "last_val_loss": self.last_val_loss,
                             "last_loss": self.last_loss, "skipped_steps": self.skipped_steps,
-                            "train_time_s": self.train_time, "tokens_seen": self.tokens_seen}}
+                            "train_time_s": self.train_time, "tokens_seen": self.tokens_seen},
+                "prefix": self.prefix.state_dict() if self.prefix is not None else None}
 
     def load(self, resume: Resume) -> None:
         self.model.load_state_dict(resume.model_state)
+        if self.prefix is not None:
+            self.prefix.load_state_dict(resume.state["prefix"])
         self.optimizer.load_state_dict(resume.state["optimizer"])
         self.data.train_loader.load_state_dict(resume.state["data"])
         load_rng_state(resume.state["rng"], self.device)
@@ -464,11 +462,12 @@ def find_resume(config: TrainConfig) -> Resume | None:
 
 
 def check_resume_matches(config: TrainConfig, saved: dict, path: Path) -> None:
+    ours = config.to_dict()  # as saved: the data URI without credentials
     for key in RESUME_KEYS:
-        if saved.get(key) != getattr(config, key):
+        if saved.get(key, TrainConfig.__dataclass_fields__[key].default) != ours[key]:
             flag = "--" + key.replace("_", "-")
             raise ConfigError(f"checkpoint {path} was trained with {key}={saved.get(key)!r} but this run has "
-                              f"{getattr(config, key)!r}; pass {flag} {saved.get(key)} to resume it, or use "
+                              f"{ours[key]!r}; pass {flag} {saved.get(key)} to resume it, or use "
                               f"another --output-dir")
 
 
