@@ -102,7 +102,7 @@ def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--data", str(tmp_path / "missing.jsonl")], "not found"),
         (["--data", "builtin:0"], "positive whole number"),
         (["--pipeline-stages", "2"], "not available yet"),
-        (["--use-cpu-offloading"], "not available yet"),
+        (["--use-cpu-offloading", "--no-use-8bit-optimizer"], "runs the 8-bit AdamW on the host"),
         (["--master-weights", "bf16-sr"], "add --use-cpu-offloading"),
         (["--modalities", "text,audio"], "unknown modality 'audio'"),
         (["--memory-alert-fraction", "1.5"], "memory_alert_fraction must be in (0, 1]"),

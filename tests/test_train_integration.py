@@ -181,3 +181,35 @@ def test_http_data_with_credentials_stores_only_the_redacted_uri(tmp_path, http_
     for path in written:  # ... and never stored
         assert "hunter2secret" not in path.read_text() and "reader:" not in path.read_text(), path
     assert json.loads((out / "config.json").read_text())["data"] == f"http://***@{host}/corpus.txt"
+
+
+# ----------------------------------------------------------------------------------- CPU offload
+
+def test_offload_is_on_by_default_for_13b_only():
+    assert parse_config(["--model", "13b"]).use_cpu_offloading is True
+    assert parse_config(["--model", "13b", "--no-use-cpu-offloading"]).use_cpu_offloading is False
+    assert parse_config([]).use_cpu_offloading is False
+    assert parse_config(["--use-cpu-offloading"]).use_cpu_offloading is True
+
+
+OFFLOAD = ("--use-cpu-offloading", "--gradient-accumulation-steps", "2", "--max-grad-norm", "0.5")
+
+
+def test_offload_trains_like_the_in_process_8bit_adamw(tmp_path):
+    run(parse_config(small_args(tmp_path / "local", "--steps", "6", "--gradient-accumulation-steps", "2",
+                                "--max-grad-norm", "0.5")))
+    run(parse_config(small_args(tmp_path / "offload", "--steps", "6", *OFFLOAD)))
+    local, offload = losses(tmp_path / "local"), losses(tmp_path / "offload")
+    # the same 8-bit AdamW on the same accumulated, clipped gradients (the norm is summed in another order)
+    assert offload == pytest.approx(local, rel=1e-4) and offload[-1] < offload[0]
+
+
+@pytest.mark.parametrize("steps, precision", [(20, ()), (6, ("--master-weights", "bf16-sr", "--accum-dtype", "bf16"))])
+def test_offload_resume_is_exact(tmp_path, steps, precision):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    args = ("--steps", str(steps), "--save-every-n-steps", "0", *OFFLOAD, *precision)
+    run(parse_config(small_args(straight, *args)))
+    run(parse_config(small_args(resumed, *args, "--stop-at-step", str(steps // 2))))
+    run(parse_config(small_args(resumed, *args, "--resume", "auto")))
+    assert len(losses(straight)) == steps
+    assert losses(resumed) == losses(straight)  # bit for bit: masters, moments and the rounding seeds restored

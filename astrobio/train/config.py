@@ -301,8 +301,6 @@ def check_unavailable(config: TrainConfig) -> None:
     """Flags whose machinery has not landed yet are accepted by the parser and refused here."""
     if config.pipeline_stages != 1:
         raise ConfigError(f"--pipeline-stages {config.pipeline_stages} is not available yet; use 1")
-    if config.use_cpu_offloading is True:
-        raise ConfigError("--use-cpu-offloading is not available yet; drop the flag")
 
 
 def check_environment(config: TrainConfig) -> None:

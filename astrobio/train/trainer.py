@@ -46,7 +46,7 @@ from astrobio.train.plots import plot_loss
 
 # A resumed run must match its checkpoint in these keys (the rest, e.g. --steps or --lr, may change).
 RESUME_KEYS = ("model", "seq_len", "micro_batch_size", "gradient_accumulation_steps", "data", "tokenizer",
-               "seed", "use_8bit_optimizer", "modalities")
+               "seed", "use_8bit_optimizer", "modalities", "use_cpu_offloading", "master_weights", "accum_dtype")
 # Outputs of a run; --overwrite deletes exactly these.
 RUN_OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "plots", "wandb")
 
@@ -65,6 +65,18 @@ def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> n
     model = build_transformer(get_config(config.model, vocab_size=vocab_size), seed=config.seed, device=device)
     model.gradient_checkpointing = config.use_gradient_checkpointing
     return model
+
+
+def build_offload_engine(config: TrainConfig, named: list[tuple[str, nn.Parameter]], module: nn.Module | None,
+                         index_offset: int = 0):
+    """astrobio.optim.offload.OffloadEngine over ``named``: master weights, 8-bit moments and gradient
+    accumulators on the host; clipping and skip-on-non-finite inside its ``end_step``. ``module``: the
+    module whose forward waits per bucket for the updated weights (None: ``end_step`` waits)."""
+    from astrobio.optim.offload import OffloadEngine
+    return OffloadEngine(named, lr=config.lr, betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
+                         max_grad_norm=config.max_grad_norm or None, accum_dtype=config.accum_dtype,
+                         master_weights=config.master_weights, module=module, seed=config.seed,
+                         index_offset=index_offset)
 
 
 def build_optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -277,8 +289,13 @@ class Trainer:
         self.device = device
         self.model = build_model(config, data.vocab_size, device)
         self.prefix = build_prefix(config, device)
-        self.params = [p for _, p in trainable(self.model, self.prefix)]
-        self.optimizer = build_optimizer(config, self.params)
+        named = trainable(self.model, self.prefix)
+        self.params = [p for _, p in named]
+        if config.use_cpu_offloading:
+            # the prefix runs outside the model's hooked forward, so then end_step waits for every bucket
+            self.optimizer = build_offload_engine(config, named, self.model if self.prefix is None else None)
+        else:
+            self.optimizer = build_optimizer(config, self.params)
         self.schedule = build_schedule(config)
         self.runner = build_step_runner(config, self.model, device, self.prefix)
         self.checkpointer = build_checkpointer(config)
@@ -344,6 +361,8 @@ class Trainer:
             if stop.received is not None or self.step < steps:
                 self.finish_early(stop.received)
         self.logger.close()
+        if self.config.use_cpu_offloading:
+            self.optimizer.close()
         records = read_metrics(self.logger.path)
         plots = Path(self.config.output_dir) / "plots"
         plot = plot_loss(records, plots / "loss.png")
@@ -354,11 +373,17 @@ class Trainer:
         """One optimizer step; returns its wall time in seconds."""
         start = time.perf_counter()
         lr = self.schedule(self.step)
-        set_lr(self.optimizer, lr)
         loader = self.data.train_loader
         micro_batches = [next(loader) for _ in range(self.config.gradient_accumulation_steps)]
-        self.last_loss = self.runner.forward_backward(micro_batches)
-        self.grad_norm, skipped = optimizer_step(self.optimizer, self.params, self.config.max_grad_norm)
+        if self.config.use_cpu_offloading:
+            self.optimizer.begin_step(len(micro_batches))
+            self.last_loss = self.runner.forward_backward(micro_batches)
+            stats = self.optimizer.end_step(lr=lr)
+            self.grad_norm, skipped = stats.grad_norm, stats.skipped
+        else:
+            set_lr(self.optimizer, lr)
+            self.last_loss = self.runner.forward_backward(micro_batches)
+            self.grad_norm, skipped = optimizer_step(self.optimizer, self.params, self.config.max_grad_norm)
         self.skipped_steps += skipped
         self.lr = lr
         self.step += 1
@@ -408,6 +433,8 @@ class Trainer:
         return False
 
     def save(self) -> None:
+        if self.config.use_cpu_offloading:
+            self.optimizer.synchronize()  # the weights of the last step are on their way to the model
         self.last_checkpoint = self.checkpointer.save(self.step, self.model.state_dict(), self.state_dict())
 
     def finish_early(self, signum: int | None) -> None:
