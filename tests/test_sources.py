@@ -33,6 +33,7 @@ class Route:
     ranges: bool = True          # honour Range requests
     delay: float = 0.0           # seconds before answering
     etag: str = '"v1"'
+    chunked: bool = False        # send the body as one chunk without the closing chunk (a cut stream)
     served: int = field(default=0)
 
 
@@ -54,13 +55,18 @@ class Handler(BaseHTTPRequestHandler):
             start = int(ranged[len("bytes="):].rstrip("-"))
         payload = route.body[start:]
         self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(payload)))
+        if route.chunked and route.served < route.truncate_times:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.send_header("Content-Length", str(len(payload)))
         self.send_header("ETag", route.etag)
         if start:
             self.send_header("Content-Range", f"bytes {start}-{len(route.body) - 1}/{len(route.body)}")
         self.end_headers()
         if route.truncate_to is not None and route.served < route.truncate_times:
             payload = payload[:route.truncate_to]
+        if route.chunked and route.served < route.truncate_times:
+            payload = b"%x\r\n" % len(payload) + payload + b"\r\n"
         route.served += 1
         try:
             self.wfile.write(payload)
@@ -251,6 +257,13 @@ def test_truncated_response_resumes_with_a_range_request(server):
     assert server.seen[1]["if-range"] == '"v1"'
 
 
+def test_a_chunked_body_cut_short_is_retried_and_resumed(server):
+    server.routes["/t.csv"] = Route(chunked=True, truncate_to=5000, truncate_times=1)
+    source = open_source(server.url + "/t.csv", policy=FAST)
+    assert source.fetch() == BODY
+    assert [r.get("range") for r in server.seen] == [None, "bytes=5000-"]
+
+
 def test_resume_from_a_partial_file_left_by_an_earlier_run(server):
     server.routes["/t.csv"] = Route()
     source = open_source(server.url + "/t.csv", policy=FAST)
@@ -311,6 +324,17 @@ def test_uri_mistakes_are_clear_errors(tmp_path):
         open_source("ftp://example.org/t.csv")
     with pytest.raises(SourceError, match="does not exist"):
         open_source(tmp_path / "absent.csv").fetch()
+    with pytest.raises(SourceError, match="port that is not a number"):
+        open_source("https://example.org:x/t.csv")
+
+
+def test_malformed_uris_are_refused_without_quoting_their_secrets(caplog):
+    for uri in (f"https://127.0.0.1:9/a b.csv?api_key={SECRET}", f"file://user:{SECRET}@host/t.csv"):
+        with caplog.at_level(logging.DEBUG), pytest.raises(SourceError) as raised:
+            open_source(uri, policy=FAST).fetch()
+        assert SECRET not in str(raised.value) and SECRET not in caplog.text
+    with pytest.raises(SourceError, match="percent-encode"):
+        open_source("https://example.org/a b.csv")
 
 
 def test_builtin_source_records_and_rows_describe_the_same_systems():

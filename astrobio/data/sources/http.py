@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import logging
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from astrobio.data.sources.registry import FileSource, Source, SourceError, Sour
 log = logging.getLogger(__name__)
 USER_AGENT = "astrobio-data/1"
 RETRY_STATUS = {408, 429}
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")  # http.client refuses these, quoting the URL (and its secrets)
 
 
 @dataclass(frozen=True)
@@ -60,14 +62,22 @@ class HTTPSource(Source):
     def __init__(self, uri: str, options: SourceOptions, policy: RetryPolicy | None = None,
                  cache_root: Path | None = None):
         parts = urlsplit(uri)
-        if not parts.hostname:
-            raise SourceError(f"{redact_uri(uri)} has no host; write it as https://host/path")
         self.name = redact_uri(uri)
+        if not parts.hostname:
+            raise SourceError(f"{self.name} has no host; write it as https://host/path")
+        try:
+            port = parts.port
+        except ValueError:
+            raise SourceError(f"{self.name} has a port that is not a number; write it as "
+                              "https://host:443/path") from None
+        if _CONTROL.search(uri):
+            raise SourceError(f"{self.name} contains spaces or control characters; percent-encode them "
+                              "(a space as %20)")
         self.format = options.format_for(parts.path, parts.query)
         self.policy = policy or RetryPolicy()
         self.auth = AuthSpec(parts.hostname, options.auth, options.auth_env)
         # the request URL and cache key carry neither credentials nor our own options (the fragment)
-        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        netloc = parts.hostname + (f":{port}" if port else "")
         self._url = urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
         self._uri_credentials = uri_credentials(uri)  # a Credentials object: never shown, never pickled
         self.entry: CacheEntry = entry_for(self._url, suffix_for(self.format, parts.path), cache_root)
@@ -175,8 +185,10 @@ class HTTPSource(Source):
                     out.write(block)
                     received += len(block)
             except http.client.IncompleteRead as err:
+                # a chunked body cut short: keep what came (the next attempt resumes after it)
                 out.write(err.partial)
                 received += len(err.partial)
+                raise RetryableError(f"truncated response: the connection closed after {received} bytes") from None
             except (OSError, http.client.HTTPException) as err:
                 raise RetryableError(f"connection lost after {received} bytes: {describe(err)}") from None
         return received

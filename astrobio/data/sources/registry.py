@@ -249,7 +249,7 @@ def uri_scheme(uri: str) -> str | None:
 def _open_file(uri: str, options: SourceOptions, **_) -> Source:
     parts = urlsplit(uri)
     if parts.netloc not in ("", "localhost"):
-        raise SourceError(f"file URI {uri} names host {parts.netloc!r}; write file:///absolute/path")
+        raise SourceError(f"file URI {redact_uri(uri)} names host {parts.hostname!r}; write file:///absolute/path")
     return FileSource(unquote(parts.path), options.format)
 
 
