@@ -380,3 +380,25 @@ def test_protocol_errors_are_clear():
 def test_bad_options_raise(make, error, match):
     with pytest.raises(error, match=match):
         make(list(make_model("mlp", torch.float32).parameters()))
+
+
+def test_close_stops_the_workers_even_after_a_failed_task():
+    before = set(threading.enumerate())
+    model = make_model("mlp", torch.float32)
+    engine = OffloadEngine(model.parameters(), **HYPER, bucket_bytes=6000, num_workers=2)
+
+    def fail():
+        raise RuntimeError("worker task failed")
+
+    engine.worker_delay = fail
+    engine.begin_step(1)
+    x, y = make_batches(1, 1)[0][0]
+    loss_of(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="worker task failed"):
+        engine.end_step()
+    with pytest.raises(RuntimeError, match="worker task failed"):
+        engine.close()
+    assert [t for t in threading.enumerate() if t not in before] == []
+    assert all(p.grad is None for p in model.parameters())
+    loss_of(model, x, y).backward()  # the hooks are gone: gradients stay on the parameters
+    assert all(p.grad is not None for p in model.parameters())

@@ -242,6 +242,7 @@ class _Bucket:
         self.open_fill: _Fill | None = None
         self.accumulated: Future | None = None  # the last accumulation task of this step
         self.stepped: Future | None = None  # the optimizer step; its result is the upload event
+        self.uploaded: Any = None  # the last upload's event: master/upload are rewritten only after it
         self.sq_norm: float | None = None
 
     @staticmethod
@@ -498,6 +499,7 @@ class OffloadEngine:
     def _step_bucket(self, bucket: _Bucket, lr: float, grad_scale: float, after: Any) -> Any:
         """Worker: the fused 8-bit AdamW over the bucket's parameters, then the upload to the device."""
         self._delay()
+        self._link.wait_host(bucket.uploaded)  # a bucket without gradients this step waited on nothing yet
         beta1, beta2 = self.betas
         qmap1, qmap2 = self._qmaps
         no_absmax = torch.empty(0, dtype=torch.float32)
@@ -515,7 +517,8 @@ class OffloadEngine:
 
     def _upload(self, bucket: _Bucket, after: Any) -> Any:
         source = bucket.upload_source()
-        return self._link.to_device([(s.param.data, bucket.view(source, s)) for s in bucket.slots], after)
+        bucket.uploaded = self._link.to_device([(s.param.data, bucket.view(source, s)) for s in bucket.slots], after)
+        return bucket.uploaded
 
     def _wait_step(self, bucket: _Bucket) -> None:
         """Main thread: wait until the bucket's step has run and its upload is ordered before later work."""
@@ -633,13 +636,16 @@ class OffloadEngine:
                 bucket.accumulated = self._lane(bucket).submit(self._finish_accumulation, bucket)
 
     def close(self) -> None:
-        """Wait for pending work, remove every hook and stop the worker threads."""
-        self.synchronize()
-        for handle in self._hooks + self._module_hooks:
-            handle.remove()
-        self._hooks, self._module_hooks = [], []
-        for lane in self._lanes:
-            lane.shutdown(wait=True)
+        """Wait for pending work, remove every hook and stop the worker threads (also when a pending task
+        failed: its error is raised after the threads have stopped)."""
+        try:
+            self.synchronize()
+        finally:
+            for handle in self._hooks + self._module_hooks:
+                handle.remove()
+            self._hooks, self._module_hooks = [], []
+            for lane in self._lanes:
+                lane.shutdown(wait=True)
 
     def __enter__(self) -> "OffloadEngine":
         return self
