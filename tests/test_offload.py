@@ -402,3 +402,22 @@ def test_close_stops_the_workers_even_after_a_failed_task():
     assert all(p.grad is None for p in model.parameters())
     loss_of(model, x, y).backward()  # the hooks are gone: gradients stay on the parameters
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_a_failed_accumulation_is_reported_even_when_later_ones_succeed():
+    model = make_model("mlp", torch.float32)
+    engine = OffloadEngine(model.parameters(), **HYPER, bucket_bytes=6000)
+    calls = iter(range(10**6))
+
+    def fail_once():
+        if next(calls) == 0:
+            raise RuntimeError("first accumulation failed")
+
+    engine.worker_delay = fail_once
+    engine.begin_step(3)
+    for x, y in make_batches(1, 3)[0]:
+        loss_of(model, x, y).backward()
+    with pytest.raises(RuntimeError, match="first accumulation failed"):
+        engine.end_step()
+    with pytest.raises(RuntimeError, match="first accumulation failed"):
+        engine.close()

@@ -428,11 +428,16 @@ class OffloadEngine:
         bucket.fills_done += 1
         last = bucket.fills_done == self._num_micro_batches
         self._pool.handed_to_worker()
-        bucket.accumulated = self._lane(bucket).submit(self._accumulate, bucket, fill, copied, first, last)
+        bucket.accumulated = self._lane(bucket).submit(self._accumulate, bucket, fill, copied, first, last,
+                                                       bucket.accumulated)
 
-    def _accumulate(self, bucket: _Bucket, fill: _Fill, copied: Any, first: bool, last: bool) -> None:
-        """Worker: add one micro-batch's gradients into the host accumulator."""
+    def _accumulate(self, bucket: _Bucket, fill: _Fill, copied: Any, first: bool, last: bool,
+                    previous: Future | None) -> None:
+        """Worker: add one micro-batch's gradients into the host accumulator. Only the bucket's last task is
+        awaited, so each task first re-raises the error of the one before it (done: same lane)."""
         try:
+            if previous is not None:
+                previous.result()
             self._delay()
             self._link.wait_host(copied)
             if first:
@@ -444,8 +449,10 @@ class OffloadEngine:
         if last:
             bucket.sq_norm = squared_norm(bucket.accum)
 
-    def _finish_accumulation(self, bucket: _Bucket) -> None:
+    def _finish_accumulation(self, bucket: _Bucket, previous: Future | None) -> None:
         """Worker, at end_step, for a bucket that got fewer micro-batches than announced."""
+        if previous is not None:
+            previous.result()
         self._delay()
         if bucket.fills_done == 0:
             bucket.accum.zero_()
@@ -488,7 +495,7 @@ class OffloadEngine:
             if bucket.open_fill is not None:
                 self._submit_fill(bucket)
             if bucket.fills_done < self._num_micro_batches:
-                bucket.accumulated = self._lane(bucket).submit(self._finish_accumulation, bucket)
+                bucket.accumulated = self._lane(bucket).submit(self._finish_accumulation, bucket, bucket.accumulated)
         total = 0.0
         for bucket in self._buckets:
             bucket.accumulated.result()
@@ -633,7 +640,7 @@ class OffloadEngine:
                 bucket.view(bucket.accum, slot).copy_(accumulation["accumulators"][slot.index])
             bucket.fills_done = max(accumulation["micro_batches_done"][s.index] for s in bucket.slots)
             if bucket.fills_done == self._num_micro_batches:  # complete: its norm was never computed here
-                bucket.accumulated = self._lane(bucket).submit(self._finish_accumulation, bucket)
+                bucket.accumulated = self._lane(bucket).submit(self._finish_accumulation, bucket, None)
 
     def close(self) -> None:
         """Wait for pending work, remove every hook and stop the worker threads (also when a pending task
