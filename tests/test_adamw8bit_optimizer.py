@@ -341,12 +341,16 @@ def test_closure_returns_loss():
     (lambda: AdamW8bit([torch.nn.Parameter(torch.ones(4, dtype=torch.float16))]), TypeError, "float16"),
     (lambda: AdamW8bit([torch.nn.Parameter(torch.ones(4, 6).t())]), ValueError, "contiguous"),
     (lambda: AdamW8bit([torch.nn.Parameter(torch.ones(4))], lr=-1.0), ValueError, "lr"),
+    (lambda: AdamW8bit([torch.nn.Parameter(torch.ones(4))], lr=float("nan")), ValueError, "lr"),
+    (lambda: AdamW8bit([torch.nn.Parameter(torch.ones(4))], lr=float("inf")), ValueError, "lr"),
     (lambda: AdamW8bit([torch.nn.Parameter(torch.ones(4))], betas=(0.9, 1.0)), ValueError, "betas"),
     (lambda: AdamW8bit([torch.nn.Parameter(torch.ones(4))], eps=0.0), ValueError, "eps"),
     (lambda: AdamW8bit([torch.nn.Parameter(torch.ones(4))], weight_decay=-0.1), ValueError, "weight_decay"),
+    (lambda: AdamW8bit([torch.nn.Parameter(torch.ones(4))], weight_decay=float("inf")), ValueError, "weight_decay"),
     (lambda: AdamW8bit([torch.nn.Parameter(torch.ones(4))], backend="bogus"), ValueError, "bogus"),
     (lambda: AdamW8bit([torch.nn.Parameter(torch.ones(4))], backend="cuda"), RuntimeError, "cuda"),
-], ids=["fp16", "non-contiguous", "lr", "betas", "eps", "weight-decay", "backend", "backend-device"])
+], ids=["fp16", "non-contiguous", "lr", "lr-nan", "lr-inf", "betas", "eps", "weight-decay", "weight-decay-inf",
+        "backend", "backend-device"])
 def test_bad_construction_raises(make, error, match):
     with pytest.raises(error, match=match):
         make()
@@ -364,6 +368,17 @@ def test_bad_gradient_raises(grad, error, match):
     w.grad = grad()
     with pytest.raises(error, match=match):
         opt.step()
+
+
+def test_a_non_finite_lr_set_after_construction_raises_before_any_update():
+    params = make_params((5000, 10), torch.float32)
+    opt = AdamW8bit([{"params": params[:1]}, {"params": params[1:]}])
+    run_optimizer(opt, params, make_grads((5000, 10), 1))
+    snap = snapshot(opt, params)
+    opt.param_groups[1]["lr"] = float("nan")  # the second group: the first would be stepped before it
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        run_optimizer(opt, params, make_grads((5000, 10), 1, seed=2))
+    assert_unchanged(opt, params, snap)
 
 
 def corrupted(saved, how):

@@ -365,6 +365,10 @@ def test_protocol_errors_are_clear():
     loss_of(model, x, y).backward()
     with pytest.raises(RuntimeError, match="more than the 1 micro-batches"):
         loss_of(model, x, y).backward()
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        engine.end_step(lr=float("inf"))
+    assert not engine.end_step().skipped  # the refused lr left the step open and the engine's lr as it was
+    assert engine.lr == HYPER["lr"]
     engine.close()
 
 

@@ -44,14 +44,14 @@ def step_seed(seed: int, step: int, index: int) -> int:
 
 def check_hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
     """Raise a clear ValueError for hyperparameters the kernel cannot use."""
-    if not (isinstance(lr, (int, float)) or torch.is_tensor(lr)) or float(lr) < 0.0:
-        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
+    if not (isinstance(lr, (int, float)) or torch.is_tensor(lr)) or not 0.0 <= float(lr) < math.inf:
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
     if not float(eps) > 0.0:
         raise ValueError(f"eps must be > 0, got {eps!r}")
-    if not float(weight_decay) >= 0.0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if not 0.0 <= float(weight_decay) < math.inf:
+        raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
 
 
 def check_parameter(p: torch.Tensor, where: str) -> None:
@@ -193,6 +193,8 @@ class AdamW8bit(torch.optim.Optimizer):
                 loss = closure()
         if not math.isfinite(float(grad_scale)):
             raise ValueError(f"grad_scale must be finite, got {grad_scale}")
+        for group in self.param_groups:  # a scheduler may have set lr: check before any parameter changes
+            check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         params = self._params_with_grads()
         skip = bool(found_inf) if found_inf is not None else self._any_non_finite(params)
         if skip:
