@@ -13,10 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from astrobio.cli import run_cli
+from astrobio.cli import resolve_device, run_cli
 from astrobio.data import build_token_splits, load_records, split_records
+from astrobio.data.sources import open_source, redact_uri
 from astrobio.inference.evaluation import run_probe, validation_loss
 from astrobio.inference.loading import load_model, load_tokenizer_for
 
@@ -32,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-examples", type=int, default=200, help="probe examples per field")
     p.add_argument("--max-batches", type=int, default=20, help="validation batches for the loss")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     return p
 
 
@@ -48,18 +47,22 @@ def held_out_builtin(train_config: dict) -> list[str]:
 
 def evaluate(checkpoint: str, data: str | None = None, catalogue: str | None = None, max_examples: int = 200,
              max_batches: int = 20, device: str = "cpu") -> dict:
+    catalogue_path = Path(catalogue) if catalogue else DEFAULT_CATALOGUE
+    if catalogue and not catalogue_path.is_file():  # before the model runs, not after
+        raise FileNotFoundError(f"--catalogue {catalogue} does not exist; give an OEC .xml.gz file or leave it out")
     model, train_config, path = load_model(checkpoint, device=device)
     tokenizer = load_tokenizer_for(train_config)
     seq_len = int(train_config.get("seq_len", 128))
     seed = int(train_config.get("seed", 0))
     uri = data or train_config.get("data", "builtin")
-    _, val_ids = build_token_splits(load_records(uri, seed=seed), tokenizer, seed=seed)
-    result = {"checkpoint": str(path), "data": uri, **validation_loss(model, val_ids, seq_len, max_batches=max_batches)}
+    records = open_source(uri).records(seed)  # as the trainer reads --data (files, builtin, http sources)
+    _, val_ids = build_token_splits(records, tokenizer, seed=seed)
+    result = {"checkpoint": str(path), "data": redact_uri(uri),
+              **validation_loss(model, val_ids, seq_len, max_batches=max_batches)}
     records = held_out_builtin(train_config)
     probes = [run_probe(model, tokenizer, records, f, "held-out built-in records", seq_len, max_examples)
               for f in ("hz", "type")]
-    catalogue_path = Path(catalogue) if catalogue else DEFAULT_CATALOGUE
-    if catalogue or catalogue_path.is_file():
+    if catalogue_path.is_file():
         oec = load_records(str(catalogue_path))
         probes.append(run_probe(model, tokenizer, oec, "hz", "Open Exoplanet Catalogue", seq_len, max_examples,
                                 physics=False))
@@ -70,8 +73,8 @@ def evaluate(checkpoint: str, data: str | None = None, catalogue: str | None = N
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    result = evaluate(args.checkpoint, args.data, args.catalogue, args.max_examples, args.max_batches, device)
+    result = evaluate(args.checkpoint, args.data, args.catalogue, args.max_examples, args.max_batches,
+                      resolve_device(args.device))
     if args.json:
         print(json.dumps({k: v for k, v in result.items() if k != "lines"}, indent=1))
     else:

@@ -9,9 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from astrobio.cli import run_cli
+from astrobio.cli import resolve_device, run_cli
 from astrobio.inference.loading import load_model, load_tokenizer_for
 from astrobio.inference.sampling import SamplingConfig, generate_text
 
@@ -32,9 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but no CUDA GPU is visible; use --device cpu")
+    device = resolve_device(args.device)
     model, train_config, _ = load_model(args.checkpoint, device=device)
     tokenizer = load_tokenizer_for(train_config)
     sys.stdout.write(args.prompt)

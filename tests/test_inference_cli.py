@@ -102,11 +102,30 @@ def test_probe_scores_a_constant_model_at_its_label_share():
     assert result.ci_low <= result.accuracy <= result.ci_high
 
 
-def test_evaluate_reports_loss_and_probes(run_dir, capsys, tmp_path):
+def test_evaluate_refuses_bad_arguments_before_running_the_model(run_dir, capsys, tmp_path, monkeypatch):
     root, _ = run_dir
-    assert run_cli(evaluate_cli.main, ["--checkpoint", str(root), "--max-examples", "10", "--max-batches", "2",
-                                       "--catalogue", str(tmp_path / "missing.xml.gz"), "--json"]) == 2
+    monkeypatch.setattr(evaluate_cli, "load_model", None)  # any model work would raise a TypeError
+    assert run_cli(evaluate_cli.main, ["--checkpoint", str(root), "--catalogue", str(tmp_path / "missing.xml.gz")]) == 2
     assert "missing.xml.gz" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run_cli(evaluate_cli.main, ["--checkpoint", str(root), "--device", "cuda"]) == 2
+        assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_evaluate_reads_data_as_the_trainer_does_and_never_shows_its_secret(run_dir, tmp_path, capsys):
+    root, _ = run_dir
+    table = tmp_path / "planets.csv"
+    table.write_text("name,mass\n" + "".join(f"p{i},{i * 0.37:.2f}\n" for i in range(400)))
+    result = evaluate_cli.evaluate(str(root), data=str(table), max_examples=2, max_batches=1, catalogue=None)
+    assert result["data"] == str(table) and result["val_loss"] > 4.0
+    secret = "hunter2-secret"
+    assert run_cli(evaluate_cli.main, ["--checkpoint", str(root), "--data", f"file://user:{secret}@host/t.csv"]) == 2
+    captured = capsys.readouterr()
+    assert "host/t.csv" in captured.err and secret not in captured.err + captured.out
+
+
+def test_evaluate_reports_loss_and_probes(run_dir):
+    root, _ = run_dir
     result = evaluate_cli.evaluate(str(root), max_examples=10, max_batches=2, catalogue=None)
     assert result["val_loss"] > 4.0  # untrained byte model: near ln(259) = 5.56
     fields = [p["field"] for p in result["probes"]]
