@@ -36,8 +36,8 @@ def tokenizer_files(train_config: dict) -> tuple[dict[str, str], int | None, int
     from astrobio.data import load_tokenizer
     path = train_config.get("tokenizer")
     tokenizer = load_tokenizer(path)
-    if path:
-        return {"tokenizer.json": Path(path).read_text()}, tokenizer.bos_id, tokenizer.eos_id
+    if path:  # a tokenizer.json or the folder holding it: the tokenizer knows which file it read
+        return {"tokenizer.json": tokenizer.path.read_text()}, tokenizer.bos_id, tokenizer.eos_id
     spec = {"type": "astrobio-bytes", "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
             "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
             "encoding": "UTF-8 bytes are token ids 0..255"}

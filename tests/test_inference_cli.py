@@ -150,3 +150,13 @@ def test_export_round_trip(run_dir, tmp_path, capsys, fmt):
         assert set(exported) == set(model.state_dict())
         for name, tensor in iter_weights(root / "checkpoints" / "step-3"):
             assert torch.equal(exported[name], tensor), name
+
+
+def test_export_copies_a_tokenizer_named_by_its_folder(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers", reason="the optional 'tokenizers' package is not installed")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({"<unk>": 0, "</s>": 1, "star": 2}, unk_token="<unk>"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    (tmp_path / "tokenizer.json").write_text(tok.to_str())
+    files, bos, eos = export_cli.tokenizer_files({"tokenizer": str(tmp_path)})  # the folder, as --tokenizer allows
+    assert files == {"tokenizer.json": (tmp_path / "tokenizer.json").read_text()}
+    assert bos == eos == 1  # no BOS in the file: BOS falls back to EOS
