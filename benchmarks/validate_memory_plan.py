@@ -27,6 +27,9 @@ CPU_CASES = [CpuCase("tiny", seq_len=256, micro_batch_size=4),
              CpuCase("tiny", seq_len=256, micro_batch_size=4, checkpointing=True, optimizer="adamw8bit"),
              CpuCase("small", seq_len=32, micro_batch_size=1),
              CpuCase("small", seq_len=128, micro_batch_size=2, checkpointing=True, optimizer="adamw8bit"),
+             CpuCase("tiny", seq_len=256, micro_batch_size=4, optimizer="adamw8bit", autocast=True),
+             CpuCase("tiny", seq_len=256, micro_batch_size=4, checkpointing=True, optimizer="adamw8bit", autocast=True),
+             CpuCase("small", seq_len=64, micro_batch_size=2, checkpointing=True, optimizer="adamw8bit", autocast=True),
              CpuCase("tiny", seq_len=256, micro_batch_size=4, optimizer="offload"),
              CpuCase("tiny", seq_len=256, micro_batch_size=4, checkpointing=True, optimizer="offload"),
              CpuCase("small", seq_len=32, micro_batch_size=1, checkpointing=True, optimizer="offload")]
@@ -46,11 +49,11 @@ def main() -> int:
     results = (measure_cuda(args.layers, args.seq_len) if args.device == "cuda" else measure_cpu(CPU_CASES))
     tolerance = TOLERANCE[args.device]
     ok = True
-    print(f"{'case':44} {'planned MiB':>12} {'measured MiB':>13} {'ratio':>7}")
+    print(f"{'case':52} {'planned MiB':>12} {'measured MiB':>13} {'ratio':>7}")
     for r in results:
         inside = abs(r.ratio - 1) <= tolerance
         ok &= inside
-        print(f"{r.name:44} {r.planned / 2 ** 20:12.1f} {r.measured / 2 ** 20:13.1f} {r.ratio:7.3f}"
+        print(f"{r.name:52} {r.planned / 2 ** 20:12.1f} {r.measured / 2 ** 20:13.1f} {r.ratio:7.3f}"
               f"{'' if inside else '  OUTSIDE'}")
     print(f"{'all within' if ok else 'NOT all within'} {tolerance:.0%}")
     if args.json:

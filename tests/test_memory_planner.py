@@ -162,7 +162,7 @@ def test_cli_prints_json_and_exit_status(capsys):
 
 def test_planned_peak_matches_measured_on_the_cpu_within_20_percent():
     cases = [CpuCase("tiny", seq_len=256, micro_batch_size=4),  # activations dominate
-             CpuCase("tiny", seq_len=256, micro_batch_size=4, checkpointing=True, optimizer="adamw8bit"),
+             CpuCase("tiny", seq_len=256, micro_batch_size=4, checkpointing=True, optimizer="adamw8bit", autocast=True),
              # bf16 weights, gradients streamed to the OffloadEngine's fp32 master, accumulators, 8-bit moments
              CpuCase("small", seq_len=32, micro_batch_size=1, checkpointing=True, optimizer="offload")]
     tiny_plan = plan(PlanConfig(model="tiny", stages=1, seq_len=256, micro_batch_size=4, micro_batches=1,
@@ -176,7 +176,7 @@ def test_planned_peak_matches_measured_on_the_cpu_within_20_percent():
 def test_gpu_check_stage_run_streams_every_gradient():
     """The stage run that benchmarks/validate_memory_plan.py measures on a GPU, here on tiny shapes."""
     p = plan(PlanConfig(model=get_config("tiny", vocab_size=300), stages=2, seq_len=32, micro_batches=4,
-                        hardware="cpu", buckets_in_flight=1, bucket_bytes=1))
+                        hardware="cpu", device_grads_in_flight=1))
     for stage in range(2):
         held = 1 + max(b for b, _ in occupancy("1f1b", 2, stage, 4))
         assert run_stage(p, stage, torch.device("cpu")) == held * 2 * p.stage_params[stage]  # bf16 gradients

@@ -49,8 +49,9 @@ class PlanConfig:
     host_memory: int = 256 * GIB
     max_device_fraction: float = 0.90  # the planner's device budget, and the profiler's alert line
     max_host_fraction: float = 0.90
-    bucket_bytes: int = ENGINE_BUCKET_BYTES  # gradient bucket streamed to the host
-    buckets_in_flight: int = 2         # one filling, one copying
+    bucket_bytes: int = ENGINE_BUCKET_BYTES  # the offload engine's bucket: its host staging buffers' size
+    staging_buffers: int = 2           # host staging buffers per stage (one filling, one accumulating)
+    device_grads_in_flight: int = 2    # gradients on the device at once: one produced, one copying out
     loss_chunks: int = 1
     vocab_size: int | None = None      # for presets that take the tokenizer's
     mfu: float | None = None           # hardware overrides
@@ -70,7 +71,7 @@ class PlanConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of "
                                  f"{', '.join(str(a) for a in allowed if a is not None)}")
         for name in ("stages", "seq_len", "micro_batch_size", "micro_batches", "loss_chunks",
-                     "buckets_in_flight", "bucket_bytes", "host_memory"):
+                     "staging_buffers", "device_grads_in_flight", "bucket_bytes", "host_memory"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -344,11 +345,12 @@ def peak_moment(cfg: PlanConfig, s: StageShape, stage: int, tensors: list[tuple[
                 param_bytes: int) -> PeakMoment:
     """The moment of the step when the stage's activations, loss and gradients add up the most."""
     grads = layer_grad_bytes(tensors, param_bytes)
-    buckets = gradient_buckets(tensors, cfg.bucket_bytes, param_bytes)
+    largest = largest_gradient(tensors, param_bytes)
 
     def grad_in_flight(key: str) -> int:
-        """The bucket holding ``key``'s gradients filling while the previous ones copy out."""
-        return cfg.buckets_in_flight * max(b for b, keys in buckets if key in keys)
+        """The engine copies each gradient out and frees it: the largest of ``key``'s being produced
+        while the previous one copies."""
+        return cfg.device_grads_in_flight * largest[key]
 
     per_mb, per_w = micro_batch_activations(s, cfg.checkpointing), w_pending_bytes(s, cfg.checkpointing)
     n_b, n_w = max(occupancy(cfg.schedule, cfg.stages, stage, cfg.micro_batches),
@@ -375,7 +377,7 @@ def plan_stage(cfg: PlanConfig, hw: HardwareProfile, s: StageShape, stage: int,
     terms = resident_terms(cfg, tensors, param_bytes)
     if peak.casts:
         terms.append(Term("autocast bf16 weight copies", peak.casts, "autocast's casts of fp32 weights, at the peak moment"))
-    grad_detail = (f"{cfg.buckets_in_flight} buckets streamed to the host" if cfg.offload
+    grad_detail = (f"{cfg.device_grads_in_flight} in flight, streamed to the host" if cfg.offload
                    else "resident on the device, at the peak moment")
     terms.append(Term("gradients", peak.gradients, grad_detail))
     how = ("layer-boundary checkpoints + one block's recompute working set" if cfg.checkpointing
@@ -415,8 +417,8 @@ def plan_host(cfg: PlanConfig, hw: HardwareProfile, tensors: list[list[tuple[str
         terms.append(Term(f"gradient accumulators ({cfg.accum_dtype})", acc * n_params, "summed over micro-batches"))
         if master == 4 and param_bytes == 2:
             terms.append(Term("bf16 upload copy", 2 * n_params, "new weights written by the step, copied to the device"))
-        staging = sum(cfg.buckets_in_flight * largest_bucket(stage, cfg.bucket_bytes, param_bytes) for stage in tensors)
-        terms.append(Term("gradient staging", staging, f"{cfg.buckets_in_flight} buffers of the largest bucket per stage"))
+        staging = sum(cfg.staging_buffers * largest_bucket(stage, cfg.bucket_bytes, param_bytes) for stage in tensors)
+        terms.append(Term("gradient staging", staging, f"{cfg.staging_buffers} buffers of the largest bucket per stage"))
     if hw.unified:
         terms.extend(Term(f"{d.label} (device = host memory)", d.total, d.moment) for d in devices)
     if hw.process_host_bytes:
@@ -426,20 +428,22 @@ def plan_host(cfg: PlanConfig, hw: HardwareProfile, tensors: list[list[tuple[str
                         capacity=cfg.host_memory, params=n_params)
 
 
-def gradient_buckets(tensors: list[tuple[str, int]], bucket_bytes: int, param_bytes: int) -> list[tuple[int, set]]:
-    """The engine's greedy buckets in backward order, as (bytes, module keys in it); a parameter
-    larger than a bucket is its own."""
-    out: list[tuple[int, set]] = []
-    for name, n in reversed(tensors):
-        nbytes = n * param_bytes
-        if not out or out[-1][0] + nbytes > bucket_bytes:
-            out.append((0, set()))
-        out[-1] = (out[-1][0] + nbytes, out[-1][1] | {module_key(name)})
-    return out
-
-
 def largest_bucket(tensors: list[tuple[str, int]], bucket_bytes: int, param_bytes: int) -> int:
-    return max(b for b, _ in gradient_buckets(tensors, bucket_bytes, param_bytes))
+    """The largest of the engine's greedy buckets (backward order; a parameter larger than a bucket is
+    its own), which sizes its staging buffers."""
+    largest = size = 0
+    for _, n in reversed(tensors):
+        size = n * param_bytes if size and size + n * param_bytes > bucket_bytes else size + n * param_bytes
+        largest = max(largest, size)
+    return largest
+
+
+def largest_gradient(tensors: list[tuple[str, int]], param_bytes: int) -> dict[str, int]:
+    """The largest parameter gradient of each block (keyed by its index) and of embed, norm, head."""
+    out: dict[str, int] = {}
+    for name, n in tensors:
+        out[module_key(name)] = max(out.get(module_key(name), 0), param_bytes * n)
+    return out
 
 
 def pinned_bytes(p: "Plan") -> int:

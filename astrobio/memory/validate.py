@@ -1,7 +1,7 @@
 """Planned against measured peak memory, for one training step of a real model.
 
-CPU: the "device" is host memory. A fresh process imports torch, warms the kernels up on a toy input,
-takes its resident set (VmRSS) as the baseline, then builds the model and runs two optimizer steps
+CPU: the "device" is host memory. A fresh process imports torch, warms the kernels up on a one-layer
+model of the same shapes, takes its resident set (VmRSS) as the baseline, then builds the model and runs two optimizer steps
 (forward, cross-entropy, backward, step; the second step runs with the optimizer state in place, which
 is the steady state the planner plans). The measured peak is VmHWM minus the baseline. glibc is told to
 serve every allocation above 64 KiB with mmap and to return it on free (MALLOC_MMAP_THRESHOLD_), so the
@@ -66,11 +66,12 @@ class CpuCase:
     micro_batch_size: int
     checkpointing: bool = False
     optimizer: str = "adamw"
+    autocast: bool = False  # bf16 autocast over fp32 weights (not with offload)
 
     @property
     def name(self) -> str:
         return (f"cpu {self.preset} b{self.micro_batch_size} s{self.seq_len} "
-                f"{'ckpt' if self.checkpointing else 'no-ckpt'} {self.optimizer}")
+                f"{'ckpt' if self.checkpointing else 'no-ckpt'} {self.optimizer}{' autocast' if self.autocast else ''}")
 
     @property
     def micro_batches(self) -> int:
@@ -81,20 +82,21 @@ class CpuCase:
         return PlanConfig(model=self.preset, stages=1, seq_len=self.seq_len, micro_batch_size=self.micro_batch_size,
                           micro_batches=self.micro_batches, schedule="1f1b", checkpointing=self.checkpointing,
                           offload=offload, optimizer="adamw8bit" if offload else self.optimizer,
-                          param_dtype="bf16" if offload else "fp32", hardware="cpu", host_memory=2 ** 40)
+                          param_dtype="bf16" if offload else "fp32", autocast=self.autocast, hardware="cpu",
+                          host_memory=2 ** 40)
 
     def child_args(self) -> list[str]:
         args = [sys.executable, "-m", "astrobio.memory.validate", "--child", "--preset", self.preset,
                 "--seq-len", str(self.seq_len), "--micro-batch-size", str(self.micro_batch_size),
                 "--optimizer", self.optimizer]
-        return args + (["--checkpointing"] if self.checkpointing else [])
+        return args + (["--checkpointing"] if self.checkpointing else []) + (["--autocast"] if self.autocast else [])
 
 
 class Stepper:
     """An optimizer step over ``micro_batches`` micro-batches: torch AdamW, AdamW8bit or the OffloadEngine."""
 
-    def __init__(self, model: torch.nn.Module, kind: str, micro_batches: int):
-        self.kind, self.micro_batches = kind, micro_batches
+    def __init__(self, model: torch.nn.Module, kind: str, micro_batches: int, autocast: bool = False):
+        self.kind, self.micro_batches, self.autocast = kind, micro_batches, autocast
         if kind == "offload":
             from astrobio.optim.offload import OffloadEngine
             self.engine = OffloadEngine(model.named_parameters(), lr=1e-4, module=model)
@@ -110,7 +112,8 @@ class Stepper:
         else:
             self.optimizer.zero_grad(set_to_none=True)
         for _ in range(self.micro_batches):
-            logits = model(tokens[:, :-1])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                logits = model(tokens[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten()) / self.micro_batches
             del logits
             loss.backward()
@@ -129,16 +132,18 @@ def build_cpu_model(case: CpuCase, **overrides) -> torch.nn.Module:
 
 
 def measure_cpu_child(case: CpuCase) -> int:
-    """Runs in the fresh process: peak resident growth of two training steps, in bytes. A toy model
-    first runs the same kernels, so that their one-time buffers are part of the baseline."""
-    toy = build_cpu_model(case, d_model=64, n_layers=1, n_heads=2, ffn_hidden=64)
-    toy_stepper = Stepper(toy, case.optimizer, case.micro_batches)
+    """Runs in the fresh process: peak resident growth of two training steps, in bytes. A one-layer
+    model of the same shapes first runs the same kernels, so that their one-time, per-shape buffers
+    (oneDNN's primitive cache for bf16 matrix products, thread pools) are part of the baseline."""
+    tokens = torch.randint(0, get_config(case.preset).vocab_size, (case.micro_batch_size, case.seq_len + 1))
+    warm = build_cpu_model(case, n_layers=1)
+    warm_stepper = Stepper(warm, case.optimizer, case.micro_batches, case.autocast)
     for _ in range(2):
-        toy_stepper.step(toy, torch.randint(0, toy.config.vocab_size, (1, 9)))
+        warm_stepper.step(warm, tokens)
+    del warm, warm_stepper
     baseline = proc_status_bytes("VmRSS")
     model = build_cpu_model(case)
-    stepper = Stepper(model, case.optimizer, case.micro_batches)
-    tokens = torch.randint(0, model.config.vocab_size, (case.micro_batch_size, case.seq_len + 1))
+    stepper = Stepper(model, case.optimizer, case.micro_batches, case.autocast)
     for _ in range(2):
         stepper.step(model, tokens)
     return proc_status_bytes("VmHWM") - baseline
@@ -221,12 +226,12 @@ def measure_cuda_stage(p: Plan, stage: int, device: torch.device) -> Comparison:
 
 def cuda_check_config(layers: int, seq_len: int) -> PlanConfig:
     """13B's shapes (d_model, heads, SwiGLU width, vocab) with ``layers`` layers, two stages, 1F1B.
-    The measurement frees each gradient as soon as it is copied, so one parameter's gradient is in
-    flight: one bucket, of one parameter (``buckets_in_flight=1``, ``bucket_bytes=1``)."""
+    The measurement copies each gradient out synchronously and frees it, so one is in flight
+    (``device_grads_in_flight=1``)."""
     model = replace(get_config("13b"), n_layers=layers)
     return PlanConfig(model=model, stages=2, seq_len=seq_len, micro_batch_size=1, micro_batches=8,
                       schedule="1f1b", checkpointing=True, offload=True, hardware="h200",
-                      buckets_in_flight=1, bucket_bytes=1)
+                      device_grads_in_flight=1)
 
 
 def measure_cuda(layers: int = 4, seq_len: int = 2048) -> list[Comparison]:
@@ -245,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--micro-batch-size", type=int, default=4)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "offload"))
+    parser.add_argument("--autocast", action="store_true")
     args = parser.parse_args(argv)
-    case = CpuCase(args.preset, args.seq_len, args.micro_batch_size, args.checkpointing, args.optimizer)
+    case = CpuCase(args.preset, args.seq_len, args.micro_batch_size, args.checkpointing, args.optimizer, args.autocast)
     if args.child:
         print(measure_cpu_child(case))
         return 0
