@@ -280,13 +280,19 @@ def test_examples_from_a_jsonl_table(tmp_path):
 def test_loader_resumes_at_the_same_batch():
     examples = builtin_examples(systems=10, seed=0)
     a = MultimodalLoader(examples, ByteTokenizer(), 32, 4, seed=7)
-    for _ in range(3):
+    for _ in range(a.batches_per_epoch + 1):  # into the second epoch, whose order differs
         next(a)
+    saved = json.loads(json.dumps(a.state_dict()))
+    assert (saved["epoch"], saved["position"]) == (1, 1)
     b = MultimodalLoader(examples, ByteTokenizer(), 32, 4, seed=7)
-    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    b.load_state_dict(saved)
     x, y = next(a), next(b)
     assert torch.equal(x.tokens, y.tokens) and torch.equal(x.catalogue_values, y.catalogue_values)
     assert torch.equal(x.graphs.x, y.graphs.x)
+    for bad in ({"epoch": -1}, {"epoch": None}, {"position": b.batches_per_epoch}, {"seed": 8}):
+        with pytest.raises(ValueError):
+            b.load_state_dict({**saved, **bad})
+    assert (b.epoch, b.position) == (1, 2)  # a refused state changes nothing
 
 
 @needs_oec

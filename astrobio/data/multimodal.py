@@ -219,7 +219,8 @@ class MultimodalLoader:
             if state.get(key) != getattr(self, key):
                 raise ValueError(f"multimodal loader state was saved with {key}={state.get(key)!r} but this loader "
                                  f"has {key}={getattr(self, key)!r}; resume with the same data, seed and batch shape")
-        position = state.get("position")
-        if not isinstance(position, int) or not 0 <= position < self.batches_per_epoch:
-            raise ValueError(f"multimodal loader state has an invalid position {position!r}")
-        self.epoch, self.position = int(state["epoch"]), position
+        epoch, position = state.get("epoch"), state.get("position")
+        if not (isinstance(epoch, int) and epoch >= 0 and isinstance(position, int)
+                and 0 <= position < self.batches_per_epoch):
+            raise ValueError(f"multimodal loader state has an invalid epoch/position {epoch!r}/{position!r}")
+        self.epoch, self.position = epoch, position
