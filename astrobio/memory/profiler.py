@@ -11,6 +11,7 @@ W&B) or None; ``sample(step)`` samples now. A sample holds:
 - on CUDA ``device_allocated_bytes``, ``device_reserved_bytes``, ``device_peak_bytes`` (the caching
   allocator's allocated, reserved and peak allocated) and ``device_total_bytes``; on the CPU the device
   is host memory, so these are the resident set, the high-water mark and the machine's MemTotal;
+- ``device``: the device sampled (``cpu``, ``cuda:0``);
 - ``alert``: None, or a line saying the device passed ``alert_fraction`` of its memory (reserved bytes
   on CUDA, the resident set on the CPU), also logged as a warning.
 
@@ -99,7 +100,7 @@ class MemoryProfiler:
         return self.sample(step) if self.due(step) else None
 
     def sample(self, step: int) -> dict:
-        record = {"step": step, "stage": self.stage, "time": time.time(),
+        record = {"step": step, "stage": self.stage, "device": str(self.device), "time": time.time(),
                   "host_rss_bytes": host_rss(), "host_peak_bytes": host_peak(),
                   "pinned_bytes": self.pinned_bytes() if self.pinned_bytes else torch_pinned_bytes()}
         record.update(self._device_stats(record))
@@ -134,8 +135,9 @@ class MemoryProfiler:
 
 
 def plot_memory(samples: list[dict], path: str | os.PathLike, alert_fraction: float = 0.9) -> Path:
-    """One panel per stage: device allocated / reserved / peak and host RSS in GiB against the step,
-    with the alert line once memory comes within a factor of two of it."""
+    """One panel per stage: device allocated / reserved / peak and host RSS in GiB against the step (on
+    the CPU, where the device is host memory, the resident set and its peak), with the alert line once
+    memory comes within a factor of two of it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -147,8 +149,11 @@ def plot_memory(samples: list[dict], path: str | os.PathLike, alert_fraction: fl
     for ax, stage in zip(axes[:, 0], stages):
         rows = sorted((s for s in samples if s["stage"] == stage), key=lambda s: s["step"])
         steps = [r["step"] for r in rows]
-        for key, label in (("device_allocated_bytes", "device allocated"), ("device_reserved_bytes", "device reserved"),
-                           ("device_peak_bytes", "device peak"), ("host_rss_bytes", "host RSS")):
+        on_cuda = str(rows[-1].get("device", "cuda")).startswith("cuda")
+        curves = ((("device_allocated_bytes", "device allocated"), ("device_reserved_bytes", "device reserved"),
+                   ("device_peak_bytes", "device peak"), ("host_rss_bytes", "host RSS")) if on_cuda
+                  else (("host_rss_bytes", "host RSS (the device)"), ("host_peak_bytes", "host peak RSS")))
+        for key, label in curves:
             ax.plot(steps, [r[key] / GIB for r in rows], marker=".", label=label)
         alert_line = alert_fraction * rows[-1]["device_total_bytes"] / GIB
         if max(r["device_reserved_bytes"] for r in rows) / GIB > alert_line / 2:  # else it squashes the curves
