@@ -15,7 +15,6 @@ fetches external entities, and with no DOCTYPE there are no internal entities to
 
 from __future__ import annotations
 
-import gzip
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ from pathlib import Path
 
 from astrobio.data import corpus
 from astrobio.data.corpus import DERIVED_FIELDS, format_sig
+from astrobio.data.text import gunzip_if_compressed
 
 JUPITER_MASS_EARTH = 317.83
 JUPITER_RADIUS_EARTH = 11.209
@@ -92,11 +92,7 @@ def read_oec(path: str | Path) -> list[Body]:
 
 def parse_oec(data: bytes, source: str = "<bytes>") -> list[Body]:
     """The systems in ``data`` (XML, or gzip of it); ``source`` names it in errors."""
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as err:
-            raise ValueError(f"{source}: corrupt gzip data ({err})") from None
+    data = gunzip_if_compressed(data, source)
     if not data.strip():
         raise ValueError(f"{source} is empty; expected the Open Exoplanet Catalogue's XML")
     if _UNSAFE.search(data):

@@ -14,17 +14,22 @@ from pathlib import Path
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
+def gunzip_if_compressed(data: bytes, source: str) -> bytes:
+    """``data`` decompressed when it starts with the gzip magic, else as it is; ``source`` names it in errors."""
+    if data[:2] != b"\x1f\x8b":
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError) as err:
+        raise ValueError(f"{source}: corrupt gzip data ({err})") from None
+
+
 def read_text_file(path: str | Path) -> str:
     """The UTF-8 text of ``path``, decompressed when it is gzip data."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError) as err:
-            raise ValueError(f"data file {path}: corrupt gzip data ({err})") from None
+    data = gunzip_if_compressed(path.read_bytes(), f"data file {path}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
