@@ -1,6 +1,7 @@
 """Data sources: local files, URIs and options, and HTTP downloads against a loopback server (credentials
 from the environment and .netrc, never shown; retries; truncation; resume; the cache)."""
 
+import gzip
 import hashlib
 import logging
 import pickle
@@ -313,6 +314,18 @@ def test_local_csv_and_jsonl_rows(tmp_path):
     assert open_source(tmp_path / "p.csv").rows() == [{"name": "b", "mass": "1.5"}, {"name": "c", "mass": ""}]
     assert open_source(f"file://{tmp_path}/p.jsonl").rows() == [{"name": "b", "mass": 1.5}, {"name": "c"}]
     assert open_source(tmp_path / "p.csv").records() == ["name: b\nmass: 1.5", "name: c"]
+
+
+def test_gzipped_files_and_a_format_option_read_like_their_plain_twins(tmp_path):
+    plain = {"p.csv": "name,mass\nb,1.5\n", "p.jsonl": '{"text": "first"}\n{"text": "second"}\n',
+             "p.txt": "one record\n\nanother record\n"}
+    for name, text in plain.items():
+        (tmp_path / name).write_text(text)
+        (tmp_path / (name + ".gz")).write_bytes(gzip.compress(text.encode()))
+        assert open_source(tmp_path / (name + ".gz")).records() == open_source(tmp_path / name).records()
+    assert open_source(tmp_path / "p.csv.gz").rows() == [{"name": "b", "mass": "1.5"}]
+    (tmp_path / "notes.log").write_text(plain["p.txt"])
+    assert open_source(f"{tmp_path}/notes.log#format=text").records() == ["one record", "another record"]
 
 
 def test_uri_mistakes_are_clear_errors(tmp_path):

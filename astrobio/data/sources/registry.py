@@ -28,10 +28,11 @@ from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from astrobio.data.sources.auth import AUTH_KINDS, redact_uri
+from astrobio.data.text import gunzip_if_compressed
 
 FORMATS = ("text", "jsonl", "csv", "tsv", "oec")
 EXTENSIONS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
-              ".tsv": "tsv", ".xml": "oec", ".xml.gz": "oec"}
+              ".tsv": "tsv", ".xml": "oec"}  # each optionally followed by .gz (gzip is read by its magic bytes)
 OPTION_KEYS = ("format", "auth", "auth_env")
 
 
@@ -75,21 +76,22 @@ def parse_options(uri: str) -> tuple[str, SourceOptions]:
     return base, SourceOptions(fmt, auth, options.get("auth_env", ""))
 
 
-def format_of_path(path: str) -> str:
+def known_extension(path: str) -> str:
+    """The extension of EXTENSIONS that ``path`` ends with, with a following ``.gz`` (``.csv.gz``), or ""."""
     name = path.lower()
-    for ext in sorted(EXTENSIONS, key=len, reverse=True):
-        if name.endswith(ext):
-            return EXTENSIONS[ext]
-    return ""
+    gz = ".gz" if name.endswith(".gz") else ""
+    stem = name.removesuffix(gz)
+    return next((ext + gz for ext in EXTENSIONS if stem.endswith(ext)), "")
+
+
+def format_of_path(path: str) -> str:
+    return EXTENSIONS.get(known_extension(path).removesuffix(".gz"), "")
 
 
 def suffix_for(fmt: str, path: str) -> str:
     """The cache file's extension: the URL's own when it has a known one, else the format's."""
-    name = path.lower()
-    for ext in sorted(EXTENSIONS, key=len, reverse=True):
-        if name.endswith(ext):
-            return ext
-    return {"text": ".txt", "jsonl": ".jsonl", "csv": ".csv", "tsv": ".tsv", "oec": ".xml", "": ".data"}[fmt]
+    return known_extension(path) or {"text": ".txt", "jsonl": ".jsonl", "csv": ".csv", "tsv": ".tsv", "oec": ".xml",
+                                     "": ".data"}[fmt]
 
 
 class Source(ABC):
@@ -121,7 +123,7 @@ class FileSource(Source):
         self.format = fmt or format_of_path(self.path.name)
         if not self.format:
             raise SourceError(f"cannot tell the format of {self.name}: its extension is none of "
-                              f"{', '.join(EXTENSIONS)}; add #format=<{'|'.join(FORMATS)}> to the URI")
+                              f"{', '.join(EXTENSIONS)} (optionally .gz); add #format=<{'|'.join(FORMATS)}> to the URI")
 
     def __repr__(self) -> str:
         return f"FileSource({self.name!r}, format={self.format!r})"
@@ -131,20 +133,25 @@ class FileSource(Source):
             raise SourceError(f"data file {self.name} does not exist; give an existing path, a URL or 'builtin'")
         return self.path.read_bytes()
 
+    def text_bytes(self) -> bytes:
+        return gunzip_if_compressed(self.fetch(), f"data file {self.name}")
+
     def records(self, seed: int = 0) -> list[str]:
+        """By the source's format (its extension, or the #format option), not by the file's name."""
         if self.format in ("csv", "tsv"):
             return [row_text(row) for row in self.rows()]
         if not self.path.is_file():
             self.fetch()  # raises the clear error
-        from astrobio.data import load_records
+        from astrobio.data.oec import oec_records
+        from astrobio.data.text import jsonl_records, text_records
 
-        return load_records(str(self.path), seed)
+        return {"text": text_records, "jsonl": jsonl_records, "oec": oec_records}[self.format](self.path)
 
     def rows(self) -> list[dict]:
         if self.format in ("csv", "tsv"):
-            return table_rows(self.fetch(), "\t" if self.format == "tsv" else ",", self.name)
+            return table_rows(self.text_bytes(), "\t" if self.format == "tsv" else ",", self.name)
         if self.format == "jsonl":
-            return jsonl_rows(self.fetch(), self.name)
+            return jsonl_rows(self.text_bytes(), self.name)
         if self.format == "oec":
             from astrobio.data.catalogue import oec_planet_rows
 
