@@ -348,7 +348,17 @@ def test_load_rejects_a_state_of_another_configuration():
     bad["state"][0]["exp_avg"] = bad["state"][0]["exp_avg"][:1]
     with pytest.raises(ValueError, match="exp_avg"):
         OffloadEngine(make_model("mlp", torch.float32).parameters()).load_state_dict(bad)
-    for e in (engine, other, fewer):
+    fresh_model = make_model("mlp", torch.float32, seed=3)
+    fresh = OffloadEngine(fresh_model.parameters(), **HYPER)
+    before = [p.detach().clone() for p in fresh_model.parameters()]
+    for changes, match in (({"max_grad_norm": -1.0}, "max_grad_norm"), ({"lr": float("nan")}, "lr"),
+                           ({"skipped_steps": -2}, "skipped_steps")):
+        broken = dict(saved, hyperparameters={**saved["hyperparameters"], **changes}, **changes)
+        with pytest.raises(ValueError, match=match):
+            fresh.load_state_dict(broken)
+    assert all(torch.equal(p, b) for p, b in zip(fresh_model.parameters(), before))  # nothing was loaded
+    assert fresh.state_dict()["state"][0]["step"] == 0 and fresh.skipped_steps == 0
+    for e in (engine, other, fewer, fresh):
         e.close()
 
 

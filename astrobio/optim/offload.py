@@ -265,6 +265,11 @@ def _named(params: Iterable) -> list[tuple[str, torch.nn.Parameter]]:
     return named
 
 
+def _check_max_grad_norm(max_grad_norm: float | None) -> None:
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}")
+
+
 def _host_step_function(backend: str) -> Callable[..., None]:
     """The host kernel: the C++ op with the GIL released, or the reference (holds the GIL)."""
     if ops.resolve_backend(backend, "cpu") == "cpu":
@@ -292,8 +297,7 @@ class OffloadEngine:
                  module: torch.nn.Module | None = None, min_8bit_size: int = reference.MIN_8BIT_NUMEL,
                  seed: int = 0, index_offset: int = 0, num_workers: int = 1, backend: str = "auto"):
         check_hyperparameters(lr, tuple(betas), eps, weight_decay)
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}")
+        _check_max_grad_norm(max_grad_norm)
         if accum_dtype not in ACCUM_DTYPES:
             raise ValueError(f"accum_dtype must be one of {', '.join(ACCUM_DTYPES)}, got {accum_dtype!r}")
         if master_weights not in MASTER_WEIGHTS:
@@ -583,6 +587,10 @@ class OffloadEngine:
                                  f"build the engine with {key}={saved.get(key)!r}")
         hyper = saved["hyperparameters"]
         check_hyperparameters(hyper["lr"], tuple(hyper["betas"]), hyper["eps"], hyper["weight_decay"])
+        _check_max_grad_norm(hyper["max_grad_norm"])
+        skipped_steps = saved["skipped_steps"]
+        if not isinstance(skipped_steps, int) or skipped_steps < 0:
+            raise ValueError(f"skipped_steps must be an int >= 0, got {skipped_steps!r}")
         states = self._checked_states(saved["state"])
         accumulation = self._checked_accumulation(saved.get("accumulation"))
         for slot, (state, master) in zip(self._slots, states):
@@ -596,7 +604,7 @@ class OffloadEngine:
         self._load_accumulation(accumulation)
         self.lr, self.betas, self.eps = float(hyper["lr"]), tuple(hyper["betas"]), hyper["eps"]
         self.weight_decay, self.max_grad_norm = hyper["weight_decay"], hyper["max_grad_norm"]
-        self.skipped_steps = int(saved["skipped_steps"])
+        self.skipped_steps = skipped_steps
 
     def _checked_states(self, saved: dict[int, Any]) -> list[tuple[dict[str, Any], torch.Tensor]]:
         if sorted(saved) != [s.index for s in self._slots]:
@@ -619,6 +627,9 @@ class OffloadEngine:
         if accumulation is None:
             return None
         accum_dtype = ACCUM_DTYPES[self.accum_dtype]
+        num_micro_batches = accumulation["num_micro_batches"]
+        if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
+            raise ValueError(f"the accumulation's num_micro_batches must be an int >= 1, got {num_micro_batches!r}")
         for slot in self._slots:
             acc = accumulation["accumulators"].get(slot.index)
             if not torch.is_tensor(acc) or acc.shape != slot.param.shape or acc.dtype != accum_dtype:
