@@ -10,6 +10,7 @@ import threading
 import time
 import traceback
 from base64 import b64encode
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -283,6 +284,15 @@ def test_a_changed_resource_restarts_the_partial_download(server):
     source.entry.start_part('"v1"')
     source.entry.part.write_bytes(b"stale bytes of the old version")
     assert source.fetch() == BODY
+
+
+def test_concurrent_downloads_of_one_url_share_one_request(server):
+    """Two pipeline ranks open the same --data URL at once: one downloads, the other waits for the cache."""
+    server.routes["/t.csv"] = Route(delay=0.3)
+    sources = [open_source(server.url + "/t.csv", policy=FAST) for _ in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        bodies = list(pool.map(lambda source: source.fetch(), sources))
+    assert bodies == [BODY, BODY] and len(server.seen) == 1
 
 
 def test_cache_hit_avoids_a_request_and_a_corrupted_file_is_fetched_again(server):

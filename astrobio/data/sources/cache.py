@@ -8,15 +8,21 @@ Layout, under :func:`cache_dir` (``$ASTROBIO_CACHE_DIR``, else ``$XDG_CACHE_HOME
     <key>.<ext>.sha256      "<hex digest>  <file name>", as sha256sum writes it (``sha256sum -c`` checks it)
     <key>.<ext>.part        the bytes received so far
     <key>.<ext>.part.json   {"validator": ETag or Last-Modified of the partial response} for If-Range
+    <key>.<ext>.lock        held (flock) while one process checks or downloads the entry
 
 A file whose sidecar is missing or does not match is not a cache hit: it is deleted and fetched again.
+Processes sharing a cache (the ranks of a pipeline open the same --data URL) take the entry's lock
+around the check and the download, so one downloads and the others then find a cache hit.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +61,14 @@ class CacheEntry:
     @property
     def part_meta(self) -> Path:
         return self.path.with_name(self.path.name + ".part.json")
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Exclusive use of the entry across processes and threads (released when the file closes)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            yield
 
     def verified(self) -> bool:
         """True when the file and its sidecar exist and the file's sha256 is the recorded one; a file

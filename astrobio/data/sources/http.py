@@ -99,9 +99,14 @@ class HTTPSource(Source):
 
     def download(self) -> Path:
         """The cached file, fetched first unless a verified copy is already there."""
-        if self.entry.verified():
-            log.debug("%s: cache hit %s", self.name, self.entry.path)
-            return self.entry.path
+        with self.entry.locked():
+            if self.entry.verified():
+                log.debug("%s: cache hit %s", self.name, self.entry.path)
+                return self.entry.path
+            return self.fetch_into_cache()
+
+    def fetch_into_cache(self) -> Path:
+        """The download itself, attempt after attempt (the caller holds the entry's lock)."""
         credentials = resolve_credentials(self.auth, self._uri_credentials)
         started = time.monotonic()
         for attempt in range(1, self.policy.attempts + 1):
