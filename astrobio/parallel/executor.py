@@ -1,0 +1,377 @@
+"""Runs one stage's actions of a pipeline schedule over torch.distributed point-to-point.
+
+``run_pipeline_step(stage_module, schedule, micro_batches, loss_fn)`` is one optimizer step's forward
+and backward on this rank (stage = rank in ``group``); gradients accumulate into the stage's ``.grad``
+exactly as ``(sum_i loss_i / m).backward()`` would in one process. It returns every micro-batch's loss
+(on every rank) and this rank's measured trace.
+
+How data moves. An activation goes with a header (dims and dtype), so every micro-batch may have its
+own shape; a gradient has the shape of the activation it belongs to and needs none. Posting is
+non-blocking (``SEND_*``/``RECV_*``); ``F`` waits for its activation and ``B`` for its gradient.
+Consecutive communication actions are posted as one batch (on NCCL, ``batch_isend_irecv``); headers go
+over gloo (a side group when the data goes over NCCL). A stage keeps only the autograd edge of an
+output it sent: once the send completes the output's memory is released.
+
+Backward. With ``gpipe`` and ``1f1b``, ``B`` runs the whole backward. With ``zb-h1`` (on every stage
+that has an input to differentiate), ``B`` runs the backward to the stage input and to the parameters
+outside ``nn.Linear`` modules, keeping the graph, while tensor hooks catch the gradient of each
+Linear's output; ``W`` then runs backward from those outputs to the Linear weights alone. Each weight
+gradient is computed once, from the same tensors as in one backward, so the split is exact and ``W``
+costs only the weight half. Gradients land in ``.grad`` through autograd, so post-accumulate-grad
+hooks fire as usual. Activation checkpointing (``stage_module.gradient_checkpointing``) works with
+every schedule; under ``zb-h1`` a checkpointed block is recomputed again for its ``W``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd.graph import get_gradient_edge
+
+from astrobio.parallel.launch import WorkWaiter
+from astrobio.parallel.schedules import Action, Schedule, schedule as make_schedule
+from astrobio.parallel.simulate import Costs, simulate
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+MAX_DIMS = 6
+TAGS = {"ACT_HEADER": 0, "ACT": 1, "GRAD": 2}
+_side_groups: dict = {}
+
+
+@dataclass
+class TraceEvent:
+    """One computation: perf_counter seconds (one clock for all processes on a Linux host), and the
+    seconds it waited for its data before starting."""
+
+    op: str
+    micro_batch: int
+    start: float
+    end: float
+    wait: float = 0.0
+
+
+@dataclass
+class StepResult:
+    loss: float  # sum of the micro-batch losses / m, on every rank
+    micro_batch_losses: list[float]
+    stage: int
+    trace: list[TraceEvent] = field(default_factory=list)
+
+
+def run_pipeline_step(stage_module: nn.Module, schedule: Schedule | str,
+                      micro_batches: Sequence[tuple[Any, Any]], loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
+                      *, group: dist.ProcessGroup | None = None, guard=None, device: torch.device | None = None,
+                      on_action: Callable[[Action], None] | None = None) -> StepResult:
+    """One step of this rank's stage.
+
+    ``micro_batches[i]`` is ``(inputs, targets)``: stage 0 reads the inputs (token ids), the last stage
+    the targets (passed to ``loss_fn(output, targets)``, which returns the micro-batch's mean loss);
+    other entries may be None. ``schedule`` is a Schedule or a kind (``gpipe``, ``1f1b``, ``zb-h1``).
+    ``guard`` (a ``launch.FaultGuard``) makes every wait stop when another rank fails. ``on_action``
+    is called before each action (tracing, fault injection in tests)."""
+    stage, world = dist.get_rank(group), dist.get_world_size(group)
+    m = len(micro_batches)
+    sched = make_schedule(schedule, world, m) if isinstance(schedule, str) else schedule
+    if sched.num_stages != world or sched.num_micro_batches != m:
+        raise ValueError(f"schedule is for {sched.num_stages} stages x {sched.num_micro_batches} micro-batches, "
+                         f"but the group has {world} ranks and {m} micro-batches were given")
+    device = device or next(stage_module.parameters()).device
+    run = _StageRun(stage_module, sched, stage, micro_batches, loss_fn, _Links(group, guard, device), on_action)
+    return run.execute()
+
+
+class _Links:
+    """Point-to-point traffic of one stage with its neighbours."""
+
+    def __init__(self, group, guard, device: torch.device):
+        self.group, self.guard, self.device = group, guard, device
+        self.nccl = dist.get_backend(group) == "nccl"
+        self.header_group = side_gloo_group(group) if self.nccl else group
+
+    def peer(self, stage: int) -> int:
+        return dist.get_global_rank(self.group, stage) if self.group is not None else stage
+
+    def post(self, ops: list[dist.P2POp]) -> list[dist.Work]:
+        if not ops:
+            return []
+        if self.nccl:
+            return dist.batch_isend_irecv(ops)
+        return [op.op(op.tensor, op.peer, op.group, op.tag) for op in ops]
+
+    def wait(self, work: dist.Work) -> None:
+        if self.guard is not None:
+            self.guard.wait(work)
+        else:
+            work.wait()
+
+    def wait_sent(self, pending) -> None:
+        if self.guard is not None:
+            while not pending.done.wait(self.guard.interval_s):
+                self.guard.check()
+        else:
+            pending.done.wait()
+        pending.result()
+
+
+def side_gloo_group(group):
+    """A gloo group over the same ranks, for headers (small CPU tensors) next to NCCL data."""
+    key = id(group)
+    if key not in _side_groups:
+        ranks = None if group is None else dist.get_process_group_ranks(group)
+        _side_groups[key] = dist.new_group(ranks, backend="gloo")
+    return _side_groups[key]
+
+
+def make_header(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() > MAX_DIMS or t.dtype not in DTYPES:
+        raise ValueError(f"cannot send a {t.dim()}-d {t.dtype} activation; the executor sends up to "
+                         f"{MAX_DIMS} dims of {DTYPES}")
+    dims = list(t.shape) + [0] * (MAX_DIMS - t.dim())
+    return torch.tensor([t.dim(), DTYPES.index(t.dtype)] + dims, dtype=torch.int64)
+
+
+def read_header(header: torch.Tensor) -> tuple[list[int], torch.dtype]:
+    values = header.tolist()
+    return values[2:2 + values[0]], DTYPES[values[1]]
+
+
+class _Deferred:
+    """One Linear output under ZB-H1: its autograd edge, the gradient B caught, the weights W updates."""
+
+    __slots__ = ("module", "edge", "params", "grad")
+
+    def __init__(self, module, edge, params):
+        self.module, self.edge, self.params, self.grad = module, edge, params, None
+
+    def catch(self, grad: torch.Tensor) -> None:
+        self.grad = grad
+
+
+class _WeightSplit:
+    """Records each nn.Linear output during a forward, so that W can start from it."""
+
+    def __init__(self, module: nn.Module):
+        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
+        deferred = {id(p) for lin in linears for p in lin.parameters()}
+        self.early_params = [p for p in module.parameters() if p.requires_grad and id(p) not in deferred]
+        self.recording: list[_Deferred] | None = None
+        self.handles = [lin.register_forward_hook(self.record) for lin in linears]
+
+    def record(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        # NOTE: off outside our F, so a checkpointed block's recomputation in B adds nothing.
+        if self.recording is None or not output.requires_grad:
+            return
+        if any(slot.module is module for slot in self.recording):
+            raise RuntimeError(f"{type(module).__name__} {module} ran twice in one forward; ZB-H1's weight "
+                               "pass needs each Linear once per micro-batch (use 1f1b for this model)")
+        slot = _Deferred(module, get_gradient_edge(output), [p for p in module.parameters() if p.requires_grad])
+        output.register_hook(slot.catch)
+        self.recording.append(slot)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _StageRun:
+    def __init__(self, module, sched: Schedule, stage: int, micro_batches, loss_fn, links: _Links, on_action):
+        self.module, self.sched, self.stage = module, sched, stage
+        self.micro_batches, self.loss_fn, self.links, self.on_action = micro_batches, loss_fn, links, on_action
+        self.m = sched.num_micro_batches
+        self.first, self.last = stage == 0, stage == sched.num_stages - 1
+        self.split = _WeightSplit(module) if sched.split_backward and not self.first else None
+        self.batch: list[tuple[dist.P2POp, list]] = []  # ops to post together; where a receive's Work goes
+        self.inputs: dict[int, torch.Tensor] = {}  # received activations (leaves)
+        self.roots: dict[int, Any] = {}  # scaled loss, or the edge of the output sent on
+        self.outputs: dict[int, torch.Tensor] = {}  # detached outputs waiting for SEND_ACT
+        self.out_meta: dict[int, tuple] = {}  # shape and dtype of each output, for its gradient
+        self.headers: dict[int, tuple] = {}  # micro-batch -> (work slot, header buffer)
+        self.grads_in: dict[int, tuple] = {}  # micro-batch -> (work slot, gradient buffer)
+        self.grads_out: dict[int, torch.Tensor] = {}
+        self.sends: list[tuple[Any, torch.Tensor]] = []  # (Pending send, tensor kept alive until sent)
+        self.send_waiter = WorkWaiter(f"stage-{stage}-sends")
+        self.deferred: dict[int, list[_Deferred]] = {}
+        self.losses: dict[int, torch.Tensor] = {}
+        self.trace: list[TraceEvent] = []
+
+    def execute(self) -> StepResult:
+        try:
+            for action in self.sched.actions[self.stage]:
+                if self.on_action is not None:
+                    self.on_action(action)
+                if action.is_compute:
+                    self.flush()
+                getattr(self, action.op.lower())(action)
+                self.reap_sends()
+            self.flush()
+            for pending, _ in self.sends:
+                self.links.wait_sent(pending)
+            losses = self.share_losses()
+        finally:
+            self.send_waiter.close()
+            if self.split is not None:
+                self.split.remove()
+        return StepResult(sum(losses) / self.m, losses, self.stage, self.trace)
+
+    # communication -------------------------------------------------------------------------------
+    def flush(self) -> None:
+        works = self.links.post([op for op, _ in self.batch])
+        for (op, slot), work in zip(self.batch, works):
+            if op.op is dist.isend:
+                self.sends.append((self.send_waiter.submit(work), op.tensor))
+            else:
+                slot[0] = work
+        self.batch = []
+
+    def queue(self, op, tensor: torch.Tensor, peer_stage: int, tag: str, mb: int) -> list:
+        slot = [None]
+        p2p = dist.P2POp(op, tensor, self.links.peer(peer_stage), self.links.group, mb * len(TAGS) + TAGS[tag])
+        self.batch.append((p2p, slot))
+        return slot
+
+    def send_act(self, a: Action) -> None:
+        out = self.outputs.pop(a.micro_batch)
+        header = make_header(out)
+        work = dist.isend(header, self.links.peer(a.peer), self.links.header_group,
+                          a.micro_batch * len(TAGS) + TAGS["ACT_HEADER"])
+        self.sends.append((self.send_waiter.submit(work), header))
+        self.queue(dist.isend, out, a.peer, "ACT", a.micro_batch)
+
+    def recv_act(self, a: Action) -> None:
+        header = torch.empty(2 + MAX_DIMS, dtype=torch.int64)
+        work = dist.irecv(header, self.links.peer(a.peer), self.links.header_group,
+                          a.micro_batch * len(TAGS) + TAGS["ACT_HEADER"])
+        self.headers[a.micro_batch] = (a.peer, work, header)
+
+    def send_grad(self, a: Action) -> None:
+        grad = self.grads_out.pop(a.micro_batch)
+        self.queue(dist.isend, grad, a.peer, "GRAD", a.micro_batch)
+
+    def recv_grad(self, a: Action) -> None:
+        shape, dtype = self.out_meta.pop(a.micro_batch)
+        buf = torch.empty(shape, dtype=dtype, device=self.links.device)
+        self.grads_in[a.micro_batch] = (self.queue(dist.irecv, buf, a.peer, "GRAD", a.micro_batch), buf)
+
+    def reap_sends(self) -> None:
+        """Drops sent tensors as their sends complete, freeing sent outputs."""
+        still = []
+        for pending, tensor in self.sends:
+            if pending.done.is_set():
+                pending.result()  # raises if the send failed
+            else:
+                still.append((pending, tensor))
+        self.sends = still
+
+    def receive_activation(self, mb: int) -> torch.Tensor:
+        if mb not in self.headers:
+            raise RuntimeError(f"stage {self.stage} runs F{mb} without a RECV_ACT for it; the schedule is broken")
+        peer, work, header = self.headers.pop(mb)
+        self.links.wait(work)
+        shape, dtype = read_header(header)
+        buf = torch.empty(shape, dtype=dtype, device=self.links.device)
+        slot = self.queue(dist.irecv, buf, peer, "ACT", mb)
+        self.flush()
+        self.links.wait(slot[0])
+        return buf.requires_grad_()
+
+    # computation ---------------------------------------------------------------------------------
+    def f(self, a: Action) -> None:
+        mb, t0 = a.micro_batch, time.perf_counter()
+        if self.first:
+            x = self.micro_batches[mb][0].to(self.links.device)
+        else:
+            x = self.inputs[mb] = self.receive_activation(mb)
+        start = time.perf_counter()
+        if self.split is not None:
+            self.split.recording = self.deferred[mb] = []
+        try:
+            out = self.module(x)
+        finally:
+            if self.split is not None:
+                self.split.recording = None
+        if self.last:
+            loss = self.loss_fn(out, self.micro_batches[mb][1])
+            self.losses[mb] = loss.detach()
+            self.roots[mb] = loss / self.m  # the one place the loss is scaled
+        else:
+            self.roots[mb] = get_gradient_edge(out)
+            self.out_meta[mb] = (out.shape, out.dtype)
+            self.outputs[mb] = out.detach()
+        self.trace.append(TraceEvent("F", mb, start, time.perf_counter(), start - t0))
+
+    def b(self, a: Action) -> None:
+        mb, t0 = a.micro_batch, time.perf_counter()
+        grad = None
+        if not self.last:
+            slot, grad = self.grads_in.pop(mb)
+            self.links.wait(slot[0])
+        start = time.perf_counter()
+        root = self.roots.pop(mb)
+        grads = None if grad is None else [grad]
+        if self.split is not None:
+            x = self.inputs[mb]
+            torch.autograd.backward([root], grads, retain_graph=True, inputs=[x] + self.split.early_params)
+        else:
+            torch.autograd.backward([root], grads)
+        if not self.first:
+            self.grads_out[mb] = self.inputs.pop(mb).grad
+        self.trace.append(TraceEvent("B", mb, start, time.perf_counter(), start - t0))
+
+    def w(self, a: Action) -> None:
+        slots = self.deferred.pop(a.micro_batch, None)
+        if not slots:
+            return  # stage 0's B already computed its weight gradients
+        start = time.perf_counter()
+        missing = [s for s in slots if s.grad is None]
+        if missing:
+            raise RuntimeError(f"stage {self.stage}: {len(missing)} Linear outputs got no gradient in B"
+                               f"{a.micro_batch}; ZB-H1 needs every Linear on the path to the stage input")
+        # NOTE: one backward per Linear, reaching only its own weights: from all outputs at once the
+        # engine would also carry each output's gradient on through earlier layers to their weights.
+        for slot in slots:
+            torch.autograd.backward([slot.edge], [slot.grad], inputs=slot.params)
+        self.trace.append(TraceEvent("W", a.micro_batch, start, time.perf_counter()))
+
+    def share_losses(self) -> list[float]:
+        """Every micro-batch loss, broadcast from the last stage so every rank can log them."""
+        losses = torch.zeros(self.m, dtype=torch.float64, device=self.links.device)
+        if self.last:
+            losses.copy_(torch.stack([self.losses[i].double() for i in range(self.m)]))
+        work = dist.broadcast(losses, self.links.peer(self.sched.num_stages - 1), self.links.group, async_op=True)
+        self.links.wait(work)
+        return losses.tolist()
+
+
+def gather_traces(trace: list[TraceEvent], group=None) -> list[list[TraceEvent]]:
+    """Every rank's trace, on every rank (a collective: call it on all ranks)."""
+    traces: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(traces, trace, group=group)
+    return traces
+
+
+def measured_bubble(traces: list[list[TraceEvent]]) -> float:
+    """Idle share of stage-time between the first computation's start and the last one's end."""
+    start = min(e.start for t in traces for e in t)
+    span = max(e.end for t in traces for e in t) - start
+    busy = sum(e.end - e.start for t in traces for e in t)
+    return 1.0 - busy / (len(traces) * span) if span > 0 else 0.0
+
+
+def measured_costs(traces: list[list[TraceEvent]]) -> Costs:
+    """Mean seconds per (stage, op) from the traces, for simulating the same schedule."""
+    per_stage = {}
+    for stage, trace in enumerate(traces):
+        for op in ("F", "B", "W"):
+            durations = [e.end - e.start for e in trace if e.op == op]
+            per_stage[(stage, op)] = sum(durations) / len(durations) if durations else 0.0
+    return Costs(per_stage=per_stage)
+
+
+def simulated_bubble(sched: Schedule, traces: list[list[TraceEvent]]) -> float:
+    """The bubble the schedule would have with the measured compute costs and free communication."""
+    return simulate(sched, measured_costs(traces)).bubble

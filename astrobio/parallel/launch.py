@@ -1,0 +1,371 @@
+"""Starting the ranks of a multi-process job, and stopping all of them when one fails.
+
+``launch(fn, world_size, args)`` runs ``fn(ctx, *args)`` on every rank and returns ``{rank: result}``:
+
+- started plainly (``python -m astrobio.train --pipeline-stages 2``), it spawns ``world_size`` child
+  processes on this machine, hosts their rendezvous store itself and watches them;
+- under ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` set) it runs this one rank in the current
+  process and returns ``{rank: result}`` for it alone; torchrun starts and watches the others.
+
+Faults. Every rank runs a ``FaultGuard``: a thread that beats a heartbeat counter in the store and
+watches the other ranks' counters and failure notes. A rank that raises writes its error to the store;
+one that is killed stops beating (and, when we spawned it, the parent notices the exit at once and
+writes the note for it). The others notice within a fraction of a second (a note) or ``timeout_s`` (a
+silent peer), raise ``PeerFailure`` naming the failed stage, and exit; the parent then raises
+``LaunchError`` with the root cause first. Communication waits go through ``FaultGuard.wait``, which
+polls instead of blocking, so a rank stuck in a receive from a dead peer still stops; the process
+group's own timeout is ``timeout_s`` as a backstop. Children die with the parent (``PR_SET_PDEATHSIG``
+on Linux), and Ctrl-C in the parent terminates them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing.connection
+import os
+import pickle
+import queue
+import signal
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+PREFIX = "astrobio/guard"
+
+
+class PeerFailure(RuntimeError):
+    """Another rank failed; this one stopped because of it. ``stage`` is the failed one."""
+
+    def __init__(self, message: str, stage: int):
+        super().__init__(message)
+        self.stage = stage
+
+
+class LaunchError(RuntimeError):
+    """A spawned job failed; the message names the stage that failed first, then the others."""
+
+
+class Pending:
+    """One submitted Work: ``done`` is set when its wait returned; ``result()`` re-raises its error."""
+
+    __slots__ = ("work", "done", "error")
+
+    def __init__(self, work: dist.Work):
+        self.work, self.done, self.error = work, threading.Event(), None
+
+    def result(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+class WorkWaiter:
+    """Blocks on torch.distributed Work objects on a background thread, in the order submitted.
+
+    NOTE: gloo's point-to-point Work never reports ``is_completed()`` and a ``wait(timeout)`` that
+    times out closes the connection, so neither polling nor timed waits can watch for faults; a
+    blocking wait on another thread, with the caller waiting on an Event, can."""
+
+    def __init__(self, name: str):
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._run, name=name, daemon=True).start()
+
+    def submit(self, work: dist.Work) -> Pending:
+        pending = Pending(work)
+        self._queue.put(pending)
+        return pending
+
+    def close(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (pending := self._queue.get()) is not None:
+            try:
+                pending.work.wait()
+            except BaseException as err:  # noqa: BLE001 - handed to whoever waits on it
+                pending.error = err
+            pending.done.set()
+
+
+class FaultGuard:
+    """Heartbeats and failure notes for one rank, through the job's store."""
+
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float = 60.0):
+        if timeout_s <= 0:
+            raise ValueError(f"fault timeout must be positive seconds, got {timeout_s}")
+        self.store, self.rank, self.world_size, self.timeout_s = store, rank, world_size, timeout_s
+        self.interval_s = min(0.5, timeout_s / 10)
+        self.failure: PeerFailure | None = None
+        self._stop = threading.Event()
+        self._waiter = WorkWaiter(f"fault-guard-wait-{rank}")
+        self._thread = threading.Thread(target=self._watch, name=f"fault-guard-{rank}", daemon=True)
+        self._thread.start()
+
+    def report(self, message: str) -> None:
+        """Tells the other ranks this one failed (best effort: the store may be gone)."""
+        try:
+            self.store.set(f"{PREFIX}/failed/{self.rank}", message)
+        except RuntimeError:
+            pass
+
+    def check(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    def wait(self, work: dist.Work) -> None:
+        """Waits for a communication, raising PeerFailure as soon as another rank fails."""
+        self.check()
+        pending = self._waiter.submit(work)
+        while not pending.done.wait(self.interval_s):
+            self.check()
+        pending.result()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._waiter.close()
+        self._thread.join(timeout=2 * self.interval_s + 1)
+
+    def _watch(self) -> None:
+        peers = [r for r in range(self.world_size) if r != self.rank]
+        seen = {r: (-1, time.monotonic()) for r in peers}
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.store.add(f"{PREFIX}/beat/{self.rank}", 1)
+                for r in peers:
+                    self._check_peer(r, seen)
+            except PeerFailure as failure:
+                self.failure = failure
+                return
+            except RuntimeError as err:  # the store itself is gone: whoever hosted it died
+                self.failure = PeerFailure(f"lost the job's store ({err}); another rank or the launcher died", -1)
+                return
+
+    def _check_peer(self, r: int, seen: dict) -> None:
+        key = f"{PREFIX}/failed/{r}"
+        if self.store.check([key]):
+            raise PeerFailure(f"stage {r} (rank {r}) failed: {self.store.get(key).decode()}", r)
+        beats = self.store.add(f"{PREFIX}/beat/{r}", 0)
+        last, since = seen[r]
+        now = time.monotonic()
+        if beats != last:
+            seen[r] = (beats, now)
+        elif beats > 0 and now - since > self.timeout_s:
+            raise PeerFailure(f"stage {r} (rank {r}) sent no heartbeat for {now - since:.0f} s "
+                              f"(fault timeout {self.timeout_s:g} s); it hung or was killed", r)
+
+
+@dataclass
+class RankContext:
+    """What ``fn`` gets: where it runs, and the guard to pass to the executor."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+    guard: FaultGuard
+    launched_by: str  # "spawn" or "torchrun"
+
+
+def under_torchrun() -> bool:
+    return all(v in os.environ for v in TORCHRUN_VARS) and "ASTROBIO_SPAWNED" not in os.environ
+
+
+def pick_backend(backend: str, local_world: int) -> str:
+    if backend not in ("auto", "gloo", "nccl"):
+        raise ValueError(f"backend {backend!r} is not one of auto, gloo, nccl")
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= local_world else "gloo"
+    return backend
+
+
+def init_rank(store: dist.Store, rank: int, world_size: int, local_rank: int, backend: str,
+              timeout_s: float, launched_by: str) -> RankContext:
+    """Joins the process group (its timeout is the fault timeout) and starts the guard."""
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, store=dist.PrefixStore("astrobio/pg", store), rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    guard = FaultGuard(store, rank, world_size, timeout_s)
+    return RankContext(rank, world_size, local_rank, device, backend, guard, launched_by)
+
+
+def close_rank(ctx: RankContext) -> None:
+    ctx.guard.close()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), *, backend: str = "auto",
+           timeout_s: float = 60.0) -> dict[int, Any]:
+    """Runs ``fn(ctx, *args)`` on ``world_size`` ranks; see the module docstring."""
+    if under_torchrun():
+        return run_under_torchrun(fn, world_size, args, backend, timeout_s)
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    return Spawner(fn, world_size, args, pick_backend(backend, world_size), timeout_s).run()
+
+
+def run_under_torchrun(fn, world_size: int, args: tuple, backend: str, timeout_s: float) -> dict[int, Any]:
+    rank, world, local = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if world != world_size:
+        raise ValueError(f"torchrun started {world} ranks but the job needs {world_size}; "
+                         f"run torchrun --nproc-per-node {world_size}")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    # NOTE: torchrun's agent hosts the store at MASTER_ADDR:MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE);
+    # without an agent, rank 0 hosts it, as the env:// rendezvous does.
+    hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") != "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, hosts,
+                          timeout=timedelta(seconds=timeout_s))
+    ctx = init_rank(store, rank, world, local, pick_backend(backend, local_world), timeout_s, "torchrun")
+    try:
+        return {rank: fn(ctx, *args)}
+    except PeerFailure:
+        raise
+    except BaseException:
+        ctx.guard.report(traceback.format_exc(limit=8))
+        raise
+    finally:
+        close_rank(ctx)
+
+
+def die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies, so no rank is left orphaned."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def child_main(fn, rank: int, world_size: int, port: int, backend: str, timeout_s: float, args: tuple,
+               conn, parent_pid: int) -> None:
+    die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(1)
+    os.environ["ASTROBIO_SPAWNED"] = "1"
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
+    store = dist.TCPStore("127.0.0.1", port, world_size + 1, False, timeout=timedelta(seconds=timeout_s))
+    ctx = init_rank(store, rank, world_size, rank, backend, timeout_s, "spawn")
+    try:
+        # plain pickle copies tensors into the message; the shared-memory reducers torch installs for
+        # multiprocessing would need this process alive until the parent has read them
+        conn.send_bytes(pickle.dumps(("ok", fn(ctx, *args))))
+    except PeerFailure as failure:
+        conn.send_bytes(pickle.dumps(("peer", str(failure))))
+        conn.close()
+        os._exit(1)  # the peer is gone: tearing the process group down could wait on it
+    except BaseException as err:  # noqa: BLE001 - reported to the parent, then the rank exits
+        text = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
+        ctx.guard.report(f"{type(err).__name__}: {err}")
+        conn.send_bytes(pickle.dumps(("error", text)))
+        conn.close()
+        os._exit(1)
+    close_rank(ctx)
+
+
+class Spawner:
+    """Starts the children, relays their results, and stops all of them when one fails."""
+
+    def __init__(self, fn, world_size: int, args: tuple, backend: str, timeout_s: float):
+        self.fn, self.world_size, self.args = fn, world_size, args
+        self.backend, self.timeout_s = backend, timeout_s
+        self.results: dict[int, Any] = {}
+        self.failures: list[tuple[float, int, str, bool]] = []  # (time, rank, message, caused by a peer)
+
+    def run(self) -> dict[int, Any]:
+        self.store = dist.TCPStore("127.0.0.1", 0, self.world_size + 1, True, wait_for_workers=False,
+                                   timeout=timedelta(seconds=self.timeout_s))
+        context = mp.get_context("spawn")
+        self.procs, self.conns = [], []
+        try:
+            for rank in range(self.world_size):
+                parent_end, child_end = context.Pipe(duplex=False)
+                proc = context.Process(target=child_main, name=f"astrobio-rank{rank}", daemon=False,
+                                       args=(self.fn, rank, self.world_size, self.store.port, self.backend,
+                                             self.timeout_s, self.args, child_end, os.getpid()))
+                proc.start()
+                child_end.close()
+                self.procs.append(proc)
+                self.conns.append(parent_end)
+            self.watch()
+        finally:
+            self.stop_all()
+        if self.failures:
+            raise LaunchError(self.describe_failures())
+        return self.results
+
+    def watch(self) -> None:
+        deadline = None
+        live = dict(enumerate(self.procs))
+        while live:
+            multiprocessing.connection.wait([self.conns[r] for r in live if not self.conns[r].closed]
+                                            + [p.sentinel for p in live.values()], timeout=0.2)
+            for rank in list(live):
+                self.drain(rank)
+                if not self.procs[rank].is_alive():
+                    self.drain(rank)
+                    self.on_exit(rank)
+                    del live[rank]
+            if self.failures and deadline is None:
+                deadline = time.monotonic() + self.timeout_s
+            if deadline is not None and time.monotonic() > deadline:
+                for rank in live:
+                    self.failures.append((time.monotonic(), rank, f"stage {rank} (rank {rank}) did not stop "
+                                          f"within {self.timeout_s:g} s of the failure; killed", True))
+                return
+
+    def drain(self, rank: int) -> None:
+        """Reads what the child has sent; a closed pipe (EOF) means it will send nothing more."""
+        conn = self.conns[rank]
+        while not conn.closed and conn.poll():
+            try:
+                status, payload = pickle.loads(conn.recv_bytes())
+            except EOFError:
+                conn.close()
+                return
+            if status == "ok":
+                self.results[rank] = payload
+            else:
+                self.failures.append((time.monotonic(), rank, payload, status == "peer"))
+
+    def on_exit(self, rank: int) -> None:
+        code = self.procs[rank].exitcode
+        if rank in self.results or any(r == rank for _, r, _, _ in self.failures):
+            return
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        message = f"stage {rank} (rank {rank}) died with {how}"
+        self.failures.append((time.monotonic(), rank, message, False))
+        try:
+            self.store.set(f"{PREFIX}/failed/{rank}", message)
+        except RuntimeError:
+            pass
+
+    def stop_all(self) -> None:
+        """Terminates, then kills, every child still running; no process outlives the launcher."""
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        end = time.monotonic() + 3
+        for proc in self.procs:
+            proc.join(max(0.0, end - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for conn in self.conns:
+            conn.close()
+
+    def describe_failures(self) -> str:
+        ordered = sorted(self.failures, key=lambda f: (f[3], f[0]))  # root causes first, then by time
+        _, rank, message, _ = ordered[0]
+        lines = [f"pipeline job failed at stage {rank} (rank {rank}): {message.strip()}"]
+        lines += [f"  then stage {r}: {m.strip().splitlines()[0]}" for _, r, m, _ in ordered[1:]]
+        return "\n".join(lines)
