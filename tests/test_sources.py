@@ -164,6 +164,9 @@ def test_basic_auth_from_netrc_in_home(server, tmp_path):
     netrc.chmod(0o600)
     server.routes["/t.csv"] = Route(auth="Basic " + b64encode(b"alice:" + SECRET.encode()).decode())
     assert open_source(server.url + "/t.csv", policy=FAST).fetch() == BODY
+    server.routes["/u.csv"] = server.routes["/t.csv"]  # a run's saved config holds the URI redacted
+    redacted = redact_uri(f"http://alice:{SECRET}@127.0.0.1:{server.server_address[1]}/u.csv")
+    assert open_source(redacted, policy=FAST).fetch() == BODY
 
 
 def test_user_and_password_in_the_uri_are_sent_but_never_shown(server, caplog):

@@ -106,9 +106,10 @@ class Credentials:
 
 
 def uri_credentials(uri: str) -> Credentials | None:
-    """Basic-auth credentials written into a URI as ``user:password@host`` (percent-decoded), or None."""
+    """Basic-auth credentials written into a URI as ``user:password@host`` (percent-decoded), or None;
+    also None for the ``***@`` of a redacted URI (a run's saved config), so that .netrc is asked."""
     parts = urlsplit(uri)
-    if parts.username is None:
+    if parts.username is None or (parts.username == REDACTED and parts.password is None):
         return None
     return Credentials("basic", "the URI's user:password", f"{unquote(parts.username)}:{unquote(parts.password or '')}")
 
