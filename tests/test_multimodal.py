@@ -249,6 +249,18 @@ def test_encoders_on_stage_zero_give_the_whole_model_result(tiny):
                           atol=1e-5)
 
 
+def test_prefix_inputs_that_do_not_fit_the_batch_are_clear_errors():
+    prefix = build_prefix(32, "catalogue,graph", seed=0)
+    batch = collate(builtin_examples(systems=2, seed=0)[:3], ByteTokenizer(), SEQ)
+    inputs = batch.prefix_inputs()
+    with pytest.raises(ValueError, match="catalogue values cover 3 examples but the batch has 4"):
+        prefix(**{**inputs, "batch_size": 4})
+    with pytest.raises(ValueError, match="without their catalogue_mask"):
+        prefix(**{**inputs, "catalogue_mask": None})
+    with pytest.raises(ValueError, match=r"catalogue values \(3, 11\) and mask \(3, 10\)"):
+        prefix(**{**inputs, "catalogue_mask": inputs["catalogue_mask"][:, :10]})
+
+
 def test_modality_names_are_checked():
     assert check_modalities("text,catalogue,graph") == ("catalogue", "graph")
     assert check_modalities("graph,text") == ("graph",)

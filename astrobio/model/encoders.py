@@ -119,6 +119,9 @@ class MultimodalPrefix(nn.Module):
     def catalogue_part(self, batch_size: int, values, mask) -> torch.Tensor:
         if values is None:
             return self.missing["catalogue"].expand(batch_size, -1, -1)
+        if mask is None:
+            raise ValueError("catalogue values came without their catalogue_mask; pass both (catalogue_features "
+                             "returns the pair)")
         check_batch("catalogue values", values.shape[0], batch_size)
         encoded = self.encoders["catalogue"](values, mask)
         return blend(encoded, self.missing["catalogue"], mask.any(dim=-1))
