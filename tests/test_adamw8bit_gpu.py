@@ -29,7 +29,6 @@ from astrobio.optim import reference as R
 from astrobio.optim.adamw8bit import AdamW8bit
 
 
-
 def on_gpu(test):
     """Marks a test `gpu` and skips it without a GPU."""
     skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none is visible)")
