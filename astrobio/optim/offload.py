@@ -362,10 +362,6 @@ class OffloadEngine:
             buckets.append(_Bucket(index, group, master, accum, pin))
         return buckets
 
-    @property
-    def num_buckets(self) -> int:
-        return len(self._buckets)
-
     def attach(self, module: torch.nn.Module) -> None:
         """Forward pre-hooks on every submodule of ``module`` that owns engine parameters: each waits
         only for the buckets holding its own parameters, so end_step no longer waits for the steps."""
