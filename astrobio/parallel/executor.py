@@ -111,11 +111,10 @@ class _Links:
 
     def wait_sent(self, pending) -> None:
         if self.guard is not None:
-            while not pending.done.wait(self.guard.interval_s):
-                self.guard.check()
+            self.guard.wait_pending(pending)
         else:
             pending.done.wait()
-        pending.result()
+            pending.result()
 
 
 def side_gloo_group(group):

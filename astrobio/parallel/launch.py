@@ -14,7 +14,7 @@ writes the note for it). The others notice within a fraction of a second (a note
 silent peer), raise ``PeerFailure`` naming the failed stage, and exit; the parent then raises
 ``LaunchError`` with the root cause first. Communication waits go through ``FaultGuard.wait``, which
 polls instead of blocking, so a rank stuck in a receive from a dead peer still stops; the process
-group's own timeout is ``timeout_s`` as a backstop. Children die with the parent (``PR_SET_PDEATHSIG``
+group's own timeout (``startup_timeout``) is only a backstop. Children die with the parent (``PR_SET_PDEATHSIG``
 on Linux), and Ctrl-C in the parent terminates them.
 """
 
@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+STARTUP_TIMEOUT_S = 300.0  # ranks of a loaded machine may start many seconds apart
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 PREFIX = "astrobio/guard"
 
@@ -123,10 +124,27 @@ class FaultGuard:
     def wait(self, work: dist.Work) -> None:
         """Waits for a communication, raising PeerFailure as soon as another rank fails."""
         self.check()
-        pending = self._waiter.submit(work)
+        self.wait_pending(self._waiter.submit(work))
+
+    def wait_pending(self, pending: Pending) -> None:
         while not pending.done.wait(self.interval_s):
             self.check()
-        pending.result()
+        if pending.error is not None:
+            # a peer's death usually surfaces first as a connection error here; name the peer if it can be
+            raise self.cause_of(pending.error) or pending.error from pending.error
+
+    def cause_of(self, err: BaseException) -> PeerFailure | None:
+        """The failure note of another rank, waiting briefly for it (a launcher writes it for a killed
+        rank a moment after its connections break)."""
+        deadline = time.monotonic() + min(self.timeout_s, 5.0)
+        while True:
+            for r in range(self.world_size):
+                key = f"{PREFIX}/failed/{r}"
+                if r != self.rank and self.store.check([key]):
+                    return PeerFailure(f"stage {r} (rank {r}) failed: {self.store.get(key).decode()}", r)
+            if self.failure is not None or time.monotonic() > deadline:
+                return self.failure
+            time.sleep(0.05)
 
     def close(self) -> None:
         self._stop.set()
@@ -175,6 +193,12 @@ class RankContext:
     launched_by: str  # "spawn" or "torchrun"
 
 
+def startup_timeout(timeout_s: float) -> timedelta:
+    """Rendezvous and the process group's own timeout: long enough for slow starts. Faults after the
+    start are the guard's job (``timeout_s``); this is only the backstop."""
+    return timedelta(seconds=max(timeout_s, STARTUP_TIMEOUT_S))
+
+
 def under_torchrun() -> bool:
     return all(v in os.environ for v in TORCHRUN_VARS) and "ASTROBIO_SPAWNED" not in os.environ
 
@@ -189,12 +213,12 @@ def pick_backend(backend: str, local_world: int) -> str:
 
 def init_rank(store: dist.Store, rank: int, world_size: int, local_rank: int, backend: str,
               timeout_s: float, launched_by: str) -> RankContext:
-    """Joins the process group (its timeout is the fault timeout) and starts the guard."""
+    """Joins the process group and starts the guard."""
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, store=dist.PrefixStore("astrobio/pg", store), rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+                            world_size=world_size, timeout=startup_timeout(timeout_s))
     guard = FaultGuard(store, rank, world_size, timeout_s)
     return RankContext(rank, world_size, local_rank, device, backend, guard, launched_by)
 
@@ -225,7 +249,7 @@ def run_under_torchrun(fn, world_size: int, args: tuple, backend: str, timeout_s
     # without an agent, rank 0 hosts it, as the env:// rendezvous does.
     hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "False") != "True"
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, hosts,
-                          timeout=timedelta(seconds=timeout_s))
+                          timeout=startup_timeout(timeout_s))
     ctx = init_rank(store, rank, world, local, pick_backend(backend, local_world), timeout_s, "torchrun")
     try:
         return {rank: fn(ctx, *args)}
@@ -253,20 +277,20 @@ def child_main(fn, rank: int, world_size: int, port: int, backend: str, timeout_
     os.environ["ASTROBIO_SPAWNED"] = "1"
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
-    store = dist.TCPStore("127.0.0.1", port, world_size + 1, False, timeout=timedelta(seconds=timeout_s))
+    store = dist.TCPStore("127.0.0.1", port, world_size + 1, False, timeout=startup_timeout(timeout_s))
     ctx = init_rank(store, rank, world_size, rank, backend, timeout_s, "spawn")
     try:
         # plain pickle copies tensors into the message; the shared-memory reducers torch installs for
         # multiprocessing would need this process alive until the parent has read them
         conn.send_bytes(pickle.dumps(("ok", fn(ctx, *args))))
     except PeerFailure as failure:
-        conn.send_bytes(pickle.dumps(("peer", str(failure))))
+        conn.send_bytes(pickle.dumps(("peer", (failure.stage, str(failure)))))
         conn.close()
         os._exit(1)  # the peer is gone: tearing the process group down could wait on it
     except BaseException as err:  # noqa: BLE001 - reported to the parent, then the rank exits
         text = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
         ctx.guard.report(f"{type(err).__name__}: {err}")
-        conn.send_bytes(pickle.dumps(("error", text)))
+        conn.send_bytes(pickle.dumps(("error", (rank, text))))
         conn.close()
         os._exit(1)
     close_rank(ctx)
@@ -279,11 +303,13 @@ class Spawner:
         self.fn, self.world_size, self.args = fn, world_size, args
         self.backend, self.timeout_s = backend, timeout_s
         self.results: dict[int, Any] = {}
-        self.failures: list[tuple[float, int, str, bool]] = []  # (time, rank, message, caused by a peer)
+        self.reported: set[int] = set()  # ranks that sent an error before exiting
+        self.failures: list[tuple[float, int, str, bool]] = []  # (time, failed stage, message, caused by a peer)
+        self.hung = False
 
     def run(self) -> dict[int, Any]:
         self.store = dist.TCPStore("127.0.0.1", 0, self.world_size + 1, True, wait_for_workers=False,
-                                   timeout=timedelta(seconds=self.timeout_s))
+                                   timeout=startup_timeout(self.timeout_s))
         context = mp.get_context("spawn")
         self.procs, self.conns = [], []
         try:
@@ -321,6 +347,7 @@ class Spawner:
                 for rank in live:
                     self.failures.append((time.monotonic(), rank, f"stage {rank} (rank {rank}) did not stop "
                                           f"within {self.timeout_s:g} s of the failure; killed", True))
+                self.hung = True
                 return
 
     def drain(self, rank: int) -> None:
@@ -335,17 +362,18 @@ class Spawner:
             if status == "ok":
                 self.results[rank] = payload
             else:
-                self.failures.append((time.monotonic(), rank, payload, status == "peer"))
+                failed_stage, message = payload
+                self.failures.append((time.monotonic(), failed_stage, message, status == "peer"))
+                self.reported.add(rank)
 
     def on_exit(self, rank: int) -> None:
         code = self.procs[rank].exitcode
-        if rank in self.results or any(r == rank for _, r, _, _ in self.failures):
+        if rank in self.results or rank in self.reported:
             return
         how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        message = f"stage {rank} (rank {rank}) died with {how}"
-        self.failures.append((time.monotonic(), rank, message, False))
+        self.failures.append((time.monotonic(), rank, f"stage {rank} (rank {rank}) died with {how}", False))
         try:
-            self.store.set(f"{PREFIX}/failed/{rank}", message)
+            self.store.set(f"{PREFIX}/failed/{rank}", f"died with {how}")
         except RuntimeError:
             pass
 
@@ -354,7 +382,7 @@ class Spawner:
         for proc in self.procs:
             if proc.is_alive():
                 proc.terminate()
-        end = time.monotonic() + 3
+        end = time.monotonic() + (0 if self.hung else 3)  # a hung (e.g. stopped) rank may ignore SIGTERM
         for proc in self.procs:
             proc.join(max(0.0, end - time.monotonic()))
             if proc.is_alive():
@@ -365,7 +393,7 @@ class Spawner:
 
     def describe_failures(self) -> str:
         ordered = sorted(self.failures, key=lambda f: (f[3], f[0]))  # root causes first, then by time
-        _, rank, message, _ = ordered[0]
-        lines = [f"pipeline job failed at stage {rank} (rank {rank}): {message.strip()}"]
-        lines += [f"  then stage {r}: {m.strip().splitlines()[0]}" for _, r, m, _ in ordered[1:]]
+        _, stage, message, _ = ordered[0]
+        lines = [f"pipeline job failed at stage {stage} (rank {stage}): {message.strip()}"]
+        lines += [f"  then: {m.strip().splitlines()[0]}" for _, _, m, _ in ordered[1:]]
         return "\n".join(lines)

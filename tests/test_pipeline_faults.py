@@ -1,0 +1,109 @@
+"""A failing rank stops the whole pipeline job quickly, with an error naming the failed stage, and
+leaves no process behind: a rank that raises, one killed mid-step, one that hangs, and Ctrl-C."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from astrobio.model import build_stage, get_config
+from astrobio.parallel.executor import run_pipeline_step
+from astrobio.parallel.launch import LaunchError, launch
+from astrobio.parallel.schedules import Action
+
+CONFIG = get_config("tiny", d_model=32, n_heads=2, ffn_hidden=64)
+TIMEOUT_S = 4.0
+
+
+def loss_fn(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def micro_batches(m=6):
+    tokens = torch.randint(0, CONFIG.vocab_size, (m, 2, 9), generator=torch.Generator().manual_seed(0))
+    return [(t[:, :-1], t[:, 1:]) for t in tokens]
+
+
+def injected(rank, at, fault):
+    """An on_action hook that makes ``rank`` fail just before ``at``."""
+    def on_action(action):
+        if action == at:
+            if fault == "raise":
+                raise ValueError(f"injected fault before {action}")
+            os.kill(os.getpid(), signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+    return on_action
+
+
+def faulty_step(ctx, pid_dir, fault_rank, at, fault):
+    (Path(pid_dir) / f"rank{ctx.rank}.pid").write_text(str(os.getpid()))
+    stage = build_stage(CONFIG, ctx.rank, [2, 2])
+    hook = injected(ctx.rank, at, fault) if ctx.rank == fault_rank else None
+    for _ in range(100):  # the fault comes in the first step; a rank that misses it would spin here
+        run_pipeline_step(stage, "1f1b", micro_batches(), loss_fn, guard=ctx.guard, on_action=hook)
+
+
+def assert_all_gone(pid_dir):
+    pids = [int(p.read_text()) for p in Path(pid_dir).glob("rank*.pid")]
+    assert len(pids) == 2
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def run_fault(tmp_path, fault_rank, at, fault):
+    start = time.monotonic()
+    with pytest.raises(LaunchError) as err:
+        launch(faulty_step, 2, (str(tmp_path), fault_rank, at, fault), timeout_s=TIMEOUT_S, backend="gloo")
+    assert_all_gone(tmp_path)
+    return str(err.value), time.monotonic() - start
+
+
+def test_rank_that_raises_stops_the_other(tmp_path):
+    message, _ = run_fault(tmp_path, 0, Action("B", 1), "raise")
+    first, *rest = message.splitlines()
+    assert first.startswith("pipeline job failed at stage 0 (rank 0): ValueError: injected fault before B1")
+    # stage 1 stopped by itself (it was not killed by the launcher), naming stage 0
+    assert any("stage 0 (rank 0) failed: ValueError" in line for line in rest)
+    assert "did not stop" not in message
+
+
+def test_rank_killed_mid_step_stops_the_other(tmp_path):
+    message, _ = run_fault(tmp_path, 1, Action("F", 3), "kill")
+    assert message.splitlines()[0] == "pipeline job failed at stage 1 (rank 1): stage 1 (rank 1) died with signal SIGKILL"
+    assert "stage 1 (rank 1) failed: died with signal SIGKILL" in message
+    assert "did not stop" not in message
+
+
+def test_hung_rank_is_found_by_heartbeat(tmp_path):
+    """A stopped rank neither exits nor beats: the other stops after the fault timeout and the launcher
+    kills the hung one."""
+    message, elapsed = run_fault(tmp_path, 1, Action("B", 2), "stop")
+    assert message.splitlines()[0].startswith("pipeline job failed at stage 1 (rank 1): stage 1 (rank 1) sent no "
+                                              "heartbeat")
+    assert "stage 1 (rank 1) did not stop" in message
+
+
+def test_ctrl_c_stops_every_rank(tmp_path):
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_pipeline_faults as t; "
+              f"from astrobio.parallel.launch import launch; "
+              f"launch(t.faulty_step, 2, ({str(tmp_path)!r}, -1, None, None), timeout_s=30, backend='gloo')")
+    parent = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.glob("rank*.pid"))) < 2 and time.monotonic() < deadline:
+            assert parent.poll() is None, parent.stderr.read()
+            time.sleep(0.1)
+        time.sleep(0.5)  # mid-step
+        parent.send_signal(signal.SIGINT)
+        parent.wait(timeout=15)
+    finally:
+        parent.kill()
+    assert parent.returncode != 0
+    assert "KeyboardInterrupt" in parent.stderr.read()
+    assert_all_gone(tmp_path)
