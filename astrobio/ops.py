@@ -35,6 +35,13 @@ if _C is not None:
     @torch.library.register_fake("astrobio::adamw8bit_step")
     def _adamw8bit_step_fake(param, grad, exp_avg, exp_avg_sq, absmax1, absmax2, qmap1, qmap2, param_bf16,
                              found_inf, lr, beta1, beta2, eps, weight_decay, grad_scale, step, seed):
+        # NOTE: a meta tensor among real ones sends the whole call here; refuse it rather than do nothing.
+        named = dict(grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, absmax1=absmax1, absmax2=absmax2,
+                     qmap1=qmap1, qmap2=qmap2, param_bf16=param_bf16, found_inf=found_inf)
+        for name, t in named.items():
+            if t is not None and t.device != param.device:
+                raise RuntimeError(f"adamw8bit_step: {name} is on {t.device} but param is on {param.device}; "
+                                   "move them to one device")
         return None  # updates its arguments in place; nothing is returned
 
 

@@ -54,7 +54,9 @@ StepArgs make_step_args(const at::Tensor& param, const at::Tensor& grad, const a
                         const std::optional<at::Tensor>& param_bf16, double lr, double beta1, double beta2,
                         double eps, double weight_decay, double grad_scale, int64_t step, int64_t seed) {
   TORCH_CHECK(step >= 1, "adamw8bit_step: step must be >= 1 (the count including this update), got ", step);
-  TORCH_CHECK(lr >= 0.0, "adamw8bit_step: lr must be >= 0, got ", lr);
+  TORCH_CHECK(std::isfinite(lr) && lr >= 0.0, "adamw8bit_step: lr must be >= 0 and finite, got ", lr);
+  TORCH_CHECK(std::isfinite(weight_decay) && weight_decay >= 0.0,
+              "adamw8bit_step: weight_decay must be >= 0 and finite, got ", weight_decay);
   TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
               "adamw8bit_step: betas must lie in [0, 1), got (", beta1, ", ", beta2, ")");
   TORCH_CHECK(eps > 0.0, "adamw8bit_step: eps must be > 0, got ", eps);
@@ -114,6 +116,14 @@ StepArgs make_step_args(const at::Tensor& param, const at::Tensor& grad, const a
   return a;
 }
 
+void check_found_inf(const at::Tensor& found_inf, const at::Tensor& param) {
+  TORCH_CHECK(found_inf.numel() == 1 && found_inf.scalar_type() == at::kFloat,
+              "adamw8bit_step: found_inf must be a one-element float32 tensor, got ", found_inf.numel(),
+              " elements of ", found_inf.scalar_type());
+  TORCH_CHECK(found_inf.device() == param.device(), "adamw8bit_step: found_inf is on ", found_inf.device(),
+              " but param is on ", param.device(), "; keep found_inf on the parameter's device");
+}
+
 namespace {
 
 void adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
@@ -125,8 +135,7 @@ void adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad, const a
   StepArgs a = make_step_args(param, grad, exp_avg, exp_avg_sq, absmax1, absmax2, qmap1, qmap2, param_bf16, lr,
                               beta1, beta2, eps, weight_decay, grad_scale, step, seed);
   if (found_inf.has_value()) {
-    TORCH_CHECK(found_inf->numel() == 1 && found_inf->scalar_type() == at::kFloat,
-                "adamw8bit_step: found_inf must be a one-element float32 tensor");
+    check_found_inf(*found_inf, param);
     if (found_inf->item<float>() != 0.0f) return;
   }
   cpu::adamw8bit_step(a);

@@ -17,4 +17,7 @@ StepArgs make_step_args(const at::Tensor& param, const at::Tensor& grad, const a
                         const std::optional<at::Tensor>& param_bf16, double lr, double beta1, double beta2,
                         double eps, double weight_decay, double grad_scale, int64_t step, int64_t seed);
 
+// found_inf: one float32 element on the parameter's device (device kernels read it there, no sync).
+void check_found_inf(const at::Tensor& found_inf, const at::Tensor& param);
+
 }  // namespace astrobio

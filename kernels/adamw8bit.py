@@ -175,12 +175,14 @@ def _check_tensor(t: torch.Tensor, name: str, param: torch.Tensor, numel: int | 
         _fail(f"{name} has {t.numel()} elements, expected {numel} ({why})")
 
 
-def _check_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, grad_scale: float,
-                           step: int) -> None:
+def _check_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                           grad_scale: float, step: int) -> None:
     if step < 1:
         _fail(f"step must be >= 1 (the count including this update), got {step}")
-    if not lr >= 0.0:
-        _fail(f"lr must be >= 0, got {lr}")
+    if not (math.isfinite(lr) and lr >= 0.0):
+        _fail(f"lr must be >= 0 and finite, got {lr}")
+    if not (math.isfinite(weight_decay) and weight_decay >= 0.0):
+        _fail(f"weight_decay must be >= 0 and finite, got {weight_decay}")
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         _fail(f"betas must lie in [0, 1), got ({beta1}, {beta2})")
     if not eps > 0.0:
@@ -202,7 +204,7 @@ def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tenso
                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                    grad_scale: float, step: int, seed: int) -> None:
     """One in-place 8-bit AdamW step (the op ``astrobio::adamw8bit_step``'s arguments and checks)."""
-    _check_hyperparameters(lr, beta1, beta2, eps, grad_scale, step)
+    _check_hyperparameters(lr, beta1, beta2, eps, weight_decay, grad_scale, step)
     n = param.numel()
     _check_float(param, "param")
     _check_float(grad, "grad")

@@ -29,11 +29,7 @@ void adamw8bit_step_cuda(const at::Tensor& param, const at::Tensor& grad, const 
   StepArgs a = make_step_args(param, grad, exp_avg, exp_avg_sq, absmax1, absmax2, qmap1, qmap2, param_bf16, lr,
                               beta1, beta2, eps, weight_decay, grad_scale, step, seed);
   if (found_inf.has_value()) {
-    TORCH_CHECK(found_inf->numel() == 1 && found_inf->scalar_type() == at::kFloat,
-                "adamw8bit_step: found_inf must be a one-element float32 tensor, got ", found_inf->numel(),
-                " elements of ", found_inf->scalar_type());
-    TORCH_CHECK(found_inf->device() == param.device(), "adamw8bit_step: found_inf is on ", found_inf->device(),
-                " but param is on ", param.device(), "; keep found_inf on the GPU (the kernel reads it there)");
+    check_found_inf(*found_inf, param);
     a.found_inf = found_inf->data_ptr<float>();
   }
   const c10::Stream stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(param.device());
