@@ -9,6 +9,7 @@ its manifest first; the model config comes from the JSON training state, never f
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,7 +98,17 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
     model = build_model(config, device="meta")
     model = model.to_empty(device=device).to(dtype)
     model.load_state_dict(dict(iter_weights(checkpoint)), strict=True)
-    return model.eval(), training_config(checkpoint), checkpoint
+    train = training_config(checkpoint)
+    warn_if_multimodal(train, checkpoint)
+    return model.eval(), train, checkpoint
+
+
+def warn_if_multimodal(train_config: dict, checkpoint: Path) -> None:
+    """The prefix encoders of a multimodal run are not used here: say so instead of hiding it."""
+    modalities = [m for m in str(train_config.get("modalities") or "text").split(",") if m.strip() != "text"]
+    if modalities:
+        print(f"note: {checkpoint} was trained with the {', '.join(modalities)} prefix encoders; this uses the "
+              f"language model alone, on text without prefixes", file=sys.stderr)
 
 
 def load_tokenizer_for(train_config: dict):
