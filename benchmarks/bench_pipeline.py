@@ -1,0 +1,241 @@
+"""Pipeline schedules side by side: our GPipe, 1F1B and ZB-H1, torch.distributed.pipelining's GPipe and
+1F1B, and one process running the whole model, all on the same model and micro-batches.
+
+    python benchmarks/bench_pipeline.py [--micro-batches 32] [--json PATH] [--gantt-dir DIR]
+
+Each provider runs in its own subprocess under ``--timeout`` (a hang is reported, not waited on).
+Before timing, each one's first-step loss is checked against the single-process loss. Reported:
+median step time over ``--steps`` steps after ``--warmup``; for our schedules also the measured bubble
+(from the last step's trace) beside the simulated one (the same schedule replayed with the measured
+mean cost of each stage's F, B and W, and free communication).
+
+NOTE: torch's PipelineStage is given ``input_args``/``output_args``; without them, torch 2.14.1 on gloo
+hung in its run-time shape inference. Its stages also need one fixed shape, so every micro-batch here
+has the same sequence length (ours does not need that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from astrobio.model import build_model, build_stage, get_config
+from astrobio.parallel.executor import gather_traces, measured_bubble, run_pipeline_step, simulated_bubble
+from astrobio.parallel.launch import launch
+from astrobio.parallel.schedules import schedule
+
+PROVIDERS = ("single-process", "astrobio gpipe", "astrobio 1f1b", "astrobio zb-h1", "torch ScheduleGPipe",
+             "torch Schedule1F1B")
+
+
+def loss_fn(logits, targets):
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def micro_batches(args, vocab: int):
+    gen = torch.Generator().manual_seed(1234)
+    tokens = torch.randint(0, vocab, (args.micro_batches, args.batch_size, args.seq_len + 1), generator=gen)
+    return [(t[:, :-1], t[:, 1:]) for t in tokens]
+
+
+def config(args):
+    return get_config(args.model)
+
+
+def timed_steps(args, step) -> tuple[list[float], object]:
+    """Runs warm-up then timed steps; ``step()`` returns (loss, extra). Times are per step, seconds."""
+    for _ in range(args.warmup):
+        step()
+    times, last = [], None
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        last = step()
+        times.append(time.perf_counter() - start)
+    return times, last
+
+
+def run_single(args) -> dict:
+    model = build_model(config(args), seed=0)
+    data = micro_batches(args, model.config.vocab_size)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        losses = [loss_fn(model(x), y) for x, y in data]
+        total = sum(losses) / len(losses)
+        total.backward()
+        return total.item()
+
+    first = step()
+    times, _ = timed_steps(args, step)
+    return dict(first_loss=first, step_s=times, threads=torch.get_num_threads())
+
+
+def ours_rank(ctx, args, kind: str) -> dict:
+    stage = build_stage(config(args), ctx.rank, halves(config(args).n_layers), seed=0)
+    data = micro_batches(args, stage.config.vocab_size)
+
+    def step():
+        stage.zero_grad(set_to_none=True)
+        dist.barrier()
+        return run_pipeline_step(stage, kind, data, loss_fn, guard=ctx.guard)
+
+    first = step().loss
+    times, last = timed_steps(args, step)
+    traces = gather_traces(last.trace)
+    out = dict(first_loss=first, step_s=times, measured_bubble=measured_bubble(traces),
+               simulated_bubble=simulated_bubble(schedule(kind, 2, args.micro_batches), traces))
+    if args.gantt_dir and ctx.rank == 0:
+        from astrobio.parallel.gantt import render_gantt
+        render_gantt(traces, os.path.join(args.gantt_dir, f"pipeline_{kind}.png"),
+                     title=f"{kind}, {args.micro_batches} micro-batches", simulated_bubble=out["simulated_bubble"])
+    return out
+
+
+def torch_rank(ctx, args, kind: str) -> dict:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+
+    cfg = config(args)
+    module = build_stage(cfg, ctx.rank, halves(cfg.n_layers), seed=0)
+    data = micro_batches(args, cfg.vocab_size)
+    b, t, d = args.batch_size, args.seq_len, cfg.d_model
+    # NOTE: the examples must require grad as the real tensors do; otherwise torch's stages plan no
+    # gradient transfer and stage 0's backward fails ("grad can be implicitly created only for scalar")
+    example_in = data[0][0] if ctx.rank == 0 else torch.zeros(b, t, d, requires_grad=True)
+    example_out = torch.zeros(b, t, d if ctx.rank == 0 else cfg.vocab_size, requires_grad=True)
+    stage = PipelineStage(module, ctx.rank, 2, torch.device("cpu"), input_args=(example_in,),
+                          output_args=(example_out,))
+    sched_cls = ScheduleGPipe if kind == "gpipe" else Schedule1F1B
+    sched = sched_cls(stage, args.micro_batches, loss_fn=loss_fn)
+    inputs = torch.cat([x for x, _ in data])
+    targets = torch.cat([y for _, y in data])
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        dist.barrier()
+        losses = []
+        if ctx.rank == 0:
+            sched.step(inputs)
+        else:
+            sched.step(target=targets, losses=losses)
+        loss = torch.zeros(1, dtype=torch.float64)
+        if losses:
+            loss[0] = torch.stack([l.detach().double() for l in losses]).mean()
+        dist.broadcast(loss, 1)
+        return loss.item()
+
+    first = step()
+    times, _ = timed_steps(args, step)
+    return dict(first_loss=first, step_s=times)
+
+
+def halves(n_layers: int) -> list[int]:
+    return [n_layers - n_layers // 2, n_layers // 2]
+
+
+def run_provider(args) -> dict:
+    torch.manual_seed(0)
+    name = args.provider
+    if name == "single-process":
+        return run_single(args)
+    family, kind = name.split(" ", 1)
+    if family == "astrobio":
+        results = launch(ours_rank, 2, (args, kind), backend="gloo", timeout_s=args.timeout)
+    else:
+        kind = {"ScheduleGPipe": "gpipe", "Schedule1F1B": "1f1b"}[kind]
+        results = launch(torch_rank, 2, (args, kind), backend="gloo", timeout_s=args.timeout)
+    out = dict(results[0])
+    # a step ends when its slower rank ends
+    out["step_s"] = [max(a, b) for a, b in zip(results[0]["step_s"], results[1]["step_s"])]
+    return out
+
+
+def run_isolated(args, name: str) -> dict:
+    """One provider in a subprocess (its own process group), killed at the timeout."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out_path = os.path.join(tmp, "out.json")
+        cmd = [sys.executable, __file__, "--provider", name, "--out", out_path] + passthrough(args)
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True)
+        try:
+            log, _ = proc.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return dict(error=f"timed out after {args.timeout:g} s")
+        if proc.returncode != 0:
+            lines = [line for line in log.splitlines() if "Error" in line]
+            return dict(error=lines[0].strip() if lines else f"exit code {proc.returncode}")
+        with open(out_path) as f:
+            return json.load(f)
+
+
+def passthrough(args) -> list[str]:
+    out = ["--model", args.model, "--micro-batches", str(args.micro_batches), "--batch-size", str(args.batch_size),
+           "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--timeout", str(args.timeout)]
+    if args.gantt_dir:
+        out += ["--gantt-dir", args.gantt_dir]
+    return out
+
+
+def report(results: dict, reference: float) -> None:
+    print(f"{'provider':24s} {'step ms':>9s} {'loss check':>11s} {'bubble measured':>16s} {'simulated':>10s}")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:24s} FAILED: {r['error']}")
+            continue
+        ok = abs(r["first_loss"] - reference) <= 1e-5 * abs(reference)
+        r["loss_matches_single_process"] = ok
+        r["median_step_ms"] = 1e3 * statistics.median(r["step_s"])
+        bubble = f"{r['measured_bubble']:16.1%} {r['simulated_bubble']:10.1%}" if "measured_bubble" in r else ""
+        print(f"{name:24s} {r['median_step_ms']:9.1f} {'ok' if ok else 'MISMATCH':>11s} {bubble}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--micro-batches", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per provider")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--gantt-dir", default=None, help="write our schedules' Gantt charts here")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--provider", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.provider:
+        with open(args.out, "w") as f:
+            json.dump(run_provider(args), f)
+        return
+    names = [n.strip() for n in args.providers.split(",")]
+    unknown = set(names) - set(PROVIDERS)
+    if unknown:
+        raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {', '.join(PROVIDERS)}")
+    results = {name: run_isolated(args, name) for name in ["single-process"] + [n for n in names
+                                                                                if n != "single-process"]}
+    if "error" in results["single-process"]:
+        raise SystemExit(f"the single-process reference failed: {results['single-process']['error']}")
+    report(results, results["single-process"]["first_loss"])
+    if args.json:
+        meta = dict(torch=torch.__version__, cpus=os.cpu_count(), model=args.model, micro_batches=args.micro_batches,
+                    batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps, warmup=args.warmup)
+        with open(args.json, "w") as f:
+            json.dump(dict(meta=meta, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
