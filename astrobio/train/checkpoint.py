@@ -7,6 +7,13 @@ A checkpoint is a directory written under a temporary name, every file fsynced, 
     state.json          everything else, as JSON, with tensors referenced by name
     manifest.json       format version, step, and bytes + sha256 of each file above; written last
 
+A pipeline run writes one part per stage instead of ``model.safetensors`` and the optimizer state:
+``model-stage{k}.safetensors`` (that stage's parameters under the whole model's names) and
+``optimizer-stage{k}.safetensors`` + ``.json`` (its optimizer state, keyed by parameter name); every
+rank writes its part into the temporary directory, then rank 0 writes ``state.*`` and the manifest
+(which lists every file) and renames. ``load_checkpoint`` merges the parts, so a checkpoint loads the
+same whichever number of stages wrote it.
+
 Loading verifies the manifest first and refuses a checkpoint with a missing, truncated or altered file.
 Nothing is unpickled: tensors go through safetensors and the rest through JSON, so a checkpoint from
 elsewhere is data, not a program. Non-string dict keys and tuples (optimizer state dicts have both)
@@ -32,6 +39,8 @@ MODEL_FILE = "model.safetensors"
 TENSORS_FILE = "state.safetensors"
 STATE_FILE = "state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+MODEL_PART = re.compile(r"^model(-stage\d+)?\.safetensors$")
+OPTIMIZER_PART = re.compile(r"^optimizer-stage(\d+)\.json$")
 
 
 class CheckpointError(RuntimeError):
@@ -113,6 +122,18 @@ def write_json(path: Path, obj) -> None:
         os.fsync(f.fileno())
 
 
+def write_part(directory: Path, model_file: str | None, model_state: dict[str, torch.Tensor] | None, stem: str,
+               state: dict) -> None:
+    """``model_file`` (when given) and ``{stem}.safetensors`` + ``{stem}.json`` (the state's tensors and
+    the rest) into ``directory``."""
+    if model_file is not None:
+        save_file(storable(model_state), directory / model_file)
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = encode_tree(state, tensors)
+    save_file(storable(tensors), directory / f"{stem}.safetensors")
+    write_json(directory / f"{stem}.json", skeleton)
+
+
 def step_of(path: Path) -> int | None:
     match = STEP_DIR.match(path.name)
     return int(match.group(1)) if match else None
@@ -127,22 +148,27 @@ class Checkpointer:
 
     def save(self, step: int, model_state: dict[str, torch.Tensor], state: dict) -> Path:
         """Writes ``step-N`` atomically, then deletes all but the newest ``keep_last_k`` checkpoints."""
+        tmp = self.begin(step)
+        write_part(tmp, MODEL_FILE, model_state, STATE_FILE[:-len(".json")], state)
+        return self.finish(tmp, step)
+
+    def begin(self, step: int) -> Path:
+        """The empty temporary directory of ``step-N`` (one process calls this, before any part is written)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"step-{step}"
         tmp = self.root / f".tmp-step-{step}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        tensors: dict[str, torch.Tensor] = {}
-        skeleton = encode_tree(state, tensors)
-        save_file(storable(model_state), tmp / MODEL_FILE)
-        save_file(storable(tensors), tmp / TENSORS_FILE)
-        write_json(tmp / STATE_FILE, skeleton)
+        return tmp
+
+    def finish(self, tmp: Path, step: int) -> Path:
+        """Manifest over every file written into ``tmp``, then the rename and the pruning."""
         files = {}
-        for name in (MODEL_FILE, TENSORS_FILE, STATE_FILE):
-            fsync_path(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": sha256_of(tmp / name)}
+        for file in sorted(p for p in tmp.iterdir() if p.is_file()):
+            fsync_path(file)
+            files[file.name] = {"bytes": file.stat().st_size, "sha256": sha256_of(file)}
         write_json(tmp / MANIFEST, {"format": FORMAT_VERSION, "step": step, "files": files})
         fsync_path(tmp)
+        final = self.root / f"step-{step}"
         self.replace(tmp, final)
         self.prune()
         return final
@@ -195,9 +221,12 @@ def verify(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"checkpoint {path} has an unreadable {MANIFEST}: {error}") from None
     if fmt != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format {fmt}; this version reads format {FORMAT_VERSION}")
-    for name in (MODEL_FILE, TENSORS_FILE, STATE_FILE):
+    for name in (TENSORS_FILE, STATE_FILE):
         if name not in files:
             raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} does not list {name}")
+    if not any(MODEL_PART.match(name) for name in files):
+        raise CheckpointError(f"checkpoint {path} is corrupt: {MANIFEST} lists no model*.safetensors")
+    for name in files:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} is missing")
@@ -212,13 +241,56 @@ def verify(path: str | os.PathLike) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, int]:
-    """(model state dict, training state, step) of a verified checkpoint, on the CPU."""
+    """(model state dict, training state, step) of a verified checkpoint, on the CPU; the parts of a
+    pipeline checkpoint merged (the model's by name, the optimizer's into ``state["optimizer"]``)."""
     path = Path(path)
     manifest = verify(path)
     try:
-        model_state = load_file(path / MODEL_FILE)
-        tensors = load_file(path / TENSORS_FILE)
-        state = decode_tree(json.loads((path / STATE_FILE).read_text()), tensors)
+        model_state = {}
+        for name in sorted(n for n in manifest["files"] if MODEL_PART.match(n)):
+            model_state.update(load_file(path / name))
+        state = read_part(path, STATE_FILE[:-len(".json")])
+        for name in sorted(n for n in manifest["files"] if OPTIMIZER_PART.match(n)):
+            merge_optimizer(state, read_part(path, name[:-len(".json")]))
     except (SafetensorError, ValueError, KeyError) as error:
         raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from None
     return model_state, state, manifest["step"]
+
+
+def read_part(path: Path, stem: str):
+    return decode_tree(json.loads((path / f"{stem}.json").read_text()), load_file(path / f"{stem}.safetensors"))
+
+
+def merge_optimizer(state: dict, part: dict) -> None:
+    """Adds one stage's name-keyed optimizer state to ``state["optimizer"]``."""
+    if state.get("optimizer") is None:
+        state["optimizer"] = part
+        return
+    merged = state["optimizer"]
+    merged["state"].update(part["state"])
+    for group, more in zip(merged.get("param_groups", []), part.get("param_groups", [])):
+        group["params"] = group["params"] + more["params"]
+
+
+def optimizer_by_name(saved: dict, names: list[str]) -> dict:
+    """An optimizer's (or offload engine's) state dict with its per-parameter entries keyed by parameter
+    name instead of position, so that it can be split between or merged across pipeline stages."""
+    out = {k: v for k, v in saved.items() if k not in ("state", "param_groups")}
+    out["state"] = {names[i]: entry for i, entry in saved["state"].items()}
+    if "param_groups" in saved:
+        out["param_groups"] = [{**g, "params": [names[i] for i in g["params"]]} for g in saved["param_groups"]]
+    return out
+
+
+def optimizer_by_index(saved: dict, names: list[str]) -> dict:
+    """Inverse of ``optimizer_by_name`` for the parameters ``names`` (e.g. one stage's)."""
+    index = {name: i for i, name in enumerate(names)}
+    missing = [n for n in names if n not in saved["state"]]
+    if missing and len(missing) < len(names):
+        raise CheckpointError(f"the checkpoint's optimizer state has no entry for {missing[0]} (and "
+                              f"{len(missing) - 1} more); was it saved for another model?")
+    out = {k: v for k, v in saved.items() if k not in ("state", "param_groups")}
+    out["state"] = {index[n]: entry for n, entry in saved["state"].items() if n in index}
+    if "param_groups" in saved:
+        out["param_groups"] = [{**saved["param_groups"][0], "params": list(range(len(names)))}]
+    return out

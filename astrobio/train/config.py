@@ -82,8 +82,10 @@ class TrainConfig:
     wandb_project: str | None = option(None, "log to Weights & Biases under this project (offline unless "
                                        "WANDB_MODE or WANDB_API_KEY say otherwise)", str)
     wandb_name: str | None = option(None, "W&B run name", str)
-    pipeline_stages: int = option(1, "pipeline stages (processes)")
+    pipeline_stages: int = option(1, "pipeline stages: processes started here (gloo on the CPU, NCCL on GPUs), "
+                                  "or torchrun's")
     schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)
+    pipeline_timeout: float = option(60.0, "seconds a pipeline rank waits for a silent peer before it stops")
     use_cpu_offloading: bool | None = option(None, "keep optimizer state, master weights and gradient "
                                              "accumulators in host memory (default: on for 13b, else off)", bool)
     master_weights: str = option("fp32", "offloaded master weights: fp32, or bf16 with stochastic rounding",
@@ -258,6 +260,8 @@ def check_optimizer(config: TrainConfig) -> None:
             raise ConfigError(f"{name} must be in [0, 1), got {getattr(config, name)}")
     if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
         raise ConfigError(f"weight_decay must be >= 0, got {config.weight_decay}")
+    if not config.pipeline_timeout > 0:
+        raise ConfigError(f"pipeline_timeout must be > 0 seconds, got {config.pipeline_timeout}")
     if not 0 < config.memory_alert_fraction <= 1:
         raise ConfigError(f"memory_alert_fraction must be in (0, 1], got {config.memory_alert_fraction}")
     if not (math.isfinite(config.max_grad_norm) and config.max_grad_norm >= 0):
@@ -279,6 +283,9 @@ def prefix_len(config: TrainConfig) -> int:
 def check_model(config: TrainConfig) -> None:
     max_seq_len = get_config(config.model).max_seq_len
     prefix = prefix_len(config)
+    if config.pipeline_stages > get_config(config.model).n_layers:
+        raise ConfigError(f"--pipeline-stages {config.pipeline_stages} exceeds model {config.model!r}'s "
+                          f"{get_config(config.model).n_layers} layers; use fewer stages")
     if config.seq_len + prefix > max_seq_len:
         with_prefix = f" + {prefix} prefix positions ({config.modalities})" if prefix else ""
         raise ConfigError(f"seq_len {config.seq_len}{with_prefix} exceeds model {config.model!r}'s max_seq_len "
@@ -298,9 +305,10 @@ def check_offload(config: TrainConfig) -> None:
 
 
 def check_unavailable(config: TrainConfig) -> None:
-    """Flags whose machinery has not landed yet are accepted by the parser and refused here."""
-    if config.pipeline_stages != 1:
-        raise ConfigError(f"--pipeline-stages {config.pipeline_stages} is not available yet; use 1")
+    """Combinations that are not supported."""
+    if config.pipeline_stages > 1 and prefix_len(config):
+        raise ConfigError(f"--modalities {config.modalities} runs on one stage only; use --pipeline-stages 1 "
+                          f"or --modalities text")
 
 
 def check_environment(config: TrainConfig) -> None:

@@ -77,3 +77,18 @@ class MetricsLogger:
         self.file.close()
         if self.wandb_run is not None:
             self.wandb_run.finish()
+
+
+class NullLogger:
+    """The logger of a pipeline rank other than 0: it writes nothing (rank 0 logs for the job)."""
+
+    path = None
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

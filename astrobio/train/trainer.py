@@ -37,12 +37,14 @@ from tqdm import tqdm
 
 from astrobio.model import build_model as build_transformer
 from astrobio.model import get_config
-from astrobio.train.checkpoint import CheckpointError, Checkpointer, load_checkpoint
+from astrobio.train.checkpoint import (CheckpointError, Checkpointer, load_checkpoint, optimizer_by_index,
+                                      optimizer_by_name, write_part)
 from astrobio.train.data import DataBundle, build_data
 from astrobio.train.config import ConfigError, TrainConfig, check_environment, parse_config, prefix_len
-from astrobio.train.logging import MetricsLogger, memory_stats, read_metrics
+from astrobio.train.logging import MetricsLogger, NullLogger, memory_stats, read_metrics
 from astrobio.train.memory import build_profiler, memory_fields, plot_memory_records, preflight_run
-from astrobio.train.plots import plot_loss
+from astrobio.train.pipeline import PipelineStepRunner, SingleProcess, bubble_of, run_pipeline, torchrun_rank
+from astrobio.train.plots import plot_loss, plot_pipeline
 
 # A resumed run must match its checkpoint in these keys (the rest, e.g. --steps or --lr, may change).
 RESUME_KEYS = ("model", "seq_len", "micro_batch_size", "gradient_accumulation_steps", "data", "tokenizer",
@@ -185,6 +187,18 @@ class LocalStepRunner:
         return (total / len(batches)).item()
 
 
+def build_stage_model(config: TrainConfig, vocab_size: int, device: torch.device, stage: int) -> tuple[nn.Module, int]:
+    """This rank's pipeline stage (the whole model's initial weights and parameter names), and how many
+    parameters the stages before it hold (the offload engine's rounding-seed offset)."""
+    from astrobio.model import build_stage, even_split
+    model_config = get_config(config.model, vocab_size=vocab_size)
+    split = even_split(model_config.n_layers, config.pipeline_stages)
+    module = build_stage(model_config, stage, split, seed=config.seed, device=device)
+    module.gradient_checkpointing = config.use_gradient_checkpointing
+    before = sum(len(list(build_stage(model_config, s, split, device="meta").parameters())) for s in range(stage))
+    return module, before
+
+
 def build_prefix(config: TrainConfig, device: torch.device) -> nn.Module | None:
     """The multimodal prefix encoders of ``--modalities`` (None for text alone)."""
     from astrobio.model.encoders import build_prefix as build_prefix_module
@@ -204,16 +218,21 @@ def trainable(model: nn.Module, prefix: nn.Module | None) -> list[tuple[str, nn.
 
 
 def build_step_runner(config: TrainConfig, model: nn.Module, device: torch.device,
-                      prefix: nn.Module | None = None) -> StepRunner:
+                      prefix: nn.Module | None = None, ranks=None) -> StepRunner:
+    if config.pipeline_stages > 1:
+        return PipelineStepRunner(model, ranks, config.schedule, device, config.use_mixed_precision, lm_loss)
     return LocalStepRunner(model, device, config.use_mixed_precision, prefix)
 
 
 def optimizer_step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-                   max_grad_norm: float) -> tuple[float, bool]:
+                   max_grad_norm: float, sum_across=None) -> tuple[float, bool]:
     """Clips the global gradient norm to ``max_grad_norm`` (0: no clipping) and steps; returns the
-    norm before clipping and whether the step was skipped for a non-finite gradient."""
+    norm before clipping and whether the step was skipped for a non-finite gradient. ``sum_across``
+    turns this process's squared norm into the whole model's (pipeline stages: an all-reduce)."""
     grads = [p.grad for p in params if p.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads).item()
+    if sum_across is not None:
+        norm = math.sqrt(sum_across(norm * norm))
     finite = math.isfinite(norm)
     scale = min(1.0, max_grad_norm / (norm + 1e-6)) if max_grad_norm > 0 and finite else 1.0
     if hasattr(optimizer, "skipped_steps"):  # AdamW8bit scales in its kernel and skips by itself
@@ -283,24 +302,31 @@ class Resume:
 class Trainer:
     """Owns the parts and the loop; ``state_dict``/``load_state_dict`` are what checkpoints hold."""
 
-    def __init__(self, config: TrainConfig, data: DataBundle, device: torch.device):
+    def __init__(self, config: TrainConfig, data: DataBundle, device: torch.device, ranks=None):
         self.config = config
         self.data = data
         self.device = device
-        self.model = build_model(config, data.vocab_size, device)
+        self.ranks = ranks or SingleProcess()
+        self.is_main = self.ranks.is_main
+        if config.pipeline_stages > 1:
+            self.model, index_offset = build_stage_model(config, data.vocab_size, device, self.ranks.stage)
+        else:
+            self.model, index_offset = build_model(config, data.vocab_size, device), 0
         self.prefix = build_prefix(config, device)
         named = trainable(self.model, self.prefix)
+        self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         if config.use_cpu_offloading:
             # the prefix runs outside the model's hooked forward, so then end_step waits for every bucket
-            self.optimizer = build_offload_engine(config, named, self.model if self.prefix is None else None)
+            self.optimizer = build_offload_engine(config, named, self.model if self.prefix is None else None,
+                                                  index_offset)
         else:
             self.optimizer = build_optimizer(config, self.params)
         self.schedule = build_schedule(config)
-        self.runner = build_step_runner(config, self.model, device, self.prefix)
+        self.runner = build_step_runner(config, self.model, device, self.prefix, self.ranks)
         self.checkpointer = build_checkpointer(config)
-        self.logger = build_logger(config)
-        self.profiler = build_profiler(config, device)
+        self.logger = build_logger(config) if self.is_main else NullLogger()
+        self.profiler = build_profiler(config, device, self.ranks.stage)
         self.step = 0
         self.initial_val_loss: float | None = None
         self.last_val_loss: float | None = None
@@ -310,22 +336,40 @@ class Trainer:
         self.train_time = 0.0
         self.tokens_seen = 0
         self.last_checkpoint: Path | None = None
+        self.last_traces: list | None = None
         self.tokens_per_step = config.batch_size * config.seq_len
 
+    def optimizer_state(self) -> dict:
+        """This process's optimizer (or offload engine) state, keyed by parameter name."""
+        return optimizer_by_name(self.optimizer.state_dict(), self.names)
+
     def state_dict(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
-                "data": self.data.train_loader.state_dict(), "rng": rng_state(self.device),
-                "schedule": self.schedule.state_dict(), "config": self.config.to_dict(),
-                "trainer": {"initial_val_loss": self.initial_val_loss, "last_val_loss": self.last_val_loss,
-                            "last_loss": self.last_loss, "skipped_steps": self.skipped_steps,
-                            "train_time_s": self.train_time, "tokens_seen": self.tokens_seen},
-                "prefix": self.prefix.state_dict() if self.prefix is not None else None}
+        """The training state rank 0 saves (with one stage, the optimizer's too)."""
+        state = {"step": self.step, "data": self.data.train_loader.state_dict(), "rng": rng_state(self.device),
+                 "schedule": self.schedule.state_dict(), "config": self.config.to_dict(),
+                 "trainer": {"initial_val_loss": self.initial_val_loss, "last_val_loss": self.last_val_loss,
+                             "last_loss": self.last_loss, "skipped_steps": self.skipped_steps,
+                             "train_time_s": self.train_time, "tokens_seen": self.tokens_seen},
+                 "prefix": self.prefix.state_dict() if self.prefix is not None else None}
+        if self.ranks.world_size == 1:
+            state["optimizer"] = self.optimizer_state()
+        return state
 
     def load(self, resume: Resume) -> None:
-        self.model.load_state_dict(resume.model_state)
+        """Restores a checkpoint written with any number of stages: this stage takes its own parameters
+        and their optimizer state by name."""
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in resume.model_state]
+        if missing:
+            raise ConfigError(f"checkpoint {resume.path} has no weights for {missing[0]} (and {len(missing) - 1} "
+                              f"more); it was saved for another model")
+        self.model.load_state_dict({k: resume.model_state[k] for k in own})
         if self.prefix is not None:
             self.prefix.load_state_dict(resume.state["prefix"])
-        self.optimizer.load_state_dict(resume.state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(optimizer_by_index(resume.state["optimizer"], self.names))
+        except CheckpointError as error:
+            raise ConfigError(str(error)) from None
         self.data.train_loader.load_state_dict(resume.state["data"])
         load_rng_state(resume.state["rng"], self.device)
         self.step = resume.step
@@ -338,7 +382,7 @@ class Trainer:
 
     # ---- the loop
 
-    def train(self) -> dict:
+    def train(self) -> dict | None:
         started = time.perf_counter()
         steps = self.config.steps
         stop_at = min(steps, self.config.stop_at_step or steps)
@@ -363,10 +407,14 @@ class Trainer:
         self.logger.close()
         if self.config.use_cpu_offloading:
             self.optimizer.close()
+        if not self.is_main:
+            return None
         records = read_metrics(self.logger.path)
         plots = Path(self.config.output_dir) / "plots"
         plot = plot_loss(records, plots / "loss.png")
         plot_memory_records(records, plots / "memory.png", self.config.memory_alert_fraction)
+        if self.last_traces is not None:
+            plot_pipeline(self.last_traces, plots / "pipeline.png", self.config.schedule)
         return self.summary(time.perf_counter() - started, plot, stop.received)
 
     def train_step(self) -> float:
@@ -378,12 +426,13 @@ class Trainer:
         if self.config.use_cpu_offloading:
             self.optimizer.begin_step(len(micro_batches))
             self.last_loss = self.runner.forward_backward(micro_batches)
-            stats = self.optimizer.end_step(lr=lr)
+            stats = self.optimizer.end_step(lr=lr, sum_across=self.global_sum())
             self.grad_norm, skipped = stats.grad_norm, stats.skipped
         else:
             set_lr(self.optimizer, lr)
             self.last_loss = self.runner.forward_backward(micro_batches)
-            self.grad_norm, skipped = optimizer_step(self.optimizer, self.params, self.config.max_grad_norm)
+            self.grad_norm, skipped = optimizer_step(self.optimizer, self.params, self.config.max_grad_norm,
+                                                     self.global_sum())
         self.skipped_steps += skipped
         self.lr = lr
         self.step += 1
@@ -402,7 +451,8 @@ class Trainer:
         if evaluate or step % config.log_every_n_steps == 0:
             record = {"step": step, "epoch": round(self.epoch(), 4), "loss": self.last_loss, "lr": self.lr,
                       "grad_norm": self.grad_norm, "tokens_per_s": window[1] / max(window[0], 1e-9),
-                      "skipped_steps": self.skipped_steps, **memory_stats(self.device), **memory}
+                      "skipped_steps": self.skipped_steps, **memory_stats(self.device), **memory,
+                      **self.pipeline_fields()}
             if evaluate:
                 self.last_val_loss = record["val_loss"] = self.runner.evaluate(self.data.val_batches)
             self.logger.log(record)
@@ -413,11 +463,29 @@ class Trainer:
             self.save()
         return record
 
+    def global_sum(self):
+        """How the squared gradient norm becomes the whole model's (None: this process holds it all)."""
+        return self.ranks.sum_across if self.ranks.world_size > 1 else None
+
     def memory_sample(self, step: int, force: bool = False) -> dict:
-        """The profiler's sample as metrics keys when due (``force``: now), else {}. The profiler also logs
-        an alert as a warning."""
+        """The profiler's sample as metrics keys when due (``force``: now), else {}; with several stages,
+        rank 0 logs the other stages' samples as records of their own. The profiler also logs an alert
+        as a warning."""
         sample = self.profiler.sample(step) if force else self.profiler.maybe_sample(step)
-        return {} if sample is None else memory_fields(sample)
+        if sample is None:
+            return {}
+        fields = memory_fields(sample)
+        if self.ranks.world_size > 1:
+            for other in self.ranks.gather(fields)[1:]:
+                self.logger.log({"step": step, **other})
+        return fields
+
+    def pipeline_fields(self) -> dict:
+        """The measured bubble of the last step (a collective with several stages, else {})."""
+        if self.ranks.world_size == 1:
+            return {}
+        self.last_traces = self.runner.gather_traces()
+        return {"pipeline_bubble": round(bubble_of(self.last_traces), 4)}
 
     def epoch(self) -> float:
         return self.step * self.config.gradient_accumulation_steps / self.data.train_loader.batches_per_epoch
@@ -435,7 +503,25 @@ class Trainer:
     def save(self) -> None:
         if self.config.use_cpu_offloading:
             self.optimizer.synchronize()  # the weights of the last step are on their way to the model
-        self.last_checkpoint = self.checkpointer.save(self.step, self.model.state_dict(), self.state_dict())
+        if self.ranks.world_size == 1:
+            self.last_checkpoint = self.checkpointer.save(self.step, self.model.state_dict(), self.state_dict())
+            return
+        self.save_parts()
+
+    def save_parts(self) -> None:
+        """Each stage writes its part into the temporary directory; rank 0 then writes the shared state
+        and the manifest, and renames (the same atomic save as with one stage)."""
+        stage, ckpt = self.ranks.stage, self.checkpointer
+        tmp = ckpt.begin(self.step) if self.is_main else ckpt.root / f".tmp-step-{self.step}"
+        self.ranks.barrier()
+        write_part(tmp, f"model-stage{stage}.safetensors", self.model.state_dict(), f"optimizer-stage{stage}",
+                   self.optimizer_state())
+        self.ranks.barrier()
+        if self.is_main:
+            write_part(tmp, None, None, "state", self.state_dict())
+            ckpt.finish(tmp, self.step)
+        self.ranks.barrier()
+        self.last_checkpoint = ckpt.root / f"step-{self.step}"
 
     def finish_early(self, signum: int | None) -> None:
         """Stopped by a signal or --stop-at-step: make sure the current step is checkpointed."""
@@ -480,6 +566,12 @@ def find_resume(config: TrainConfig) -> Resume | None:
             return None
     else:
         path = Path(config.resume)
+    return load_resume(config, path)
+
+
+def load_resume(config: TrainConfig, path: str | Path) -> Resume:
+    """The verified checkpoint at ``path``, checked against this run's config."""
+    path = Path(path)
     try:
         model_state, state, step = load_checkpoint(path)
     except CheckpointError as error:
@@ -516,7 +608,8 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, DataBundle, Resume | None
     check_environment(config)
     resume = find_resume(config)
     existing = previous_run(Path(config.output_dir))
-    if existing and config.resume is None and not config.overwrite:
+    # NOTE: under torchrun rank 0 may already have created the outputs when another rank gets here
+    if existing and config.resume is None and not config.overwrite and torchrun_rank() == 0:
         raise ConfigError(f"--output-dir {config.output_dir} already holds a run ({existing}); pass "
                           f"--resume auto to continue it, --overwrite to replace it, or another --output-dir")
     data = build_data(config)
@@ -541,14 +634,19 @@ def create_outputs(config: TrainConfig, resume: Resume | None) -> None:
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
 
 
-def run(config: TrainConfig) -> dict:
-    """Prepares, trains, and returns the summary (also written to summary.json)."""
+def run(config: TrainConfig) -> dict | None:
+    """Prepares, trains, and returns the summary (also written to summary.json); with several pipeline
+    stages, runs the job's ranks (the summary is rank 0's; None in torchrun's other processes)."""
     config, data, resume = prepare(config)
-    create_outputs(config, resume)
+    if torchrun_rank() == 0:
+        create_outputs(config, resume)
+    if resume is not None and torchrun_rank() == 0:
+        print(f"resumed from {resume.path} (step {resume.step})")
+    if config.pipeline_stages > 1:
+        return run_pipeline(config, (config, data, resume))
     trainer = Trainer(config, data, resolve_device(config))
     if resume is not None:
         trainer.load(resume)
-        print(f"resumed from {resume.path} (step {resume.step})")
     else:
         trainer.logger.truncate_after(-1)
     return trainer.train()
@@ -574,11 +672,18 @@ def format_summary(summary: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from astrobio.parallel.launch import LaunchError, PeerFailure
     try:
         summary = run(parse_config(argv))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (LaunchError, PeerFailure) as error:
+        # on a line of its own: a rank's progress bar may have been cut off without its newline
+        print(f"\nerror: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if summary is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     print(format_summary(summary))
     signum = summary["stopped_by_signal"]
     return 128 + signum if signum else 0  # the shell's convention for a process stopped by a signal

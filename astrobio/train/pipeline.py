@@ -1,0 +1,159 @@
+"""Pipeline-parallel training: ``--pipeline-stages N --schedule 1f1b|gpipe|zb-h1`` (docs/TRAINING.md).
+
+``run_pipeline`` starts the ranks with ``astrobio.parallel.launch.launch`` (spawned here, gloo on the
+CPU and NCCL on GPUs; or one rank per process under ``torchrun``), and every rank runs the same
+``Trainer`` loop over its own stage:
+
+- ``Ranks`` is what the trainer needs from the job: this rank's stage, collectives that stop when a
+  peer fails (through the launcher's ``FaultGuard``), and the global gradient norm (an all-reduce of
+  the stages' squared norms). ``SingleProcess`` is the same interface for one stage.
+- ``PipelineStepRunner`` (a ``StepRunner``) runs one step's micro-batches through the schedule with
+  ``astrobio.parallel.executor.run_pipeline_step`` (every rank reads the same micro-batches from an
+  identical loader: stage 0 uses the inputs, the last stage the targets), returns the loss on every
+  rank, keeps the step's trace for the measured bubble, and evaluates forward-only through the stages.
+
+Only rank 0 writes metrics, plots and the summary; checkpoints are written in parts, one per stage
+(astrobio.train.checkpoint), and load with any number of stages.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from astrobio.train.config import TrainConfig
+
+
+class SingleProcess:
+    """One stage in this process: the collectives are identities."""
+
+    stage, world_size, is_main, guard = 0, 1, True, None
+
+    def sum_across(self, value: float) -> float:
+        return value
+
+    def gather(self, obj) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+
+class Ranks:
+    """This rank's place in the pipeline job, and collectives that stop when a peer fails."""
+
+    def __init__(self, ctx):
+        self.ctx, self.guard = ctx, ctx.guard
+        self.stage, self.world_size = ctx.rank, ctx.world_size
+        self.is_main = ctx.rank == 0
+
+    def wait(self, work) -> None:
+        self.guard.wait(work)
+
+    def sum_across(self, value: float) -> float:
+        """The sum of ``value`` over the ranks (fp64), the same on every rank."""
+        total = torch.tensor([value], dtype=torch.float64, device=self.ctx.device)
+        self.wait(dist.all_reduce(total, async_op=True))
+        return total.item()
+
+    def gather(self, obj) -> list:
+        """Every rank's ``obj``, on every rank."""
+        self.guard.check()
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        self.wait(dist.barrier(async_op=True))
+
+
+class PipelineStepRunner:
+    """This rank's stage of the model, run by the schedule; see the module docstring."""
+
+    def __init__(self, stage: nn.Module, ranks: Ranks, schedule: str, device: torch.device, mixed_precision: bool,
+                 loss_fn):
+        self.stage, self.ranks, self.schedule = stage, ranks, schedule
+        self.device, self.mixed_precision, self.loss_fn = device, mixed_precision, loss_fn
+        self.first, self.last = ranks.stage == 0, ranks.stage == ranks.world_size - 1
+        self.trace: list = []
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
+
+    def forward_backward(self, micro_batches: list) -> float:
+        from astrobio.parallel.executor import run_pipeline_step
+        self.stage.train()
+        with self.autocast():
+            result = run_pipeline_step(self.stage, self.schedule, micro_batches, self.target_loss,
+                                       guard=self.ranks.guard, device=self.device)
+        self.trace = result.trace
+        return result.loss
+
+    def target_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.loss_fn(output, targets.to(self.device))
+
+    @torch.no_grad()
+    def evaluate(self, batches: list) -> float:
+        """Forward only: each batch's activations go stage to stage (fp32), the last stage averages the
+        losses and rank 0 gets the mean."""
+        self.stage.eval()
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        width = self.stage.config.d_model
+        for inputs, targets in batches:
+            if self.first:
+                x = inputs.to(self.device)
+            else:
+                x = torch.empty((*inputs.shape, width), dtype=torch.float32, device=self.device)
+                self.ranks.wait(dist.irecv(x, self.ranks.stage - 1))
+            with self.autocast():
+                out = self.stage(x)
+            if self.last:
+                total += self.target_loss(out, targets).double()
+            else:
+                self.ranks.wait(dist.isend(out.float().contiguous(), self.ranks.stage + 1))
+        self.ranks.wait(dist.broadcast(total, self.ranks.world_size - 1, async_op=True))
+        return (total / len(batches)).item()
+
+    def gather_traces(self) -> list:
+        """Every stage's trace of the last step (a collective)."""
+        return self.ranks.gather(self.trace)
+
+
+def bubble_of(traces: list) -> float:
+    from astrobio.parallel.executor import measured_bubble
+    return measured_bubble(traces)
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def rank_main(ctx, config: TrainConfig, data, resume_path: str | None) -> dict | None:
+    """One rank of the job: the trainer over this rank's stage; rank 0 returns the summary."""
+    from astrobio.train.trainer import Trainer, load_resume
+    trainer = Trainer(config, data, ctx.device, Ranks(ctx))
+    if resume_path is not None:
+        trainer.load(load_resume(config, resume_path))
+    elif ctx.rank == 0:
+        trainer.logger.truncate_after(-1)
+    return trainer.train()
+
+
+def torchrun_rank() -> int:
+    """This process's rank under torchrun (0 when started plainly)."""
+    from astrobio.parallel.launch import under_torchrun
+    return int(os.environ["RANK"]) if under_torchrun() else 0
+
+
+def run_pipeline(config: TrainConfig, prepared) -> dict | None:
+    """Starts (or, under torchrun, joins) the job; returns rank 0's summary (None on other ranks)."""
+    from astrobio.parallel.launch import launch
+    from astrobio.train.trainer import resolve_device
+    config, data, resume = prepared
+    results = launch(rank_main, config.pipeline_stages, args=(config, data, str(resume.path) if resume else None),
+                     backend=backend_for(resolve_device(config)), timeout_s=config.pipeline_timeout)
+    return results.get(0)
+
