@@ -1,7 +1,8 @@
 // AVX-512 path of the CPU adamw8bit_step (needs F, BW, VL, DQ and VBMI). Sixteen lanes of the update in
 // the reference's operation order (no FMA); 256-entry tables (the maps, the thresholds) are looked up 64
-// codes at a time with byte permutes over four byte planes, and the nearest-code bucket index is
-// computed on the top 16 bits of each normalised value (kernel_common.h).
+// codes at a time with byte permutes over four byte planes, plane by plane over the whole block so that
+// each table register is loaded once per block (Zen 4 loads one 64-byte register per cycle), and the
+// nearest-code bucket index is computed on the top 16 bits of each normalised value (kernel_common.h).
 #if defined(__x86_64__)
 #include <immintrin.h>
 #include <omp.h>
@@ -23,7 +24,7 @@ bool supported() {
 
 namespace {
 
-// Byte order that makes the unpack cascade in lookup_floats yield elements in natural order:
+// Byte order that makes the unpack cascade in lookup_block yield elements in natural order:
 // position 16L + 4r + s holds element 16r + 4L + s.
 struct Transpose {
   alignas(64) uint8_t perm[64];
@@ -45,61 +46,119 @@ struct PackSelectors {
 };
 constexpr PackSelectors kPack;
 
-// table[idx] for 64 byte indices, table of 256 bytes.
-ASTROBIO_AVX512 inline __m512i lookup256(const uint8_t* table, __m512i idx, __mmask64 bit7) {
-  const __m512i lo = _mm512_permutex2var_epi8(_mm512_load_si512(table), idx, _mm512_load_si512(table + 64));
-  const __m512i hi = _mm512_permutex2var_epi8(_mm512_load_si512(table + 128), idx, _mm512_load_si512(table + 192));
+// The four 64-byte registers of one 256-entry byte table (a byte plane of a map or a bucket table).
+struct ByteTable {
+  __m512i r[4];
+};
+
+ASTROBIO_AVX512 inline ByteTable load_table(const uint8_t* table) {
+  return {{_mm512_load_si512(table), _mm512_load_si512(table + 64), _mm512_load_si512(table + 128),
+           _mm512_load_si512(table + 192)}};
+}
+
+// table[idx] for 64 byte indices; bit7 holds the top bits of idx.
+ASTROBIO_AVX512 inline __m512i lookup256(const ByteTable& t, __m512i idx, __mmask64 bit7) {
+  const __m512i lo = _mm512_permutex2var_epi8(t.r[0], idx, t.r[1]);
+  const __m512i hi = _mm512_permutex2var_epi8(t.r[2], idx, t.r[3]);
   return _mm512_mask_blend_epi8(bit7, lo, hi);
 }
 
-// 64 fp32 table entries (four byte planes) for 64 codes in natural order, as four registers of 16.
-ASTROBIO_AVX512 inline void lookup_floats(const uint8_t (*planes)[kQmapSize], __m512i codes, __m512 out[4]) {
-  const __m512i t = _mm512_permutexvar_epi8(_mm512_load_si512(kTranspose.perm), codes);
-  const __mmask64 bit7 = _mm512_movepi8_mask(t);
-  const __m512i b0 = lookup256(planes[0], t, bit7), b1 = lookup256(planes[1], t, bit7);
-  const __m512i b2 = lookup256(planes[2], t, bit7), b3 = lookup256(planes[3], t, bit7);
-  const __m512i u01lo = _mm512_unpacklo_epi8(b0, b1), u01hi = _mm512_unpackhi_epi8(b0, b1);
-  const __m512i u23lo = _mm512_unpacklo_epi8(b2, b3), u23hi = _mm512_unpackhi_epi8(b2, b3);
-  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(u01lo, u23lo));
-  out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(u01lo, u23lo));
-  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(u01hi, u23hi));
-  out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(u01hi, u23hi));
+// fp32 table entries (four byte planes) for the 256 codes of a block, in natural order: out[16 * q + lane]
+// holds table[codes[16 * q + lane]]. Plane-major, so that each table register is loaded once per block.
+ASTROBIO_AVX512 inline void lookup_block(const uint8_t (*planes)[kQmapSize], const __m512i codes[4], __m512 out[16]) {
+  const __m512i transpose = _mm512_load_si512(kTranspose.perm);
+  __m512i t[4];
+  __mmask64 bit7[4];
+  for (int g = 0; g < 4; ++g) {
+    t[g] = _mm512_permutexvar_epi8(transpose, codes[g]);
+    bit7[g] = _mm512_movepi8_mask(t[g]);
+  }
+  __m512i b[4][4];
+  for (int k = 0; k < 4; ++k) {
+    const ByteTable table = load_table(planes[k]);
+    for (int g = 0; g < 4; ++g) b[g][k] = lookup256(table, t[g], bit7[g]);
+  }
+  for (int g = 0; g < 4; ++g) {
+    const __m512i u01lo = _mm512_unpacklo_epi8(b[g][0], b[g][1]), u01hi = _mm512_unpackhi_epi8(b[g][0], b[g][1]);
+    const __m512i u23lo = _mm512_unpacklo_epi8(b[g][2], b[g][3]), u23hi = _mm512_unpackhi_epi8(b[g][2], b[g][3]);
+    out[4 * g + 0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(u01lo, u23lo));
+    out[4 * g + 1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(u01lo, u23lo));
+    out[4 * g + 2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(u01hi, u23hi));
+    out[4 * g + 3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(u01hi, u23hi));
+  }
+}
+
+// The bucket-index tables of one map as registers: (sign, binade) slot -> adjusted base and shift.
+struct BucketTables {
+  __m512i base_lo, base_hi, shift_lo, shift_hi, abs_mask, clamp_lo, clamp_hi;
+};
+
+ASTROBIO_AVX512 inline BucketTables load_bucket_tables(const MapTables& t) {
+  return {_mm512_load_si512(t.exp_base_adjusted), _mm512_load_si512(t.exp_base_adjusted + 32),
+          _mm512_load_si512(t.exp_shift), _mm512_load_si512(t.exp_shift + 32), _mm512_set1_epi16(0x7FFF),
+          _mm512_set1_epi16(static_cast<int16_t>(t.clamp_lo >> 16)),
+          _mm512_set1_epi16(static_cast<int16_t>(t.clamp_hi >> 16))};
 }
 
 // Bucket indices (words) of 32 normalised values given as their top 16 bits.
-ASTROBIO_AVX512 inline __m512i bucket_index(const MapTables& t, __m512i h) {
-  __m512i ah = _mm512_and_si512(h, _mm512_set1_epi16(0x7FFF));
-  ah = _mm512_max_epu16(ah, _mm512_set1_epi16(static_cast<int16_t>(t.clamp_lo >> 16)));
-  ah = _mm512_min_epu16(ah, _mm512_set1_epi16(static_cast<int16_t>(t.clamp_hi >> 16)));
+ASTROBIO_AVX512 inline __m512i bucket_index(const BucketTables& t, __m512i h) {
+  __m512i ah = _mm512_and_si512(h, t.abs_mask);
+  ah = _mm512_min_epu16(_mm512_max_epu16(ah, t.clamp_lo), t.clamp_hi);
   // slot = (sign << 5) | (exponent & 31): the permutes below read only the low 6 bits
   const __m512i slot = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ah, 7), _mm512_srli_epi16(h, 10),
                                                  _mm512_set1_epi16(0x1F), 0xE4);
-  const __m512i base = _mm512_permutex2var_epi16(_mm512_load_si512(t.exp_base_adjusted), slot,
-                                                 _mm512_load_si512(t.exp_base_adjusted + 32));
-  const __m512i shift =
-      _mm512_permutex2var_epi16(_mm512_load_si512(t.exp_shift), slot, _mm512_load_si512(t.exp_shift + 32));
+  const __m512i base = _mm512_permutex2var_epi16(t.base_lo, slot, t.base_hi);
+  const __m512i shift = _mm512_permutex2var_epi16(t.shift_lo, slot, t.shift_hi);
   return _mm512_add_epi16(base, _mm512_srlv_epi16(ah, shift));
 }
 
-// Nearest codes of 64 normalised values (natural order), stored to out[0..63].
-ASTROBIO_AVX512 inline void quantize64(const MapTables& t, const __m512 n[4], uint8_t* out) {
+// Base codes (bucket table) of 64 normalised values in natural order.
+ASTROBIO_AVX512 inline __m512i base_codes64(const BucketTables& bt, const ByteTable& lut_lo, const ByteTable& lut_hi,
+                                            const __m512 n[4]) {
   const __m512i sel_hi = _mm512_load_si512(kPack.high_words);
   const __m512i h0 = _mm512_permutex2var_epi16(_mm512_castps_si512(n[0]), sel_hi, _mm512_castps_si512(n[1]));
   const __m512i h1 = _mm512_permutex2var_epi16(_mm512_castps_si512(n[2]), sel_hi, _mm512_castps_si512(n[3]));
-  const __m512i i0 = bucket_index(t, h0), i1 = bucket_index(t, h1);
+  const __m512i i0 = bucket_index(bt, h0), i1 = bucket_index(bt, h1);
   const __m512i idx = _mm512_permutex2var_epi8(i0, _mm512_load_si512(kPack.low_bytes), i1);
   const __m512i bit8_set = _mm512_set1_epi16(0x100);
   const __mmask64 bit8 = _mm512_kunpackd(_mm512_test_epi16_mask(i1, bit8_set), _mm512_test_epi16_mask(i0, bit8_set));
   const __mmask64 bit7 = _mm512_movepi8_mask(idx);
-  __m512i code = _mm512_mask_blend_epi8(bit8, lookup256(t.lut, idx, bit7), lookup256(t.lut + 256, idx, bit7));
-  __m512 thr[4];
-  lookup_floats(t.threshold_planes, code, thr);
-  const __mmask64 lo = _mm512_kunpackw(_mm512_cmp_ps_mask(n[1], thr[1], _CMP_GT_OQ),
-                                       _mm512_cmp_ps_mask(n[0], thr[0], _CMP_GT_OQ));
-  const __mmask64 hi = _mm512_kunpackw(_mm512_cmp_ps_mask(n[3], thr[3], _CMP_GT_OQ),
-                                       _mm512_cmp_ps_mask(n[2], thr[2], _CMP_GT_OQ));
-  code = _mm512_mask_sub_epi8(code, _mm512_kunpackd(hi, lo), code, _mm512_set1_epi8(-1));
-  _mm512_storeu_si512(out, code);
+  return _mm512_mask_blend_epi8(bit8, lookup256(lut_lo, idx, bit7), lookup256(lut_hi, idx, bit7));
+}
+
+// Nearest codes of the 256 values buf[j] * inv of a block, stored to out[0..255]: base codes from the
+// bucket table, then + 1 where the value exceeds threshold[base]. Table registers are loaded once per block.
+ASTROBIO_AVX512 inline void quantize_block(const MapTables& t, const float* buf, __m512 inv, uint8_t* out) {
+  __m512i code[4];
+  {
+    const BucketTables bt = load_bucket_tables(t);
+    const ByteTable lut_lo = load_table(t.lut), lut_hi = load_table(t.lut + 256);
+    for (int g = 0; g < 4; ++g) {
+      __m512 n[4];
+      for (int r = 0; r < 4; ++r) n[r] = _mm512_mul_ps(_mm512_load_ps(buf + 64 * g + 16 * r), inv);
+      code[g] = base_codes64(bt, lut_lo, lut_hi, n);
+    }
+  }
+  __m512 thr[16];
+  lookup_block(t.threshold_planes, code, thr);
+  for (int g = 0; g < 4; ++g) {
+    __mmask16 above[4];
+    for (int r = 0; r < 4; ++r) {
+      const __m512 n = _mm512_mul_ps(_mm512_load_ps(buf + 64 * g + 16 * r), inv);
+      above[r] = _mm512_cmp_ps_mask(n, thr[4 * g + r], _CMP_GT_OQ);
+    }
+    const __mmask64 up = _mm512_kunpackd(_mm512_kunpackw(above[3], above[2]), _mm512_kunpackw(above[1], above[0]));
+    _mm512_storeu_si512(out + 64 * g, _mm512_mask_sub_epi8(code[g], up, code[g], _mm512_set1_epi8(-1)));
+  }
+}
+
+// Dequantized values (map[code] * absmax) of the 256 codes of a block, stored to out[0..255].
+ASTROBIO_AVX512 inline void dequantize_block(const MapTables& t, const uint8_t* codes, __m512 absmax, float* out) {
+  __m512i c[4];
+  for (int g = 0; g < 4; ++g) c[g] = _mm512_loadu_si512(codes + 64 * g);
+  __m512 q[16];
+  lookup_block(t.qmap_planes, c, q);
+  for (int j = 0; j < 16; ++j) _mm512_store_ps(out + 16 * j, _mm512_mul_ps(q[j], absmax));
 }
 
 struct Consts {
@@ -183,44 +242,33 @@ struct Tensors {
 // max(|a|, |b|) in one instruction (vrangeps: larger magnitude, sign cleared).
 ASTROBIO_AVX512 inline __m512 max_abs16(__m512 a, __m512 b) { return _mm512_range_ps(a, b, 0x0B); }
 
-// One full block of 256 elements with 8-bit moments.
+// One full block of 256 elements with 8-bit moments: dequantize m and v into two L1 buffers, update in
+// place, then requantize against the new absmax.
 template <class T>
-ASTROBIO_AVX512 void step_block_quantized(const T& x, const Consts& k, const MapTables& t1, const MapTables& t2,
-                                          int64_t block) {
+ASTROBIO_AVX512 void step_block_quantized(const T& x_ref, const Consts& k_ref, const MapTables& t1,
+                                          const MapTables& t2, int64_t block) {
+  // local copies: the stores below cannot alias them, so pointers and constants stay in registers
+  const T x = x_ref;
+  const Consts k = k_ref;
   const int64_t begin = block * kBlockSize;
   auto* codes1 = static_cast<uint8_t*>(x.exp_avg) + begin;
   auto* codes2 = static_cast<uint8_t*>(x.exp_avg_sq) + begin;
   const uint32_t sr_hi = sr_high(begin, x.seed);
-  const __m512 absmax1 = _mm512_set1_ps(x.absmax1[block]), absmax2 = _mm512_set1_ps(x.absmax2[block]);
-  alignas(64) float m_new[kBlockSize], v_new[kBlockSize];
+  alignas(64) float m_buf[kBlockSize], v_buf[kBlockSize];
+  dequantize_block(t1, codes1, _mm512_set1_ps(x.absmax1[block]), m_buf);
+  dequantize_block(t2, codes2, _mm512_set1_ps(x.absmax2[block]), v_buf);
   __m512 max_m = _mm512_setzero_ps(), max_v = _mm512_setzero_ps();
-  for (int group = 0; group < 4; ++group) {
-    __m512 m[4], v[4];
-    lookup_floats(t1.qmap_planes, _mm512_loadu_si512(codes1 + 64 * group), m);
-    lookup_floats(t2.qmap_planes, _mm512_loadu_si512(codes2 + 64 * group), v);
-    for (int r = 0; r < 4; ++r) {
-      const int j = 64 * group + 16 * r;
-      m[r] = _mm512_mul_ps(m[r], absmax1);
-      v[r] = _mm512_mul_ps(v[r], absmax2);
-      x.store_params(begin + j, x.update16(k, begin + j, m[r], v[r]), sr_hi);
-      _mm512_store_ps(m_new + j, m[r]);
-      _mm512_store_ps(v_new + j, v[r]);
-      max_m = max_abs16(max_m, m[r]);
-      max_v = max_abs16(max_v, v[r]);
-    }
+  for (int j = 0; j < kBlockSize; j += 16) {
+    __m512 m = _mm512_load_ps(m_buf + j), v = _mm512_load_ps(v_buf + j);
+    x.store_params(begin + j, x.update16(k, begin + j, m, v), sr_hi);
+    _mm512_store_ps(m_buf + j, m);
+    _mm512_store_ps(v_buf + j, v);
+    max_m = max_abs16(max_m, m);
+    max_v = max_abs16(max_v, v);
   }
   const float am = _mm512_reduce_max_ps(max_m), av = _mm512_reduce_max_ps(max_v);
-  const __m512 inv_m = _mm512_set1_ps(am > 0.0f ? 1.0f / am : 0.0f);
-  const __m512 inv_v = _mm512_set1_ps(av > 0.0f ? 1.0f / av : 0.0f);
-  for (int group = 0; group < 4; ++group) {
-    __m512 nm[4], nv[4];
-    for (int r = 0; r < 4; ++r) {
-      nm[r] = _mm512_mul_ps(_mm512_load_ps(m_new + 64 * group + 16 * r), inv_m);
-      nv[r] = _mm512_mul_ps(_mm512_load_ps(v_new + 64 * group + 16 * r), inv_v);
-    }
-    quantize64(t1, nm, codes1 + 64 * group);
-    quantize64(t2, nv, codes2 + 64 * group);
-  }
+  quantize_block(t1, m_buf, _mm512_set1_ps(am > 0.0f ? 1.0f / am : 0.0f), codes1);
+  quantize_block(t2, v_buf, _mm512_set1_ps(av > 0.0f ? 1.0f / av : 0.0f), codes2);
   x.absmax1[block] = am;
   x.absmax2[block] = av;
 }
