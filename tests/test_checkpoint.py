@@ -117,7 +117,7 @@ def test_corrupt_checkpoint_is_refused_and_the_previous_one_used(tmp_path, how, 
 # ------------------------------------------------------------------------------- resuming a run
 
 def run_args(out: Path, *extra: str) -> list[str]:
-    return ["--data", "builtin:200", "--seq-len", "32", "--micro-batch-size", "2",
+    return ["--pipeline-stages", "1", "--data", "builtin:200", "--seq-len", "32", "--micro-batch-size", "2",
             "--gradient-accumulation-steps", "2", "--steps", "20", "--warmup-steps", "3",
             "--eval-every-n-steps", "0", "--eval-batches", "1", "--save-every-n-steps", "5",
             "--keep-last-k", "5", "--output-dir", str(out), *extra]

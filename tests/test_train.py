@@ -24,13 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 def small_args(out: Path, *extra: str) -> list[str]:
     """A run small enough for CI: tiny model, 300 built-in records, 4 x 32-token micro-batches."""
     return ["--data", "builtin:300", "--seq-len", "32", "--micro-batch-size", "4", "--eval-batches", "2",
-            "--output-dir", str(out), *extra]
+            "--pipeline-stages", "1", "--output-dir", str(out), *extra]
 
 
 # ------------------------------------------------------------------------------------ configuration
 
 @pytest.mark.parametrize("flags, expected", [
-    ([], (16, 16, 1)),
+    ([], (16, 4, 4)),  # the default job: 2 pipeline stages, 4 micro-batches to fill them
+    (["--pipeline-stages", "1"], (16, 16, 1)),
     (["--batch-size", "8", "--micro-batch-size", "2"], (8, 2, 4)),
     (["--micro-batch-size", "2", "--gradient-accumulation-steps", "3"], (6, 2, 3)),
     (["--batch-size", "8", "--gradient-accumulation-steps", "2"], (8, 4, 2)),
@@ -233,7 +234,8 @@ def test_short_run_learns_and_writes_its_outputs(tmp_path):
 
 def test_epochs_set_the_step_count(tmp_path):
     out = tmp_path / "run"
-    summary = run(parse_config(["--data", "builtin:20", "--seq-len", "32", "--micro-batch-size", "8",
+    summary = run(parse_config(["--pipeline-stages", "1", "--data", "builtin:20", "--seq-len", "32",
+                                "--micro-batch-size", "8",
                                 "--gradient-accumulation-steps", "2", "--epochs", "2", "--output-dir", str(out),
                                 "--eval-batches", "1"]))
     from astrobio.data import ByteTokenizer, PackedLoader, build_token_splits, load_records

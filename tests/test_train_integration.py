@@ -22,8 +22,8 @@ MIB = 1 << 20
 
 
 def small_args(out: Path, *extra: str) -> list[str]:
-    return ["--data", "builtin:300", "--seq-len", "32", "--micro-batch-size", "4", "--eval-batches", "1",
-            "--output-dir", str(out), *extra]
+    return ["--pipeline-stages", "1", "--data", "builtin:300", "--seq-len", "32", "--micro-batch-size", "4",
+            "--eval-batches", "1", "--output-dir", str(out), *extra]
 
 
 def losses(out: Path) -> list[float]:
@@ -55,7 +55,8 @@ def test_force_runs_anyway(tmp_path, capsys, monkeypatch):
 
 
 def test_a_13b_run_is_refused_on_this_host(tmp_path, capsys):
-    assert main(["--model", "13b", "--output-dir", str(tmp_path / "run"), "--data", "builtin:50"]) == 2
+    assert main(["--model", "13b", "--output-dir", str(tmp_path / "run"), "--data", "builtin:50",
+                 "--pipeline-stages", "1"]) == 2
     err = capsys.readouterr().err
     assert "will not fit" in err and "over its budget" in err and err.count("\n") == 1
 
@@ -134,7 +135,7 @@ def test_multimodal_run_learns_trains_the_prefix_and_resumes_exactly(tmp_path):
 
 def test_multimodal_prefix_counts_against_max_seq_len(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(multimodal_args(out)[:-4] + ["--seq-len", "510", "--output-dir", str(out)]) == 2
+    assert main(multimodal_args(out, "--seq-len", "510")) == 2
     err = capsys.readouterr().err
     assert "seq_len 510 + 4 prefix positions (text,catalogue,graph) exceeds model 'tiny'" in err
     assert "--seq-len 508 or less" in err and not out.exists()
@@ -174,7 +175,7 @@ def test_http_data_with_credentials_stores_only_the_redacted_uri(tmp_path, http_
     monkeypatch.setenv("ASTROBIO_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "run"
     uri = f"http://reader:hunter2secret@{host}/corpus.txt"
-    run(parse_config(small_args(out, "--steps", "2")[:-4] + ["--data", uri, "--output-dir", str(out)]))
+    run(parse_config(small_args(out, "--steps", "2", "--data", uri)))  # the last --data wins
     assert any(h and h.startswith("Basic ") for h in seen)  # the credentials were used ...
     written = [p for p in out.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl")]
     assert any(p.name == "state.json" for p in written)
@@ -189,6 +190,8 @@ def test_offload_is_on_by_default_for_13b_only():
     assert parse_config(["--model", "13b"]).use_cpu_offloading is True
     assert parse_config(["--model", "13b", "--no-use-cpu-offloading"]).use_cpu_offloading is False
     assert parse_config([]).use_cpu_offloading is False
+    assert parse_config([]).pipeline_stages == 2  # the default job
+    assert parse_config(["--modalities", "text,graph"]).pipeline_stages == 1  # a prefix runs on one stage
     assert parse_config(["--use-cpu-offloading"]).use_cpu_offloading is True
 
 

@@ -28,7 +28,8 @@ BASE = ("--data", "builtin:300", "--seq-len", "32", "--micro-batch-size", "4", "
 
 
 def args(out: Path, *extra: str) -> list[str]:
-    return [*BASE, "--output-dir", str(out), *extra]
+    """One stage unless ``extra`` says otherwise (the last --pipeline-stages wins)."""
+    return [*BASE, "--pipeline-stages", "1", "--output-dir", str(out), *extra]
 
 
 def losses(out: Path) -> list[float]:

@@ -45,8 +45,8 @@ class TrainConfig:
     epochs: int | None = option(None, "passes over the training split, instead of --steps", int)
     batch_size: int | None = option(None, "sequences per optimizer step (default micro-batch x accumulation)",
                                     int)
-    micro_batch_size: int | None = option(None, "sequences per forward/backward (default 16, or the batch "
-                                          "size / accumulation)", int)
+    micro_batch_size: int | None = option(None, "sequences per forward/backward (default 16, 4 with several "
+                                          "pipeline stages, or the batch size / accumulation)", int)
     gradient_accumulation_steps: int | None = option(None, "micro-batches per optimizer step (default "
                                                      "batch size / micro-batch size, or 1)", int)
     seq_len: int = option(128, "tokens per training sequence")
@@ -82,8 +82,9 @@ class TrainConfig:
     wandb_project: str | None = option(None, "log to Weights & Biases under this project (offline unless "
                                        "WANDB_MODE or WANDB_API_KEY say otherwise)", str)
     wandb_name: str | None = option(None, "W&B run name", str)
-    pipeline_stages: int = option(1, "pipeline stages: processes started here (gloo on the CPU, NCCL on GPUs), "
-                                  "or torchrun's")
+    pipeline_stages: int | None = option(None, "pipeline stages: processes started here (gloo on the CPU, NCCL on "
+                                         "GPUs), or torchrun's (default: 2 on the CPU with --modalities text, "
+                                         "else 1)", int)
     schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)
     pipeline_timeout: float = option(60.0, "seconds a pipeline rank waits for a silent peer before it stops")
     use_cpu_offloading: bool | None = option(None, "keep optimizer state, master weights and gradient "
@@ -176,7 +177,20 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     values = read_config_file(args.pop("config")) if "config" in args else {}
     values.update(args)
-    return validate(resolve_batch(TrainConfig(**values)))
+    return validate(resolve_batch(resolve_stages(TrainConfig(**values))))
+
+
+def resolve_stages(config: TrainConfig) -> TrainConfig:
+    """The default pipeline: 2 stages (1F1B) for text on the CPU; one stage for a multimodal prefix (which
+    runs on one stage only) or a GPU (one device may not hold two NCCL ranks)."""
+    if config.pipeline_stages is not None:
+        return config
+    from astrobio.model.encoders import check_modalities
+    try:
+        text_only = not check_modalities(config.modalities)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    return replace(config, pipeline_stages=2 if text_only and config.device == "cpu" else 1)
 
 
 def resolve_batch(config: TrainConfig) -> TrainConfig:
@@ -187,6 +201,8 @@ def resolve_batch(config: TrainConfig) -> TrainConfig:
                         ("gradient_accumulation_steps", accum)):
         if value is not None and value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
+    if batch is None and micro is None and accum is None and config.pipeline_stages > 1:
+        micro, accum = 4, 4  # the same 16 sequences a step, as 4 micro-batches to fill the pipeline
     if batch is None:
         micro = micro or 16
         accum = accum or 1
