@@ -58,9 +58,11 @@ def plot_pipeline(traces: list[list], path: str | os.PathLike, schedule: str) ->
     ax.invert_yaxis()
     ax.set_xlabel("ms since the step's first computation")
     ax.set_title(f"{schedule}: one step, measured bubble {measured_bubble(traces):.1%}")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
-    ax.legend(handles, ["forward", "backward (input)", "backward (weights)"], loc="upper right", fontsize=7,
-              frameon=False)
+    split = any(e.op == "W" for trace in traces for e in trace)
+    labels = {"F": "forward", "B": "backward (input)" if split else "backward", "W": "backward (weights)"}
+    shown = [op for op in colors if op != "W" or split]
+    ax.legend([plt.Rectangle((0, 0), 1, 1, color=colors[op]) for op in shown], [labels[op] for op in shown],
+              loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=len(shown), fontsize=7, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
