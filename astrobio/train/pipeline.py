@@ -127,6 +127,17 @@ def bubble_of(traces: list) -> float:
     return measured_bubble(traces)
 
 
+def plot_pipeline(traces: list, path, config: TrainConfig):
+    """plots/pipeline.png: H5's Gantt chart of one step's traces, with the bubble the schedule would have
+    at the measured compute costs (astrobio.parallel.gantt)."""
+    from astrobio.parallel.executor import simulated_bubble
+    from astrobio.parallel.gantt import render_gantt
+    from astrobio.parallel.schedules import schedule
+    stages, micro_batches = config.pipeline_stages, config.gradient_accumulation_steps
+    simulated = simulated_bubble(schedule(config.schedule, stages, micro_batches), traces)
+    return render_gantt(traces, path, f"{config.schedule}, {stages} stages x {micro_batches} micro-batches", simulated)
+
+
 def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 

@@ -43,8 +43,9 @@ from astrobio.train.data import DataBundle, build_data
 from astrobio.train.config import ConfigError, TrainConfig, check_environment, parse_config, prefix_len
 from astrobio.train.logging import MetricsLogger, NullLogger, memory_stats, read_metrics
 from astrobio.train.memory import build_profiler, memory_fields, plot_memory_records, preflight_run
-from astrobio.train.pipeline import PipelineStepRunner, SingleProcess, bubble_of, run_pipeline, torchrun_rank
-from astrobio.train.plots import plot_loss, plot_pipeline
+from astrobio.train.pipeline import (PipelineStepRunner, SingleProcess, bubble_of, plot_pipeline, run_pipeline,
+                                     torchrun_rank)
+from astrobio.train.plots import plot_loss
 
 # A resumed run must match its checkpoint in these keys (the rest, e.g. --steps or --lr, may change).
 RESUME_KEYS = ("model", "seq_len", "micro_batch_size", "gradient_accumulation_steps", "data", "tokenizer",
@@ -414,7 +415,7 @@ class Trainer:
         plot = plot_loss(records, plots / "loss.png")
         plot_memory_records(records, plots / "memory.png", self.config.memory_alert_fraction)
         if self.last_traces is not None:
-            plot_pipeline(self.last_traces, plots / "pipeline.png", self.config.schedule)
+            plot_pipeline(self.last_traces, plots / "pipeline.png", self.config)
         return self.summary(time.perf_counter() - started, plot, stop.received)
 
     def train_step(self) -> float:
