@@ -129,3 +129,26 @@ def test_a_dead_rank_stops_the_job_with_one_line(tmp_path):
     assert proc.returncode == 1 and len(errors) == 1, err[-2000:]
     assert "stage 1" in errors[0] and "SIGKILL" in errors[0]
     assert not spawned_ranks(proc.pid)
+
+
+def test_ctrl_c_stops_both_stages_after_the_same_step_with_a_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "astrobio.train", *args(out, "--pipeline-stages", "2",
+                             "--steps", "100000", "--save-every-n-steps", "0")],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not any("loss" in r for r in read_metrics(out / "metrics.jsonl")):
+            assert time.monotonic() < deadline and proc.poll() is None, "the job did not start training"
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: every process of the group
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 128 + signal.SIGINT
+    summary = json.loads((out / "summary.json").read_text())
+    step = summary["steps"]
+    assert summary["stopped_by_signal"] == signal.SIGINT and 0 < step < 100000
+    files = json.loads((out / "checkpoints" / f"step-{step}" / "manifest.json").read_text())["files"]
+    assert {"model-stage0.safetensors", "model-stage1.safetensors"} <= set(files)  # both stages at one step

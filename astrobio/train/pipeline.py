@@ -18,7 +18,10 @@ Only rank 0 writes metrics, plots and the summary; checkpoints are written in pa
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 
 import torch
 import torch.distributed as dist
@@ -145,6 +148,8 @@ def backend_for(device: torch.device) -> str:
 def rank_main(ctx, config: TrainConfig, data, resume_path: str | None) -> dict | None:
     """One rank of the job: the trainer over this rank's stage; rank 0 returns the summary."""
     from astrobio.train.trainer import Trainer, load_resume
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the launcher's SIG_IGN is inherited
     trainer = Trainer(config, data, ctx.device, Ranks(ctx))
     if resume_path is not None:
         trainer.load(load_resume(config, resume_path))
@@ -164,7 +169,24 @@ def run_pipeline(config: TrainConfig, prepared) -> dict | None:
     from astrobio.parallel.launch import launch
     from astrobio.train.trainer import resolve_device
     config, data, resume = prepared
-    results = launch(rank_main, config.pipeline_stages, args=(config, data, str(resume.path) if resume else None),
-                     backend=backend_for(resolve_device(config)), timeout_s=config.pipeline_timeout)
+    with interrupts_left_to_ranks():
+        results = launch(rank_main, config.pipeline_stages, args=(config, data, str(resume.path) if resume else None),
+                         backend=backend_for(resolve_device(config)), timeout_s=config.pipeline_timeout)
     return results.get(0)
+
+
+@contextlib.contextmanager
+def interrupts_left_to_ranks():
+    """Ctrl-C reaches every process of the terminal's group: the spawned ranks agree to stop after the
+    same step and checkpoint (exit 130), so the launching process ignores SIGINT meanwhile rather than
+    tear them down. (Under torchrun, torchrun handles it.)"""
+    from astrobio.parallel.launch import under_torchrun
+    if under_torchrun() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 

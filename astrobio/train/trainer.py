@@ -394,7 +394,7 @@ class Trainer:
         window = [0.0, 0]  # seconds, tokens since the last logged record
         bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", mininterval=1.0, file=sys.stderr)
         with StopSignal() as stop:
-            while self.step < stop_at and stop.received is None:
+            while self.step < stop_at and not self.stopping(stop):
                 seconds = self.train_step()
                 window[0] += seconds
                 window[1] += self.tokens_per_step
@@ -464,6 +464,14 @@ class Trainer:
             self.save()
         return record
 
+    def stopping(self, stop: StopSignal) -> bool:
+        """Whether a signal asked to stop; with several stages, whether any rank got one (every rank
+        then stops after the same step and writes its part of the checkpoint)."""
+        if self.ranks.world_size > 1:
+            received = [signum for signum in self.ranks.gather(stop.received) if signum is not None]
+            stop.received = received[0] if received else None
+        return stop.received is not None
+
     def global_sum(self):
         """How the squared gradient norm becomes the whole model's (None: this process holds it all)."""
         return self.ranks.sum_across if self.ranks.world_size > 1 else None
@@ -528,6 +536,8 @@ class Trainer:
         """Stopped by a signal or --stop-at-step: make sure the current step is checkpointed."""
         if self.last_checkpoint is None or self.last_checkpoint.name != f"step-{self.step}":
             self.save()
+        if not self.is_main:
+            return
         reason = f"signal {signal.Signals(signum).name}" if signum else f"--stop-at-step {self.step}"
         tqdm.write(f"stopped at step {self.step} of {self.config.steps} ({reason}); continue with "
                    f"--resume auto --output-dir {self.config.output_dir}", file=sys.stderr)
