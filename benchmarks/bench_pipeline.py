@@ -5,9 +5,10 @@
 
 Each provider runs in its own subprocess under ``--timeout`` (a hang is reported, not waited on).
 Before timing, each one's first-step loss is checked against the single-process loss. Reported:
-median step time over ``--steps`` steps after ``--warmup``; for our schedules also the measured bubble
-(from the last step's trace) beside the simulated one (the same schedule replayed with the measured
-mean cost of each stage's F, B and W, and free communication).
+median and minimum step time over ``--steps`` steps after ``--warmup``; for our schedules also the
+measured bubble (from the last step's trace) beside the simulated one: the same schedule replayed
+with the measured mean cost of each stage's F, B and W and the measured one-way time of an
+activation with its header (``p2p_latency``), and once more with free communication.
 
 NOTE: torch's PipelineStage is given ``input_args``/``output_args``; without them, torch 2.14.1 on gloo
 hung in its run-time shape inference. Its stages also need one fixed shape, so every micro-batch here
@@ -31,7 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from astrobio.model import build_model, build_stage, get_config
-from astrobio.parallel.executor import gather_traces, measured_bubble, run_pipeline_step, simulated_bubble
+from astrobio.parallel.executor import (gather_traces, measured_bubble, p2p_latency, run_pipeline_step,
+                                        simulated_bubble)
 from astrobio.parallel.launch import launch
 from astrobio.parallel.schedules import schedule
 
@@ -93,8 +95,11 @@ def ours_rank(ctx, args, kind: str) -> dict:
     first = step().loss
     times, last = timed_steps(args, step)
     traces = gather_traces(last.trace)
-    out = dict(first_loss=first, step_s=times, measured_bubble=measured_bubble(traces),
-               simulated_bubble=simulated_bubble(schedule(kind, 2, args.micro_batches), traces))
+    comm_s = p2p_latency((args.batch_size, args.seq_len, stage.config.d_model))
+    sched = schedule(kind, 2, args.micro_batches)
+    out = dict(first_loss=first, step_s=times, measured_bubble=measured_bubble(traces), comm_ms=1e3 * comm_s,
+               simulated_bubble_free_comm=simulated_bubble(sched, traces),
+               simulated_bubble=simulated_bubble(sched, traces, comm_s))
     if args.gantt_dir and ctx.rank == 0:
         from astrobio.parallel.gantt import render_gantt
         render_gantt(traces, os.path.join(args.gantt_dir, f"pipeline_{kind}.png"),
@@ -190,7 +195,8 @@ def passthrough(args) -> list[str]:
 
 
 def report(results: dict, reference: float) -> None:
-    print(f"{'provider':24s} {'step ms':>9s} {'loss check':>11s} {'bubble measured':>16s} {'simulated':>10s}")
+    print(f"{'provider':24s} {'median ms':>9s} {'min ms':>8s} {'loss check':>11s} {'bubble measured':>16s} "
+          f"{'simulated':>10s} {'(free comm)':>12s}")
     for name, r in results.items():
         if "error" in r:
             print(f"{name:24s} FAILED: {r['error']}")
@@ -198,8 +204,10 @@ def report(results: dict, reference: float) -> None:
         ok = abs(r["first_loss"] - reference) <= 1e-5 * abs(reference)
         r["loss_matches_single_process"] = ok
         r["median_step_ms"] = 1e3 * statistics.median(r["step_s"])
-        bubble = f"{r['measured_bubble']:16.1%} {r['simulated_bubble']:10.1%}" if "measured_bubble" in r else ""
-        print(f"{name:24s} {r['median_step_ms']:9.1f} {'ok' if ok else 'MISMATCH':>11s} {bubble}")
+        r["min_step_ms"] = 1e3 * min(r["step_s"])
+        bubble = (f"{r['measured_bubble']:16.1%} {r['simulated_bubble']:10.1%} {r['simulated_bubble_free_comm']:12.1%}"
+                  if "measured_bubble" in r else "")
+        print(f"{name:24s} {r['median_step_ms']:9.1f} {r['min_step_ms']:8.1f} {'ok' if ok else 'MISMATCH':>11s} {bubble}")
 
 
 def main() -> None:

@@ -361,16 +361,35 @@ def measured_bubble(traces: list[list[TraceEvent]]) -> float:
     return 1.0 - busy / (len(traces) * span) if span > 0 else 0.0
 
 
-def measured_costs(traces: list[list[TraceEvent]]) -> Costs:
-    """Mean seconds per (stage, op) from the traces, for simulating the same schedule."""
+def measured_costs(traces: list[list[TraceEvent]], comm_s: float = 0.0) -> Costs:
+    """Mean seconds per (stage, op) from the traces, for simulating the same schedule; ``comm_s`` is
+    the transfer time of one activation or gradient (e.g. from ``p2p_latency``)."""
     per_stage = {}
     for stage, trace in enumerate(traces):
         for op in ("F", "B", "W"):
             durations = [e.end - e.start for e in trace if e.op == op]
             per_stage[(stage, op)] = sum(durations) / len(durations) if durations else 0.0
-    return Costs(per_stage=per_stage)
+    return Costs(comm=comm_s, per_stage=per_stage)
 
 
-def simulated_bubble(sched: Schedule, traces: list[list[TraceEvent]]) -> float:
-    """The bubble the schedule would have with the measured compute costs and free communication."""
-    return simulate(sched, measured_costs(traces)).bubble
+def simulated_bubble(sched: Schedule, traces: list[list[TraceEvent]], comm_s: float = 0.0) -> float:
+    """The bubble the schedule would have with the measured compute costs and ``comm_s`` per message."""
+    return simulate(sched, measured_costs(traces, comm_s)).bubble
+
+
+def p2p_latency(shape: Sequence[int], dtype: torch.dtype = torch.float32, rounds: int = 10, group=None,
+                device: torch.device | str = "cpu") -> float:
+    """One-way seconds for an activation of ``shape`` with its header, between ranks 0 and 1 of ``group``
+    (a collective for those two: both call it; other ranks return 0)."""
+    rank = dist.get_rank(group)
+    if rank > 1:
+        return 0.0
+    peer = dist.get_global_rank(group, 1 - rank) if group is not None else 1 - rank
+    payload = torch.zeros(shape, dtype=dtype, device=device)
+    header = make_header(payload)
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for sender in (0, 1):
+            for t in (header, payload):
+                (dist.send if rank == sender else dist.recv)(t, peer, group)
+    return (time.perf_counter() - start) / (2 * rounds)

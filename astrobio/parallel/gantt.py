@@ -32,7 +32,7 @@ def render_gantt(traces: list[list[TraceEvent]], path: str | Path, title: str = 
     if simulated_bubble is not None:
         note += f", simulated {simulated_bubble:.1%}"
     ax.set_title(f"{title}: {note}")
-    ax.legend(loc="upper right", ncols=3, fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
