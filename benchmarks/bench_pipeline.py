@@ -68,8 +68,9 @@ def timed_steps(args, step) -> tuple[list[float], object]:
 
 
 def run_single(args) -> dict:
-    model = build_model(config(args), seed=0)
-    data = micro_batches(args, model.config.vocab_size)
+    device = torch.device("cuda" if args.backend == "nccl" else "cpu")
+    model = build_model(config(args), seed=0, device=device)
+    data = on_device(micro_batches(args, model.config.vocab_size), device)
 
     def step():
         model.zero_grad(set_to_none=True)
@@ -83,9 +84,13 @@ def run_single(args) -> dict:
     return dict(first_loss=first, step_s=times, threads=torch.get_num_threads())
 
 
+def on_device(data: list, device: torch.device) -> list:
+    return [(x.to(device), y.to(device)) for x, y in data]
+
+
 def ours_rank(ctx, args, kind: str) -> dict:
-    stage = build_stage(config(args), ctx.rank, halves(config(args).n_layers), seed=0)
-    data = micro_batches(args, stage.config.vocab_size)
+    stage = build_stage(config(args), ctx.rank, halves(config(args).n_layers), seed=0, device=ctx.device)
+    data = on_device(micro_batches(args, stage.config.vocab_size), ctx.device)
 
     def step():
         stage.zero_grad(set_to_none=True)
@@ -111,14 +116,14 @@ def torch_rank(ctx, args, kind: str) -> dict:
     from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
     cfg = config(args)
-    module = build_stage(cfg, ctx.rank, halves(cfg.n_layers), seed=0)
-    data = micro_batches(args, cfg.vocab_size)
+    module = build_stage(cfg, ctx.rank, halves(cfg.n_layers), seed=0, device=ctx.device)
+    data = on_device(micro_batches(args, cfg.vocab_size), ctx.device)
     b, t, d = args.batch_size, args.seq_len, cfg.d_model
     # NOTE: the examples must require grad as the real tensors do; otherwise torch's stages plan no
     # gradient transfer and stage 0's backward fails ("grad can be implicitly created only for scalar")
-    example_in = data[0][0] if ctx.rank == 0 else torch.zeros(b, t, d, requires_grad=True)
-    example_out = torch.zeros(b, t, d if ctx.rank == 0 else cfg.vocab_size, requires_grad=True)
-    stage = PipelineStage(module, ctx.rank, 2, torch.device("cpu"), input_args=(example_in,),
+    example_in = data[0][0] if ctx.rank == 0 else torch.zeros(b, t, d, requires_grad=True, device=ctx.device)
+    example_out = torch.zeros(b, t, d if ctx.rank == 0 else cfg.vocab_size, requires_grad=True, device=ctx.device)
+    stage = PipelineStage(module, ctx.rank, 2, ctx.device, input_args=(example_in,),
                           output_args=(example_out,))
     sched_cls = ScheduleGPipe if kind == "gpipe" else Schedule1F1B
     sched = sched_cls(stage, args.micro_batches, loss_fn=loss_fn)
@@ -133,7 +138,7 @@ def torch_rank(ctx, args, kind: str) -> dict:
             sched.step(inputs)
         else:
             sched.step(target=targets, losses=losses)
-        loss = torch.zeros(1, dtype=torch.float64)
+        loss = torch.zeros(1, dtype=torch.float64, device=ctx.device)
         if losses:
             loss[0] = torch.stack([l.detach().double() for l in losses]).mean()
         dist.broadcast(loss, 1)
@@ -155,10 +160,10 @@ def run_provider(args) -> dict:
         return run_single(args)
     family, kind = name.split(" ", 1)
     if family == "astrobio":
-        results = launch(ours_rank, 2, (args, kind), backend="gloo", timeout_s=args.timeout)
+        results = launch(ours_rank, 2, (args, kind), backend=args.backend, timeout_s=args.timeout)
     else:
         kind = {"ScheduleGPipe": "gpipe", "Schedule1F1B": "1f1b"}[kind]
-        results = launch(torch_rank, 2, (args, kind), backend="gloo", timeout_s=args.timeout)
+        results = launch(torch_rank, 2, (args, kind), backend=args.backend, timeout_s=args.timeout)
     out = dict(results[0])
     # a step ends when its slower rank ends
     out["step_s"] = [max(a, b) for a, b in zip(results[0]["step_s"], results[1]["step_s"])]
@@ -188,7 +193,7 @@ def run_isolated(args, name: str) -> dict:
 def passthrough(args) -> list[str]:
     out = ["--model", args.model, "--micro-batches", str(args.micro_batches), "--batch-size", str(args.batch_size),
            "--seq-len", str(args.seq_len), "--steps", str(args.steps), "--warmup", str(args.warmup),
-           "--timeout", str(args.timeout)]
+           "--timeout", str(args.timeout), "--backend", args.backend]
     if args.gantt_dir:
         out += ["--gantt-dir", args.gantt_dir]
     return out
@@ -220,6 +225,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per provider")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
+                        help="gloo: two CPU ranks; nccl: one GPU per rank (needs two GPUs)")
     parser.add_argument("--gantt-dir", default=None, help="write our schedules' Gantt charts here")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--provider", help=argparse.SUPPRESS)

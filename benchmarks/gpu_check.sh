@@ -144,7 +144,7 @@ if [ ! -f benchmarks/bench_pipeline.py ] || ((BUILD_RC != 0)); then
 elif ((GPUS < 2)); then
   skip pipeline-nccl "NCCL needs one GPU per rank; this machine has $GPUS"
 else
-  run_step pipeline-nccl 90 "$BENCH_LOG" "$PY" benchmarks/bench_pipeline.py --backend nccl \
+  run_step pipeline-nccl 90 "$BENCH_LOG" "$PY" benchmarks/bench_pipeline.py --backend nccl --micro-batches 32 \
     --json "$OUT/pipeline_gpu.json"
 fi
 
