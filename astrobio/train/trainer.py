@@ -654,13 +654,31 @@ def run(config: TrainConfig) -> dict | None:
     if resume is not None and torchrun_rank() == 0:
         print(f"resumed from {resume.path} (step {resume.step})")
     if config.pipeline_stages > 1:
-        return run_pipeline(config, (config, data, resume))
+        return add_task_accuracy(config, run_pipeline(config, (config, data, resume)))
     trainer = Trainer(config, data, resolve_device(config))
     if resume is not None:
         trainer.load(resume)
     else:
         trainer.logger.truncate_after(-1)
-    return trainer.train()
+    return add_task_accuracy(config, trainer.train())
+
+
+def add_task_accuracy(config: TrainConfig, summary: dict | None, examples: int = 200) -> dict | None:
+    """The final checkpoint's task accuracy on held-out built-in records (``python -m astrobio.evaluate``
+    gives the full report): the model completes ``hz`` and ``type`` from the record before them. Read
+    from the checkpoint, so it works for any stage count; text runs on the built-in corpus only."""
+    if (summary is None or not summary.get("checkpoint") or summary.get("stopped_by_signal")
+            or config.modalities != "text" or not config.data.startswith("builtin")):
+        return summary
+    from astrobio.evaluate import held_out_builtin
+    from astrobio.inference.evaluation import run_probe
+    from astrobio.inference.loading import load_model, load_tokenizer_for
+    model, train_config, _ = load_model(summary["checkpoint"])
+    tokenizer, records = load_tokenizer_for(train_config), held_out_builtin(train_config)
+    summary["task_accuracy"] = [run_probe(model, tokenizer, records, field, "held-out built-in records",
+                                          config.seq_len, examples).to_dict() for field in ("hz", "type")]
+    Path(summary["output_dir"], "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def format_summary(summary: dict) -> str:
@@ -676,6 +694,10 @@ def format_summary(summary: dict) -> str:
     ]
     if "cuda_peak_mib" in summary:
         lines.append(f"peak device memory {summary['cuda_peak_mib']:.0f} MiB")
+    for probe in summary.get("task_accuracy", []):
+        lines.append(f"accuracy ({probe['field']:4s})    {probe['accuracy']:.1%} (95% CI {probe['ci_low']:.1%}-"
+                     f"{probe['ci_high']:.1%}, n={probe['examples']}) on held-out records; majority class "
+                     f"'{probe['majority_label']}' {probe['majority_baseline']:.1%}")
     lines += [f"time               {summary['wall_time_s']:.1f} s ({summary['train_time_s']:.1f} s in steps)",
               f"outputs            {summary['output_dir']}: config.json, metrics.jsonl, summary.json, "
               f"{summary['plot']}, {summary['checkpoint']}"]
