@@ -14,12 +14,19 @@ output it sent: once the send completes the output's memory is released.
 
 Backward. With ``gpipe`` and ``1f1b``, ``B`` runs the whole backward. With ``zb-h1`` (on every stage
 that has an input to differentiate), ``B`` runs the backward to the stage input and to the parameters
-outside ``nn.Linear`` modules, keeping the graph, while tensor hooks catch the gradient of each
-Linear's output; ``W`` then runs backward from those outputs to the Linear weights alone. Each weight
-gradient is computed once, from the same tensors as in one backward, so the split is exact and ``W``
-costs only the weight half. Gradients land in ``.grad`` through autograd, so post-accumulate-grad
-hooks fire as usual. Activation checkpointing (``stage_module.gradient_checkpointing``) works with
-every schedule; under ``zb-h1`` a checkpointed block is recomputed again for its ``W``.
+outside ``nn.Linear`` modules, while forward hooks keep each Linear's input and tensor hooks catch
+the gradient of its output; ``W`` then computes each weight gradient as one GEMM of the two (what
+Linear's backward does) and accumulates them all into ``.grad`` with one autograd call, so
+post-accumulate-grad hooks fire as usual. Activation checkpointing
+(``stage_module.gradient_checkpointing``) works with every schedule; under ``zb-h1`` it keeps no
+Linear input: ``B`` keeps the graph and ``W`` runs backward from each Linear output to its weights,
+recomputing a checkpointed block once more.
+
+Receiving. A stage posts the header receive of every activation it will get when the step starts,
+and on gloo posts each payload's receive as soon as its header has come (checked before every
+computation), so the transfer overlaps the computation before the ``F`` that needs it. Receives are
+waited on by a background thread from when they are posted; a computation whose data is already
+there does not wait on a thread hop.
 """
 
 from __future__ import annotations
@@ -109,7 +116,8 @@ class _Links:
         else:
             work.wait()
 
-    def wait_sent(self, pending) -> None:
+    def wait_pending(self, pending) -> None:
+        """Waits for a Work already submitted to a WorkWaiter (a send or a receive)."""
         if self.guard is not None:
             self.guard.wait_pending(pending)
         else:
@@ -140,21 +148,37 @@ def read_header(header: torch.Tensor) -> tuple[list[int], torch.dtype]:
 
 
 class _Deferred:
-    """One Linear output under ZB-H1: its autograd edge, the gradient B caught, the weights W updates."""
+    """One Linear call under ZB-H1: its input (``None`` under checkpointing, where W goes back through
+    the output's autograd edge instead), the gradient of its output that B caught, its weights."""
 
-    __slots__ = ("module", "edge", "params", "grad")
+    __slots__ = ("module", "edge", "input", "params", "grad")
 
-    def __init__(self, module, edge, params):
-        self.module, self.edge, self.params, self.grad = module, edge, params, None
+    def __init__(self, module, edge, input, params):
+        self.module, self.edge, self.input, self.params, self.grad = module, edge, input, params, None
 
     def catch(self, grad: torch.Tensor) -> None:
         self.grad = grad
+
+    def weight_grads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(parameter, gradient) of this call, as Linear's backward computes them: one GEMM (and a sum
+        for the bias) on the flattened output gradient and input."""
+        go = self.grad.reshape(-1, self.grad.shape[-1])
+        x = self.input.reshape(-1, self.input.shape[-1]).to(go.dtype)
+        out = []
+        if self.module.weight.requires_grad:
+            out.append((self.module.weight, go.t().mm(x).to(self.module.weight.dtype)))
+        bias = self.module.bias
+        if bias is not None and bias.requires_grad:
+            out.append((bias, go.sum(0).to(bias.dtype)))
+        return out
 
 
 class _WeightSplit:
     """Records each nn.Linear output during a forward, so that W can start from it."""
 
     def __init__(self, module: nn.Module):
+        # under checkpointing, keeping each Linear input would undo the recomputation's memory saving
+        self.keep_inputs = not getattr(module, "gradient_checkpointing", False)
         linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
         deferred = {id(p) for lin in linears for p in lin.parameters()}
         self.early_params = [p for p in module.parameters() if p.requires_grad and id(p) not in deferred]
@@ -168,7 +192,9 @@ class _WeightSplit:
         if any(slot.module is module for slot in self.recording):
             raise RuntimeError(f"{type(module).__name__} {module} ran twice in one forward; ZB-H1's weight "
                                "pass needs each Linear once per micro-batch (use 1f1b for this model)")
-        slot = _Deferred(module, get_gradient_edge(output), [p for p in module.parameters() if p.requires_grad])
+        kept = inputs[0] if self.keep_inputs else None
+        edge = None if self.keep_inputs else get_gradient_edge(output)
+        slot = _Deferred(module, edge, kept, [p for p in module.parameters() if p.requires_grad])
         output.register_hook(slot.catch)
         self.recording.append(slot)
 
@@ -189,30 +215,37 @@ class _StageRun:
         self.roots: dict[int, Any] = {}  # scaled loss, or the edge of the output sent on
         self.outputs: dict[int, torch.Tensor] = {}  # detached outputs waiting for SEND_ACT
         self.out_meta: dict[int, tuple] = {}  # shape and dtype of each output, for its gradient
-        self.headers: dict[int, tuple] = {}  # micro-batch -> (work slot, header buffer)
+        self.early_headers: dict[int, tuple] = {}  # micro-batch -> (Pending header receive, buffer)
+        self.headers: dict[int, tuple] = {}  # the same, once the schedule's RECV_ACT has been reached
+        self.acts_in: dict[int, tuple] = {}  # micro-batch -> (work slot, activation buffer)
         self.grads_in: dict[int, tuple] = {}  # micro-batch -> (work slot, gradient buffer)
         self.grads_out: dict[int, torch.Tensor] = {}
         self.sends: list[tuple[Any, torch.Tensor]] = []  # (Pending send, tensor kept alive until sent)
         self.send_waiter = WorkWaiter(f"stage-{stage}-sends")
+        self.recv_waiter = WorkWaiter(f"stage-{stage}-receives")
+        self.header_waiter = WorkWaiter(f"stage-{stage}-headers")
         self.deferred: dict[int, list[_Deferred]] = {}
         self.losses: dict[int, torch.Tensor] = {}
         self.trace: list[TraceEvent] = []
 
     def execute(self) -> StepResult:
         try:
+            self.post_headers()
             for action in self.sched.actions[self.stage]:
                 if self.on_action is not None:
                     self.on_action(action)
                 if action.is_compute:
+                    self.post_arrived_activations()
                     self.flush()
                 getattr(self, action.op.lower())(action)
                 self.reap_sends()
             self.flush()
             for pending, _ in self.sends:
-                self.links.wait_sent(pending)
+                self.links.wait_pending(pending)
             losses = self.share_losses()
         finally:
-            self.send_waiter.close()
+            for waiter in (self.send_waiter, self.recv_waiter, self.header_waiter):
+                waiter.close()
             if self.split is not None:
                 self.split.remove()
         return StepResult(sum(losses) / self.m, losses, self.stage, self.trace)
@@ -224,7 +257,7 @@ class _StageRun:
             if op.op is dist.isend:
                 self.sends.append((self.send_waiter.submit(work), op.tensor))
             else:
-                slot[0] = work
+                slot[0] = self.recv_waiter.submit(work)  # waited on its own thread from now on
         self.batch = []
 
     def queue(self, op, tensor: torch.Tensor, peer_stage: int, tag: str, mb: int) -> list:
@@ -241,11 +274,42 @@ class _StageRun:
         self.sends.append((self.send_waiter.submit(work), header))
         self.queue(dist.isend, out, a.peer, "ACT", a.micro_batch)
 
+    def post_headers(self) -> None:
+        """Posts the header receive of every activation this stage will get, at the step's start: a
+        header is a few bytes, and one already there lets the payload's receive be posted at once."""
+        if self.first:
+            return
+        peer = self.links.peer(self.stage - 1)
+        for mb in range(self.m):
+            header = torch.empty(2 + MAX_DIMS, dtype=torch.int64)
+            work = dist.irecv(header, peer, self.links.header_group, mb * len(TAGS) + TAGS["ACT_HEADER"])
+            self.early_headers[mb] = (self.header_waiter.submit(work), header)
+
     def recv_act(self, a: Action) -> None:
-        header = torch.empty(2 + MAX_DIMS, dtype=torch.int64)
-        work = dist.irecv(header, self.links.peer(a.peer), self.links.header_group,
-                          a.micro_batch * len(TAGS) + TAGS["ACT_HEADER"])
-        self.headers[a.micro_batch] = (a.peer, work, header)
+        if a.micro_batch not in self.early_headers:
+            raise RuntimeError(f"stage {self.stage} has no activation {a.micro_batch} to receive from stage "
+                               f"{a.peer}; the schedule is broken")
+        self.headers[a.micro_batch] = (a.peer,) + self.early_headers.pop(a.micro_batch)
+
+    def post_arrived_activations(self) -> None:
+        """Posts, in micro-batch order, the payload receive of each activation whose header has come
+        (on gloo; NCCL keeps receives where the schedule puts them, as its ordering needs)."""
+        if self.links.nccl:
+            return
+        for mb in sorted(self.headers):
+            pending = self.headers[mb][1]
+            if mb in self.acts_in:
+                continue
+            if not pending.done.is_set():
+                return
+            self.post_activation(mb)
+
+    def post_activation(self, mb: int) -> None:
+        peer, pending, header = self.headers[mb]
+        self.links.wait_pending(pending)
+        shape, dtype = read_header(header)
+        buf = torch.empty(shape, dtype=dtype, device=self.links.device)
+        self.acts_in[mb] = (self.queue(dist.irecv, buf, peer, "ACT", mb), buf)
 
     def send_grad(self, a: Action) -> None:
         grad = self.grads_out.pop(a.micro_batch)
@@ -269,13 +333,12 @@ class _StageRun:
     def receive_activation(self, mb: int) -> torch.Tensor:
         if mb not in self.headers:
             raise RuntimeError(f"stage {self.stage} runs F{mb} without a RECV_ACT for it; the schedule is broken")
-        peer, work, header = self.headers.pop(mb)
-        self.links.wait(work)
-        shape, dtype = read_header(header)
-        buf = torch.empty(shape, dtype=dtype, device=self.links.device)
-        slot = self.queue(dist.irecv, buf, peer, "ACT", mb)
-        self.flush()
-        self.links.wait(slot[0])
+        if mb not in self.acts_in:
+            self.post_activation(mb)
+            self.flush()
+        del self.headers[mb]
+        slot, buf = self.acts_in.pop(mb)
+        self.links.wait_pending(slot[0])
         return buf.requires_grad_()
 
     # computation ---------------------------------------------------------------------------------
@@ -308,13 +371,15 @@ class _StageRun:
         grad = None
         if not self.last:
             slot, grad = self.grads_in.pop(mb)
-            self.links.wait(slot[0])
+            self.links.wait_pending(slot[0])
         start = time.perf_counter()
         root = self.roots.pop(mb)
         grads = None if grad is None else [grad]
         if self.split is not None:
+            # W needs the graph again only when it goes back through the Linear outputs' edges
             x = self.inputs[mb]
-            torch.autograd.backward([root], grads, retain_graph=True, inputs=[x] + self.split.early_params)
+            torch.autograd.backward([root], grads, retain_graph=not self.split.keep_inputs,
+                                    inputs=[x] + self.split.early_params)
         else:
             torch.autograd.backward([root], grads)
         if not self.first:
@@ -330,10 +395,16 @@ class _StageRun:
         if missing:
             raise RuntimeError(f"stage {self.stage}: {len(missing)} Linear outputs got no gradient in B"
                                f"{a.micro_batch}; ZB-H1 needs every Linear on the path to the stage input")
-        # NOTE: one backward per Linear, reaching only its own weights: from all outputs at once the
-        # engine would also carry each output's gradient on through earlier layers to their weights.
-        for slot in slots:
-            torch.autograd.backward([slot.edge], [slot.grad], inputs=slot.params)
+        if self.split.keep_inputs:
+            # one GEMM per Linear, then one autograd call that accumulates every gradient into .grad
+            # (so post-accumulate-grad hooks fire as in a whole backward)
+            pairs = [pair for slot in slots for pair in slot.weight_grads()]
+            torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
+        else:
+            # NOTE: one backward per Linear, reaching only its own weights: from all outputs at once the
+            # engine would also carry each output's gradient on through earlier layers to their weights.
+            for slot in slots:
+                torch.autograd.backward([slot.edge], [slot.grad], inputs=slot.params)
         self.trace.append(TraceEvent("W", a.micro_batch, start, time.perf_counter()))
 
     def share_losses(self) -> list[float]:
