@@ -315,3 +315,15 @@ def test_wandb_mirrors_metrics_offline_by_default(tmp_path, monkeypatch, env, mo
 def test_wandb_project_without_wandb_is_a_config_error(tmp_path, capsys):
     assert main(small_args(tmp_path / "run", "--wandb-project", "astro")) == 2
     assert "pip install wandb" in capsys.readouterr().err
+
+
+def test_a_peers_stop_request_is_not_a_second_ctrl_c():
+    import signal
+
+    from astrobio.train.trainer import StopSignal
+    stop = StopSignal()
+    stop.received = signal.SIGINT  # agreed after a peer rank's Ctrl-C, before this process saw its own
+    stop.handle(signal.SIGINT, None)  # this process's copy of the same Ctrl-C: keep stopping cleanly
+    assert stop.received == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C to this process interrupts at once
+        stop.handle(signal.SIGINT, None)

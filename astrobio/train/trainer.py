@@ -267,10 +267,15 @@ def load_rng_state(state: dict, device: torch.device) -> None:
 
 class StopSignal:
     """SIGINT/SIGTERM set a flag that the loop checks between steps (it then checkpoints and stops);
-    a second signal interrupts at once."""
+    a second signal to this process interrupts at once.
+
+    NOTE: with several ranks, ``received`` is also set from a peer's signal (``Trainer.stopping``); the
+    Ctrl-C that reaches this process a moment later is the same request, not a second one, so only the
+    signals delivered here are counted."""
 
     def __init__(self):
         self.received: int | None = None
+        self.delivered = 0
         self.previous = {}
 
     def __enter__(self):
@@ -281,9 +286,11 @@ class StopSignal:
         return self
 
     def handle(self, signum, frame):
-        if self.received is not None:
+        self.delivered += 1
+        if self.delivered > 1:
             raise KeyboardInterrupt
-        self.received = signum
+        if self.received is None:
+            self.received = signum
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
