@@ -327,3 +327,21 @@ def test_a_peers_stop_request_is_not_a_second_ctrl_c():
     assert stop.received == signal.SIGINT
     with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C to this process interrupts at once
         stop.handle(signal.SIGINT, None)
+
+
+def test_a_signal_during_the_stop_gather_is_kept_for_the_next_step():
+    import signal
+    from types import SimpleNamespace
+
+    from astrobio.train.trainer import StopSignal, Trainer
+    stop = StopSignal()
+
+    def gather(value):  # every rank sent None; this rank's Ctrl-C lands while the gather runs
+        stop.handle(signal.SIGINT, None)
+        return [value, None]
+
+    trainer = SimpleNamespace(ranks=SimpleNamespace(world_size=2, gather=gather))
+    assert Trainer.stopping(trainer, stop) is False  # the ranks agreed on no signal this step...
+    assert stop.received == signal.SIGINT  # ...but it is not lost: the next gather carries it
+    trainer.ranks.gather = lambda value: [value, None]
+    assert Trainer.stopping(trainer, stop) is True

@@ -474,10 +474,16 @@ class Trainer:
     def stopping(self, stop: StopSignal) -> bool:
         """Whether a signal asked to stop; with several stages, whether any rank got one (every rank
         then stops after the same step and writes its part of the checkpoint)."""
-        if self.ranks.world_size > 1:
-            received = [signum for signum in self.ranks.gather(stop.received) if signum is not None]
-            stop.received = received[0] if received else None
-        return stop.received is not None
+        if self.ranks.world_size == 1:
+            return stop.received is not None
+        received = [signum for signum in self.ranks.gather(stop.received) if signum is not None]
+        if not received:
+            # NOTE: a signal that arrived here during the gather stays set and goes into the next
+            # step's gather; overwriting it with the gathered None lost Ctrl-C when every rank got it
+            # while inside this gather (the ranks then trained on).
+            return False
+        stop.received = received[0]
+        return True
 
     def global_sum(self):
         """How the squared gradient norm becomes the whole model's (None: this process holds it all)."""
