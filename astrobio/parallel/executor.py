@@ -151,10 +151,11 @@ class _Deferred:
     """One Linear call under ZB-H1: its input (``None`` under checkpointing, where W goes back through
     the output's autograd edge instead), the gradient of its output that B caught, its weights."""
 
-    __slots__ = ("module", "edge", "input", "params", "grad")
+    __slots__ = ("module", "edge", "input", "version", "params", "grad")
 
     def __init__(self, module, edge, input, params):
         self.module, self.edge, self.input, self.params, self.grad = module, edge, input, params, None
+        self.version = None if input is None else input._version
 
     def catch(self, grad: torch.Tensor) -> None:
         self.grad = grad
@@ -162,6 +163,9 @@ class _Deferred:
     def weight_grads(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(parameter, gradient) of this call, as Linear's backward computes them: one GEMM (and a sum
         for the bias) on the flattened output gradient and input."""
+        if self.input._version != self.version:
+            raise RuntimeError(f"the input of {self.module} was modified in place after its forward; ZB-H1's "
+                               "weight pass needs it unchanged (use 1f1b for this model)")
         go = self.grad.reshape(-1, self.grad.shape[-1])
         x = self.input.reshape(-1, self.input.shape[-1]).to(go.dtype)
         out = []
