@@ -45,6 +45,13 @@ def held_out_builtin(train_config: dict) -> list[str]:
     return load_records("builtin:2000", seed=seed + 1)
 
 
+def builtin_probes(model, tokenizer, train_config: dict, context: int, max_examples: int) -> list:
+    """The ``hz`` and ``type`` probes on the run's held-out built-in records."""
+    records = held_out_builtin(train_config)
+    return [run_probe(model, tokenizer, records, field, "held-out built-in records", context, max_examples)
+            for field in ("hz", "type")]
+
+
 def evaluate(checkpoint: str, data: str | None = None, catalogue: str | None = None, max_examples: int = 200,
              max_batches: int = 20, device: str = "cpu") -> dict:
     catalogue_path = Path(catalogue) if catalogue else DEFAULT_CATALOGUE
@@ -59,9 +66,7 @@ def evaluate(checkpoint: str, data: str | None = None, catalogue: str | None = N
     _, val_ids = build_token_splits(records, tokenizer, seed=seed)
     result = {"checkpoint": str(path), "data": redact_uri(uri),
               **validation_loss(model, val_ids, seq_len, max_batches=max_batches)}
-    records = held_out_builtin(train_config)
-    probes = [run_probe(model, tokenizer, records, f, "held-out built-in records", seq_len, max_examples)
-              for f in ("hz", "type")]
+    probes = builtin_probes(model, tokenizer, train_config, seq_len, max_examples)
     if catalogue_path.is_file():
         oec = load_records(str(catalogue_path))
         probes.append(run_probe(model, tokenizer, oec, "hz", "Open Exoplanet Catalogue", seq_len, max_examples,

@@ -683,13 +683,11 @@ def add_task_accuracy(config: TrainConfig, summary: dict | None, examples: int =
     if (summary is None or not summary.get("checkpoint") or summary.get("stopped_by_signal")
             or config.modalities != "text" or not config.data.startswith("builtin")):
         return summary
-    from astrobio.evaluate import held_out_builtin
-    from astrobio.inference.evaluation import run_probe
+    from astrobio.evaluate import builtin_probes
     from astrobio.inference.loading import load_model, load_tokenizer_for
     model, train_config, _ = load_model(summary["checkpoint"])
-    tokenizer, records = load_tokenizer_for(train_config), held_out_builtin(train_config)
-    summary["task_accuracy"] = [run_probe(model, tokenizer, records, field, "held-out built-in records",
-                                          config.seq_len, examples).to_dict() for field in ("hz", "type")]
+    probes = builtin_probes(model, load_tokenizer_for(train_config), train_config, config.seq_len, examples)
+    summary["task_accuracy"] = [probe.to_dict() for probe in probes]
     Path(summary["output_dir"], "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
 
