@@ -6,9 +6,13 @@
 Each provider runs in its own subprocess under ``--timeout`` (a hang is reported, not waited on).
 Before timing, each one's first-step loss is checked against the single-process loss. Reported:
 median and minimum step time over ``--steps`` steps after ``--warmup``; for our schedules also the
-measured bubble (from the last step's trace) beside the simulated one: the same schedule replayed
-with the measured mean cost of each stage's F, B and W and the measured one-way time of an
-activation with its header (``p2p_latency``), and once more with free communication.
+measured bubble beside the simulated one, each the median over the timed steps (the ratio: the
+median of the steps' measured / simulated). Simulated: the
+same schedule replayed with each computation's measured duration in that step and the measured
+one-way time of an activation with its header (``p2p_latency``), so that the difference is what the
+executor adds (its code between computations, the real messages' waits); also replayed with each
+stage's mean F, B and W cost (which hides the variation between micro-batches), and with free
+communication.
 
 NOTE: torch's PipelineStage is given ``input_args``/``output_args``; without them, torch 2.14.1 on gloo
 hung in its run-time shape inference. Its stages also need one fixed shape, so every micro-batch here
@@ -55,16 +59,19 @@ def config(args):
     return get_config(args.model)
 
 
-def timed_steps(args, step) -> tuple[list[float], object]:
-    """Runs warm-up then timed steps; ``step()`` returns (loss, extra). Times are per step, seconds."""
+def timed_steps(args, step, after=None) -> list[float]:
+    """Runs warm-up then timed steps, seconds each; ``after(result)`` runs after each timed step,
+    outside its time."""
     for _ in range(args.warmup):
         step()
-    times, last = [], None
+    times = []
     for _ in range(args.steps):
         start = time.perf_counter()
-        last = step()
+        result = step()
         times.append(time.perf_counter() - start)
-    return times, last
+        if after is not None:
+            after(result)
+    return times
 
 
 def run_single(args) -> dict:
@@ -80,7 +87,7 @@ def run_single(args) -> dict:
         return total.item()
 
     first = step()
-    times, _ = timed_steps(args, step)
+    times = timed_steps(args, step)
     return dict(first_loss=first, step_s=times, threads=torch.get_num_threads())
 
 
@@ -98,13 +105,20 @@ def ours_rank(ctx, args, kind: str) -> dict:
         return run_pipeline_step(stage, kind, data, loss_fn, guard=ctx.guard)
 
     first = step().loss
-    times, last = timed_steps(args, step)
-    traces = gather_traces(last.trace)
+    all_traces = []
+    times = timed_steps(args, step, after=lambda result: all_traces.append(gather_traces(result.trace)))
     comm_s = p2p_latency((args.batch_size, args.seq_len, stage.config.d_model))
     sched = schedule(kind, 2, args.micro_batches)
-    out = dict(first_loss=first, step_s=times, measured_bubble=measured_bubble(traces), comm_ms=1e3 * comm_s,
-               simulated_bubble_free_comm=simulated_bubble(sched, traces),
-               simulated_bubble=simulated_bubble(sched, traces, comm_s))
+    bubbles = [dict(measured=measured_bubble(traces), simulated=simulated_bubble(sched, traces, comm_s),
+                    mean_costs=simulated_bubble(sched, traces, comm_s, per_action=False),
+                    free_comm=simulated_bubble(sched, traces)) for traces in all_traces]
+    out = dict(first_loss=first, step_s=times, comm_ms=1e3 * comm_s, bubbles=bubbles,
+               measured_bubble=statistics.median(b["measured"] for b in bubbles),
+               simulated_bubble=statistics.median(b["simulated"] for b in bubbles),
+               bubble_ratio=statistics.median(b["measured"] / b["simulated"] for b in bubbles),
+               simulated_bubble_mean_costs=statistics.median(b["mean_costs"] for b in bubbles),
+               simulated_bubble_free_comm=statistics.median(b["free_comm"] for b in bubbles))
+    traces = all_traces[-1]
     if args.gantt_dir and ctx.rank == 0:
         from astrobio.parallel.gantt import render_gantt
         render_gantt(traces, os.path.join(args.gantt_dir, f"pipeline_{kind}.png"),
@@ -145,7 +159,7 @@ def torch_rank(ctx, args, kind: str) -> dict:
         return loss.item()
 
     first = step()
-    times, _ = timed_steps(args, step)
+    times = timed_steps(args, step)
     return dict(first_loss=first, step_s=times)
 
 
@@ -201,7 +215,7 @@ def passthrough(args) -> list[str]:
 
 def report(results: dict, reference: float) -> None:
     print(f"{'provider':24s} {'median ms':>9s} {'min ms':>8s} {'loss check':>11s} {'bubble measured':>16s} "
-          f"{'simulated':>10s} {'(free comm)':>12s}")
+          f"{'simulated':>10s} {'ratio':>6s} {'(mean costs)':>13s} {'(free comm)':>12s}")
     for name, r in results.items():
         if "error" in r:
             print(f"{name:24s} FAILED: {r['error']}")
@@ -210,8 +224,9 @@ def report(results: dict, reference: float) -> None:
         r["loss_matches_single_process"] = ok
         r["median_step_ms"] = 1e3 * statistics.median(r["step_s"])
         r["min_step_ms"] = 1e3 * min(r["step_s"])
-        bubble = (f"{r['measured_bubble']:16.1%} {r['simulated_bubble']:10.1%} {r['simulated_bubble_free_comm']:12.1%}"
-                  if "measured_bubble" in r else "")
+        bubble = (f"{r['measured_bubble']:16.1%} {r['simulated_bubble']:10.1%} "
+                  f"{r['bubble_ratio']:5.2f}x {r['simulated_bubble_mean_costs']:13.1%} "
+                  f"{r['simulated_bubble_free_comm']:12.1%}" if "measured_bubble" in r else "")
         print(f"{name:24s} {r['median_step_ms']:9.1f} {r['min_step_ms']:8.1f} {'ok' if ok else 'MISMATCH':>11s} {bubble}")
 
 

@@ -1,7 +1,7 @@
 """Two gloo ranks running each schedule equal one process running the whole model.
 
-One launch runs every case (schedule x checkpointing x layer split) so the test pays for process
-start-up once. The reference is the whole model, built independently in this process, on the same
+One launch runs every case (schedule x checkpointing x layer split, and ZB-H1 with every W at its
+place in the schedule) so the test pays for process start-up once. The reference is the whole model, built independently in this process, on the same
 micro-batches (of different sequence lengths): loss = sum_i loss_i / m, one backward.
 """
 
@@ -14,11 +14,13 @@ import torch.nn.functional as F
 from astrobio.model import build_model, build_stage, get_config
 from astrobio.parallel.executor import gather_traces, measured_bubble, run_pipeline_step
 from astrobio.parallel.launch import launch
-from astrobio.parallel.schedules import Action
+from astrobio.parallel.schedules import Action, schedule
 
 CONFIG = get_config("tiny", d_model=64, n_heads=4, ffn_hidden=128)
 KINDS = ("gpipe", "1f1b", "zb-h1")
-CASES = [(kind, ckpt, split) for kind in KINDS for ckpt in (False, True) for split in ((2, 2), (1, 3))]
+# (kind, checkpointing, layer split, how many W may run late)
+CASES = [(kind, ckpt, split, 1) for kind in KINDS for ckpt in (False, True) for split in ((2, 2), (1, 3))]
+CASES += [("zb-h1", ckpt, (1, 3), 0) for ckpt in (False, True)]
 MICRO_BATCHES = 4
 
 
@@ -51,12 +53,12 @@ class OutputWatch:
 
 def run_cases(ctx):
     results = []
-    for kind, ckpt, split in CASES:
+    for kind, ckpt, split, late in CASES:
         stage = build_stage(CONFIG, ctx.rank, list(split), seed=3)
         stage.gradient_checkpointing = ckpt
         watch = OutputWatch(stage) if ctx.rank == 0 and kind == "gpipe" else None
         step = run_pipeline_step(stage, kind, micro_batches(), loss_fn, guard=ctx.guard,
-                                 on_action=watch.on_action if watch else None)
+                                 on_action=watch.on_action if watch else None, max_late_weight_passes=late)
         traces = gather_traces(step.trace)
         results.append(dict(losses=step.micro_batch_losses, loss=step.loss,
                             grads={n: p.grad.clone() for n, p in stage.named_parameters()},
@@ -79,7 +81,8 @@ def pipeline_runs():
     return launch(run_cases, 2, timeout_s=60, backend="gloo")
 
 
-@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{k}-ckpt{int(c)}-split{s[0]}{s[1]}" for k, c, s in CASES])
+@pytest.mark.parametrize("case", range(len(CASES)),
+                         ids=[f"{k}-ckpt{int(c)}-split{s[0]}{s[1]}-late{n}" for k, c, s, n in CASES])
 def test_matches_one_process(case, reference, pipeline_runs):
     ref_losses, ref_grads = reference
     ranks = [pipeline_runs[r][case] for r in (0, 1)]
@@ -94,22 +97,26 @@ def test_matches_one_process(case, reference, pipeline_runs):
 
 
 def test_sent_outputs_are_freed(pipeline_runs):
-    for case, (kind, _, _) in enumerate(CASES):
+    for case, (kind, _, _, _) in enumerate(CASES):
         if kind == "gpipe":
             assert pipeline_runs[0][case]["outputs_alive"] == 0
 
 
 def test_trace_follows_the_schedule(pipeline_runs):
-    """ZB-H1's last stage runs W after B for each micro-batch, and later than 1F1B would (deferred);
-    the measured bubble is a fraction."""
-    for case, (kind, _, _) in enumerate(CASES):
-        trace = pipeline_runs[1][case]["trace"]
-        order = [(op, mb) for op, mb, _, _ in trace]
-        if kind == "zb-h1":
-            assert order.index(("W", 0)) > order.index(("B", 1))
-            for op, mb, start, _ in trace:
-                if op == "W":
-                    assert start >= next(end for o, m, _, end in trace if (o, m) == ("B", mb))
-        else:
-            assert all(op != "W" for op, _ in order)
+    """Every stage computes F and B in the schedule's order. A W runs after its B, never before its
+    place in the schedule, at most ``late`` places after it, and exactly there with ``late`` = 0
+    (ZB-H1's last stage: W0 after B1, deferred). The measured bubble is a fraction."""
+    for case, (kind, _, _, late) in enumerate(CASES):
+        for rank in (0, 1):
+            order = [(op, mb) for op, mb, _, _ in pipeline_runs[rank][case]["trace"]]
+            planned = [(a.op, a.micro_batch) for a in schedule(kind, 2, MICRO_BATCHES).actions[rank]
+                       if a.is_compute and not (a.op == "W" and rank == 0)]  # stage 0's B is whole
+            assert [c for c in order if c[0] != "W"] == [c for c in planned if c[0] != "W"]
+            if late == 0:
+                assert order == planned
+            for w in (c for c in planned if c[0] == "W"):
+                ran_before = set(order[:order.index(w)])
+                assert set(planned[:planned.index(w)]) <= ran_before  # never early
+                later = [c for c in planned[planned.index(w) + 1:] if c[0] != "W"]
+                assert len([c for c in later if c in ran_before]) <= 2 * late  # F and B per late W
         assert 0.0 < pipeline_runs[0][case]["bubble"] < 1.0

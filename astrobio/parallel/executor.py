@@ -22,15 +22,23 @@ post-accumulate-grad hooks fire as usual. Activation checkpointing
 Linear input: ``B`` keeps the graph and ``W`` runs backward from each Linear output to its weights,
 recomputing a checkpointed block once more.
 
-Receiving. A stage posts the header receive of every activation it will get when the step starts,
-and on gloo posts each payload's receive as soon as its header has come (checked before every
-computation), so the transfer overlaps the computation before the ``F`` that needs it. Receives are
-waited on by a background thread from when they are posted; a computation whose data is already
-there does not wait on a thread hop.
+Receiving. A stage posts the header receive of every activation it will get when the step starts;
+on gloo the thread that waits for the headers posts each payload's receive the moment its header is
+in (gloo sends a payload only once its receive is posted), so the transfer overlaps whatever this
+stage computes meanwhile. Receives are waited on by background threads (activations and gradients
+on separate ones) from when they are posted; a computation whose data is already there does not
+wait on a thread hop.
+
+Late weight passes (ZB-H1). Nobody waits for a ``W``, so the executor may run one later than its
+place in the schedule: a reached ``W`` waits while the next computation's data is in, and runs when
+that data is not (filling what would be idle time) or when more than ``max_late_weight_passes`` are
+waiting. A ``W`` never runs earlier than the schedule says, and at most that many extra
+micro-batches' Linear inputs and output gradients are held.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -47,6 +55,8 @@ from astrobio.parallel.simulate import Costs, simulate
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 MAX_DIMS = 6
 TAGS = {"ACT_HEADER": 0, "ACT": 1, "GRAD": 2}
+# a W may run after later computations (one micro-batch's Linear inputs and output gradients held longer)
+MAX_LATE_WEIGHT_PASSES = 1
 _side_groups: dict = {}
 
 
@@ -73,14 +83,19 @@ class StepResult:
 def run_pipeline_step(stage_module: nn.Module, schedule: Schedule | str,
                       micro_batches: Sequence[tuple[Any, Any]], loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
                       *, group: dist.ProcessGroup | None = None, guard=None, device: torch.device | None = None,
-                      on_action: Callable[[Action], None] | None = None) -> StepResult:
+                      on_action: Callable[[Action], None] | None = None,
+                      max_late_weight_passes: int = MAX_LATE_WEIGHT_PASSES) -> StepResult:
     """One step of this rank's stage.
 
     ``micro_batches[i]`` is ``(inputs, targets)``: stage 0 reads the inputs (token ids), the last stage
     the targets (passed to ``loss_fn(output, targets)``, which returns the micro-batch's mean loss);
     other entries may be None. ``schedule`` is a Schedule or a kind (``gpipe``, ``1f1b``, ``zb-h1``).
     ``guard`` (a ``launch.FaultGuard``) makes every wait stop when another rank fails. ``on_action``
-    is called before each action (tracing, fault injection in tests)."""
+    is called before each action (tracing, fault injection in tests), in the schedule's order.
+    ``max_late_weight_passes``: how many ``W`` may wait past their place in the schedule for a moment
+    when the stage would otherwise wait for data (0: every ``W`` exactly where the schedule puts it)."""
+    if max_late_weight_passes < 0:
+        raise ValueError(f"max_late_weight_passes must be >= 0, got {max_late_weight_passes}")
     stage, world = dist.get_rank(group), dist.get_world_size(group)
     m = len(micro_batches)
     sched = make_schedule(schedule, world, m) if isinstance(schedule, str) else schedule
@@ -88,7 +103,8 @@ def run_pipeline_step(stage_module: nn.Module, schedule: Schedule | str,
         raise ValueError(f"schedule is for {sched.num_stages} stages x {sched.num_micro_batches} micro-batches, "
                          f"but the group has {world} ranks and {m} micro-batches were given")
     device = device or next(stage_module.parameters()).device
-    run = _StageRun(stage_module, sched, stage, micro_batches, loss_fn, _Links(group, guard, device), on_action)
+    run = _StageRun(stage_module, sched, stage, micro_batches, loss_fn, _Links(group, guard, device), on_action,
+                    max_late_weight_passes)
     return run.execute()
 
 
@@ -208,27 +224,33 @@ class _WeightSplit:
 
 
 class _StageRun:
-    def __init__(self, module, sched: Schedule, stage: int, micro_batches, loss_fn, links: _Links, on_action):
+    def __init__(self, module, sched: Schedule, stage: int, micro_batches, loss_fn, links: _Links, on_action,
+                 max_late_weight_passes: int):
         self.module, self.sched, self.stage = module, sched, stage
         self.micro_batches, self.loss_fn, self.links, self.on_action = micro_batches, loss_fn, links, on_action
         self.m = sched.num_micro_batches
         self.first, self.last = stage == 0, stage == sched.num_stages - 1
         self.split = _WeightSplit(module) if sched.split_backward and not self.first else None
-        self.batch: list[tuple[dist.P2POp, list]] = []  # ops to post together; where a receive's Work goes
+        self.batch: list[tuple[dist.P2POp, list, Any]] = []  # ops to post together: (op, work slot, waiter)
         self.inputs: dict[int, torch.Tensor] = {}  # received activations (leaves)
         self.roots: dict[int, Any] = {}  # scaled loss, or the edge of the output sent on
         self.outputs: dict[int, torch.Tensor] = {}  # detached outputs waiting for SEND_ACT
         self.out_meta: dict[int, tuple] = {}  # shape and dtype of each output, for its gradient
         self.early_headers: dict[int, tuple] = {}  # micro-batch -> (Pending header receive, buffer)
-        self.headers: dict[int, tuple] = {}  # the same, once the schedule's RECV_ACT has been reached
-        self.acts_in: dict[int, tuple] = {}  # micro-batch -> (work slot, activation buffer)
+        self.headers: dict[int, tuple] = {}  # (peer, Pending, buffer), once the schedule's RECV_ACT is reached
+        self.acts_in: dict[int, tuple] = {}  # micro-batch -> (work slot, activation buffer); gloo: filled by
+        # the header thread, which posts the payload's receive the moment the header is in
         self.grads_in: dict[int, tuple] = {}  # micro-batch -> (work slot, gradient buffer)
         self.grads_out: dict[int, torch.Tensor] = {}
         self.sends: list[tuple[Any, torch.Tensor]] = []  # (Pending send, tensor kept alive until sent)
         self.send_waiter = WorkWaiter(f"stage-{stage}-sends")
-        self.recv_waiter = WorkWaiter(f"stage-{stage}-receives")
+        # activations and gradients on separate threads: a Work waited on blocks those queued after it
+        self.act_waiter = WorkWaiter(f"stage-{stage}-activations")
+        self.grad_waiter = WorkWaiter(f"stage-{stage}-gradients")
         self.header_waiter = WorkWaiter(f"stage-{stage}-headers")
         self.deferred: dict[int, list[_Deferred]] = {}
+        self.late_w: list[Action] = []  # W's whose place in the schedule has passed, oldest first
+        self.max_late_w = max_late_weight_passes if self.split is not None else 0
         self.losses: dict[int, torch.Tensor] = {}
         self.trace: list[TraceEvent] = []
 
@@ -238,36 +260,62 @@ class _StageRun:
             for action in self.sched.actions[self.stage]:
                 if self.on_action is not None:
                     self.on_action(action)
+                if action.op == "W" and self.max_late_w > 0:
+                    self.late_w.append(action)
+                    if len(self.late_w) > self.max_late_w:
+                        self.run_late_w()
+                    continue
                 if action.is_compute:
-                    self.post_arrived_activations()
                     self.flush()
+                    while self.late_w and not self.data_ready(action):
+                        self.run_late_w()  # fill the wait with work nobody waits for
                 getattr(self, action.op.lower())(action)
                 self.reap_sends()
+            while self.late_w:
+                self.run_late_w()
             self.flush()
             for pending, _ in self.sends:
                 self.links.wait_pending(pending)
             losses = self.share_losses()
         finally:
-            for waiter in (self.send_waiter, self.recv_waiter, self.header_waiter):
+            for waiter in (self.send_waiter, self.act_waiter, self.grad_waiter, self.header_waiter):
                 waiter.close()
             if self.split is not None:
                 self.split.remove()
         return StepResult(sum(losses) / self.m, losses, self.stage, self.trace)
 
+    def run_late_w(self) -> None:
+        self.flush()  # a gradient sent just before must not wait behind the W
+        self.w(self.late_w.pop(0))
+        self.reap_sends()
+
+    def data_ready(self, a: Action) -> bool:
+        """Whether the data of computation ``a`` is in (without waiting)."""
+        if a.op == "F" and not self.first and a.micro_batch in self.headers:
+            if not self.headers[a.micro_batch][1].done.is_set():
+                return False
+            if self.links.nccl:
+                return True  # its payload is posted by F itself, right behind the header
+            return self.acts_in[a.micro_batch][0][0].done.is_set()
+        if a.op == "B" and not self.last and a.micro_batch in self.grads_in:
+            slot = self.grads_in[a.micro_batch][0]
+            return slot[0] is not None and slot[0].done.is_set()
+        return True
+
     # communication -------------------------------------------------------------------------------
     def flush(self) -> None:
-        works = self.links.post([op for op, _ in self.batch])
-        for (op, slot), work in zip(self.batch, works):
+        works = self.links.post([op for op, _, _ in self.batch])
+        for (op, slot, waiter), work in zip(self.batch, works):
             if op.op is dist.isend:
                 self.sends.append((self.send_waiter.submit(work), op.tensor))
             else:
-                slot[0] = self.recv_waiter.submit(work)  # waited on its own thread from now on
+                slot[0] = waiter.submit(work)  # waited on its own thread from now on
         self.batch = []
 
     def queue(self, op, tensor: torch.Tensor, peer_stage: int, tag: str, mb: int) -> list:
         slot = [None]
         p2p = dist.P2POp(op, tensor, self.links.peer(peer_stage), self.links.group, mb * len(TAGS) + TAGS[tag])
-        self.batch.append((p2p, slot))
+        self.batch.append((p2p, slot, self.act_waiter if tag == "ACT" else self.grad_waiter))
         return slot
 
     def send_act(self, a: Action) -> None:
@@ -280,40 +328,31 @@ class _StageRun:
 
     def post_headers(self) -> None:
         """Posts the header receive of every activation this stage will get, at the step's start: a
-        header is a few bytes, and one already there lets the payload's receive be posted at once."""
+        header is a few bytes. On gloo the header's thread then posts the payload's receive as soon as
+        the header is in, so the payload flows while this stage computes (gloo sends a payload only
+        once its receive is posted). NCCL matches by order: there the payload's receive is posted
+        by this thread, when its F needs it."""
         if self.first:
             return
         peer = self.links.peer(self.stage - 1)
         for mb in range(self.m):
             header = torch.empty(2 + MAX_DIMS, dtype=torch.int64)
             work = dist.irecv(header, peer, self.links.header_group, mb * len(TAGS) + TAGS["ACT_HEADER"])
-            self.early_headers[mb] = (self.header_waiter.submit(work), header)
+            then = None if self.links.nccl else functools.partial(self.post_payload, mb, peer, header)
+            self.early_headers[mb] = (self.header_waiter.submit(work, then), header)
+
+    def post_payload(self, mb: int, peer: int, header: torch.Tensor) -> None:
+        """Runs on the header thread (gloo): the activation's receive, posted and handed to its waiter."""
+        shape, dtype = read_header(header)
+        buf = torch.empty(shape, dtype=dtype, device=self.links.device)
+        work = dist.irecv(buf, peer, self.links.group, mb * len(TAGS) + TAGS["ACT"])
+        self.acts_in[mb] = ([self.act_waiter.submit(work)], buf)
 
     def recv_act(self, a: Action) -> None:
         if a.micro_batch not in self.early_headers:
             raise RuntimeError(f"stage {self.stage} has no activation {a.micro_batch} to receive from stage "
                                f"{a.peer}; the schedule is broken")
         self.headers[a.micro_batch] = (a.peer,) + self.early_headers.pop(a.micro_batch)
-
-    def post_arrived_activations(self) -> None:
-        """Posts, in micro-batch order, the payload receive of each activation whose header has come
-        (on gloo; NCCL keeps receives where the schedule puts them, as its ordering needs)."""
-        if self.links.nccl:
-            return
-        for mb in sorted(self.headers):
-            pending = self.headers[mb][1]
-            if mb in self.acts_in:
-                continue
-            if not pending.done.is_set():
-                return
-            self.post_activation(mb)
-
-    def post_activation(self, mb: int) -> None:
-        peer, pending, header = self.headers[mb]
-        self.links.wait_pending(pending)
-        shape, dtype = read_header(header)
-        buf = torch.empty(shape, dtype=dtype, device=self.links.device)
-        self.acts_in[mb] = (self.queue(dist.irecv, buf, peer, "ACT", mb), buf)
 
     def send_grad(self, a: Action) -> None:
         grad = self.grads_out.pop(a.micro_batch)
@@ -337,10 +376,13 @@ class _StageRun:
     def receive_activation(self, mb: int) -> torch.Tensor:
         if mb not in self.headers:
             raise RuntimeError(f"stage {self.stage} runs F{mb} without a RECV_ACT for it; the schedule is broken")
-        if mb not in self.acts_in:
-            self.post_activation(mb)
+        peer, pending, header = self.headers.pop(mb)
+        self.links.wait_pending(pending)  # on gloo, also the payload's receive posted
+        if self.links.nccl:
+            shape, dtype = read_header(header)
+            buf = torch.empty(shape, dtype=dtype, device=self.links.device)
+            self.acts_in[mb] = (self.queue(dist.irecv, buf, peer, "ACT", mb), buf)
             self.flush()
-        del self.headers[mb]
         slot, buf = self.acts_in.pop(mb)
         self.links.wait_pending(slot[0])
         return buf.requires_grad_()
@@ -436,20 +478,27 @@ def measured_bubble(traces: list[list[TraceEvent]]) -> float:
     return 1.0 - busy / (len(traces) * span) if span > 0 else 0.0
 
 
-def measured_costs(traces: list[list[TraceEvent]], comm_s: float = 0.0) -> Costs:
-    """Mean seconds per (stage, op) from the traces, for simulating the same schedule; ``comm_s`` is
-    the transfer time of one activation or gradient (e.g. from ``p2p_latency``)."""
-    per_stage = {}
+def measured_costs(traces: list[list[TraceEvent]], comm_s: float = 0.0, per_action: bool = True) -> Costs:
+    """Seconds per computation from the traces, for replaying the same schedule: each action's own
+    measured duration (``per_action``), or the mean per (stage, op), which irons out the variation
+    between micro-batches. Either way every (stage, op) also gets its mean, for actions the trace
+    lacks. ``comm_s`` is the transfer time of one activation or gradient (e.g. ``p2p_latency``)."""
+    per_stage, each = {}, {}
     for stage, trace in enumerate(traces):
         for op in ("F", "B", "W"):
             durations = [e.end - e.start for e in trace if e.op == op]
             per_stage[(stage, op)] = sum(durations) / len(durations) if durations else 0.0
-    return Costs(comm=comm_s, per_stage=per_stage)
+        if per_action:
+            each.update({(stage, e.op, e.micro_batch): e.end - e.start for e in trace})
+    return Costs(comm=comm_s, per_stage=per_stage, per_action=each)
 
 
-def simulated_bubble(sched: Schedule, traces: list[list[TraceEvent]], comm_s: float = 0.0) -> float:
-    """The bubble the schedule would have with the measured compute costs and ``comm_s`` per message."""
-    return simulate(sched, measured_costs(traces, comm_s)).bubble
+def simulated_bubble(sched: Schedule, traces: list[list[TraceEvent]], comm_s: float = 0.0,
+                     per_action: bool = True) -> float:
+    """The bubble of ``sched`` replayed with the measured compute costs (each action's own duration, or
+    with ``per_action=False`` each (stage, op)'s mean) and ``comm_s`` per message: what the step
+    would idle if messages took ``comm_s`` and the executor cost nothing between computations."""
+    return simulate(sched, measured_costs(traces, comm_s, per_action)).bubble
 
 
 def p2p_latency(shape: Sequence[int], dtype: torch.dtype = torch.float32, rounds: int = 10, group=None,

@@ -56,12 +56,13 @@ class LaunchError(RuntimeError):
 
 
 class Pending:
-    """One submitted Work: ``done`` is set when its wait returned; ``result()`` re-raises its error."""
+    """One submitted Work: ``done`` is set when its wait returned (and its ``then`` ran); ``result()``
+    re-raises the error of either."""
 
-    __slots__ = ("work", "done", "error")
+    __slots__ = ("work", "then", "done", "error")
 
-    def __init__(self, work: dist.Work):
-        self.work, self.done, self.error = work, threading.Event(), None
+    def __init__(self, work: dist.Work, then: Callable[[], None] | None = None):
+        self.work, self.then, self.done, self.error = work, then, threading.Event(), None
 
     def result(self) -> None:
         if self.error is not None:
@@ -79,8 +80,10 @@ class WorkWaiter:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._run, name=name, daemon=True).start()
 
-    def submit(self, work: dist.Work) -> Pending:
-        pending = Pending(work)
+    def submit(self, work: dist.Work, then: Callable[[], None] | None = None) -> Pending:
+        """Queues ``work``; ``then`` runs on this waiter's thread as soon as it is done (e.g. posting the
+        receive that a header announces, without waiting for the caller to look)."""
+        pending = Pending(work, then)
         self._queue.put(pending)
         return pending
 
@@ -91,6 +94,8 @@ class WorkWaiter:
         while (pending := self._queue.get()) is not None:
             try:
                 pending.work.wait()
+                if pending.then is not None:
+                    pending.then()
             except BaseException as err:  # noqa: BLE001 - handed to whoever waits on it
                 pending.error = err
             pending.done.set()

@@ -36,16 +36,20 @@ class DeadlockError(RuntimeError):
 class Costs:
     """Seconds (or units) per action, ``b`` for the input-gradient part of a backward and ``w`` for the
     weight part; ``comm`` is the transfer time of one message; ``per_stage`` overrides
-    ``{(stage, op): cost}``."""
+    ``{(stage, op): cost}`` and ``per_action`` overrides ``{(stage, op, micro_batch): cost}`` (a
+    measured trace replayed action by action)."""
 
     f: float = 1.0
     b: float = 1.0
     w: float = 1.0
     comm: float = 0.0
     per_stage: dict = field(default_factory=dict)
+    per_action: dict = field(default_factory=dict)
 
-    def of(self, stage: int, op: str, split_backward: bool) -> float:
+    def of(self, stage: int, op: str, split_backward: bool, micro_batch: int | None = None) -> float:
         """A B that is the whole backward (GPipe, 1F1B) costs b + w unless overridden."""
+        if (stage, op, micro_batch) in self.per_action:
+            return self.per_action[(stage, op, micro_batch)]
         whole = {"F": self.f, "B": self.b if split_backward else self.b + self.w, "W": self.w}
         return self.per_stage.get((stage, op), whole[op])
 
@@ -124,7 +128,7 @@ class _Replay:
             if key not in self.posted[stage] or key + (stage,) not in self.arrival:
                 return False
             ready = max(ready, self.arrival[key + (stage,)])
-        end = ready + self.costs.of(stage, a.op, self.sched.split_backward)
+        end = ready + self.costs.of(stage, a.op, self.sched.split_backward, a.micro_batch)
         self.timeline[stage].append((a, ready, end))
         self.clock[stage] = end
         self.track_memory(stage, a)
