@@ -11,7 +11,7 @@ from astrobio.memory import PlanConfig, PlanError, check_fits, format_plan, get_
 from astrobio.memory import activations as act
 from astrobio.memory.planner import moments_bytes, occupancy
 from astrobio.memory.validate import CpuCase, measure_cpu, measure_cuda, run_stage
-from astrobio.model import build_model, get_config
+from astrobio.model import build_model, build_stage, get_config
 from astrobio.model.transformer import TransformerBlock, rotary_tables
 from astrobio.optim.adamw8bit import AdamW8bit
 from astrobio.plan import main as plan_cli
@@ -155,6 +155,89 @@ def test_cli_prints_json_and_exit_status(capsys):
     with pytest.raises(SystemExit) as bad:
         plan_cli(["--gpu-memory", "lots"])
     assert bad.value.code == 2
+
+
+# --- multimodal prefix encoders --------------------------------------------------------------------
+
+
+MULTIMODAL = ("--modalities", "text,catalogue,graph", "--seq-len", "48", "--micro-batch-size", "4",
+              "--gradient-accumulation-steps", "4")
+
+
+def test_the_plan_counts_the_prefix_encoders_on_stage_zero():
+    """The trainer's plan of a multimodal run against the modules its builders make (not on meta)."""
+    from astrobio.train import parse_config
+    from astrobio.train.memory import plan_config
+    from astrobio.train.trainer import build_prefix as trainer_prefix
+    from astrobio.train.trainer import build_stage_model
+    cpu = torch.device("cpu")
+    for stages in (1, 2):
+        config = parse_config([*MULTIMODAL, "--pipeline-stages", str(stages)])
+        p = plan(plan_config(config, 259, cpu))
+        prefix = trainer_prefix(config, cpu)
+        encoders = sum(t.numel() for t in prefix.parameters())
+        modules = [build_stage_model(config, 259, cpu, s)[0] for s in range(stages)]
+        real = [sum(t.numel() for t in m.parameters()) for m in modules]
+        real[0] += encoders
+        assert p.stage_params == real and p.devices[0].params == real[0]
+        assert next(t.bytes for t in p.devices[0].terms if t.name == "prefix encoder weights") == 4 * encoders
+    # stage 0's 8-bit AdamW state (on the device without offload) covers the encoders' parameters
+    params = [*modules[0].parameters(), *prefix.parameters()]
+    for t in params:
+        t.grad = torch.randn_like(t)
+    optimizer = AdamW8bit(params, lr=1e-3)
+    optimizer.step()
+    held = sum(v.nbytes for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v))
+    assert next(t.bytes for t in p.devices[0].terms if t.name.startswith("optimizer moments")) == held
+    offload = plan(plan_config(replace(config, use_cpu_offloading=True), 259, cpu))
+    assert next(t.bytes for t in offload.host.terms if t.name.startswith("master weights")) == 4 * sum(real)
+    # the prefix positions come before the 48 tokens: stage 1 (no encoders) is planned as text of 52 tokens
+    text = plan(replace(p.config, modalities=(), seq_len=52))
+    assert p.devices[1].total == text.devices[1].total
+    assert p.devices[0].total > text.devices[0].total
+    with pytest.raises(ValueError, match=r"seq_len 510 \+ 4 prefix positions exceeds"):
+        plan(replace(p.config, seq_len=510))
+
+
+# --- what the trainer plans for a GPU ----------------------------------------------------------------
+
+
+def test_the_trainer_plans_bf16_weights_for_offload_on_a_gpu(monkeypatch):
+    """With CPU offload on a GPU the device computes with bf16 weights (the trainer builds them so):
+    the trainer's preflight of 13b on 2 x A5000 is the plan of ``python -m astrobio.plan``, and fits."""
+    from astrobio.train import parse_config
+    from astrobio.train.memory import plan_config, preflight_run, weights_dtype
+    monkeypatch.setattr("astrobio.train.memory.hardware_of", lambda device: ("a5000", 24 * GIB))
+    monkeypatch.setattr("astrobio.train.memory.host_total", lambda: 256 * GIB)
+    gpu = torch.device("cuda", 0)
+    config = parse_config(["--model", "13b", "--device", "cuda", "--pipeline-stages", "2", "--seq-len", "2048",
+                           "--micro-batch-size", "1", "--gradient-accumulation-steps", "32",
+                           "--use-gradient-checkpointing"])
+    assert config.use_cpu_offloading and weights_dtype(config, gpu) == torch.bfloat16
+    assert plan_config(config, 32768, gpu).param_dtype == "bf16"
+    trainer_plan = preflight_run(config, 32768, gpu)  # raises ConfigError when it does not fit
+    cli_plan = plan(PlanConfig(model="13b", stages=2, gpu_memory=24 * GIB, host_memory=256 * GIB, seq_len=2048,
+                               micro_batch_size=1, micro_batches=32, hardware="a5000"))
+    assert [d.total for d in trainer_plan.devices] == [d.total for d in cli_plan.devices]
+    stage0 = sum(t.numel() for t in build_stage(get_config("13b"), 0, [28, 28], device="meta").parameters())
+    assert next(t.bytes for t in trainer_plan.devices[0].terms if t.name == "bf16 weights") == 2 * stage0
+    assert max(d.total for d in trainer_plan.devices) <= 22 * GIB
+    # fp32 where the trainer builds fp32: no offload on the GPU, or offload on the CPU
+    no_offload = replace(config, use_cpu_offloading=False)
+    assert weights_dtype(no_offload, gpu) == torch.float32 and plan_config(no_offload, 32768, gpu).param_dtype == "fp32"
+    assert plan_config(config, 32768, torch.device("cpu")).param_dtype == "fp32"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_offloaded_gpu_run_trains_with_bf16_weights(tmp_path):
+    from safetensors.torch import load_file
+    from astrobio.train import parse_config, run
+    summary = run(parse_config(["--device", "cuda", "--use-cpu-offloading", "--pipeline-stages", "1", "--steps", "2",
+                                "--data", "builtin:100", "--seq-len", "32", "--micro-batch-size", "4",
+                                "--eval-batches", "1", "--output-dir", str(tmp_path / "run")]))
+    weights = load_file(f"{summary['checkpoint']}/model.safetensors")
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+    assert summary["final_val_loss"] < summary["initial_val_loss"]
 
 
 # --- planned against measured ----------------------------------------------------------------------

@@ -17,8 +17,8 @@ from astrobio.data.catalogue import FEATURE_KEYS, NUM_FEATURES, catalogue_featur
 from astrobio.data.molecules import (ELEMENT_VOCAB, MOLECULES, NODE_FEATURES, SMILESError, molecule_graph,
                                      parse_smiles)
 from astrobio.data.multimodal import (MultimodalExample, MultimodalLoader, builtin_examples, collate, load_examples)
-from astrobio.model import build_model, get_config, split_model
-from astrobio.model.encoders import build_prefix, check_modalities, prefix_lm_loss
+from astrobio.model import build_model, build_stage, get_config, split_model
+from astrobio.model.encoders import build_prefix, check_modalities, prefix_lm_loss, prefix_positions
 
 OEC = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oec_systems.xml.gz"
 needs_oec = pytest.mark.skipif(not OEC.is_file(), reason=f"{OEC} is absent (the shared Open Exoplanet Catalogue "
@@ -268,6 +268,9 @@ def test_modality_names_are_checked():
         check_modalities("text,images")
     with pytest.raises(ValueError, match="name no prefix modality"):
         build_prefix(32, "text")
+    # the trainer's prefix length, known without building the encoders
+    assert prefix_positions("text,graph,catalogue") == build_prefix(32, "graph,catalogue").prefix_len
+    assert prefix_positions("graph") == build_prefix(32, "graph").prefix_len and prefix_positions("text") == 0
 
 
 # --- data to batches ---------------------------------------------------------------------------------
@@ -320,3 +323,107 @@ def test_the_open_exoplanet_catalogue_goes_through_end_to_end(tiny, oec_examples
     loss.backward()
     assert math.isfinite(loss.item())
     assert prefix.encoders["catalogue"].net[0].weight.grad.abs().sum() > 0
+
+
+# --- two pipeline stages, the encoders on stage 0 ----------------------------------------------------
+
+MODALITIES = ("catalogue", "graph")
+SPLIT = [2, 2]
+
+
+def pipeline_batches():
+    """4 training micro-batches of 3 examples (one with no record, one with a catalogue row only: every
+    missing embedding gets a gradient) and 2 validation batches."""
+    examples = mixed_examples() + builtin_examples(systems=6, seed=5)[:8]
+    batches = [collate(examples[i:i + 3], ByteTokenizer(), SEQ) for i in range(0, 12, 3)]
+    val = [collate(builtin_examples(systems=2, seed=9)[i:i + 2], ByteTokenizer(), SEQ) for i in (0, 2)]
+    return batches, val
+
+
+def two_stage_steps(ctx):
+    """One rank: a step under each schedule (gradients read, then cleared), then an evaluation."""
+    from astrobio.train.pipeline import PipelineStepRunner, Ranks
+    cfg = get_config("tiny")
+    stage = build_stage(cfg, ctx.rank, SPLIT, seed=0)
+    prefix = build_prefix(cfg.d_model, MODALITIES, seed=0) if ctx.rank == 0 else None
+    prefix_len = build_prefix(cfg.d_model, MODALITIES, device="meta").prefix_len
+    named = [*stage.named_parameters(), *(() if prefix is None else
+                                          ((f"prefix.{n}", p) for n, p in prefix.named_parameters()))]
+    train, val = pipeline_batches()
+    out = {}
+    for schedule in ("1f1b", "zb-h1"):
+        runner = PipelineStepRunner(stage, Ranks(ctx), schedule, ctx.device, False, None, prefix, prefix_len)
+        loss = runner.forward_backward(train)
+        out[schedule] = loss, {n: p.grad.clone() for n, p in named if p.grad is not None}
+        for _, p in named:
+            p.grad = None
+    out["val"] = runner.evaluate(val)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_process_step():
+    """The whole model and the encoders in this process, on the same micro-batches (the trainer's
+    one-stage runner)."""
+    from astrobio.train.trainer import LocalStepRunner
+    cfg = get_config("tiny")
+    model, prefix = build_model(cfg, seed=0), build_prefix(cfg.d_model, MODALITIES, seed=0)
+    runner = LocalStepRunner(model, torch.device("cpu"), False, prefix)
+    train, val = pipeline_batches()
+    loss = runner.forward_backward(train)
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    grads.update({f"prefix.{n}": p.grad for n, p in prefix.named_parameters()})
+    return loss, grads, runner.evaluate(val)
+
+
+def test_two_stages_with_the_encoders_on_stage_zero_equal_one_process(single_process_step):
+    from astrobio.parallel.launch import launch
+    loss, grads, val_loss = single_process_step
+    ranks = launch(two_stage_steps, 2, timeout_s=60, backend="gloo")
+    encoders = [n for n in grads if n.startswith("prefix.")]
+    assert encoders and all(grads[n].abs().sum() > 0 for n in encoders)  # the reference reaches every encoder
+    for schedule in ("1f1b", "zb-h1"):
+        (loss0, grads0), (loss1, grads1) = ranks[0][schedule], ranks[1][schedule]
+        assert loss0 == loss1 == pytest.approx(loss, rel=1e-6), schedule
+        assert not any(n.startswith("prefix.") for n in grads1)  # the encoders live on stage 0 only
+        got = {**grads0, **grads1}
+        assert set(got) == set(grads), schedule  # every parameter, each encoder's included, got a gradient
+        for name in encoders:
+            torch.testing.assert_close(got[name], grads[name], rtol=1e-5, atol=1e-7, msg=f"{schedule} {name}")
+        for name in set(grads) - set(encoders):
+            torch.testing.assert_close(got[name], grads[name], rtol=1e-5, atol=1e-7, msg=f"{schedule} {name}")
+    assert ranks[0]["val"] == ranks[1]["val"] == pytest.approx(val_loss, rel=1e-6)
+
+
+CLI_RUN = ("--modalities", "text,catalogue,graph", "--data", "builtin:60", "--seq-len", "48", "--micro-batch-size", "4",
+           "--gradient-accumulation-steps", "2", "--eval-batches", "1", "--warmup-steps", "2", "--steps", "6")
+
+
+def test_a_multimodal_run_moves_between_one_and_two_stages(tmp_path):
+    """Through the CLI: 1 stage for steps 1-2, 2 stages for 3-4, 1 stage for 5-6, as one straight run;
+    the 2-stage checkpoint holds the encoders (stage 0's optimizer part has their state)."""
+    from astrobio.train import main
+    from astrobio.train.checkpoint import load_checkpoint, read_part
+    from astrobio.train.logging import read_metrics
+
+    def train(out, stages, *extra):
+        assert main([*CLI_RUN, "--output-dir", str(out), "--pipeline-stages", str(stages), *extra]) == 0
+
+    def losses(out):
+        return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+    straight, hops = tmp_path / "straight", tmp_path / "hops"
+    train(straight, 1)
+    train(hops, 1, "--stop-at-step", "2")
+    train(hops, 2, "--resume", "auto", "--stop-at-step", "4")
+    parts = hops / "checkpoints" / "step-4"
+    _, state, _ = load_checkpoint(parts)
+    initial = build_prefix(128, MODALITIES, seed=0).state_dict()
+    assert set(state["prefix"]) == set(initial)
+    assert sum(not torch.equal(state["prefix"][k], initial[k]) for k in initial) > len(initial) // 2  # trained
+    stage0, stage1 = (set(read_part(parts, f"optimizer-stage{s}")["state"]) for s in (0, 1))
+    assert {f"prefix.{k}" for k in dict(build_prefix(128, MODALITIES).named_parameters())} <= stage0
+    assert not any(n.startswith("prefix.") for n in stage1)
+    train(hops, 1, "--resume", "auto")
+    assert len(losses(hops)) == 6
+    assert losses(hops) == pytest.approx(losses(straight), rel=1e-5)

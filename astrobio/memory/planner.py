@@ -1,8 +1,10 @@
 """The memory planner: what each pipeline stage's device and the host will hold, before anything runs.
 
 ``plan(PlanConfig(...)) -> Plan`` counts parameters from the model built on the meta device (per
-stage), activations from the layer's shapes (astrobio.memory.activations), optimizer state per tensor
-from the 8-bit specification's block layout, and estimates the step time (astrobio.memory.timing).
+stage; with ``modalities``, the prefix encoders from ``build_prefix(..., device="meta")`` on stage 0,
+and their prefix positions before the tokens), activations from the layer's shapes
+(astrobio.memory.activations), optimizer state per tensor from the 8-bit specification's block layout,
+and estimates the step time (astrobio.memory.timing).
 Refusing what will not fit is astrobio.memory.preflight's job.
 
 A stage's device peak is taken at the worst moment of its steady-state step: the backward of the
@@ -14,18 +16,20 @@ and, when the optimizer runs on the device, the optimizer step itself.
 from __future__ import annotations
 
 import functools
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from astrobio.memory import activations as act
 from astrobio.memory.hardware import GIB, HardwareProfile, get_hardware
 from astrobio.memory.timing import StepTime, estimate_step
 from astrobio.model import ModelConfig, build_stage, even_split, get_config
+from astrobio.model.encoders import build_prefix, check_modalities
 from astrobio.optim.reference import BLOCK_SIZE, MIN_8BIT_NUMEL
 from astrobio.parallel.schedules import compute_order, normalize_kind
 
 SCHEDULES = ("gpipe", "1f1b", "zb-h1")
 MiB = 2 ** 20
 ENGINE_BUCKET_BYTES = 32 * MiB  # astrobio.optim.offload.OffloadEngine's default
+PREFIX = "prefix."  # the prefix encoders' parameter names, as the trainer names them
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,8 @@ class PlanConfig:
     model: str | ModelConfig = "13b"
     stages: int = 2
     layers_per_stage: tuple[int, ...] | None = None
-    seq_len: int = 2048
+    seq_len: int = 2048                # tokens per sequence (a prefix adds its positions)
+    modalities: tuple[str, ...] = ()   # prefix encoders on stage 0: catalogue, graph (text needs none)
     micro_batch_size: int = 1
     micro_batches: int = 32            # micro-batches per optimizer step (gradient accumulation)
     schedule: str = "1f1b"
@@ -59,6 +64,7 @@ class PlanConfig:
     host_memory_bandwidth: float | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "modalities", check_modalities(self.modalities))
         if isinstance(self.schedule, str) and self.schedule not in SCHEDULES:
             try:  # the pipeline's aliases (ZB_H1, zbh1, ...); anything else is refused below
                 object.__setattr__(self, "schedule", normalize_kind(self.schedule))
@@ -153,6 +159,16 @@ def stage_tensors(model: ModelConfig, split: tuple[int, ...]) -> list[list[tuple
     """(name, numel) of every parameter of every stage, from ``build_stage(..., device="meta")``."""
     return [[(name, p.numel()) for name, p in build_stage(model, s, list(split), device="meta").named_parameters()]
             for s in range(len(split))]
+
+
+@functools.lru_cache(maxsize=8)
+def prefix_tensors(d_model: int, modalities: tuple[str, ...]) -> tuple[tuple[tuple[str, int], ...], int]:
+    """(name, numel) of the prefix encoders' parameters under the trainer's names (``prefix.``), from
+    ``build_prefix(..., device="meta")``, and the number of prefix positions; nothing for text alone."""
+    if not modalities:
+        return (), 0
+    module = build_prefix(d_model, modalities, device="meta")
+    return tuple((PREFIX + name, p.numel()) for name, p in module.named_parameters()), module.prefix_len
 
 
 def moments_bytes(numels: list[int], optimizer: str, state_bytes: int) -> int:
@@ -288,15 +304,23 @@ def backward_moments(s: StageShape, cfg: PlanConfig, grads: dict[str, int], othe
     if s.is_first:
         g = (accumulated or sum(grads.values())) if grads_resident else grad_in_flight("embed")
         out.append(("backward of the embedding", others, 0, g))
+    if s.is_first and "prefix" in grads:
+        g = (accumulated or sum(grads.values())) if grads_resident else grad_in_flight("prefix")
+        out.append(("backward of the prefix encoders", others, 0, g))
     return out
 
 
 def resident_terms(cfg: PlanConfig, tensors: list[tuple[str, int]], param_bytes: int) -> list[Term]:
-    """What a stage holds all step long: its weights, and without offload the optimizer's tensors."""
+    """What a stage holds all step long: its weights (the prefix encoders' in fp32, as the trainer keeps
+    them), and without offload the optimizer's tensors."""
     numels = [n for _, n in tensors]
-    n_params = sum(numels)
+    n_params = sum(n for name, n in tensors if not name.startswith(PREFIX))
+    n_encoders = sum(numels) - n_params
     dtype_name = "bf16" if param_bytes == 2 else "fp32"
     terms = [Term(f"{dtype_name} weights", param_bytes * n_params, f"{n_params / 1e9:.3f}B parameters")]
+    if n_encoders:
+        terms.append(Term("prefix encoder weights", 4 * n_encoders,
+                          f"{n_encoders:,} parameters ({', '.join(cfg.modalities)}), fp32"))
     if not cfg.offload:
         if param_bytes == 2 and cfg.master_weights == "fp32":
             terms.append(Term("fp32 master weights", 4 * n_params, "on the device (no offload)"))
@@ -415,8 +439,10 @@ def plan_host(cfg: PlanConfig, hw: HardwareProfile, tensors: list[list[tuple[str
                           "8-bit m, v + fp32 absmax per 256" if cfg.optimizer == "adamw8bit" else "fp32 m, v"))
         acc = 4 if cfg.accum_dtype == "fp32" else 2
         terms.append(Term(f"gradient accumulators ({cfg.accum_dtype})", acc * n_params, "summed over micro-batches"))
-        if master == 4 and param_bytes == 2:
-            terms.append(Term("bf16 upload copy", 2 * n_params, "new weights written by the step, copied to the device"))
+        if master == 4 and param_bytes == 2:  # not for the fp32 prefix encoders
+            uploaded = sum(n for stage in tensors for name, n in stage if not name.startswith(PREFIX))
+            terms.append(Term("bf16 upload copy", 2 * uploaded,
+                              "new weights written by the step, copied to the device"))
         staging = sum(cfg.staging_buffers * largest_bucket(stage, cfg.bucket_bytes, param_bytes) for stage in tensors)
         terms.append(Term("gradient staging", staging, f"{cfg.staging_buffers} buffers of the largest bucket per stage"))
     if hw.unified:
@@ -465,13 +491,17 @@ def plan(cfg: PlanConfig) -> Plan:
     split = list(cfg.layers_per_stage) if cfg.layers_per_stage else even_split(model.n_layers, cfg.stages)
     if len(split) != cfg.stages:
         raise ValueError(f"layers_per_stage {split} has {len(split)} entries for {cfg.stages} stages")
-    if cfg.seq_len > model.max_seq_len:
-        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's max_seq_len {model.max_seq_len}")
+    encoders, prefix_len = prefix_tensors(model.d_model, cfg.modalities)
+    positions = cfg.seq_len + prefix_len
+    if positions > model.max_seq_len:
+        with_prefix = f" + {prefix_len} prefix positions" if prefix_len else ""
+        raise ValueError(f"seq_len {cfg.seq_len}{with_prefix} exceeds the model's max_seq_len {model.max_seq_len}")
     param_dtype = cfg.param_dtype or ("fp32" if hw.unified else "bf16")
     param_bytes = 2 if param_dtype == "bf16" else 4
     precision = act.Precision.of(param_bytes, cfg.autocast)
-    tensors = stage_tensors(model, tuple(split))
-    tokens = act.Tokens(cfg.micro_batch_size, cfg.seq_len)
+    layers_only = stage_tensors(model, tuple(split))
+    tensors = [[*layers_only[0], *encoders], *layers_only[1:]]  # the encoders live on stage 0
+    tokens = act.Tokens(cfg.micro_batch_size, positions)
     devices = []
     for s, layers in enumerate(split):
         shape = StageShape(model, tokens, layers, s == 0, s == len(split) - 1, precision)
@@ -480,7 +510,8 @@ def plan(cfg: PlanConfig) -> Plan:
         devices.append(budget)
     host = plan_host(cfg, hw, tensors, devices, param_bytes)
     stage_params = [sum(n for _, n in t) for t in tensors]
-    timing = estimate_step(cfg, hw, model, split, tensors, param_bytes)
+    # the encoders run once per example, not per position: their FLOPs and bytes are left out of the time
+    timing = estimate_step(replace(cfg, seq_len=positions), hw, model, split, layers_only, param_bytes)
     return Plan(cfg, model, hw, split, stage_params, devices, host, timing, notes=plan_notes(cfg, hw))
 
 

@@ -25,6 +25,7 @@ from astrobio.data.molecules import EDGE_FEATURES, NODE_FEATURES
 
 MODALITIES = ("text", "catalogue", "graph")
 PREFIX_MODALITIES = ("catalogue", "graph")
+PREFIX_TOKENS = {"catalogue": 2, "graph": 2}  # prefix positions per modality (MultimodalPrefix's defaults)
 OUTPUT_INIT_STD = 0.02  # as the token embeddings (ModelConfig.init_std): prefixes start at their scale
 
 
@@ -86,8 +87,9 @@ class MultimodalPrefix(nn.Module):
     """The prefix of the enabled modalities (``catalogue``, ``graph``; ``text`` needs no encoder), in
     that order: ``[batch, prefix_len, d_model]``."""
 
-    def __init__(self, d_model: int, modalities=PREFIX_MODALITIES, catalogue_tokens: int = 2,
-                 graph_tokens: int = 2, hidden: int = 256, gnn_hidden: int = 128, gnn_layers: int = 3):
+    def __init__(self, d_model: int, modalities=PREFIX_MODALITIES, catalogue_tokens: int = PREFIX_TOKENS["catalogue"],
+                 graph_tokens: int = PREFIX_TOKENS["graph"], hidden: int = 256, gnn_hidden: int = 128,
+                 gnn_layers: int = 3):
         super().__init__()
         self.modalities = check_modalities(modalities)
         if not self.modalities:
@@ -155,6 +157,12 @@ def check_modalities(modalities) -> tuple[str, ...]:
         raise ValueError(f"unknown modality {unknown[0]!r}; choose from {', '.join(MODALITIES)} "
                          "(as --modalities text,catalogue,graph)")
     return tuple(n for n in PREFIX_MODALITIES if n in names)
+
+
+def prefix_positions(modalities) -> int:
+    """The prefix length of ``build_prefix(d_model, modalities)`` with the default sizes, without building it
+    (0 for text alone)."""
+    return sum(PREFIX_TOKENS[name] for name in check_modalities(modalities))
 
 
 def build_prefix(d_model: int, modalities, seed: int = 0, device: torch.device | str = "cpu",

@@ -4,6 +4,10 @@ Stage 0 holds the embedding and the first layers, the last stage the last layers
 the head; a stage in between holds layers only. A stage maps its input (token ids on stage 0, hidden
 states elsewhere) to its output (hidden states, or logits on the last stage). Parameter names keep the
 whole model's names (``layers.7.attn.wq.weight``), so checkpoints move between stage counts.
+
+In a multimodal run the prefix encoders live on stage 0: ``PrefixedStage`` runs them on a batch's
+catalogue rows and molecule graphs and puts their embeddings before the tokens, so the hidden states it
+sends on are ``prefix_len`` positions longer than the token sequence.
 """
 
 from __future__ import annotations
@@ -57,6 +61,22 @@ class PipelineStage(nn.Module):
         if self.is_last:
             x = self.head(self.norm(x))
         return x
+
+
+class PrefixedStage(nn.Module):
+    """Stage 0 with the multimodal prefix encoders (``astrobio.model.encoders.MultimodalPrefix``) before it.
+
+    Its input is a batch with ``tokens`` and ``prefix_inputs()`` (``astrobio.data.multimodal.MultimodalBatch``);
+    its output the stage's output over prefix + tokens, ``[batch, prefix_len + T, ...]``."""
+
+    def __init__(self, stage: PipelineStage, prefix: nn.Module):
+        super().__init__()
+        if not stage.is_first:
+            raise ValueError(f"the prefix encoders go before stage 0, not stage {stage.stage}")
+        self.stage, self.prefix = stage, prefix
+
+    def forward(self, batch) -> torch.Tensor:
+        return self.stage(batch.tokens, prefix=self.prefix(**batch.prefix_inputs()))
 
 
 def build_stage(config: ModelConfig, stage: int, layers_per_stage: list[int] | None = None, seed: int = 0,

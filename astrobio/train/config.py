@@ -181,8 +181,9 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def resolve_stages(config: TrainConfig) -> TrainConfig:
-    """The default pipeline: 2 stages (1F1B) for text on the CPU; one stage for a multimodal prefix (which
-    runs on one stage only) or a GPU (one device may not hold two NCCL ranks)."""
+    """The default pipeline: 2 stages (1F1B) for text on the CPU; one stage for a multimodal prefix (the
+    documented multimodal job; ``--pipeline-stages 2`` puts the encoders on stage 0) or a GPU (one device
+    may not hold two NCCL ranks)."""
     if config.pipeline_stages is not None:
         return config
     from astrobio.model.encoders import check_modalities
@@ -234,7 +235,6 @@ def validate(config: TrainConfig) -> TrainConfig:
     check_counts(config)
     check_optimizer(config)
     check_model(config)
-    check_unavailable(config)
     if config.steps is not None and config.epochs is not None:
         raise ConfigError(f"give --steps ({config.steps}) or --epochs ({config.epochs}), not both")
     if config.steps is None and config.epochs is None:
@@ -286,14 +286,11 @@ def check_optimizer(config: TrainConfig) -> None:
 
 def prefix_len(config: TrainConfig) -> int:
     """Prefix positions the --modalities add before the tokens (0 for text alone)."""
-    from astrobio.model.encoders import build_prefix, check_modalities
+    from astrobio.model.encoders import prefix_positions
     try:
-        prefix = check_modalities(config.modalities)
+        return prefix_positions(config.modalities)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    if not prefix:
-        return 0
-    return build_prefix(get_config(config.model).d_model, prefix, device="meta").prefix_len
 
 
 def check_model(config: TrainConfig) -> None:
@@ -318,13 +315,6 @@ def check_offload(config: TrainConfig) -> None:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} {getattr(config, name)} applies to offloaded optimizer state; add "
                                   f"--use-cpu-offloading or use {flag} fp32")
-
-
-def check_unavailable(config: TrainConfig) -> None:
-    """Combinations that are not supported."""
-    if config.pipeline_stages > 1 and prefix_len(config):
-        raise ConfigError(f"--modalities {config.modalities} runs on one stage only; use --pipeline-stages 1 "
-                          f"or --modalities text")
 
 
 def check_environment(config: TrainConfig) -> None:

@@ -2,9 +2,10 @@
 samples while the run goes (astrobio.memory; docs/MEMORY.md).
 
 ``preflight_run`` maps the training config onto a ``PlanConfig`` for this machine (the ``cpu`` profile
-with this host's memory, or the GPU's own size) and refuses a configuration the planner says will not
-fit with a ``ConfigError`` of one line: the budget that is over, by how much, its largest term, and the
-planned changes that would fit. ``--force`` turns the refusal into a warning.
+with this host's memory, or the GPU's own size; the weights in ``weights_dtype``, the dtype the trainer
+builds them in; the ``--modalities`` prefix encoders on stage 0) and refuses a configuration the planner
+says will not fit with a ``ConfigError`` of one line: the budget that is over, by how much, its largest
+term, and the planned changes that would fit. ``--force`` turns the refusal into a warning.
 
 ``memory_fields`` turns a profiler sample into the keys a ``metrics.jsonl`` record carries.
 """
@@ -32,17 +33,27 @@ def hardware_of(device: torch.device) -> tuple[str, int | None]:
     return ("h200" if "H200" in props.name else "a5000"), props.total_memory
 
 
-def plan_config(config: TrainConfig, vocab_size: int, device: torch.device, prefix_len: int = 0) -> PlanConfig:
-    """What this run will hold, in the planner's terms (fp32 parameters, as the trainer builds them)."""
+def weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
+    """The dtype of the weights the device computes with. With CPU offload on a GPU: bf16 (the offload
+    engine keeps the master weights on the host and uploads each step's new weights in the parameters'
+    dtype; DESIGN.md section 1). Otherwise fp32. The prefix encoders stay fp32 either way."""
+    return torch.bfloat16 if config.use_cpu_offloading and device.type == "cuda" else torch.float32
+
+
+def plan_config(config: TrainConfig, vocab_size: int, device: torch.device) -> PlanConfig:
+    """What this run will hold, in the planner's terms: the weights in ``weights_dtype``, the prefix
+    encoders of ``--modalities`` on stage 0 and their positions before the tokens."""
+    from astrobio.model.encoders import check_modalities
     hardware, gpu_memory = hardware_of(device)
+    param_dtype = "bf16" if weights_dtype(config, device) == torch.bfloat16 else "fp32"
     return PlanConfig(model=config.model, vocab_size=vocab_size, stages=config.pipeline_stages,
-                      seq_len=config.seq_len + prefix_len, micro_batch_size=config.micro_batch_size,
-                      micro_batches=config.gradient_accumulation_steps, schedule=config.schedule,
-                      checkpointing=config.use_gradient_checkpointing, offload=bool(config.use_cpu_offloading),
-                      master_weights=config.master_weights, accum_dtype=config.accum_dtype,
-                      optimizer="adamw8bit" if config.use_8bit_optimizer else "adamw", param_dtype="fp32",
-                      autocast=config.use_mixed_precision, hardware=hardware, gpu_memory=gpu_memory,
-                      host_memory=host_total())
+                      seq_len=config.seq_len, modalities=check_modalities(config.modalities),
+                      micro_batch_size=config.micro_batch_size, micro_batches=config.gradient_accumulation_steps,
+                      schedule=config.schedule, checkpointing=config.use_gradient_checkpointing,
+                      offload=bool(config.use_cpu_offloading), master_weights=config.master_weights,
+                      accum_dtype=config.accum_dtype, optimizer="adamw8bit" if config.use_8bit_optimizer else "adamw",
+                      param_dtype=param_dtype, autocast=config.use_mixed_precision, hardware=hardware,
+                      gpu_memory=gpu_memory, host_memory=host_total())
 
 
 def one_line(error: PlanError) -> str:
@@ -53,10 +64,10 @@ def one_line(error: PlanError) -> str:
     return text + "or pass --force to start anyway"
 
 
-def preflight_run(config: TrainConfig, vocab_size: int, device: torch.device, prefix_len: int = 0) -> Plan:
+def preflight_run(config: TrainConfig, vocab_size: int, device: torch.device) -> Plan:
     """Plans the run; raises ConfigError (one line) when it will not fit, unless ``--force``."""
     try:
-        p = plan(plan_config(config, vocab_size, device, prefix_len))
+        p = plan(plan_config(config, vocab_size, device))
     except ValueError as error:
         raise ConfigError(f"memory planner: {error}") from None
     try:

@@ -11,9 +11,13 @@ CPU and NCCL on GPUs; or one rank per process under ``torchrun``), and every ran
   ``astrobio.parallel.executor.run_pipeline_step`` (every rank reads the same micro-batches from an
   identical loader: stage 0 uses the inputs, the last stage the targets), returns the loss on every
   rank, keeps the step's trace for the measured bubble, and evaluates forward-only through the stages.
+  In a multimodal run the micro-batches are MultimodalBatch: stage 0 runs the prefix encoders before its
+  layers (``PrefixedStage``; the encoders and their optimizer state live on stage 0 only) and the last
+  stage's loss covers the token positions.
 
 Only rank 0 writes metrics, plots and the summary; checkpoints are written in parts, one per stage
-(astrobio.train.checkpoint), and load with any number of stages.
+(astrobio.train.checkpoint), and load with any number of stages (the prefix encoders' weights go with rank
+0's training state, as with one stage).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from astrobio.model.stages import PrefixedStage
 from astrobio.train.config import TrainConfig
 
 
@@ -77,46 +82,59 @@ class PipelineStepRunner:
     """This rank's stage of the model, run by the schedule; see the module docstring."""
 
     def __init__(self, stage: nn.Module, ranks: Ranks, schedule: str, device: torch.device, mixed_precision: bool,
-                 loss_fn):
+                 loss_fn, prefix: nn.Module | None = None, prefix_len: int = 0):
         self.stage, self.ranks, self.schedule = stage, ranks, schedule
         self.device, self.mixed_precision, self.loss_fn = device, mixed_precision, loss_fn
         self.first, self.last = ranks.stage == 0, ranks.stage == ranks.world_size - 1
+        self.prefix_len = prefix_len
+        self.module = stage if prefix is None else PrefixedStage(stage, prefix)
+        self.wire_dtype = next(stage.parameters()).dtype  # activations between stages in evaluate
         self.trace: list = []
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
 
+    def pairs(self, batches: list) -> list:
+        """(inputs, targets) per micro-batch: a MultimodalBatch is its own input (stage 0 reads its tokens,
+        catalogue rows and graphs) and gives its targets to the last stage."""
+        return [(batch, batch.targets) for batch in batches] if self.prefix_len else list(batches)
+
     def forward_backward(self, micro_batches: list) -> float:
         from astrobio.parallel.executor import run_pipeline_step
-        self.stage.train()
+        self.module.train()
         with self.autocast():
-            result = run_pipeline_step(self.stage, self.schedule, micro_batches, self.target_loss,
+            result = run_pipeline_step(self.module, self.schedule, self.pairs(micro_batches), self.target_loss,
                                        guard=self.ranks.guard, device=self.device)
         self.trace = result.trace
         return result.loss
 
     def target_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's mean loss; with a prefix, over the token positions only."""
+        if self.prefix_len:
+            from astrobio.model.encoders import prefix_lm_loss
+            return prefix_lm_loss(output, targets.to(self.device), self.prefix_len)
         return self.loss_fn(output, targets.to(self.device))
 
     @torch.no_grad()
     def evaluate(self, batches: list) -> float:
-        """Forward only: each batch's activations go stage to stage (fp32), the last stage averages the
-        losses and rank 0 gets the mean."""
-        self.stage.eval()
+        """Forward only: each batch's activations (prefix + tokens positions) go stage to stage in the
+        weights' dtype, the last stage averages the losses and rank 0 gets the mean."""
+        self.module.eval()
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         width = self.stage.config.d_model
-        for inputs, targets in batches:
+        for inputs, targets in self.pairs(batches):
             if self.first:
                 x = inputs.to(self.device)
             else:
-                x = torch.empty((*inputs.shape, width), dtype=torch.float32, device=self.device)
+                shape = (targets.shape[0], self.prefix_len + targets.shape[1], width)
+                x = torch.empty(shape, dtype=self.wire_dtype, device=self.device)
                 self.ranks.wait(dist.irecv(x, self.ranks.stage - 1))
             with self.autocast():
-                out = self.stage(x)
+                out = self.module(x)
             if self.last:
                 total += self.target_loss(out, targets).double()
             else:
-                self.ranks.wait(dist.isend(out.float().contiguous(), self.ranks.stage + 1))
+                self.ranks.wait(dist.isend(out.to(self.wire_dtype).contiguous(), self.ranks.stage + 1))
         self.ranks.wait(dist.broadcast(total, self.ranks.world_size - 1, async_op=True))
         return (total / len(batches)).item()
 

@@ -221,7 +221,8 @@ def trainable(model: nn.Module, prefix: nn.Module | None) -> list[tuple[str, nn.
 def build_step_runner(config: TrainConfig, model: nn.Module, device: torch.device,
                       prefix: nn.Module | None = None, ranks=None) -> StepRunner:
     if config.pipeline_stages > 1:
-        return PipelineStepRunner(model, ranks, config.schedule, device, config.use_mixed_precision, lm_loss)
+        return PipelineStepRunner(model, ranks, config.schedule, device, config.use_mixed_precision, lm_loss,
+                                  prefix, prefix_len(config))
     return LocalStepRunner(model, device, config.use_mixed_precision, prefix)
 
 
@@ -320,7 +321,7 @@ class Trainer:
             self.model, index_offset = build_stage_model(config, data.vocab_size, device, self.ranks.stage)
         else:
             self.model, index_offset = build_model(config, data.vocab_size, device), 0
-        self.prefix = build_prefix(config, device)
+        self.prefix = build_prefix(config, device) if self.ranks.stage == 0 else None  # the encoders: stage 0
         named = trainable(self.model, self.prefix)
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
@@ -641,7 +642,7 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, DataBundle, Resume | None
     if model_vocab < data.vocab_size:
         raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but model {config.model!r} only "
                           f"{model_vocab}; use a smaller tokenizer or another --model")
-    preflight_run(config, data.vocab_size, resolve_device(config), prefix_len(config))
+    preflight_run(config, data.vocab_size, resolve_device(config))
     return resolve_steps(config, data), data, resume
 
 
