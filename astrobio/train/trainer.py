@@ -42,7 +42,7 @@ from astrobio.train.checkpoint import (CheckpointError, Checkpointer, load_check
 from astrobio.train.data import DataBundle, build_data
 from astrobio.train.config import ConfigError, TrainConfig, check_environment, parse_config, prefix_len
 from astrobio.train.logging import MetricsLogger, NullLogger, memory_stats, read_metrics
-from astrobio.train.memory import build_profiler, memory_fields, plot_memory_records, preflight_run
+from astrobio.train.memory import build_profiler, memory_fields, plot_memory_records, preflight_run, weights_dtype
 from astrobio.train.pipeline import (PipelineStepRunner, SingleProcess, bubble_of, plot_pipeline, run_pipeline,
                                      torchrun_rank)
 from astrobio.train.plots import plot_loss
@@ -65,7 +65,8 @@ def resolve_device(config: TrainConfig) -> torch.device:
 
 
 def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> nn.Module:
-    model = build_transformer(get_config(config.model, vocab_size=vocab_size), seed=config.seed, device=device)
+    model = build_transformer(get_config(config.model, vocab_size=vocab_size), seed=config.seed, device=device,
+                              dtype=weights_dtype(config, device))
     model.gradient_checkpointing = config.use_gradient_checkpointing
     return model
 
@@ -194,7 +195,8 @@ def build_stage_model(config: TrainConfig, vocab_size: int, device: torch.device
     from astrobio.model import build_stage, even_split
     model_config = get_config(config.model, vocab_size=vocab_size)
     split = even_split(model_config.n_layers, config.pipeline_stages)
-    module = build_stage(model_config, stage, split, seed=config.seed, device=device)
+    module = build_stage(model_config, stage, split, seed=config.seed, device=device,
+                         dtype=weights_dtype(config, device))
     module.gradient_checkpointing = config.use_gradient_checkpointing
     before = sum(len(list(build_stage(model_config, s, split, device="meta").parameters())) for s in range(stage))
     return module, before
