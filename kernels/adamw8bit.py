@@ -59,10 +59,10 @@ def _inverse_or_zero(x):
 
 @triton.jit
 def _round_nearest_bf16_bits(p):
-    """fp32 -> bf16 bit pattern, round to nearest even (NaN stays NaN), as torch's conversion."""
+    """fp32 -> bf16 bit pattern as reference.round_to_bf16: nearest even, every NaN the canonical 0x7FC0."""
     bits = p.to(tl.uint32, bitcast=True)
     rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    return tl.where(p != p, (bits >> 16) | 0x40, rounded).to(tl.uint16)
+    return tl.where(p != p, 0x7FC0, rounded).to(tl.uint16)
 
 
 @triton.jit(do_not_specialize=["seed"])

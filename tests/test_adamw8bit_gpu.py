@@ -50,7 +50,9 @@ VARIANTS = {
     "q8-fp32grad-bf16sr-copy": (True, torch.bfloat16, torch.float32, True, 0),
     "fp32moments-bf16grad-fp32master": (False, torch.float32, torch.bfloat16, False, 0),
     "q8-unaligned-bf16grad-fp32master-copy": (True, torch.float32, torch.bfloat16, True, 1),
+    "q8-nanweights-fp32grad-fp32master-copy": (True, torch.float32, torch.float32, True, 0),
 }
+NAN_WEIGHTS = "q8-nanweights-fp32grad-fp32master-copy"  # every 37th weight NaN: the copy's canonical NaN
 CASES = ([(n, v) for n in SIZES for v in VARIANTS]
          + [(LARGE, "q8-bf16grad-fp32master-copy"), (LARGE, "q8-bf16grad-bf16sr")])
 
@@ -79,6 +81,8 @@ def initial_state(n: int, variant: str) -> dict:
     quantized, param_dtype, _, copy, _ = VARIANTS[variant]
     gen = torch.Generator().manual_seed(n)
     state = {"param": torch.randn(n, generator=gen).to(param_dtype)}
+    if variant == NAN_WEIGHTS:
+        state["param"].view(torch.int32)[::37] = -0x3EDCBB  # 0xFFC12345: negative, with a payload
     if quantized:
         state["exp_avg"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
         state["exp_avg_sq"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
@@ -151,7 +155,8 @@ def test_matches_reference_bit_for_bit(backend, n, variant):
             assert got[key] is None
         else:
             assert_bitwise_equal(got[key], value, f"{backend} {key}")
-    assert bool(want["param"].float().isfinite().all())
+    finite = want["param"].float().isfinite()  # the comparison saw real numbers
+    assert bool(finite.any() if variant == NAN_WEIGHTS else finite.all())
 
 
 # --- the CUDA kernel's source, run on the CPU -------------------------------------------------------
@@ -159,7 +164,8 @@ def test_matches_reference_bit_for_bit(backend, n, variant):
 CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
 EMULATED_CASES = [(255, "q8-fp32grad-bf16sr-copy"), (257, "q8-bf16grad-fp32master-copy"),
                   (4097, "fp32moments-bf16grad-fp32master"), (4097, "q8-bf16grad-bf16sr"),
-                  (20_003, "q8-unaligned-bf16grad-fp32master-copy"), (20_003, "q8-fp32grad-fp32master")]
+                  (20_003, "q8-unaligned-bf16grad-fp32master-copy"), (20_003, "q8-fp32grad-fp32master"),
+                  (257, NAN_WEIGHTS)]
 EMULATED_STEPS = SKIPPED_CALL + 2
 EMULATED_GRID = 2  # thread blocks: fewer than 20,003 elements need, so warps stride over several blocks
 INLINE_PTX = 'asm volatile("ld.shared.f32 %0, [%1];" : "=f"(value) : "r"(address));'

@@ -89,8 +89,9 @@ def assert_same_state(got: dict, want: dict, context: str) -> None:
         if w is None:
             continue
         g = got[key]
-        if w.dtype == torch.bfloat16:
-            g, w = g.view(torch.int16), w.view(torch.int16)
+        if w.is_floating_point():  # bit patterns: NaN payloads and signed zeros count too
+            bits = {2: torch.int16, 4: torch.int32}[w.element_size()]
+            g, w = g.view(bits), w.view(bits)
         differ = int((g != w).sum())
         assert differ == 0, f"{context}: {key} differs from the reference in {differ} of {w.numel()} elements"
 
@@ -122,6 +123,43 @@ def test_every_path_matches_reference(n, grad_dtype, master, copy, monkeypatch):
             assert_same_state(got, want, f"path {path}, n={n}, 8-bit={quantized}, torch.ops")
         got = run_trajectory(n, master, copy, quantized, grads, nogil_step)
         assert_same_state(got, want, f"default path, n={n}, 8-bit={quantized}, adamw8bit_step_nogil")
+
+
+def test_round_to_bf16_is_torch_rounding_with_one_nan():
+    """The specification's bf16 copy: torch's round-to-nearest-even on every non-NaN float (normals,
+    subnormals, ties, overflow to inf), and one canonical NaN where torch itself gives 0x7FC0 for a 0-d
+    tensor but 0xFFFF for a vector."""
+    gen = torch.Generator().manual_seed(3)
+    bits = torch.randint(-2 ** 31, 2 ** 31, (200_000,), generator=gen, dtype=torch.int64).to(torch.int32)
+    ties = (torch.arange(1000, dtype=torch.int32) << 16) | 0x8000  # exactly halfway, even and odd
+    specials = torch.tensor([math.inf, -math.inf, 3.4e38, -3.4e38, 0.0, -0.0, 1e-45, float("nan")])
+    x = torch.cat([bits.view(torch.float32), ties.view(torch.float32), specials])
+    got = R.round_to_bf16(x).view(torch.int16)
+    finite = ~torch.isnan(x)
+    assert torch.equal(got[finite], x[finite].to(torch.bfloat16).view(torch.int16))
+    assert int(torch.isnan(x).sum()) > 500
+    assert bool((got[~finite] == R.BF16_CANONICAL_NAN).all())
+
+
+def test_nan_weights_give_the_canonical_nan_in_every_path(monkeypatch):
+    """A NaN weight (finite gradients, so the step is not skipped) stays NaN and its bf16 copy is 0x7FC0
+    in every CPU path, as in the specification; the other weights of its block update normally."""
+    n = 1000
+    gen = torch.Generator().manual_seed(9)
+    grads = [make_grad(n, torch.float32, gen) for _ in range(3)]
+    state = make_state(n, torch.float32, True, True, seed=4)
+    state["param"].view(torch.int32)[::37] = -0x3EDCBB  # 0xFFC12345: negative, with a payload
+    want = clone_state(state)
+    for t, grad in enumerate(grads, start=1):
+        R.adamw8bit_step(*step_args(want, grad, t))
+    assert bool((want["param_bf16"].view(torch.int16)[::37] == R.BF16_CANONICAL_NAN).all())
+    assert bool(want["param"][1::37].isfinite().all())
+    for path in PATHS:
+        monkeypatch.setenv("ASTROBIO_CPU_SIMD", path)
+        got = clone_state(state)
+        for t, grad in enumerate(grads, start=1):
+            torch.ops.astrobio.adamw8bit_step(*step_args(got, grad, t))
+        assert_same_state(got, want, f"path {path}, NaN weights")
 
 
 def neighbours(values: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,9 @@ VARIANTS = {
     "q8-bf16sr-bf16grad-copy": (True, torch.bfloat16, torch.bfloat16, True),
     "fp32moments-fp32master-fp32grad": (False, torch.float32, torch.float32, False),
 }
-CASES = [f"{n}-{name}" for n in SIZES for name in VARIANTS]
+VARIANTS_EXTRA = {"q8-nanweights-fp32master-fp32grad-copy": (True, torch.float32, torch.float32, True)}
+NAN_WEIGHTS = next(iter(VARIANTS_EXTRA))  # every 37th weight NaN: the bf16 copy holds the canonical NaN
+CASES = [f"{n}-{name}" for n in SIZES for name in VARIANTS] + [f"257-{NAN_WEIGHTS}"]
 # (step, found_inf) per call: the second call is skipped, the third repeats its step count
 CALLS = ((1, None), (2, 1.0), (2, 0.0), (3, None))
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, grad_scale=0.5)
@@ -39,10 +41,13 @@ def make_case(case: str, index: int) -> dict:
     """Initial state (random codes and absmax, so the first step already dequantizes) and gradients
     spanning five decades, so that blocks use the whole range of the maps."""
     n = int(case.split("-", 1)[0])
-    quantized, param_dtype, grad_dtype, copy = VARIANTS[case.split("-", 1)[1]]
+    variant = case.split("-", 1)[1]
+    quantized, param_dtype, grad_dtype, copy = {**VARIANTS, **VARIANTS_EXTRA}[variant]
     gen = torch.Generator().manual_seed(1000 + index)
     blocks = R.num_blocks(n)
     state = {"param": torch.randn(n, generator=gen).to(param_dtype)}
+    if variant == NAN_WEIGHTS:
+        state["param"].view(torch.int32)[::37] = -0x3EDCBB  # 0xFFC12345: negative, with a payload
     if quantized:
         state["exp_avg"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
         state["exp_avg_sq"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
@@ -112,7 +117,10 @@ def test_interpreted_kernel_matches_reference_bit_for_bit(interpreted, case):
             diff = (got[key].view(torch.uint8) != want.view(torch.uint8)).nonzero().flatten()
             raise AssertionError(f"{key} differs from the reference in {diff.numel()} bytes, "
                                  f"first at {diff[:8].tolist()}")
-    assert not bool(expected["param"].isnan().any())  # the comparison above saw real numbers
+    finite = expected["param"].float().isfinite()  # the comparison above saw real numbers
+    assert bool(finite.any() if NAN_WEIGHTS in case else finite.all())
+    if NAN_WEIGHTS in case:
+        assert bool((expected["param_bf16"].view(torch.int16)[::37] == R.BF16_CANONICAL_NAN).all())
 
 
 def test_skipped_call_changes_nothing(interpreted):

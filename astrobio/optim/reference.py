@@ -128,6 +128,22 @@ def stochastic_round_to_bf16(x: torch.Tensor, seed: int) -> torch.Tensor:
     return bits.view(torch.float32).to(torch.bfloat16).view(x.shape)
 
 
+BF16_CANONICAL_NAN = 0x7FC0
+
+
+def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16, round to nearest even; every NaN becomes the canonical quiet NaN 0x7FC0.
+
+    Spelled out on the bit pattern because torch's own conversion is not one function for NaN: a 0-d
+    tensor gives 0x7FC0, a vectorised one 0xFFFF. Infinities and overflow to infinity round as IEEE says.
+    """
+    bits = x.reshape(-1).to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF
+    rounded = torch.where(torch.isnan(x.reshape(-1)), BF16_CANONICAL_NAN, rounded)
+    rounded = torch.where(rounded >= 2 ** 15, rounded - 2 ** 16, rounded).to(torch.int16)
+    return rounded.view(torch.bfloat16).view(x.shape)
+
+
 @dataclass(frozen=True)
 class StepConstants:
     """The fp32 constants of one step, computed in float64 on the host and rounded once."""
@@ -213,4 +229,4 @@ def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tenso
     else:
         param.view(-1).copy_(p)
     if param_bf16 is not None:
-        param_bf16.view(-1).copy_(param.reshape(-1).to(torch.bfloat16))
+        param_bf16.view(-1).copy_(param.reshape(-1) if param.dtype == torch.bfloat16 else round_to_bf16(p))

@@ -58,7 +58,7 @@ inline float bits_float(uint32_t bits) {
 
 inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
-// Round to nearest even; NaN becomes 0x7FC0 (as torch's float -> bfloat16 conversion).
+// Round to nearest even; every NaN becomes the canonical quiet NaN 0x7FC0 (reference.round_to_bf16).
 inline uint16_t float_to_bf16(float f) {
   if (std::isnan(f)) return 0x7FC0;
   const uint32_t bits = float_bits(f);

@@ -41,10 +41,10 @@ struct Codebooks {
 
 __device__ __forceinline__ float bf16_to_float(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
 
-// Round to nearest even, as torch's float -> bfloat16 conversion (NaN stays NaN).
+// reference.round_to_bf16: round to nearest even; every NaN becomes the canonical quiet NaN 0x7FC0.
 __device__ __forceinline__ uint16_t float_to_bf16(float f) {
   uint32_t bits = __float_as_uint(f);
-  if (f != f) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  if (f != f) return 0x7FC0;
   bits += 0x7FFFu + ((bits >> 16) & 1u);
   return static_cast<uint16_t>(bits >> 16);
 }
