@@ -3,8 +3,10 @@
 
     python benchmarks/bench_pipeline.py [--micro-batches 32] [--json PATH] [--gantt-dir DIR]
 
-Each provider runs in its own subprocess under ``--timeout`` (a hang is reported, not waited on).
-Before timing, each one's first-step loss is checked against the single-process loss. Reported:
+Each provider runs in its own subprocess under ``--timeout`` (a hang is reported, not waited on),
+except our schedules, which share one job and take their steps in turn (GPipe, 1F1B, ZB-H1, then
+1F1B, ZB-H1, GPipe, ...), so that the machine's load, which changes by the minute on a shared
+machine, weighs on the three alike and their step times compare. Before timing, each one's first-step loss is checked against the single-process loss. Reported:
 median and minimum step time over ``--steps`` steps after ``--warmup``; for our schedules also the
 measured bubble beside the simulated one, each the median over the timed steps (the ratio: the
 median of the steps' measured / simulated). Simulated: the
@@ -95,19 +97,33 @@ def on_device(data: list, device: torch.device) -> list:
     return [(x.to(device), y.to(device)) for x, y in data]
 
 
-def ours_rank(ctx, args, kind: str) -> dict:
+def ours_rank(ctx, args, kinds: list[str]) -> dict:
+    """Our schedules in one job, their steps interleaved (the order rotating every round), so that a
+    change in the machine's load hits all of them alike."""
     stage = build_stage(config(args), ctx.rank, halves(config(args).n_layers), seed=0, device=ctx.device)
     data = on_device(micro_batches(args, stage.config.vocab_size), ctx.device)
 
-    def step():
+    def step(kind):
+        start = time.perf_counter()
         stage.zero_grad(set_to_none=True)
         dist.barrier()
-        return run_pipeline_step(stage, kind, data, loss_fn, guard=ctx.guard)
+        result = run_pipeline_step(stage, kind, data, loss_fn, guard=ctx.guard)
+        return time.perf_counter() - start, result
 
-    first = step().loss
-    all_traces = []
-    times = timed_steps(args, step, after=lambda result: all_traces.append(gather_traces(result.trace)))
+    first = {kind: step(kind)[1].loss for kind in kinds}
+    times = {kind: [] for kind in kinds}
+    traces = {kind: [] for kind in kinds}
+    for round_ in range(args.warmup + args.steps):
+        for kind in kinds[round_ % len(kinds):] + kinds[:round_ % len(kinds)]:
+            seconds, result = step(kind)
+            if round_ >= args.warmup:
+                times[kind].append(seconds)
+                traces[kind].append(gather_traces(result.trace))
     comm_s = p2p_latency((args.batch_size, args.seq_len, stage.config.d_model))
+    return {kind: ours_results(args, ctx, kind, first[kind], times[kind], traces[kind], comm_s) for kind in kinds}
+
+
+def ours_results(args, ctx, kind: str, first: float, times: list[float], all_traces: list, comm_s: float) -> dict:
     sched = schedule(kind, 2, args.micro_batches)
     bubbles = [dict(measured=measured_bubble(traces), simulated=simulated_bubble(sched, traces, comm_s),
                     mean_costs=simulated_bubble(sched, traces, comm_s, per_action=False),
@@ -118,11 +134,10 @@ def ours_rank(ctx, args, kind: str) -> dict:
                bubble_ratio=statistics.median(b["measured"] / b["simulated"] for b in bubbles),
                simulated_bubble_mean_costs=statistics.median(b["mean_costs"] for b in bubbles),
                simulated_bubble_free_comm=statistics.median(b["free_comm"] for b in bubbles))
-    traces = all_traces[-1]
-    if args.gantt_dir and ctx.rank == 0:
+    if args.gantt_dir and ctx.rank == 0:  # the last step
         from astrobio.parallel.gantt import render_gantt
-        render_gantt(traces, os.path.join(args.gantt_dir, f"pipeline_{kind}.png"),
-                     title=f"{kind}, {args.micro_batches} micro-batches", simulated_bubble=out["simulated_bubble"])
+        render_gantt(all_traces[-1], os.path.join(args.gantt_dir, f"pipeline_{kind}.png"),
+                     title=f"{kind}, {args.micro_batches} micro-batches", simulated_bubble=bubbles[-1]["simulated"])
     return out
 
 
@@ -168,38 +183,44 @@ def halves(n_layers: int) -> list[int]:
 
 
 def run_provider(args) -> dict:
+    """``{name: result}``: one provider, or all of ours (``astrobio KIND,KIND,...``) in one job."""
     torch.manual_seed(0)
     name = args.provider
     if name == "single-process":
-        return run_single(args)
+        return {name: run_single(args)}
     family, kind = name.split(" ", 1)
     if family == "astrobio":
-        results = launch(ours_rank, 2, (args, kind), backend=args.backend, timeout_s=args.timeout)
-    else:
-        kind = {"ScheduleGPipe": "gpipe", "Schedule1F1B": "1f1b"}[kind]
-        results = launch(torch_rank, 2, (args, kind), backend=args.backend, timeout_s=args.timeout)
+        kinds = kind.split(",")
+        results = launch(ours_rank, 2, (args, kinds), backend=args.backend, timeout_s=args.timeout)
+        return {f"astrobio {k}": slowest_rank({r: results[r][k] for r in results}) for k in kinds}
+    kind = {"ScheduleGPipe": "gpipe", "Schedule1F1B": "1f1b"}[kind]
+    return {name: slowest_rank(launch(torch_rank, 2, (args, kind), backend=args.backend, timeout_s=args.timeout))}
+
+
+def slowest_rank(results: dict) -> dict:
+    """Rank 0's result, with each step's time taken from the rank that finished it last."""
     out = dict(results[0])
-    # a step ends when its slower rank ends
     out["step_s"] = [max(a, b) for a, b in zip(results[0]["step_s"], results[1]["step_s"])]
     return out
 
 
-def run_isolated(args, name: str) -> dict:
-    """One provider in a subprocess (its own process group), killed at the timeout."""
+def run_isolated(args, name: str, names: list[str], timeout_s: float) -> dict:
+    """One provider (or our group) in a subprocess of its own process group, killed at the timeout;
+    ``{name: result}`` for each of ``names``."""
     with tempfile.TemporaryDirectory() as tmp:
         out_path = os.path.join(tmp, "out.json")
         cmd = [sys.executable, __file__, "--provider", name, "--out", out_path] + passthrough(args)
         proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True)
         try:
-            log, _ = proc.communicate(timeout=args.timeout)
+            log, _ = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-            return dict(error=f"timed out after {args.timeout:g} s")
+            return {n: dict(error=f"timed out after {timeout_s:g} s") for n in names}
         if proc.returncode != 0:
             lines = [line for line in log.splitlines() if "Error" in line]
-            return dict(error=lines[0].strip() if lines else f"exit code {proc.returncode}")
+            return {n: dict(error=lines[0].strip() if lines else f"exit code {proc.returncode}") for n in names}
         with open(out_path) as f:
             return json.load(f)
 
@@ -238,7 +259,8 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per provider")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="seconds per provider (ours run together, with this times their number)")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--backend", choices=("gloo", "nccl"), default="gloo",
                         help="gloo: two CPU ranks; nccl: one GPU per rank (needs two GPUs)")
@@ -255,8 +277,14 @@ def main() -> None:
     unknown = set(names) - set(PROVIDERS)
     if unknown:
         raise SystemExit(f"unknown providers {sorted(unknown)}; choose from {', '.join(PROVIDERS)}")
-    results = {name: run_isolated(args, name) for name in ["single-process"] + [n for n in names
-                                                                                if n != "single-process"]}
+    results = run_isolated(args, "single-process", ["single-process"], args.timeout)
+    ours = [n for n in names if n.startswith("astrobio ")]
+    for name in names:
+        if name in ours and name == ours[0]:
+            group = "astrobio " + ",".join(n.split(" ", 1)[1] for n in ours)
+            results.update(run_isolated(args, group, ours, args.timeout * len(ours)))
+        elif name not in ours and name != "single-process":
+            results.update(run_isolated(args, name, [name], args.timeout))
     if "error" in results["single-process"]:
         raise SystemExit(f"the single-process reference failed: {results['single-process']['error']}")
     report(results, results["single-process"]["first_loss"])
