@@ -388,9 +388,7 @@ def test_two_stages_with_the_encoders_on_stage_zero_equal_one_process(single_pro
         assert not any(n.startswith("prefix.") for n in grads1)  # the encoders live on stage 0 only
         got = {**grads0, **grads1}
         assert set(got) == set(grads), schedule  # every parameter, each encoder's included, got a gradient
-        for name in encoders:
-            torch.testing.assert_close(got[name], grads[name], rtol=1e-5, atol=1e-7, msg=f"{schedule} {name}")
-        for name in set(grads) - set(encoders):
+        for name in grads:
             torch.testing.assert_close(got[name], grads[name], rtol=1e-5, atol=1e-7, msg=f"{schedule} {name}")
     assert ranks[0]["val"] == ranks[1]["val"] == pytest.approx(val_loss, rel=1e-6)
 
