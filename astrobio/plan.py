@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", type=size_arg, default=None, help="per device, e.g. 24GiB (default: profile's)")
     p.add_argument("--host-memory", type=size_arg, default=parse_bytes("256GiB"))
     p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--modalities", default="text",
+                   help="as the trainer's --modalities: text,catalogue,graph puts the prefix encoders on stage 0")
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--micro-batches", type=int, default=32, help="micro-batches per optimizer step")
     p.add_argument("--schedule", choices=SCHEDULES, default="1f1b")

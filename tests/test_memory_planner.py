@@ -157,6 +157,21 @@ def test_cli_prints_json_and_exit_status(capsys):
     assert bad.value.code == 2
 
 
+def test_cli_counts_the_prefix_encoders_of_modalities(capsys):
+    """--modalities adds the encoders (their real parameter count) to stage 0 only."""
+    from astrobio.model.encoders import build_prefix
+    base = ["--model", "tiny", "--stages", "2", "--hardware", "cpu", "--seq-len", "64", "--json"]
+    assert plan_cli(base) == 0
+    text = json.loads(capsys.readouterr().out)
+    assert plan_cli([*base, "--modalities", "text,catalogue,graph"]) == 0
+    multi = json.loads(capsys.readouterr().out)
+    d_model = get_config("tiny").d_model
+    encoders = sum(p.numel() for p in build_prefix(d_model, ("catalogue", "graph"), device="meta").parameters())
+    assert multi["total_params"] - text["total_params"] == encoders > 0
+    assert plan_cli([*base, "--modalities", "text,sound"]) == 2
+    assert "unknown modality 'sound'" in capsys.readouterr().err
+
+
 # --- multimodal prefix encoders --------------------------------------------------------------------
 
 

@@ -103,7 +103,6 @@ def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--data", str(tmp_path / "missing.jsonl")], "not found"),
         (["--data", "builtin:0"], "positive whole number"),
         (["--pipeline-stages", "5"], "exceeds model 'tiny''s 4 layers"),
-        (["--pipeline-stages", "2", "--modalities", "text,graph"], "runs on one stage only"),
         (["--use-cpu-offloading", "--no-use-8bit-optimizer"], "runs the 8-bit AdamW on the host"),
         (["--master-weights", "bf16-sr"], "add --use-cpu-offloading"),
         (["--modalities", "text,audio"], "unknown modality 'audio'"),
