@@ -351,3 +351,19 @@ def test_dynamic_maps_match_bitsandbytes():
         scale = torch.clamp(ours.abs(), min=1e-30)
         rel = ((theirs - ours).abs() / scale).max()
         assert float(rel) <= 1e-6, f"signed={signed}: relative difference {float(rel)}"
+
+
+def test_ablation_benchmark_still_matches_the_kernel_source():
+    """benchmarks/ablate_cpu_kernel.py replaces parts of the AVX-512 kernel by text: each pattern must
+    still occur in the source exactly once, or the benchmark would time something else."""
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ablate_cpu_kernel.py"
+    spec = importlib.util.spec_from_file_location("ablate_cpu_kernel", path)
+    ablate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablate)
+    source = ablate.KERNEL.read_text()
+    for name, parts in ablate.VARIANTS.items():
+        for old, new in parts:
+            assert source.count(old) == 1, f"variant {name}: pattern not found once in {ablate.KERNEL.name}"
+        assert ablate.variant_source(parts) != source or not parts
