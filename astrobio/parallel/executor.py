@@ -120,11 +120,8 @@ class _Links:
         return dist.get_global_rank(self.group, stage) if self.group is not None else stage
 
     def post(self, ops: list[dist.P2POp]) -> list[dist.Work]:
-        if not ops:
-            return []
-        if self.nccl:
-            return dist.batch_isend_irecv(ops)
-        return [op.op(op.tensor, op.peer, op.group, op.tag) for op in ops]
+        """NCCL: one batch (a send and a receive posted one by one in opposite orders would deadlock)."""
+        return dist.batch_isend_irecv(ops) if ops else []
 
     def wait(self, work: dist.Work) -> None:
         if self.guard is not None:
@@ -304,12 +301,22 @@ class _StageRun:
 
     # communication -------------------------------------------------------------------------------
     def flush(self) -> None:
-        works = self.links.post([op for op, _, _ in self.batch])
-        for (op, slot, waiter), work in zip(self.batch, works):
-            if op.op is dist.isend:
-                self.sends.append((self.send_waiter.submit(work), op.tensor))
-            else:
-                slot[0] = waiter.submit(work)  # waited on its own thread from now on
+        """Posts the queued sends and receives: on NCCL as one batch, on gloo the sends from the send
+        thread (a send copies its data in the call) and the receives from here."""
+        if self.links.nccl:
+            works = self.links.post([op for op, _, _ in self.batch])
+            for (op, slot, waiter), work in zip(self.batch, works):
+                if op.op is dist.isend:
+                    self.sends.append((self.send_waiter.submit(work), op.tensor))
+                else:
+                    slot[0] = waiter.submit(work)  # waited on its own thread from now on
+        else:
+            for op, slot, waiter in self.batch:
+                post = functools.partial(op.op, op.tensor, op.peer, op.group, op.tag)
+                if op.op is dist.isend:
+                    self.sends.append((self.send_waiter.post(post), op.tensor))
+                else:
+                    slot[0] = waiter.submit(post())
         self.batch = []
 
     def queue(self, op, tensor: torch.Tensor, peer_stage: int, tag: str, mb: int) -> list:
@@ -368,7 +375,7 @@ class _StageRun:
         still = []
         for pending, tensor in self.sends:
             if pending.done.is_set():
-                pending.result()  # raises if the send failed
+                self.links.wait_pending(pending)  # raises if the send failed, naming a failed peer
             else:
                 still.append((pending, tensor))
         self.sends = still
