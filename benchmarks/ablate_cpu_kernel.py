@@ -37,8 +37,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL = ROOT / "csrc" / "cpu" / "adamw8bit_avx512.cpp"
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
 
-REQUANT = ("""  quantize_block(t1, m_buf, _mm512_set1_ps(am > 0.0f ? 1.0f / am : 0.0f), codes1);
-  quantize_block(t2, v_buf, _mm512_set1_ps(av > 0.0f ? 1.0f / av : 0.0f), codes2);""",
+REQUANT = ("""  quantize_block(t1, m_buf, _mm512_set1_ps(inverse_absmax(am)), codes1);
+  quantize_block(t2, v_buf, _mm512_set1_ps(inverse_absmax(av)), codes2);""",
            """  for (int j = 0; j < kBlockSize; j += 16) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes1 + j),
                      _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_load_ps(m_buf + j))));
@@ -69,20 +69,6 @@ DRIVER = r"""
 #include "kernel_common.h"
 
 namespace astrobio {
-StepConstants make_step_constants(double lr, double beta1, double beta2, double eps, double weight_decay,
-                                  double grad_scale, int64_t step) {
-  StepConstants c;
-  c.beta1 = static_cast<float>(beta1);
-  c.beta2 = static_cast<float>(beta2);
-  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
-  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  c.eps = static_cast<float>(eps);
-  c.grad_scale = static_cast<float>(grad_scale);
-  c.decay = static_cast<float>(1.0 - lr * weight_decay);
-  c.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(step))));
-  c.inv_bc2_sqrt = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
-  return c;
-}
 namespace cpu {
 void step_block_scalar(const StepArgs&, const MapTables*, const MapTables*, int64_t) {}  // full blocks only
 }  // namespace cpu

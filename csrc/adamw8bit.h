@@ -3,6 +3,7 @@
 // specified in astrobio/optim/reference.py.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -20,8 +21,21 @@ struct StepConstants {
   float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, grad_scale, decay, step_size, inv_bc2_sqrt;
 };
 
-StepConstants make_step_constants(double lr, double beta1, double beta2, double eps, double weight_decay,
-                                  double grad_scale, int64_t step);
+inline StepConstants make_step_constants(double lr, double beta1, double beta2, double eps, double weight_decay,
+                                         double grad_scale, int64_t step) {
+  StepConstants c;
+  c.beta1 = static_cast<float>(beta1);
+  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.eps = static_cast<float>(eps);
+  c.grad_scale = static_cast<float>(grad_scale);
+  c.decay = static_cast<float>(1.0 - lr * weight_decay);
+  c.step_size = static_cast<float>(lr / (1.0 - std::pow(beta1, static_cast<double>(step))));
+  c.inv_bc2_sqrt = static_cast<float>(1.0 / std::sqrt(1.0 - std::pow(beta2, static_cast<double>(step))));
+  return c;
+}
+
 
 struct StepArgs {
   void* param;                 // numel elements of param_dtype (fp32 master, or bf16 with stochastic rounding)

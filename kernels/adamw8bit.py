@@ -52,9 +52,10 @@ def _nearest_code(thresholds_ptr, n):
 
 @triton.jit
 def _inverse_or_zero(x):
-    """1 / x correctly rounded, 0 where x == 0 (an all-zero block)."""
+    """1 / x correctly rounded, 0 where x is below the smallest normal fp32 (reference.MIN_NORMAL)."""
     one = tl.full(x.shape, 1.0, tl.float32)
-    return tl.where(x > 0.0, tl.div_rn(one, tl.where(x > 0.0, x, one)), 0.0)
+    normal = x >= 1.1754943508222875e-38
+    return tl.where(normal, tl.div_rn(one, tl.where(normal, x, one)), 0.0)
 
 
 @triton.jit

@@ -50,9 +50,9 @@ VARIANTS = {
     "q8-fp32grad-bf16sr-copy": (True, torch.bfloat16, torch.float32, True, 0),
     "fp32moments-bf16grad-fp32master": (False, torch.float32, torch.bfloat16, False, 0),
     "q8-unaligned-bf16grad-fp32master-copy": (True, torch.float32, torch.bfloat16, True, 1),
-    "q8-nanweights-fp32grad-fp32master-copy": (True, torch.float32, torch.float32, True, 0),
+    "q8-edge-fp32grad-fp32master-copy": (True, torch.float32, torch.float32, True, 0),
 }
-NAN_WEIGHTS = "q8-nanweights-fp32grad-fp32master-copy"  # every 37th weight NaN: the copy's canonical NaN
+EDGE = "q8-edge-fp32grad-fp32master-copy"  # NaN weights (canonical NaN copy); block 0 subnormal (inverse 0)
 CASES = ([(n, v) for n in SIZES for v in VARIANTS]
          + [(LARGE, "q8-bf16grad-fp32master-copy"), (LARGE, "q8-bf16grad-bf16sr")])
 
@@ -81,13 +81,15 @@ def initial_state(n: int, variant: str) -> dict:
     quantized, param_dtype, _, copy, _ = VARIANTS[variant]
     gen = torch.Generator().manual_seed(n)
     state = {"param": torch.randn(n, generator=gen).to(param_dtype)}
-    if variant == NAN_WEIGHTS:
+    if variant == EDGE:
         state["param"].view(torch.int32)[::37] = -0x3EDCBB  # 0xFFC12345: negative, with a payload
     if quantized:
         state["exp_avg"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
         state["exp_avg_sq"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
         state["absmax1"] = torch.rand(R.num_blocks(n), generator=gen) * 1e-2
         state["absmax2"] = torch.rand(R.num_blocks(n), generator=gen) * 1e-4
+    if variant == EDGE:  # with zero gradients there (below), block 0's new absmax is subnormal
+        state["absmax1"][0] = state["absmax2"][0] = 1e-40
     else:
         state["exp_avg"] = torch.randn(n, generator=gen) * 1e-2
         state["exp_avg_sq"] = torch.rand(n, generator=gen) * 1e-4
@@ -101,7 +103,10 @@ def gradients(n: int, variant: str, steps: int = STEPS):
     grad_dtype = VARIANTS[variant][2]
     gen = torch.Generator().manual_seed(10_000 + n)
     for _ in range(steps):
-        yield (torch.randn(n, generator=gen) * 10 ** torch.empty(n).uniform_(-4, 1, generator=gen)).to(grad_dtype)
+        grad = torch.randn(n, generator=gen) * 10 ** torch.empty(n).uniform_(-4, 1, generator=gen)
+        if variant == EDGE:
+            grad[:R.BLOCK_SIZE] = 0.0
+        yield grad.to(grad_dtype)
 
 
 def on_device(t: torch.Tensor | None, offset: int, device: str = DEVICE) -> torch.Tensor | None:
@@ -156,7 +161,7 @@ def test_matches_reference_bit_for_bit(backend, n, variant):
         else:
             assert_bitwise_equal(got[key], value, f"{backend} {key}")
     finite = want["param"].float().isfinite()  # the comparison saw real numbers
-    assert bool(finite.any() if variant == NAN_WEIGHTS else finite.all())
+    assert bool(finite.any() if variant == EDGE else finite.all())
 
 
 # --- the CUDA kernel's source, run on the CPU -------------------------------------------------------
@@ -165,7 +170,7 @@ CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
 EMULATED_CASES = [(255, "q8-fp32grad-bf16sr-copy"), (257, "q8-bf16grad-fp32master-copy"),
                   (4097, "fp32moments-bf16grad-fp32master"), (4097, "q8-bf16grad-bf16sr"),
                   (20_003, "q8-unaligned-bf16grad-fp32master-copy"), (20_003, "q8-fp32grad-fp32master"),
-                  (257, NAN_WEIGHTS)]
+                  (257, EDGE)]
 EMULATED_STEPS = SKIPPED_CALL + 2
 EMULATED_GRID = 2  # thread blocks: fewer than 20,003 elements need, so warps stride over several blocks
 INLINE_PTX = 'asm volatile("ld.shared.f32 %0, [%1];" : "=f"(value) : "r"(address));'
@@ -295,6 +300,8 @@ def test_cuda_source_emulated_on_cpu_matches_reference(emulated_kernel, n, varia
             assert got[key] is None
         else:
             assert_bitwise_equal(got[key], value, f"emulated CUDA kernel {key}")
+    if variant == EDGE:  # block 0's subnormal absmax gave inverse 0 and the zero code: it decays to zero
+        assert float(want["absmax1"][0]) == float(want["absmax2"][0]) == 0.0
 
 
 # --- AdamW8bit: state_dict portability and convergence ---------------------------------------------

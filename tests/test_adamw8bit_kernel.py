@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from astrobio import ops
@@ -141,6 +141,26 @@ def test_round_to_bf16_is_torch_rounding_with_one_nan():
     assert bool((got[~finite] == R.BF16_CANONICAL_NAN).all())
 
 
+def test_subnormal_absmax_gives_the_zero_code_in_every_path(monkeypatch):
+    """A block whose new absmax is below the smallest normal float (1 / absmax would be inf, and 0 * inf
+    NaN) gets inverse 0: every code is the zero code, in the specification and in every CPU path."""
+    n = 1024
+    state = make_state(n, torch.float32, True, False, seed=5)
+    state["absmax1"][2] = state["absmax2"][2] = 1e-40
+    grad = make_grad(n, torch.float32, torch.Generator().manual_seed(6))
+    grad[512:768] = 0.0
+    want = clone_state(state)
+    R.adamw8bit_step(*step_args(want, grad, 3))
+    assert 0.0 < float(want["absmax2"][2]) < R.MIN_NORMAL and 0.0 < float(want["absmax1"][2]) < R.MIN_NORMAL
+    zero1, zero2 = int((SIGNED == 0).nonzero()[0]), int((UNSIGNED == 0).nonzero()[0])
+    assert bool((want["exp_avg"][512:768] == zero1).all()) and bool((want["exp_avg_sq"][512:768] == zero2).all())
+    for path in PATHS:
+        monkeypatch.setenv("ASTROBIO_CPU_SIMD", path)
+        got = clone_state(state)
+        torch.ops.astrobio.adamw8bit_step(*step_args(got, grad, 3))
+        assert_same_state(got, want, f"path {path}, subnormal absmax")
+
+
 def test_nan_weights_give_the_canonical_nan_in_every_path(monkeypatch):
     """A NaN weight (finite gradients, so the step is not skipped) stays NaN and its bf16 copy is 0x7FC0
     in every CPU path, as in the specification; the other weights of its block update normally."""
@@ -217,6 +237,9 @@ def test_nearest_code_at_every_threshold(qmap_name, monkeypatch):
     step=st.integers(1, 100_000),
     seed=st.integers(0, 2**63 - 1),
 )
+# found by hypothesis: beta2 = FLT_MIN makes v subnormal, and 1 / absmax overflowed to inf (now: inverse 0)
+@example(n=6, quantized=True, master_bf16=False, grad_bf16=False, copy=False, lr=0.0, beta1=0.0,
+         beta2=1.175494351e-38, eps=1e-3, weight_decay=0.0, grad_scale=0.0, step=1, seed=0)
 def test_property_matches_reference(n, quantized, master_bf16, grad_bf16, copy, lr, beta1, beta2, eps,
                                     weight_decay, grad_scale, step, seed, monkeypatch):
     master = torch.bfloat16 if master_bf16 else torch.float32

@@ -28,9 +28,9 @@ VARIANTS = {
     "q8-bf16sr-bf16grad-copy": (True, torch.bfloat16, torch.bfloat16, True),
     "fp32moments-fp32master-fp32grad": (False, torch.float32, torch.float32, False),
 }
-VARIANTS_EXTRA = {"q8-nanweights-fp32master-fp32grad-copy": (True, torch.float32, torch.float32, True)}
-NAN_WEIGHTS = next(iter(VARIANTS_EXTRA))  # every 37th weight NaN: the bf16 copy holds the canonical NaN
-CASES = [f"{n}-{name}" for n in SIZES for name in VARIANTS] + [f"257-{NAN_WEIGHTS}"]
+VARIANTS_EXTRA = {"q8-edge-fp32master-fp32grad-copy": (True, torch.float32, torch.float32, True)}
+EDGE = next(iter(VARIANTS_EXTRA))  # NaN weights (canonical NaN copy); block 0 subnormal (inverse 0)
+CASES = [f"{n}-{name}" for n in SIZES for name in VARIANTS] + [f"257-{EDGE}"]
 # (step, found_inf) per call: the second call is skipped, the third repeats its step count
 CALLS = ((1, None), (2, 1.0), (2, 0.0), (3, None))
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, grad_scale=0.5)
@@ -46,7 +46,7 @@ def make_case(case: str, index: int) -> dict:
     gen = torch.Generator().manual_seed(1000 + index)
     blocks = R.num_blocks(n)
     state = {"param": torch.randn(n, generator=gen).to(param_dtype)}
-    if variant == NAN_WEIGHTS:
+    if variant == EDGE:
         state["param"].view(torch.int32)[::37] = -0x3EDCBB  # 0xFFC12345: negative, with a payload
     if quantized:
         state["exp_avg"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
@@ -59,6 +59,9 @@ def make_case(case: str, index: int) -> dict:
         state["absmax1"] = state["absmax2"] = torch.empty(0)
     state["param_bf16"] = torch.full((n,), float("nan"), dtype=torch.bfloat16) if copy else None
     scale = 10 ** torch.empty(len(CALLS), n).uniform_(-4, 1, generator=gen)
+    if variant == EDGE:  # zero gradients in block 0, whose tiny absmax makes its new absmax subnormal
+        state["absmax1"][0] = state["absmax2"][0] = 1e-40
+        scale[:, :R.BLOCK_SIZE] = 0.0
     grads = [(torch.randn(n, generator=gen) * s).to(grad_dtype) for s in scale]
     return {"state": state, "grads": grads}
 
@@ -118,9 +121,11 @@ def test_interpreted_kernel_matches_reference_bit_for_bit(interpreted, case):
             raise AssertionError(f"{key} differs from the reference in {diff.numel()} bytes, "
                                  f"first at {diff[:8].tolist()}")
     finite = expected["param"].float().isfinite()  # the comparison above saw real numbers
-    assert bool(finite.any() if NAN_WEIGHTS in case else finite.all())
-    if NAN_WEIGHTS in case:
+    assert bool(finite.any() if EDGE in case else finite.all())
+    if EDGE in case:
         assert bool((expected["param_bf16"].view(torch.int16)[::37] == R.BF16_CANONICAL_NAN).all())
+        # block 0's subnormal absmax gave inverse 0 and the zero code: it decays to exactly zero
+        assert float(expected["absmax1"][0]) == float(expected["absmax2"][0]) == 0.0
 
 
 def test_skipped_call_changes_nothing(interpreted):

@@ -20,8 +20,9 @@ with an IEEE (correctly rounded) sqrt and division. This is torch.optim.AdamW's 
 
 8-bit moments: m with the signed and v with the unsigned 256-entry dynamic map (Dettmers et al.
 2022), one fp32 absmax per block of 256 elements. Dequantize: ``value = qmap[code] * absmax``.
-Requantize after the update: ``absmax = max |x|`` over the block, ``inv = 1 / absmax`` (0 when the
-block is all zero), ``n = x * inv`` and ``code = #{i : threshold[i] < n}`` where
+Requantize after the update: ``absmax = max |x|`` over the block, ``inv = 1 / absmax`` (0 when
+absmax is below the smallest normal fp32, ``MIN_NORMAL``: an all-zero block, or one so small that
+``1 / absmax`` would overflow to inf and turn its zeros into NaN), ``n = x * inv`` and ``code = #{i : threshold[i] < n}`` where
 ``threshold[i] = (qmap[i] + qmap[i + 1]) * 0.5`` in fp32: the nearest code, ties to the lower one.
 
 Tensors under ``MIN_8BIT_NUMEL`` elements keep fp32 moments. Master weights are fp32, or bf16 with
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 BLOCK_SIZE = 256
+MIN_NORMAL = torch.finfo(torch.float32).tiny  # 2**-126: below it, a block's codes are all the zero code
 MIN_8BIT_NUMEL = 4096
 _EXPONENTS = 7  # decimal exponents 10^-6 .. 10^0 of the dynamic map
 
@@ -84,7 +86,8 @@ def quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tenso
     blocks = _pad_to_blocks(flat)
     absmax = blocks.abs().amax(dim=1)
     one = torch.tensor(1.0, dtype=torch.float32)
-    inv = torch.where(absmax > 0, one / torch.where(absmax > 0, absmax, one), torch.zeros_like(absmax))
+    normal = absmax >= MIN_NORMAL
+    inv = torch.where(normal, one / torch.where(normal, absmax, one), torch.zeros_like(absmax))
     normed = blocks * inv[:, None]
     codes = torch.searchsorted(thresholds(qmap), normed.reshape(-1), right=False)
     return codes.to(torch.uint8)[: flat.numel()].view(x.shape), absmax

@@ -52,8 +52,8 @@ void step_block_scalar(const StepArgs& a, const MapTables* t1, const MapTables* 
     std::memcpy(static_cast<float*>(a.exp_avg_sq) + begin, v, len * sizeof(float));
     return;
   }
-  const float inv_m = max_m > 0.0f ? 1.0f / max_m : 0.0f;
-  const float inv_v = max_v > 0.0f ? 1.0f / max_v : 0.0f;
+  const float inv_m = inverse_absmax(max_m);
+  const float inv_v = inverse_absmax(max_v);
   auto* codes1 = static_cast<uint8_t*>(a.exp_avg) + begin;
   auto* codes2 = static_cast<uint8_t*>(a.exp_avg_sq) + begin;
   for (int64_t j = 0; j < len; ++j) {

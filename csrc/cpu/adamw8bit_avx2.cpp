@@ -136,8 +136,8 @@ ASTROBIO_AVX2 void step_block_quantized(const StepArgs& a, const Consts& k, cons
     max_v = _mm256_max_ps(max_v, abs8(v));
   }
   const float am = reduce_max(max_m), av = reduce_max(max_v);
-  const __m256 inv_m = _mm256_set1_ps(am > 0.0f ? 1.0f / am : 0.0f);
-  const __m256 inv_v = _mm256_set1_ps(av > 0.0f ? 1.0f / av : 0.0f);
+  const __m256 inv_m = _mm256_set1_ps(inverse_absmax(am));
+  const __m256 inv_v = _mm256_set1_ps(inverse_absmax(av));
   for (int j = 0; j < kBlockSize; j += 8) {
     quantize8(t1, _mm256_mul_ps(_mm256_load_ps(m_new + j), inv_m), codes1 + j);
     quantize8(t2, _mm256_mul_ps(_mm256_load_ps(v_new + j), inv_v), codes2 + j);

@@ -267,8 +267,8 @@ ASTROBIO_AVX512 void step_block_quantized(const T& x_ref, const Consts& k_ref, c
     max_v = max_abs16(max_v, v);
   }
   const float am = _mm512_reduce_max_ps(max_m), av = _mm512_reduce_max_ps(max_v);
-  quantize_block(t1, m_buf, _mm512_set1_ps(am > 0.0f ? 1.0f / am : 0.0f), codes1);
-  quantize_block(t2, v_buf, _mm512_set1_ps(av > 0.0f ? 1.0f / av : 0.0f), codes2);
+  quantize_block(t1, m_buf, _mm512_set1_ps(inverse_absmax(am)), codes1);
+  quantize_block(t2, v_buf, _mm512_set1_ps(inverse_absmax(av)), codes2);
   x.absmax1[block] = am;
   x.absmax2[block] = av;
 }

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 
 #include "../adamw8bit.h"
@@ -48,6 +49,11 @@ inline uint32_t float_bits(float f) {
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof bits);
   return bits;
+}
+
+// reference.py: inv = 1 / absmax, or 0 when absmax is below the smallest normal float (MIN_NORMAL).
+inline float inverse_absmax(float absmax) {
+  return absmax >= std::numeric_limits<float>::min() ? 1.0f / absmax : 0.0f;
 }
 
 inline float bits_float(uint32_t bits) {

@@ -29,6 +29,7 @@ constexpr int kWarpSize = 32;
 constexpr int kWarps = 8;                               // warps (quantization blocks in flight) per thread block
 constexpr int kThreads = kWarps * kWarpSize;            // == kQmapSize: one codebook entry per thread
 constexpr int kPaddedMap = kQmapSize + kQmapSize / 32;  // one pad word after every 32 thresholds
+constexpr float kMinNormal = 1.17549435e-38f;           // 2^-126: below it a block's inverse is 0
 static_assert(kLane * kWarpSize == kBlockSize, "a warp covers exactly one quantization block");
 static_assert(kThreads == kQmapSize, "the codebook staging loads one entry per thread");
 
@@ -278,8 +279,8 @@ __global__ void __launch_bounds__(kThreads) adamw8bit_kernel(const StepArgs a, b
       }
       max1 = warp_max(max1);
       max2 = warp_max(max2);
-      const float inv1 = max1 > 0.0f ? __fdiv_rn(1.0f, max1) : 0.0f;
-      const float inv2 = max2 > 0.0f ? __fdiv_rn(1.0f, max2) : 0.0f;
+      const float inv1 = max1 >= kMinNormal ? __fdiv_rn(1.0f, max1) : 0.0f;  // reference.py: MIN_NORMAL
+      const float inv2 = max2 >= kMinNormal ? __fdiv_rn(1.0f, max2) : 0.0f;
       uint32_t c1[kLane], c2[kLane];
 #pragma unroll
       for (int k = 0; k < kLane; ++k) {
