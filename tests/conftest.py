@@ -3,8 +3,21 @@
 NOTE: with OpenMP's default active waiting, torch's parallel regions stall badly when the cores are
 shared with other processes (a 2-core CI machine running the suite): passive waiting keeps the tests
 fast there. It must be set before torch is imported, which is why it lives here.
+
+Property-based tests run a fixed set of examples by default (the ``deterministic`` profile), so a CI
+run cannot fail on an example no earlier run saw; ``HYPOTHESIS_PROFILE=explore pytest ...`` draws new
+examples, and what it finds becomes an ``@example`` of its test.
 """
 
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+try:
+    from hypothesis import settings
+except ImportError:  # the property tests skip themselves without hypothesis
+    pass
+else:
+    settings.register_profile("deterministic", derandomize=True)
+    settings.register_profile("explore", derandomize=False)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
