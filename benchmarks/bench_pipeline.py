@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from astrobio.model import build_model, build_stage, get_config
 from astrobio.parallel.executor import (gather_traces, measured_bubble, p2p_latency, run_pipeline_step,
                                         simulated_bubble)
-from astrobio.parallel.launch import launch
+from astrobio.parallel.launch import keep_freed_memory, launch
 from astrobio.parallel.schedules import schedule
 
 PROVIDERS = ("single-process", "astrobio gpipe", "astrobio 1f1b", "astrobio zb-h1", "torch ScheduleGPipe",
@@ -77,6 +77,7 @@ def timed_steps(args, step, after=None) -> list[float]:
 
 
 def run_single(args) -> dict:
+    keep_freed_memory()  # as every rank process does (launch), so the baseline is not paying page faults
     device = torch.device("cuda" if args.backend == "nccl" else "cpu")
     model = build_model(config(args), seed=0, device=device)
     data = on_device(micro_batches(args, model.config.vocab_size), device)

@@ -2,6 +2,7 @@
 leaves no process behind: a rank that raises, one killed mid-step, one that hangs, and Ctrl-C."""
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -106,3 +107,45 @@ def test_ctrl_c_stops_every_rank(tmp_path):
     assert parent.returncode != 0
     assert "KeyboardInterrupt" in parent.stderr.read()
     assert_all_gone(tmp_path)
+
+
+
+def split_backward_faults(ctx=None) -> int:
+    """Page faults of 3 micro-batches of ZB-H1's split backward (B, then W) on the tiny model's last
+    stage, after 3 that settle the heap."""
+    from astrobio.parallel.executor import _WeightSplit
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    stage = build_stage(get_config("tiny"), 1, [2, 2])
+    split = _WeightSplit(stage)
+
+    def micro_batch():
+        x = torch.randn(8, 256, 128, requires_grad=True)
+        split.recording = slots = []
+        loss = F.cross_entropy(stage(x).flatten(0, 1), torch.zeros(8 * 256, dtype=torch.long))
+        split.recording = None
+        torch.autograd.backward([loss], inputs=[x] + split.early_params)
+        pairs = [pair for slot in slots for pair in slot.weight_grads()]
+        torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
+
+    for _ in range(3):
+        micro_batch()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        micro_batch()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_rank_processes_reuse_freed_memory():
+    """glibc hands freed tensors back to the kernel and faults them in again page by page (thousands of
+    faults per micro-batch of ZB-H1's split backward in a plain process); a rank keeps them."""
+    script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_pipeline_faults as t; "
+              f"print(t.split_backward_faults())")
+    plain_env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    plain = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True,
+                               env=plain_env).stdout)
+    ranks = launch(split_backward_faults, 1, timeout_s=60, backend="gloo")
+    assert plain > 3000
+    assert all(faults < plain / 5 for faults in ranks.values()), (plain, ranks)
