@@ -257,17 +257,7 @@ class _StageRun:
             for action in self.sched.actions[self.stage]:
                 if self.on_action is not None:
                     self.on_action(action)
-                if action.op == "W" and self.max_late_w > 0:
-                    self.late_w.append(action)
-                    if len(self.late_w) > self.max_late_w:
-                        self.run_late_w()
-                    continue
-                if action.is_compute:
-                    self.flush()
-                    while self.late_w and not self.data_ready(action):
-                        self.run_late_w()  # fill the wait with work nobody waits for
-                getattr(self, action.op.lower())(action)
-                self.reap_sends()
+                self.run(action)
             while self.late_w:
                 self.run_late_w()
             self.flush()
@@ -281,6 +271,20 @@ class _StageRun:
                 self.split.remove()
         return StepResult(sum(losses) / self.m, losses, self.stage, self.trace)
 
+    def run(self, action: Action) -> None:
+        """Runs one action, or keeps a W for later (see "Late weight passes" above)."""
+        if action.op == "W" and self.max_late_w > 0:
+            self.late_w.append(action)
+            if len(self.late_w) > self.max_late_w:
+                self.run_late_w()
+            return
+        if action.is_compute:
+            self.flush()
+            while self.late_w and not self.data_ready(action):
+                self.run_late_w()  # fill the wait with work nobody waits for
+        getattr(self, action.op.lower())(action)
+        self.reap_sends()
+
     def run_late_w(self) -> None:
         self.flush()  # a gradient sent just before must not wait behind the W
         self.w(self.late_w.pop(0))
@@ -293,7 +297,8 @@ class _StageRun:
                 return False
             if self.links.nccl:
                 return True  # its payload is posted by F itself, right behind the header
-            return self.acts_in[a.micro_batch][0][0].done.is_set()
+            posted = self.acts_in.get(a.micro_batch)  # absent if posting failed: F raises the error
+            return posted is None or posted[0][0].done.is_set()
         if a.op == "B" and not self.last and a.micro_batch in self.grads_in:
             slot = self.grads_in[a.micro_batch][0]
             return slot[0] is not None and slot[0].done.is_set()
