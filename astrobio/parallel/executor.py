@@ -8,8 +8,9 @@ exactly as ``(sum_i loss_i / m).backward()`` would in one process. It returns ev
 How data moves. An activation goes with a header (dims and dtype), so every micro-batch may have its
 own shape; a gradient has the shape of the activation it belongs to and needs none. Posting is
 non-blocking (``SEND_*``/``RECV_*``); ``F`` waits for its activation and ``B`` for its gradient.
-Consecutive communication actions are posted as one batch (on NCCL, ``batch_isend_irecv``); headers go
-over gloo (a side group when the data goes over NCCL). A stage keeps only the autograd edge of an
+Consecutive communication actions are posted as one batch (on NCCL, ``batch_isend_irecv``); on gloo
+the sends are posted from the send thread (a gloo send to a posted receive copies its data inside
+the call). Headers go over gloo (a side group when the data goes over NCCL). A stage keeps only the autograd edge of an
 output it sent: once the send completes the output's memory is released.
 
 Backward. With ``gpipe`` and ``1f1b``, ``B`` runs the whole backward. With ``zb-h1`` (on every stage
