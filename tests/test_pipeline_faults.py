@@ -41,11 +41,11 @@ def injected(rank, at, fault):
     return on_action
 
 
-def faulty_step(ctx, pid_dir, fault_rank, at, fault):
+def faulty_step(ctx, pid_dir, fault_rank, at, fault, steps=100):
     (Path(pid_dir) / f"rank{ctx.rank}.pid").write_text(str(os.getpid()))
     stage = build_stage(CONFIG, ctx.rank, [2, 2])
     hook = injected(ctx.rank, at, fault) if ctx.rank == fault_rank else None
-    for _ in range(100):  # the fault comes in the first step; a rank that misses it would spin here
+    for _ in range(steps):  # the fault comes in the first step; a rank that misses it would spin here
         run_pipeline_step(stage, "1f1b", micro_batches(), loss_fn, guard=ctx.guard, on_action=hook)
 
 
@@ -92,14 +92,14 @@ def test_hung_rank_is_found_by_heartbeat(tmp_path):
 def test_ctrl_c_stops_every_rank(tmp_path):
     script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_pipeline_faults as t; "
               f"from astrobio.parallel.launch import launch; "
-              f"launch(t.faulty_step, 2, ({str(tmp_path)!r}, -1, None, None), timeout_s=30, backend='gloo')")
+              f"launch(t.faulty_step, 2, ({str(tmp_path)!r}, -1, None, None, 10 ** 6), timeout_s=30, backend='gloo')")
     parent = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while len(list(tmp_path.glob("rank*.pid"))) < 2 and time.monotonic() < deadline:
             assert parent.poll() is None, parent.stderr.read()
             time.sleep(0.1)
-        time.sleep(0.5)  # mid-step
+        time.sleep(0.5)  # mid-step: without a fault the ranks step until they are stopped
         parent.send_signal(signal.SIGINT)
         parent.wait(timeout=15)
     finally:
