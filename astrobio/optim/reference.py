@@ -22,8 +22,9 @@ with an IEEE (correctly rounded) sqrt and division. This is torch.optim.AdamW's 
 2022), one fp32 absmax per block of 256 elements. Dequantize: ``value = qmap[code] * absmax``.
 Requantize after the update: ``absmax = max |x|`` over the block, ``inv = 1 / absmax`` (0 when
 absmax is below the smallest normal fp32, ``MIN_NORMAL``: an all-zero block, or one so small that
-``1 / absmax`` would overflow to inf and turn its zeros into NaN), ``n = x * inv`` and ``code = #{i : threshold[i] < n}`` where
-``threshold[i] = (qmap[i] + qmap[i + 1]) * 0.5`` in fp32: the nearest code, ties to the lower one.
+``1 / absmax`` would overflow to inf and turn its zeros into NaN), ``n = x * inv`` and
+``code = #{i : threshold[i] < n}`` where ``threshold[i] = (qmap[i] + qmap[i + 1]) * 0.5`` in fp32:
+the nearest code, ties to the lower one. The bf16 copy of the new weights is ``round_to_bf16``.
 
 Tensors under ``MIN_8BIT_NUMEL`` elements keep fp32 moments. Master weights are fp32, or bf16 with
 stochastic rounding (``stochastic_round_to_bf16``). A step with any non-finite gradient is skipped.
