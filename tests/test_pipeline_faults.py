@@ -93,7 +93,10 @@ def test_ctrl_c_stops_every_rank(tmp_path):
     script = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_pipeline_faults as t; "
               f"from astrobio.parallel.launch import launch; "
               f"launch(t.faulty_step, 2, ({str(tmp_path)!r}, -1, None, None, 10 ** 6), timeout_s=30, backend='gloo')")
-    parent = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True)
+    # as from a terminal: a test run started in the background (`cmd &` in a script) has SIGINT ignored,
+    # and the job would inherit that
+    parent = subprocess.Popen([sys.executable, "-c", script], stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while len(list(tmp_path.glob("rank*.pid"))) < 2 and time.monotonic() < deadline:
