@@ -48,8 +48,10 @@ REQUANT = ("""  quantize_block(t1, m_buf, _mm512_set1_ps(inverse_absmax(am)), co
 DEQUANT = ("""  dequantize_block(t1, codes1, _mm512_set1_ps(x.absmax1[block]), m_buf);
   dequantize_block(t2, codes2, _mm512_set1_ps(x.absmax2[block]), v_buf);""",
            """  for (int j = 0; j < kBlockSize; j += 16) {
-    const __m512 c1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes1 + j))));
-    const __m512 c2 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes2 + j))));
+    const __m512 c1 =
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes1 + j))));
+    const __m512 c2 =
+        _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes2 + j))));
     _mm512_store_ps(m_buf + j, c1);
     _mm512_store_ps(v_buf + j, c2);
   }""")

@@ -36,7 +36,6 @@ inline StepConstants make_step_constants(double lr, double beta1, double beta2, 
   return c;
 }
 
-
 struct StepArgs {
   void* param;                 // numel elements of param_dtype (fp32 master, or bf16 with stochastic rounding)
   DType param_dtype;

@@ -27,8 +27,7 @@ def header(p: Plan) -> list[str]:
     offload = (f"CPU offload on (master {c.master_weights}, accumulators {c.accum_dtype}, {c.optimizer})"
                if c.offload else f"no offload ({c.optimizer} on the device)")
     return [f"model {c.model if isinstance(c.model, str) else 'custom'}: {count(p.total_params)} parameters "
-            f"({p.total_params:,}, "
-            f"meta-device count), {m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}",
+            f"({p.total_params:,}, meta-device count), {m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}",
             f"run: {c.stages} stage(s) on {p.hardware.name}, seq {c.seq_len}, micro-batch {c.micro_batch_size} x "
             f"{c.micro_batches} per step, {c.schedule}, checkpointing {'on' if c.checkpointing else 'off'}, {offload}"]
 

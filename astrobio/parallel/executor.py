@@ -10,8 +10,8 @@ own shape; a gradient has the shape of the activation it belongs to and needs no
 non-blocking (``SEND_*``/``RECV_*``); ``F`` waits for its activation and ``B`` for its gradient.
 Consecutive communication actions are posted as one batch (on NCCL, ``batch_isend_irecv``); on gloo
 the sends are posted from the send thread (a gloo send to a posted receive copies its data inside
-the call). Headers go over gloo (a side group when the data goes over NCCL). A stage keeps only the autograd edge of an
-output it sent: once the send completes the output's memory is released.
+the call). Headers go over gloo (a side group when the data goes over NCCL). A stage keeps only the
+autograd edge of an output it sent: once the send completes the output's memory is released.
 
 Backward. With ``gpipe`` and ``1f1b``, ``B`` runs the whole backward. With ``zb-h1`` (on every stage
 that has an input to differentiate), ``B`` runs the backward to the stage input and to the parameters
