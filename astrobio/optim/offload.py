@@ -72,9 +72,10 @@ Contract:
   pipeline ranks and returns its ``.item()``.
 - ``state_dict()`` may be taken between steps or between micro-batches (it then also holds the
   accumulators and the micro-batch count; after loading it, continue the step's remaining micro-batches
-  and call ``end_step`` without ``begin_step``). Moment tensors are live references: save before the next
-  ``end_step``. ``load_state_dict`` validates everything first and also writes the master weights to the
-  device parameters. The accumulation state does not depend on the location: a state saved between
+  and call ``end_step`` without ``begin_step``). Moment and master tensors are live references (a save
+  of a 13B state must not copy it first): save before the next ``end_step``. ``load_state_dict`` validates
+  everything first, copies what it keeps (never holding the caller's tensors, e.g. views of a mapped
+  checkpoint file) and also writes the master weights to the device parameters. The accumulation state does not depend on the location: a state saved between
   micro-batches with one location loads into an engine with the other.
 - ``worker_delay``: a test hook, a callable run at the start of every worker task (e.g. a random sleep)
   to expose ordering bugs.
@@ -597,7 +598,7 @@ class OffloadEngine:
         state = {}
         for slot in self._slots:
             bucket = self._buckets[slot.bucket]
-            state[slot.index] = {**slot.state, "master": bucket.view(bucket.master, slot).clone()}
+            state[slot.index] = {**slot.state, "master": bucket.view(bucket.master, slot)}
         saved = {"hyperparameters": dict(lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
                                          max_grad_norm=self.max_grad_norm),
                  "master_weights": self.master_weights, "accum_dtype": self.accum_dtype,
@@ -662,7 +663,9 @@ class OffloadEngine:
                 got = f"{master.dtype} {tuple(master.shape)}" if torch.is_tensor(master) else repr(master)
                 raise ValueError(f"{where}: master must be a {master_dtype} tensor of the parameter's shape, got {got}")
             host_like = torch.empty(slot.param.shape, dtype=master_dtype)
-            checked.append((checked_state(host_like, entry, where), master))
+            state = checked_state(host_like, entry, where)
+            owned = {key: value.clone() if torch.is_tensor(value) else value for key, value in state.items()}
+            checked.append((owned, master))
         return checked
 
     def _checked_accumulation(self, accumulation: dict[str, Any] | None) -> dict[str, Any] | None:
