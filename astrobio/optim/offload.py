@@ -102,7 +102,13 @@ from astrobio.optim.offload_timings import OffloadTimings, TimingsRecorder
 ACCUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MASTER_WEIGHTS = {"fp32": torch.float32, "bf16-sr": torch.bfloat16}
 GRAD_ACCUM_LOCATIONS = ("device", "host")
-_NORM_CHUNK = 1 << 20  # elements per fp64 chunk of the norm (bounds its temporary)
+# elements per fp64 chunk of the norm (bounds its temporary); larger on a GPU, where each chunk costs
+# kernel launches on the thread that runs the backward
+_NORM_CHUNK = 1 << 20
+_DEVICE_NORM_CHUNK = 1 << 24
+# elements per host add: a bf16 gradient added into an fp32 accumulator is converted into a temporary
+# first (torch's CPU kernels convert mixed-dtype inputs); in chunks the temporary stays in the CPU's cache
+_ADD_CHUNK = 1 << 21
 
 
 @dataclass
@@ -121,8 +127,9 @@ def squared_norm(x: torch.Tensor) -> torch.Tensor:
     a device computes it without waiting for the host; NaN or Inf when any element is not finite."""
     flat = x.reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    for start in range(0, flat.numel(), _NORM_CHUNK):
-        chunk = flat[start:start + _NORM_CHUNK].to(torch.float64)
+    size = _NORM_CHUNK if x.device.type == "cpu" else _DEVICE_NORM_CHUNK
+    for start in range(0, flat.numel(), size):
+        chunk = flat[start:start + size].to(torch.float64)
         total += torch.dot(chunk, chunk)
     return total
 
@@ -148,6 +155,17 @@ class _Fill:
     buffer: torch.Tensor
     grads: torch.Tensor  # the buffer viewed as the bucket's flat gradient
     arrived: set[int] = field(default_factory=set)
+
+
+def add_chunked(accum: torch.Tensor, grads: torch.Tensor, first: bool) -> None:
+    """``accum = grads`` (first) or ``accum += grads``, in chunks of _ADD_CHUNK elements; each chunk runs on
+    torch's intra-op threads with the GIL released."""
+    for start in range(0, accum.numel(), _ADD_CHUNK):
+        part, source = accum[start:start + _ADD_CHUNK], grads[start:start + _ADD_CHUNK]
+        if first:
+            part.copy_(source)
+        else:
+            part.add_(source)
 
 
 class _Bucket:
@@ -350,6 +368,8 @@ class OffloadEngine:
             raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
         self._num_micro_batches = int(num_micro_batches)
         self.last_timings = self._timings.roll()
+        for bucket in self._buckets:  # device accumulation: rewrite no accumulator still being copied out
+            self._link.wait_device(bucket.copied)
 
     def _check_open(self, slot: _Slot) -> None:
         if self._num_micro_batches is None:
@@ -408,10 +428,7 @@ class OffloadEngine:
             start = time.perf_counter()
             self._link.wait_host(copied)
             landed = time.perf_counter()
-            if first:
-                bucket.accum.copy_(fill.grads)
-            else:
-                bucket.accum.add_(fill.grads)
+            add_chunked(bucket.accum, fill.grads, first)
             done = time.perf_counter()
         finally:
             self._pool.release(fill.buffer)
@@ -543,7 +560,6 @@ class OffloadEngine:
         start = time.perf_counter()
         self._link.wait_host(bucket.uploaded)  # a bucket without gradients this step waited on nothing yet
         self._link.wait_host(bucket.copied)  # device accumulation: the accumulator has landed
-        bucket.copied = None
         landed = time.perf_counter()
         beta1, beta2 = self.betas
         qmap1, qmap2 = self._qmaps

@@ -11,11 +11,14 @@ Main thread (each adds to the step's wall time; the training loop's own clock in
 - ``staging_wait_s``: the part of ``grad_hooks_s`` blocked on a free host staging buffer (host
   accumulation only: the backward stalls while the workers catch up).
 - ``norm_wait_s``: ``end_step`` waiting for the accumulators and the global gradient norm (including
-  ``sum_across``, the norm's all-reduce over pipeline ranks).
+  ``sum_across``, the norm's all-reduce over pipeline ranks; with device accumulation on a GPU it also
+  waits for the last backward to finish on the device, since the norms are computed there).
 - ``weight_wait_s``: forward pre-hooks and ``synchronize`` waiting for new weights: the optimizer time
   the step could not hide.
 
-Worker threads (they run beside the main thread; sums over buckets and lanes):
+Worker threads (they run beside the main thread; sums over buckets and lanes; work is counted in the
+record open when it finishes, so a step's optimizer work that overlaps the next step's forward lands in
+the next record):
 
 - ``transfer_wait_s``: waiting for device-to-host gradient copies to land.
 - ``host_accumulate_s`` / ``host_accumulate_bytes``: adding micro-batch gradients into the host
