@@ -495,3 +495,41 @@ def test_a_failed_accumulation_is_reported_even_when_later_ones_succeed():
         engine.end_step()
     with pytest.raises(RuntimeError, match="first accumulation failed"):
         engine.close()
+
+
+@pytest.mark.parametrize("location", LOCATIONS)
+def test_a_state_without_masters_loads_them_from_the_parameters(location):
+    """bf16-sr masters of a bf16 model are the parameters: a state saved without them, loaded after the
+    model's weights, resumes exactly; fp32 masters of a bf16 model cannot be left out."""
+    options = dict(**HYPER, max_grad_norm=0.05, master_weights="bf16-sr", bucket_bytes=6000,
+                   grad_accum_location=location)
+    batches = make_batches(4, 3)
+    straight = make_model("mlp", torch.bfloat16)
+    engine = OffloadEngine(straight.parameters(), **options, module=straight)
+    for b in batches:
+        run_engine(engine, straight, b)
+    first = make_model("mlp", torch.bfloat16)
+    engine_a = OffloadEngine(first.parameters(), **options, module=first)
+    for b in batches[:2]:
+        run_engine(engine_a, first, b)
+    assert engine_a.masters_in_parameters
+    saved = round_trip(engine_a.state_dict(masters=False))
+    weights = round_trip(first.state_dict())
+    assert saved["masters"] == "parameters" and all("master" not in s for s in saved["state"].values())
+    resumed = make_model("mlp", torch.bfloat16, seed=5)
+    resumed.load_state_dict(weights)
+    engine_b = OffloadEngine(resumed.parameters(), **options, module=resumed)
+    engine_b.load_state_dict(saved)
+    for b in batches[2:]:
+        run_engine(engine_b, resumed, b)
+    engine.synchronize()
+    engine_b.synchronize()
+    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
+    fp32_masters = OffloadEngine(make_model("mlp", torch.bfloat16).parameters(), **{**options, "master_weights": "fp32"})
+    assert not fp32_masters.masters_in_parameters
+    with pytest.raises(ValueError, match="must be saved"):
+        fp32_masters.state_dict(masters=False)
+    with pytest.raises(ValueError, match="saved without master weights"):
+        fp32_masters.load_state_dict({**saved, "master_weights": "fp32"})
+    for e in (engine, engine_a, engine_b, fp32_masters):
+        e.close()

@@ -605,19 +605,32 @@ class OffloadEngine:
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
-    def state_dict(self) -> dict[str, Any]:
+    @property
+    def masters_in_parameters(self) -> bool:
+        """Whether the device parameters hold the master weights exactly (the masters have the parameters'
+        dtype, e.g. bf16-sr masters of a bf16 model), so that a checkpoint needs them only once."""
+        return all(b.upload is None and b.master.dtype == b.grad_dtype for b in self._buckets)
+
+    def state_dict(self, masters: bool = True) -> dict[str, Any]:
         """Hyperparameters, per-parameter state (moments, step, master), and, between micro-batches of an
-        open step, the accumulators and the micro-batch count."""
+        open step, the accumulators and the micro-batch count. ``masters=False`` leaves the master weights
+        out where ``masters_in_parameters`` (a 13B checkpoint then holds its bf16 weights once, in the
+        model's file): loading it takes them from the parameters, so load the model's weights first."""
         self.synchronize()
         if any(b.open_fill is not None for b in self._buckets):
             raise RuntimeError("state_dict() was called during a backward pass; call it between micro-batches")
+        if not masters and not self.masters_in_parameters:
+            raise ValueError(f"state_dict(masters=False): the {self.master_weights} master weights differ from the "
+                             f"parameters (another dtype), so they must be saved; use masters=True")
         state = {}
         for slot in self._slots:
             bucket = self._buckets[slot.bucket]
-            state[slot.index] = {**slot.state, "master": bucket.view(bucket.master, slot)}
+            state[slot.index] = {**slot.state, "master": bucket.view(bucket.master, slot)} if masters else \
+                dict(slot.state)
         saved = {"hyperparameters": dict(lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
                                          max_grad_norm=self.max_grad_norm),
                  "master_weights": self.master_weights, "accum_dtype": self.accum_dtype,
+                 "masters": "saved" if masters else "parameters",
                  "skipped_steps": self.skipped_steps, "state": state, "accumulation": None}
         if self._num_micro_batches is not None:
             saved["accumulation"] = self._accumulation_state()
@@ -650,7 +663,7 @@ class OffloadEngine:
         skipped_steps = saved["skipped_steps"]
         if not isinstance(skipped_steps, int) or skipped_steps < 0:
             raise ValueError(f"skipped_steps must be an int >= 0, got {skipped_steps!r}")
-        states = self._checked_states(saved["state"])
+        states = self._checked_states(saved["state"], saved.get("masters", "saved") == "parameters")
         accumulation = self._checked_accumulation(saved.get("accumulation"))
         for slot, (state, master) in zip(self._slots, states):
             bucket = self._buckets[slot.bucket]
@@ -665,15 +678,22 @@ class OffloadEngine:
         self.weight_decay, self.max_grad_norm = hyper["weight_decay"], hyper["max_grad_norm"]
         self.skipped_steps = skipped_steps
 
-    def _checked_states(self, saved: dict[int, Any]) -> list[tuple[dict[str, Any], torch.Tensor]]:
+    def _checked_states(self, saved: dict[int, Any], masters_in_parameters: bool,
+                        ) -> list[tuple[dict[str, Any], torch.Tensor]]:
         if sorted(saved) != [s.index for s in self._slots]:
             raise ValueError(f"the state holds parameters {sorted(saved)[:8]}... but this engine has "
                              f"{len(self._slots)} parameters; was it saved for another model or stage?")
+        if masters_in_parameters and not self.masters_in_parameters:
+            raise ValueError("the state was saved without master weights (its parameters held them), but this "
+                             "engine's masters have another dtype than its parameters; build the engine with the "
+                             "parameters' dtype and master_weights of the saved run")
         checked = []
         master_dtype = MASTER_WEIGHTS[self.master_weights]
         for slot in self._slots:
             entry = dict(saved[slot.index])
             master = entry.pop("master", None)
+            if masters_in_parameters:
+                master = slot.param.detach().to("cpu")
             where = f"offload state of parameter {slot.index} ({slot.name}, shape {tuple(slot.param.shape)})"
             if not torch.is_tensor(master) or master.shape != slot.param.shape or master.dtype != master_dtype:
                 got = f"{master.dtype} {tuple(master.shape)}" if torch.is_tensor(master) else repr(master)
