@@ -9,7 +9,8 @@ import torch
 
 from astrobio.memory import PlanConfig, PlanError, check_fits, format_plan, get_hardware, parse_bytes, plan, preflight
 from astrobio.memory import activations as act
-from astrobio.memory.planner import moments_bytes, occupancy
+from astrobio.memory.peak import occupancy
+from astrobio.memory.planner import moments_bytes
 from astrobio.memory.validate import CpuCase, measure_cpu, measure_cuda, run_stage
 from astrobio.model import build_model, build_stage, get_config
 from astrobio.model.transformer import TransformerBlock, rotary_tables
