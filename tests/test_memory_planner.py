@@ -184,8 +184,8 @@ def test_the_plan_counts_the_prefix_encoders_on_stage_zero():
     """The trainer's plan of a multimodal run against the modules its builders make (not on meta)."""
     from astrobio.train import parse_config
     from astrobio.train.memory import plan_config
-    from astrobio.train.trainer import build_prefix as trainer_prefix
-    from astrobio.train.trainer import build_stage_model
+    from astrobio.train.builders import build_prefix as trainer_prefix
+    from astrobio.train.builders import build_stage_model
     cpu = torch.device("cpu")
     for stages in (1, 2):
         config = parse_config([*MULTIMODAL, "--pipeline-stages", str(stages)])

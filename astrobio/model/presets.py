@@ -11,7 +11,7 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(vocab_size=None, d_model=128, n_layers=4, n_heads=4, ffn_hidden=352, max_seq_len=512),
     # ~100M parameters
     "small": dict(vocab_size=None, d_model=768, n_layers=14, n_heads=12, ffn_hidden=2048, max_seq_len=1024),
-    # 13.14B: 56 layers, d_model 4352 (34 heads of 128), SwiGLU 11776, vocab 32768, untied (DESIGN.md 1)
+    # 13.14B: 56 layers, d_model 4352 (34 heads of 128), SwiGLU 11776, vocab 32768, untied embeddings (docs/MEMORY.md)
     "13b": dict(vocab_size=32768, d_model=4352, n_layers=56, n_heads=34, ffn_hidden=11776, max_seq_len=4096),
 }
 

@@ -36,7 +36,8 @@ def hardware_of(device: torch.device) -> tuple[str, int | None]:
 def weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     """The dtype of the weights the device computes with. With CPU offload on a GPU: bf16 (the offload
     engine keeps the master weights on the host and uploads each step's new weights in the parameters'
-    dtype; DESIGN.md section 1). Otherwise fp32. The prefix encoders stay fp32 either way."""
+    dtype, so the device holds 2 bytes per parameter; docs/MEMORY.md). Otherwise fp32. The prefix
+    encoders stay fp32 either way."""
     return torch.bfloat16 if config.use_cpu_offloading and device.type == "cuda" else torch.float32
 
 

@@ -1,12 +1,12 @@
 """Pipeline-parallel training: ``--pipeline-stages N --schedule 1f1b|gpipe|zb-h1`` (docs/TRAINING.md).
 
-``run_pipeline`` starts the ranks with ``astrobio.parallel.launch.launch`` (spawned here, gloo on the
-CPU and NCCL on GPUs; or one rank per process under ``torchrun``), and every rank runs the same
-``Trainer`` loop over its own stage:
+The entry point (astrobio.train.entry) starts the ranks with ``astrobio.parallel.launch.launch`` (spawned
+there, gloo on the CPU and NCCL on GPUs; or one rank per process under ``torchrun``), and every rank runs
+the same loop over its own stage with this module's parts, the counterparts of astrobio.train.local's:
 
-- ``Ranks`` is what the trainer needs from the job: this rank's stage, collectives that stop when a
-  peer fails (through the launcher's ``FaultGuard``), and the global gradient norm (an all-reduce of
-  the stages' squared norms). ``SingleProcess`` is the same interface for one stage.
+- ``Ranks``: the rank layout, what the trainer needs from the job: this rank's stage, collectives that
+  stop when a peer fails (through the launcher's ``FaultGuard``), and the global gradient norm (an
+  all-reduce of the stages' squared norms).
 - ``PipelineStepRunner`` (a ``StepRunner``) runs one step's micro-batches through the schedule with
   ``astrobio.parallel.executor.run_pipeline_step`` (every rank reads the same micro-batches from an
   identical loader: stage 0 uses the inputs, the last stage the targets), returns the loss on every
@@ -14,40 +14,24 @@ CPU and NCCL on GPUs; or one rank per process under ``torchrun``), and every ran
   In a multimodal run the micro-batches are MultimodalBatch: stage 0 runs the prefix encoders before its
   layers (``PrefixedStage``; the encoders and their optimizer state live on stage 0 only) and the last
   stage's loss covers the token positions.
+- ``StagedCheckpoint``: checkpoints in parts, one per stage (astrobio.train.checkpoint); they load with
+  any number of stages (the prefix encoders' weights go with rank 0's training state, as with one stage).
 
-Only rank 0 writes metrics, plots and the summary; checkpoints are written in parts, one per stage
-(astrobio.train.checkpoint), and load with any number of stages (the prefix encoders' weights go with rank
-0's training state, as with one stage).
+Only rank 0 writes metrics, plots and the summary.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import threading
+import math
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from astrobio.model.stages import PrefixedStage
-from astrobio.train.config import TrainConfig
-
-
-class SingleProcess:
-    """One stage in this process: the collectives are identities."""
-
-    stage, world_size, is_main, guard = 0, 1, True, None
-
-    def sum_across(self, value: float) -> float:
-        return value
-
-    def gather(self, obj) -> list:
-        return [obj]
-
-    def barrier(self) -> None:
-        pass
+from astrobio.train.checkpoint import Checkpointer, write_part
 
 
 class Ranks:
@@ -66,6 +50,10 @@ class Ranks:
         total = torch.tensor([value], dtype=torch.float64, device=self.ctx.device)
         self.wait(dist.all_reduce(total, async_op=True))
         return total.item()
+
+    def global_norm(self, local_norm: float) -> float:
+        """The whole model's L2 norm from this stage's."""
+        return math.sqrt(self.sum_across(local_norm * local_norm))
 
     def gather(self, obj) -> list:
         """Every rank's ``obj``, on every rank."""
@@ -90,6 +78,8 @@ class PipelineStepRunner:
         self.module = stage if prefix is None else PrefixedStage(stage, prefix)
         self.wire_dtype = next(stage.parameters()).dtype  # activations between stages in evaluate
         self.trace: list = []
+        self.micro_batches = 0
+        self.last_traces: list | None = None
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
@@ -105,7 +95,7 @@ class PipelineStepRunner:
         with self.autocast():
             result = run_pipeline_step(self.module, self.schedule, self.pairs(micro_batches), self.target_loss,
                                        guard=self.ranks.guard, device=self.device)
-        self.trace = result.trace
+        self.trace, self.micro_batches = result.trace, len(micro_batches)
         return result.loss
 
     def target_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -138,73 +128,43 @@ class PipelineStepRunner:
         self.ranks.wait(dist.broadcast(total, self.ranks.world_size - 1, async_op=True))
         return (total / len(batches)).item()
 
-    def gather_traces(self) -> list:
-        """Every stage's trace of the last step (a collective)."""
-        return self.ranks.gather(self.trace)
+    def step_record(self) -> dict:
+        """The measured bubble of the last step, from every stage's trace (a collective)."""
+        from astrobio.parallel.executor import measured_bubble
+        self.last_traces = self.ranks.gather(self.trace)
+        return {"pipeline_bubble": round(measured_bubble(self.last_traces), 4)}
+
+    def write_plots(self, directory: Path) -> None:
+        """plots/pipeline.png: the Gantt chart of the last logged step's traces, with the bubble the
+        schedule would have at the measured compute costs (astrobio.parallel.gantt)."""
+        if self.last_traces is None:
+            return
+        from astrobio.parallel.executor import simulated_bubble
+        from astrobio.parallel.gantt import render_gantt
+        from astrobio.parallel.schedules import schedule
+        stages, micro_batches = self.ranks.world_size, self.micro_batches
+        simulated = simulated_bubble(schedule(self.schedule, stages, micro_batches), self.last_traces)
+        render_gantt(self.last_traces, directory / "pipeline.png",
+                     f"{self.schedule}, {stages} stages x {micro_batches} micro-batches", simulated)
 
 
-def bubble_of(traces: list) -> float:
-    from astrobio.parallel.executor import measured_bubble
-    return measured_bubble(traces)
+class StagedCheckpoint:
+    """Each stage writes its part into the temporary directory; rank 0 then writes the shared training
+    state and the manifest, and renames (the same atomic save as with one stage)."""
 
+    def __init__(self, checkpointer: Checkpointer, ranks: Ranks):
+        self.checkpointer, self.ranks = checkpointer, ranks
 
-def plot_pipeline(traces: list, path, config: TrainConfig):
-    """plots/pipeline.png: H5's Gantt chart of one step's traces, with the bubble the schedule would have
-    at the measured compute costs (astrobio.parallel.gantt)."""
-    from astrobio.parallel.executor import simulated_bubble
-    from astrobio.parallel.gantt import render_gantt
-    from astrobio.parallel.schedules import schedule
-    stages, micro_batches = config.pipeline_stages, config.gradient_accumulation_steps
-    simulated = simulated_bubble(schedule(config.schedule, stages, micro_batches), traces)
-    return render_gantt(traces, path, f"{config.schedule}, {stages} stages x {micro_batches} micro-batches", simulated)
-
-
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-def rank_main(ctx, config: TrainConfig, data, resume_path: str | None) -> dict | None:
-    """One rank of the job: the trainer over this rank's stage; rank 0 returns the summary."""
-    from astrobio.train.trainer import Trainer, load_resume
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the launcher's SIG_IGN is inherited
-    trainer = Trainer(config, data, ctx.device, Ranks(ctx))
-    if resume_path is not None:
-        trainer.load(load_resume(config, resume_path))
-    elif ctx.rank == 0:
-        trainer.logger.truncate_after(-1)
-    return trainer.train()
-
-
-def torchrun_rank() -> int:
-    """This process's rank under torchrun (0 when started plainly)."""
-    from astrobio.parallel.launch import under_torchrun
-    return int(os.environ["RANK"]) if under_torchrun() else 0
-
-
-def run_pipeline(config: TrainConfig, prepared) -> dict | None:
-    """Starts (or, under torchrun, joins) the job; returns rank 0's summary (None on other ranks)."""
-    from astrobio.parallel.launch import launch
-    from astrobio.train.trainer import resolve_device
-    config, data, resume = prepared
-    with interrupts_left_to_ranks():
-        results = launch(rank_main, config.pipeline_stages, args=(config, data, str(resume.path) if resume else None),
-                         backend=backend_for(resolve_device(config)), timeout_s=config.pipeline_timeout)
-    return results.get(0)
-
-
-@contextlib.contextmanager
-def interrupts_left_to_ranks():
-    """Ctrl-C reaches every process of the terminal's group: the spawned ranks agree to stop after the
-    same step and checkpoint (exit 130), so the launching process ignores SIGINT meanwhile rather than
-    tear them down. (Under torchrun, torchrun handles it.)"""
-    from astrobio.parallel.launch import under_torchrun
-    if under_torchrun() or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
+    def save(self, step: int, model_state: dict, optimizer_state: Callable[[], dict],
+             training_state: Callable[[], dict]) -> Path:
+        stage, ckpt, is_main = self.ranks.stage, self.checkpointer, self.ranks.is_main
+        tmp = ckpt.begin(step) if is_main else ckpt.root / f".tmp-step-{step}"
+        self.ranks.barrier()
+        write_part(tmp, f"model-stage{stage}.safetensors", model_state, f"optimizer-stage{stage}",
+                   optimizer_state())
+        self.ranks.barrier()
+        if is_main:
+            write_part(tmp, None, None, "state", training_state())
+            ckpt.finish(tmp, step)
+        self.ranks.barrier()
+        return ckpt.root / f"step-{step}"
