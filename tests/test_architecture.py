@@ -40,8 +40,9 @@ def test_the_triton_kernels_stay_importable_as_astrobio_kernels(tmp_path):
 # ------------------------------------------------------------------------------------------ import layers
 # The floors of astrobio, bottom first, as docs/ARCHITECTURE.md draws them. A module may import modules of
 # its own component and of the components on lower floors; the components of one floor are independent
-# of each other. A module belongs to the component with the longest matching name (``astrobio`` itself,
-# the root package, only to the first floor). Imports inside functions count as well.
+# of each other. A component is a module or package name, or a tuple of them (one component in several
+# places); a module belongs to the component with the longest matching name (``astrobio`` itself, the
+# root package, only to the first floor). Imports inside functions count as well.
 FLOORS = [
     ("specification", ["astrobio", "astrobio.spec"]),
     ("kernels", ["astrobio._C", "astrobio.kernels"]),  # astrobio._C is compiled from csrc/
@@ -52,9 +53,9 @@ FLOORS = [
     ("checkpoints", ["astrobio.train.checkpoint"]),
     ("use", ["astrobio.inference", "astrobio.cli"]),
     ("trainer", ["astrobio.train"]),
-    # the commands; the trainer's entry points (main, the rank entry, the summary) belong here too
-    ("entry points", ["astrobio.evaluate", "astrobio.export", "astrobio.generate", "astrobio.plan",
-                      "astrobio.train.__main__"]),
+    # the commands; python -m astrobio.train runs the trainer's entry points (main, the rank entry, the summary)
+    ("entry points", [("astrobio.train.__main__", "astrobio.train.entry"), "astrobio.evaluate", "astrobio.export",
+                      "astrobio.generate", "astrobio.plan"]),
 ]
 COMPILED = {"astrobio._C"}  # modules that are no .py file
 KERNELS = {"astrobio._C", "astrobio.kernels"}  # reached through astrobio.ops only
@@ -102,13 +103,15 @@ def import_graph() -> dict[str, list[tuple[str, int]]]:
 
 
 def component_of(module: str) -> tuple[int, str]:
-    """(floor, component) of a module."""
-    best = None
+    """(floor, component) of a module; a component of several names is named by its first."""
+    best, longest = None, 0
     for floor, (_, components) in enumerate(FLOORS):
         for component in components:
-            matches = module == component or (component != "astrobio" and module.startswith(component + "."))
-            if matches and (best is None or len(component) > len(best[1])):
-                best = (floor, component)
+            names = component if isinstance(component, tuple) else (component,)
+            for name in names:
+                matches = module == name or (name != "astrobio" and module.startswith(name + "."))
+                if matches and len(name) > longest:
+                    best, longest = (floor, names[0]), len(name)
     assert best is not None, f"{module} is on no floor: add it to FLOORS (and to docs/ARCHITECTURE.md)"
     return best
 
