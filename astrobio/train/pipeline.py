@@ -23,6 +23,7 @@ Only rank 0 writes metrics, plots and the summary.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,10 @@ from torch import nn
 
 from astrobio.model.stages import PrefixedStage
 from astrobio.train.checkpoint import Checkpointer, write_part
+from astrobio.train.timeline import DEVICE, HOST, StepTimeline
+
+# the schedule's computations as phases of the step breakdown (W: the weight-gradient half of backward)
+TRACE_PHASES = {"F": "forward", "B": "backward", "W": "backward"}
 
 
 class Ranks:
@@ -70,7 +75,7 @@ class PipelineStepRunner:
     """This rank's stage of the model, run by the schedule; see the module docstring."""
 
     def __init__(self, stage: nn.Module, ranks: Ranks, schedule: str, device: torch.device, mixed_precision: bool,
-                 loss_fn, prefix: nn.Module | None = None, prefix_len: int = 0):
+                 loss_fn, prefix: nn.Module | None = None, prefix_len: int = 0, timeline: StepTimeline | None = None):
         self.stage, self.ranks, self.schedule = stage, ranks, schedule
         self.device, self.mixed_precision, self.loss_fn = device, mixed_precision, loss_fn
         self.first, self.last = ranks.stage == 0, ranks.stage == ranks.world_size - 1
@@ -80,6 +85,7 @@ class PipelineStepRunner:
         self.trace: list = []
         self.micro_batches = 0
         self.last_traces: list | None = None
+        self.timeline = timeline or StepTimeline(device, ranks.stage)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
@@ -92,11 +98,28 @@ class PipelineStepRunner:
     def forward_backward(self, micro_batches: list) -> float:
         from astrobio.parallel.executor import run_pipeline_step
         self.module.train()
+        start = time.perf_counter()
         with self.autocast():
             result = run_pipeline_step(self.module, self.schedule, self.pairs(micro_batches), self.target_loss,
                                        guard=self.ranks.guard, device=self.device)
+        self.add_to_timeline(result.trace, start, time.perf_counter())
         self.trace, self.micro_batches = result.trace, len(micro_batches)
         return result.loss
+
+    def add_to_timeline(self, trace: list, start: float, end: float) -> None:
+        """The trace's computations as forward/backward phases, and the time between them (waits for the
+        other stages' activations and gradients, transfers, the schedule's own work) as
+        ``pipeline_wait``. NOTE: the trace holds the host's wall clock, so on a GPU the device lane shows
+        when the host issued the work, not when the GPU ran it."""
+        cursor = start
+        for event in sorted(trace, key=lambda e: e.start):
+            if event.start > cursor:
+                self.timeline.add(HOST, "pipeline_wait", cursor, event.start)
+            for lane in (HOST, DEVICE):
+                self.timeline.add(lane, TRACE_PHASES[event.op], event.start, event.end)
+            cursor = max(cursor, event.end)
+        if end > cursor:
+            self.timeline.add(HOST, "pipeline_wait", cursor, end)
 
     def target_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The micro-batch's mean loss; with a prefix, over the token positions only."""
