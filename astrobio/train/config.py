@@ -96,6 +96,8 @@ class TrainConfig:
     master_weights: str = option("fp32", "offloaded master weights: fp32, or bf16 with stochastic rounding",
                                  choices=MASTER_WEIGHTS)
     accum_dtype: str = option("fp32", "offloaded gradient accumulators", choices=ACCUM_DTYPES)
+    gpu_memory_limit: str | None = option(None, "cap each process's GPU memory, e.g. 24GiB (ranks sharing a GPU "
+                                          "each get this cap; the memory preflight plans against it)", str)
     force: bool = option(False, "start even where the memory preflight predicts the run will not fit")
     profile_every_n_steps: int | None = option(None, "memory profile every N steps (default: "
                                                "--log-every-n-steps)", int)
@@ -346,10 +348,12 @@ def check_environment(config: TrainConfig) -> None:
     if config.resume not in (None, "auto") and not Path(config.resume).is_dir():
         raise ConfigError(f"--resume {config.resume!r} is not a checkpoint directory; pass "
                           f"checkpoints/step-N or 'auto'")
-    if config.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
+    import torch
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
+    if config.gpu_memory_limit is not None and (config.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError(f"--gpu-memory-limit {config.gpu_memory_limit} caps a GPU, but this run computes on "
+                          f"the CPU; drop it, or use --device cuda on a machine with a GPU")
     if config.wandb_project is not None:
         import importlib.util
         if importlib.util.find_spec("wandb") is None:

@@ -21,13 +21,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from astrobio.cli import resolve_device
 from astrobio.model import get_config
 from astrobio.train.builders import build_parts
 from astrobio.train.config import ConfigError, TrainConfig, check_environment, parse_config
 from astrobio.train.data import DataBundle, build_data
+from astrobio.train.devices import backend_for, limit_gpu_memory, rank_device
 from astrobio.train.logging import memory_stats, read_metrics
 from astrobio.train.memory import plot_memory_records, preflight_run
 from astrobio.train.plots import plot_loss, plot_step_timeline
@@ -103,7 +102,9 @@ def run(config: TrainConfig) -> dict | None:
     if config.pipeline_stages > 1:
         summary = run_pipeline(config, data, resume)
     else:
-        trainer = Trainer(config, data, build_parts(config, data, resolve_device(config.device)))
+        device = resolve_device(config.device)
+        limit_gpu_memory(config, device)
+        trainer = Trainer(config, data, build_parts(config, data, device))
         summary = train_and_report(trainer, resume)
     return add_task_accuracy(config, summary)
 
@@ -128,12 +129,10 @@ def rank_main(ctx, config: TrainConfig, data: DataBundle, resume_path: str | Non
     from astrobio.train.pipeline import Ranks
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the launcher's SIG_IGN is inherited
-    trainer = Trainer(config, data, build_parts(config, data, ctx.device, Ranks(ctx)))
+    device = rank_device(resolve_device(config.device), ctx.local_rank)  # with NCCL, ctx.device
+    limit_gpu_memory(config, device)
+    trainer = Trainer(config, data, build_parts(config, data, device, Ranks(ctx)))
     return train_and_report(trainer, load_resume(config, resume_path) if resume_path is not None else None)
-
-
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def run_pipeline(config: TrainConfig, data: DataBundle, resume: Resume | None) -> dict | None:
@@ -141,7 +140,8 @@ def run_pipeline(config: TrainConfig, data: DataBundle, resume: Resume | None) -
     from astrobio.parallel.launch import launch
     with interrupts_left_to_ranks():
         results = launch(rank_main, config.pipeline_stages, args=(config, data, str(resume.path) if resume else None),
-                         backend=backend_for(resolve_device(config.device)), timeout_s=config.pipeline_timeout)
+                         backend=backend_for(resolve_device(config.device), config.pipeline_stages),
+                         timeout_s=config.pipeline_timeout)
     return results.get(0)
 
 

@@ -46,6 +46,7 @@ class Ranks:
         self.ctx, self.guard = ctx, ctx.guard
         self.stage, self.world_size = ctx.rank, ctx.world_size
         self.is_main = ctx.rank == 0
+        self.transport_device = ctx.device  # where the backend's tensors live: the GPU with NCCL, else the host
 
     def wait(self, work) -> None:
         self.guard.wait(work)
@@ -71,6 +72,24 @@ class Ranks:
         self.wait(dist.barrier(async_op=True))
 
 
+class HostBoundary(nn.Module):
+    """A stage computing on ``device`` whose neighbours talk to it through host memory (gloo, e.g. two
+    ranks sharing one GPU): what it receives moves to the device, what it sends (all but the last stage's
+    output, which feeds the loss here) goes back to the host; autograd moves the gradients the same way."""
+
+    def __init__(self, stage: nn.Module, device: torch.device, output_to_host: bool):
+        super().__init__()
+        self.stage, self.device, self.output_to_host = stage, device, output_to_host
+
+    @property
+    def gradient_checkpointing(self) -> bool:  # read by the executor's weight pass
+        return getattr(self.stage, "gradient_checkpointing", False)
+
+    def forward(self, x):
+        out = self.stage(x.to(self.device))
+        return out.to("cpu") if self.output_to_host else out
+
+
 class PipelineStepRunner:
     """This rank's stage of the model, run by the schedule; see the module docstring."""
 
@@ -81,6 +100,9 @@ class PipelineStepRunner:
         self.first, self.last = ranks.stage == 0, ranks.stage == ranks.world_size - 1
         self.prefix_len = prefix_len
         self.module = stage if prefix is None else PrefixedStage(stage, prefix)
+        self.transport_device = ranks.transport_device
+        if self.transport_device != device:
+            self.module = HostBoundary(self.module, device, output_to_host=not self.last)
         self.wire_dtype = next(stage.parameters()).dtype  # activations between stages in evaluate
         self.trace: list = []
         self.micro_batches = 0
@@ -101,7 +123,7 @@ class PipelineStepRunner:
         start = time.perf_counter()
         with self.autocast():
             result = run_pipeline_step(self.module, self.schedule, self.pairs(micro_batches), self.target_loss,
-                                       guard=self.ranks.guard, device=self.device)
+                                       guard=self.ranks.guard, device=self.transport_device)
         self.add_to_timeline(result.trace, start, time.perf_counter())
         self.trace, self.micro_batches = result.trace, len(micro_batches)
         return result.loss
@@ -133,27 +155,28 @@ class PipelineStepRunner:
         """Forward only: each batch's activations (prefix + tokens positions) go stage to stage in the
         weights' dtype, the last stage averages the losses and rank 0 gets the mean."""
         self.module.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        wire = self.transport_device
+        total = torch.zeros((), dtype=torch.float64, device=wire)
         width = self.stage.config.d_model
         for inputs, targets in self.pairs(batches):
             if self.first:
-                x = inputs.to(self.device)
+                x = inputs.to(wire)
             else:
                 shape = (targets.shape[0], self.prefix_len + targets.shape[1], width)
-                x = torch.empty(shape, dtype=self.wire_dtype, device=self.device)
+                x = torch.empty(shape, dtype=self.wire_dtype, device=wire)
                 self.ranks.wait(dist.irecv(x, self.ranks.stage - 1))
             with self.autocast():
                 out = self.module(x)
             if self.last:
-                total += self.target_loss(out, targets).double()
+                total += self.target_loss(out, targets).double().to(wire)
             else:
-                self.ranks.wait(dist.isend(out.to(self.wire_dtype).contiguous(), self.ranks.stage + 1))
+                self.ranks.wait(dist.isend(out.to(wire, self.wire_dtype).contiguous(), self.ranks.stage + 1))
         self.ranks.wait(dist.broadcast(total, self.ranks.world_size - 1, async_op=True))
         return (total / len(batches)).item()
 
     def step_record(self) -> dict:
         """The measured bubble of the last step, from every stage's trace (a collective)."""
-        from astrobio.parallel.executor import measured_bubble
+        from astrobio.parallel.trace import measured_bubble
         self.last_traces = self.ranks.gather(self.trace)
         return {"pipeline_bubble": round(measured_bubble(self.last_traces), 4)}
 
@@ -162,7 +185,7 @@ class PipelineStepRunner:
         schedule would have at the measured compute costs (astrobio.parallel.gantt)."""
         if self.last_traces is None:
             return
-        from astrobio.parallel.executor import simulated_bubble
+        from astrobio.parallel.trace import simulated_bubble
         from astrobio.parallel.gantt import render_gantt
         from astrobio.parallel.schedules import schedule
         stages, micro_batches = self.ranks.world_size, self.micro_batches
