@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from astrobio.model import build_model, get_config
+from astrobio.model.presets import TRAINING_DEFAULTS
 from astrobio.optim import AdamW8bit
 from astrobio.train import ConfigError, main, parse_config, run
 from astrobio.train.builders import WarmupCosine
@@ -203,6 +204,28 @@ def test_non_finite_gradient_skips_the_step(eight_bit):
     assert skipped and math.isnan(norm)
     for p, b in zip(params, before):
         assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("model", sorted(TRAINING_DEFAULTS))
+def test_optimizer_defaults_come_from_the_preset(model):
+    config = parse_config(["--model", model])
+    defaults = TRAINING_DEFAULTS[model]
+    assert (config.lr, config.min_lr, config.warmup_steps) == (defaults.lr, defaults.min_lr, defaults.warmup_steps)
+    assert (config.beta1, config.beta2) == defaults.betas
+    assert TRAINING_DEFAULTS["13b"].lr < TRAINING_DEFAULTS["tiny"].lr  # the large model takes smaller steps
+
+
+def test_an_explicit_optimizer_setting_wins_over_the_preset(tmp_path):
+    config = parse_config(["--model", "13b", "--lr", "2e-4", "--warmup-steps", "3", "--beta2", "0.99"])
+    assert (config.lr, config.warmup_steps, config.beta1, config.beta2) == (2e-4, 3, 0.9, 0.99)
+    assert config.min_lr == pytest.approx(2e-5)  # a tenth of the given --lr, not the preset's floor
+    file = tmp_path / "run.toml"
+    file.write_text("lr = 5e-4\nmin_lr = 0.0\nbeta1 = 0.8\n")
+    config = parse_config(["--model", "13b", "--config", str(file)])
+    assert (config.lr, config.min_lr, config.beta1) == (5e-4, 0.0, 0.8)
+    assert parse_config(["--config", str(file), "--lr", "1e-3"]).lr == 1e-3  # the command line wins the file
+    # a --lr below the preset's floor no longer trips over the preset's --min-lr
+    assert parse_config(["--lr", "1e-5"]).min_lr == pytest.approx(1e-6)
 
 
 def test_warmup_cosine_schedule():

@@ -7,7 +7,7 @@ once for this process's place in the job:
     build_schedule                    linear warm-up, then cosine decay to ``--min-lr``
     the step runner, the rank layout and the checkpoint writer: one process (astrobio.train.local) or
     a pipeline rank (astrobio.train.pipeline), chosen here and nowhere else
-    the metrics logger (rank 0) and the memory profiler
+    the metrics logger (rank 0), the memory profiler and the step timeline (astrobio.train.timeline)
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from astrobio.train.local import (CheckpointWriter, LocalStepRunner, RankLayout,
 from astrobio.train.logging import MetricsLogger, NullLogger
 from astrobio.train.memory import build_profiler, weights_dtype
 from astrobio.train.optimizer import TrainingOptimizer, build_optimizer
+from astrobio.train.timeline import StepTimeline
 
 
 def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> nn.Module:
@@ -108,6 +109,7 @@ class Parts:
     checkpoint_writer: CheckpointWriter
     logger: MetricsLogger | NullLogger
     profiler: MemoryProfiler
+    timeline: StepTimeline
 
 
 def build_parts(config: TrainConfig, data: DataBundle, device: torch.device,
@@ -117,23 +119,26 @@ def build_parts(config: TrainConfig, data: DataBundle, device: torch.device,
     checkpoints = Checkpointer(Path(config.output_dir) / "checkpoints", config.keep_last_k)
     if ranks is None:
         ranks = SingleProcess()
+        timeline = StepTimeline(device)
         model, index_offset = build_model(config, data.vocab_size, device), 0
         prefix = build_prefix(config, device)
-        runner = LocalStepRunner(model, device, config.use_mixed_precision, prefix)
+        runner = LocalStepRunner(model, device, config.use_mixed_precision, prefix, timeline)
         writer = WholeCheckpoint(checkpoints)
     else:
         from astrobio.train.pipeline import PipelineStepRunner, StagedCheckpoint
+        timeline = StepTimeline(device, ranks.stage)
         model, index_offset = build_stage_model(config, data.vocab_size, device, ranks.stage)
         prefix = build_prefix(config, device) if ranks.stage == 0 else None  # the encoders live on stage 0
         runner = PipelineStepRunner(model, ranks, config.schedule, device, config.use_mixed_precision, lm_loss,
-                                    prefix, prefix_len(config))
+                                    prefix, prefix_len(config), timeline)
         writer = StagedCheckpoint(checkpoints, ranks)
     named = trainable(model, prefix)
     # the prefix runs outside the model's hooked forward: then the offload engine's end_step waits for
     # every bucket instead of each layer waiting for its own
-    optimizer = build_optimizer(config, named, ranks, model if prefix is None else None, index_offset)
+    optimizer = build_optimizer(config, named, ranks, timeline, model if prefix is None else None, index_offset)
     logger = (MetricsLogger(config.output_dir, config.to_dict(), config.wandb_project, config.wandb_name)
               if ranks.is_main else NullLogger())
     return Parts(device=device, ranks=ranks, model=model, prefix=prefix, names=[n for n, _ in named],
                  optimizer=optimizer, schedule=build_schedule(config), runner=runner, checkpoints=checkpoints,
-                 checkpoint_writer=writer, logger=logger, profiler=build_profiler(config, device, ranks.stage))
+                 checkpoint_writer=writer, logger=logger, profiler=build_profiler(config, device, ranks.stage),
+                 timeline=timeline)

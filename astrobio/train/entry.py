@@ -21,16 +21,15 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from astrobio.cli import resolve_device
 from astrobio.model import get_config
 from astrobio.train.builders import build_parts
 from astrobio.train.config import ConfigError, TrainConfig, check_environment, parse_config
 from astrobio.train.data import DataBundle, build_data
+from astrobio.train.devices import backend_for, limit_gpu_memory, rank_device
 from astrobio.train.logging import memory_stats, read_metrics
 from astrobio.train.memory import plot_memory_records, preflight_run
-from astrobio.train.plots import plot_loss
+from astrobio.train.plots import plot_loss, plot_step_timeline
 from astrobio.train.resume import Resume, find_resume, load_resume
 from astrobio.train.trainer import Trainer
 
@@ -103,7 +102,9 @@ def run(config: TrainConfig) -> dict | None:
     if config.pipeline_stages > 1:
         summary = run_pipeline(config, data, resume)
     else:
-        trainer = Trainer(config, data, build_parts(config, data, resolve_device(config.device)))
+        device = resolve_device(config.device)
+        limit_gpu_memory(config, device)
+        trainer = Trainer(config, data, build_parts(config, data, device))
         summary = train_and_report(trainer, resume)
     return add_task_accuracy(config, summary)
 
@@ -128,12 +129,10 @@ def rank_main(ctx, config: TrainConfig, data: DataBundle, resume_path: str | Non
     from astrobio.train.pipeline import Ranks
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the launcher's SIG_IGN is inherited
-    trainer = Trainer(config, data, build_parts(config, data, ctx.device, Ranks(ctx)))
+    device = rank_device(resolve_device(config.device), ctx.local_rank)  # with NCCL, ctx.device
+    limit_gpu_memory(config, device)
+    trainer = Trainer(config, data, build_parts(config, data, device, Ranks(ctx)))
     return train_and_report(trainer, load_resume(config, resume_path) if resume_path is not None else None)
-
-
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
 
 
 def run_pipeline(config: TrainConfig, data: DataBundle, resume: Resume | None) -> dict | None:
@@ -141,7 +140,8 @@ def run_pipeline(config: TrainConfig, data: DataBundle, resume: Resume | None) -
     from astrobio.parallel.launch import launch
     with interrupts_left_to_ranks():
         results = launch(rank_main, config.pipeline_stages, args=(config, data, str(resume.path) if resume else None),
-                         backend=backend_for(resolve_device(config.device)), timeout_s=config.pipeline_timeout)
+                         backend=backend_for(resolve_device(config.device), config.pipeline_stages),
+                         timeout_s=config.pipeline_timeout)
     return results.get(0)
 
 
@@ -164,12 +164,15 @@ def interrupts_left_to_ranks():
 # ------------------------------------------------------------------------------------- reporting
 
 def write_plots(trainer: Trainer) -> Path:
-    """plots/loss.png, plots/memory.png and the step runner's own (pipeline.png); returns the loss plot."""
+    """plots/loss.png, plots/memory.png, plots/step_timeline.png and the step runner's own (pipeline.png);
+    returns the loss plot."""
     config = trainer.config
     records = read_metrics(trainer.logger.path)
     plots = Path(config.output_dir) / "plots"
     plot = plot_loss(records, plots / "loss.png")
     plot_memory_records(records, plots / "memory.png", config.memory_alert_fraction)
+    if trainer.last_breakdowns is not None:
+        plot_step_timeline(trainer.last_breakdowns, plots / "step_timeline.png")
     trainer.runner.write_plots(plots)
     return plot
 
@@ -184,6 +187,7 @@ def write_summary(trainer: Trainer, wall_time: float, plot: Path, signum: int | 
         "val_loss_ratio": (trainer.last_val_loss / trainer.initial_val_loss
                            if trainer.last_val_loss is not None and trainer.initial_val_loss else None),
         "skipped_steps": trainer.skipped_steps, "wall_time_s": wall_time, "train_time_s": trainer.train_time,
+        "device": trainer.device.type, "device_busy_fraction": trainer.busy_by_stage,
         **{k: v for k, v in memory_stats(trainer.device).items() if "peak" in k},
         "output_dir": str(out), "metrics": str(out / "metrics.jsonl"), "plot": str(plot),
         "checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
@@ -221,6 +225,11 @@ def format_summary(summary: dict) -> str:
     ]
     if "cuda_peak_mib" in summary:
         lines.append(f"peak device memory {summary['cuda_peak_mib']:.0f} MiB")
+    busy = [(stage, fraction) for stage, fraction in enumerate(summary.get("device_busy_fraction") or [])
+            if fraction is not None]
+    if busy:
+        per_stage = ", ".join(f"stage {stage} {fraction:.1%}" for stage, fraction in busy)
+        lines.append(f"{summary['device'] + ' busy':18s} {per_stage} of the step time")
     for probe in summary.get("task_accuracy", []):
         lines.append(f"accuracy ({probe['field']:4s})    {probe['accuracy']:.1%} (95% CI {probe['ci_low']:.1%}-"
                      f"{probe['ci_high']:.1%}, n={probe['examples']}) on held-out records; majority class "

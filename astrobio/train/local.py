@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from astrobio.train.checkpoint import Checkpointer
+from astrobio.train.timeline import StepTimeline
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -46,14 +47,15 @@ class StepRunner(Protocol):
 class LocalStepRunner:
     """All micro-batches through one whole model in this process. With ``prefix`` (a MultimodalPrefix)
     the micro-batches are MultimodalBatch: the prefix embeddings go before the tokens and the loss
-    covers the token positions only."""
+    covers the token positions only. Each micro-batch's forward and backward are phases of ``timeline``."""
 
     def __init__(self, model: nn.Module, device: torch.device, mixed_precision: bool,
-                 prefix: nn.Module | None = None):
+                 prefix: nn.Module | None = None, timeline: StepTimeline | None = None):
         self.model = model
         self.device = device
         self.mixed_precision = mixed_precision
         self.prefix = prefix
+        self.timeline = timeline or StepTimeline(device)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
@@ -78,10 +80,11 @@ class LocalStepRunner:
         scale = 1.0 / len(micro_batches)
         total = torch.zeros((), device=self.device)
         for batch in micro_batches:
-            with self.autocast():
+            with self.timeline.phase("forward", device_work=True), self.autocast():
                 loss = self.loss(batch) * scale
-            loss.backward()
-            total += loss.detach()
+            with self.timeline.phase("backward", device_work=True):
+                loss.backward()
+                total += loss.detach()
         return total.item()
 
     @torch.no_grad()

@@ -33,6 +33,7 @@ from torch import nn
 
 from astrobio.train.config import TrainConfig
 from astrobio.train.local import RankLayout
+from astrobio.train.timeline import StepTimeline
 
 
 @dataclass
@@ -62,9 +63,10 @@ class DeviceOptimizer:
     """A torch optimizer over ``params``, with the loop's clipping and skipping around its step."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_grad_norm: float,
-                 global_norm: Callable[[float], float]):
+                 global_norm: Callable[[float], float], timeline: StepTimeline | None = None):
         self.optimizer, self.params = optimizer, params
         self.max_grad_norm, self.global_norm = max_grad_norm, global_norm
+        self.timeline = timeline or StepTimeline(params[0].device)
 
     def begin_step(self, num_micro_batches: int) -> None:
         """Nothing to prepare: backward accumulates into ``.grad``."""
@@ -72,14 +74,19 @@ class DeviceOptimizer:
     def end_step(self, lr: float) -> StepStats:
         """Clips the global gradient norm to ``max_grad_norm`` (0: no clipping) and updates at ``lr``;
         a step whose norm is not finite changes nothing. Leaves no gradient behind."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        grads = [p.grad for p in self.params if p.grad is not None]
-        norm = self.global_norm(torch.nn.utils.get_total_norm(grads).item())
-        finite = math.isfinite(norm)
-        scale = min(1.0, self.max_grad_norm / (norm + 1e-6)) if self.max_grad_norm > 0 and finite else 1.0
-        self.update(grads, scale, finite)
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.timeline.phase("norm_clip", device_work=True):
+            grads = [p.grad for p in self.params if p.grad is not None]
+            local_norm = torch.nn.utils.get_total_norm(grads).item()
+        with self.timeline.phase("norm_reduce"):  # with several stages: an all-reduce, waiting for the others
+            norm = self.global_norm(local_norm)
+        with self.timeline.phase("norm_clip"):
+            finite = math.isfinite(norm)
+            scale = min(1.0, self.max_grad_norm / (norm + 1e-6)) if self.max_grad_norm > 0 and finite else 1.0
+        with self.timeline.phase("optimizer", device_work=True):
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.update(grads, scale, finite)
+            self.optimizer.zero_grad(set_to_none=True)
         return StepStats(grad_norm=norm, skipped=not finite)
 
     def update(self, grads: list[torch.Tensor], scale: float, finite: bool) -> None:
@@ -122,14 +129,19 @@ class OffloadOptimizer:
     ``end_step`` clips, skips and steps there; with a module attached, the weights' upload overlaps the
     next forward."""
 
-    def __init__(self, engine, sum_across: Callable[[float], float]):
+    def __init__(self, engine, sum_across: Callable[[float], float], timeline: StepTimeline | None = None):
         self.engine, self.sum_across = engine, sum_across
+        self.timeline = timeline or StepTimeline(engine.device)
 
     def begin_step(self, num_micro_batches: int) -> None:
         self.engine.begin_step(num_micro_batches)
 
     def end_step(self, lr: float) -> StepStats:
-        stats = self.engine.end_step(lr=lr, sum_across=self.sum_across)
+        # NOTE: one phase for the whole call (waits for the host accumulators, the norm, the dispatch of
+        # the bucket steps; with no module attached also the steps and uploads). The engine's worker
+        # threads would add their own lanes through timeline.add once it reports their intervals.
+        with self.timeline.phase("offload_end_step"):
+            stats = self.engine.end_step(lr=lr, sum_across=self.sum_across)
         return StepStats(grad_norm=stats.grad_norm, skipped=stats.skipped)
 
     def synchronize(self) -> None:
@@ -146,12 +158,12 @@ class OffloadOptimizer:
 
 
 def build_optimizer(config: TrainConfig, named: list[tuple[str, nn.Parameter]], ranks: RankLayout,
-                    module: nn.Module | None = None, index_offset: int = 0) -> TrainingOptimizer:
+                    timeline: StepTimeline, module: nn.Module | None = None, index_offset: int = 0) -> TrainingOptimizer:
     """The optimizer of ``--use-8bit-optimizer`` / ``--use-cpu-offloading`` over ``named`` (this rank's
     parameters). ``ranks``: the rank layout, whose collectives make the gradient norm global. With
     offloading, ``module`` is the model whose forward waits per bucket for its updated weights (None:
     ``end_step`` waits for every bucket) and ``index_offset`` the number of parameters on the stages
-    before this one (the stochastic rounding's seed)."""
+    before this one (the stochastic rounding's seed). Its phases go on ``timeline``."""
     betas = (config.beta1, config.beta2)
     if config.use_cpu_offloading:
         from astrobio.optim.offload import OffloadEngine
@@ -159,11 +171,11 @@ def build_optimizer(config: TrainConfig, named: list[tuple[str, nn.Parameter]], 
                                max_grad_norm=config.max_grad_norm or None, accum_dtype=config.accum_dtype,
                                master_weights=config.master_weights, module=module, seed=config.seed,
                                index_offset=index_offset)
-        return OffloadOptimizer(engine, ranks.sum_across)
+        return OffloadOptimizer(engine, ranks.sum_across, timeline)
     params = [p for _, p in named]
     if config.use_8bit_optimizer:
         from astrobio.optim import AdamW8bit
         optimizer = AdamW8bit(params, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
-        return EightBitAdamW(optimizer, params, config.max_grad_norm, ranks.global_norm)
+        return EightBitAdamW(optimizer, params, config.max_grad_norm, ranks.global_norm, timeline)
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=betas, weight_decay=config.weight_decay)
-    return TorchAdamW(optimizer, params, config.max_grad_norm, ranks.global_norm)
+    return TorchAdamW(optimizer, params, config.max_grad_norm, ranks.global_norm, timeline)

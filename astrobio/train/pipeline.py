@@ -23,6 +23,7 @@ Only rank 0 writes metrics, plots and the summary.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +33,10 @@ from torch import nn
 
 from astrobio.model.stages import PrefixedStage
 from astrobio.train.checkpoint import Checkpointer, write_part
+from astrobio.train.timeline import DEVICE, HOST, StepTimeline
+
+# the schedule's computations as phases of the step breakdown (W: the weight-gradient half of backward)
+TRACE_PHASES = {"F": "forward", "B": "backward", "W": "backward"}
 
 
 class Ranks:
@@ -41,6 +46,7 @@ class Ranks:
         self.ctx, self.guard = ctx, ctx.guard
         self.stage, self.world_size = ctx.rank, ctx.world_size
         self.is_main = ctx.rank == 0
+        self.transport_device = ctx.device  # where the backend's tensors live: the GPU with NCCL, else the host
 
     def wait(self, work) -> None:
         self.guard.wait(work)
@@ -66,20 +72,42 @@ class Ranks:
         self.wait(dist.barrier(async_op=True))
 
 
+class HostBoundary(nn.Module):
+    """A stage computing on ``device`` whose neighbours talk to it through host memory (gloo, e.g. two
+    ranks sharing one GPU): what it receives moves to the device, what it sends (all but the last stage's
+    output, which feeds the loss here) goes back to the host; autograd moves the gradients the same way."""
+
+    def __init__(self, stage: nn.Module, device: torch.device, output_to_host: bool):
+        super().__init__()
+        self.stage, self.device, self.output_to_host = stage, device, output_to_host
+
+    @property
+    def gradient_checkpointing(self) -> bool:  # read by the executor's weight pass
+        return getattr(self.stage, "gradient_checkpointing", False)
+
+    def forward(self, x):
+        out = self.stage(x.to(self.device))
+        return out.to("cpu") if self.output_to_host else out
+
+
 class PipelineStepRunner:
     """This rank's stage of the model, run by the schedule; see the module docstring."""
 
     def __init__(self, stage: nn.Module, ranks: Ranks, schedule: str, device: torch.device, mixed_precision: bool,
-                 loss_fn, prefix: nn.Module | None = None, prefix_len: int = 0):
+                 loss_fn, prefix: nn.Module | None = None, prefix_len: int = 0, timeline: StepTimeline | None = None):
         self.stage, self.ranks, self.schedule = stage, ranks, schedule
         self.device, self.mixed_precision, self.loss_fn = device, mixed_precision, loss_fn
         self.first, self.last = ranks.stage == 0, ranks.stage == ranks.world_size - 1
         self.prefix_len = prefix_len
         self.module = stage if prefix is None else PrefixedStage(stage, prefix)
+        self.transport_device = ranks.transport_device
+        if self.transport_device != device:
+            self.module = HostBoundary(self.module, device, output_to_host=not self.last)
         self.wire_dtype = next(stage.parameters()).dtype  # activations between stages in evaluate
         self.trace: list = []
         self.micro_batches = 0
         self.last_traces: list | None = None
+        self.timeline = timeline or StepTimeline(device, ranks.stage)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
@@ -92,11 +120,28 @@ class PipelineStepRunner:
     def forward_backward(self, micro_batches: list) -> float:
         from astrobio.parallel.executor import run_pipeline_step
         self.module.train()
+        start = time.perf_counter()
         with self.autocast():
             result = run_pipeline_step(self.module, self.schedule, self.pairs(micro_batches), self.target_loss,
-                                       guard=self.ranks.guard, device=self.device)
+                                       guard=self.ranks.guard, device=self.transport_device)
+        self.add_to_timeline(result.trace, start, time.perf_counter())
         self.trace, self.micro_batches = result.trace, len(micro_batches)
         return result.loss
+
+    def add_to_timeline(self, trace: list, start: float, end: float) -> None:
+        """The trace's computations as forward/backward phases, and the time between them (waits for the
+        other stages' activations and gradients, transfers, the schedule's own work) as
+        ``pipeline_wait``. NOTE: the trace holds the host's wall clock, so on a GPU the device lane shows
+        when the host issued the work, not when the GPU ran it."""
+        cursor = start
+        for event in sorted(trace, key=lambda e: e.start):
+            if event.start > cursor:
+                self.timeline.add(HOST, "pipeline_wait", cursor, event.start)
+            for lane in (HOST, DEVICE):
+                self.timeline.add(lane, TRACE_PHASES[event.op], event.start, event.end)
+            cursor = max(cursor, event.end)
+        if end > cursor:
+            self.timeline.add(HOST, "pipeline_wait", cursor, end)
 
     def target_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The micro-batch's mean loss; with a prefix, over the token positions only."""
@@ -110,27 +155,28 @@ class PipelineStepRunner:
         """Forward only: each batch's activations (prefix + tokens positions) go stage to stage in the
         weights' dtype, the last stage averages the losses and rank 0 gets the mean."""
         self.module.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        wire = self.transport_device
+        total = torch.zeros((), dtype=torch.float64, device=wire)
         width = self.stage.config.d_model
         for inputs, targets in self.pairs(batches):
             if self.first:
-                x = inputs.to(self.device)
+                x = inputs.to(wire)
             else:
                 shape = (targets.shape[0], self.prefix_len + targets.shape[1], width)
-                x = torch.empty(shape, dtype=self.wire_dtype, device=self.device)
+                x = torch.empty(shape, dtype=self.wire_dtype, device=wire)
                 self.ranks.wait(dist.irecv(x, self.ranks.stage - 1))
             with self.autocast():
                 out = self.module(x)
             if self.last:
-                total += self.target_loss(out, targets).double()
+                total += self.target_loss(out, targets).double().to(wire)
             else:
-                self.ranks.wait(dist.isend(out.to(self.wire_dtype).contiguous(), self.ranks.stage + 1))
+                self.ranks.wait(dist.isend(out.to(wire, self.wire_dtype).contiguous(), self.ranks.stage + 1))
         self.ranks.wait(dist.broadcast(total, self.ranks.world_size - 1, async_op=True))
         return (total / len(batches)).item()
 
     def step_record(self) -> dict:
         """The measured bubble of the last step, from every stage's trace (a collective)."""
-        from astrobio.parallel.executor import measured_bubble
+        from astrobio.parallel.trace import measured_bubble
         self.last_traces = self.ranks.gather(self.trace)
         return {"pipeline_bubble": round(measured_bubble(self.last_traces), 4)}
 
@@ -139,7 +185,7 @@ class PipelineStepRunner:
         schedule would have at the measured compute costs (astrobio.parallel.gantt)."""
         if self.last_traces is None:
             return
-        from astrobio.parallel.executor import simulated_bubble
+        from astrobio.parallel.trace import simulated_bubble
         from astrobio.parallel.gantt import render_gantt
         from astrobio.parallel.schedules import schedule
         stages, micro_batches = self.ranks.world_size, self.micro_batches

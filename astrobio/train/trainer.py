@@ -30,6 +30,7 @@ from astrobio.train.data import DataBundle
 from astrobio.train.logging import memory_stats
 from astrobio.train.memory import memory_fields
 from astrobio.train.resume import Resume
+from astrobio.train.timeline import StepBreakdown
 
 
 def rng_state(device: torch.device) -> dict:
@@ -103,6 +104,11 @@ class Trainer:
         self.model, self.prefix, self.names = parts.model, parts.prefix, parts.names
         self.optimizer, self.schedule, self.runner = parts.optimizer, parts.schedule, parts.runner
         self.checkpoint_writer, self.logger, self.profiler = parts.checkpoint_writer, parts.logger, parts.profiler
+        self.timeline = parts.timeline
+        self.last_breakdown: StepBreakdown | None = None
+        self.last_breakdowns: list[StepBreakdown] | None = None  # every rank's, at the last logged step
+        self.busy_s = self.stepped_s = 0.0  # the device's busy seconds and the steps' seconds, this process
+        self.busy_by_stage: list[float] | None = None
         self.step = 0
         self.initial_val_loss: float | None = None
         self.last_val_loss: float | None = None
@@ -175,6 +181,7 @@ class Trainer:
             bar.close()
             if stop.received is not None or self.step < steps:
                 self.finish_early(stop.received)
+        self.busy_by_stage = self.ranks.gather(self.busy_s / self.stepped_s if self.stepped_s else None)
         self.logger.close()
         self.optimizer.close()
         return stop.received
@@ -182,12 +189,17 @@ class Trainer:
     def train_step(self) -> float:
         """One optimizer step; returns its wall time in seconds."""
         start = time.perf_counter()
+        self.timeline.start()
         lr = self.schedule(self.step)
         loader = self.data.train_loader
-        micro_batches = [next(loader) for _ in range(self.config.gradient_accumulation_steps)]
+        with self.timeline.phase("data"):
+            micro_batches = [next(loader) for _ in range(self.config.gradient_accumulation_steps)]
         self.optimizer.begin_step(len(micro_batches))
         self.last_loss = self.runner.forward_backward(micro_batches)
         stats = self.optimizer.end_step(lr)
+        breakdown = self.last_breakdown = self.timeline.finish()
+        self.busy_s += breakdown.busy_fraction * breakdown.step_s
+        self.stepped_s += breakdown.step_s
         self.grad_norm = stats.grad_norm
         self.skipped_steps += stats.skipped
         self.lr = lr
@@ -208,7 +220,7 @@ class Trainer:
             record = {"step": step, "epoch": round(self.epoch(), 4), "loss": self.last_loss, "lr": self.lr,
                       "grad_norm": self.grad_norm, "tokens_per_s": since_logged.tokens_per_s(),
                       "skipped_steps": self.skipped_steps, **memory_stats(self.device), **memory,
-                      **self.runner.step_record()}
+                      **self.runner.step_record(), "step_breakdown": self.gather_breakdowns()}
             if evaluate:
                 self.last_val_loss = record["val_loss"] = self.runner.evaluate(self.data.val_batches)
             self.logger.log(record)
@@ -218,6 +230,11 @@ class Trainer:
         if last or self.checkpoint_due():
             self.save()
         return record
+
+    def gather_breakdowns(self) -> list[dict]:
+        """Every rank's breakdown of the last step (a collective), as metrics records."""
+        self.last_breakdowns = self.ranks.gather(self.last_breakdown)
+        return [breakdown.record() for breakdown in self.last_breakdowns]
 
     def stopping(self, stop: StopSignal) -> bool:
         """Whether a signal asked to stop; with several stages, whether any rank got one (every rank
