@@ -176,6 +176,39 @@ def run_opcheck(name: str, device: str = "cpu") -> str | None:
     return None
 
 
+MODEL_CASES = ["fp32", "bf16", "fp32-checkpointing-prefix", "autocast-stages"]
+MODEL_TOLERANCE = {"fp32": (1e-4, 1e-5), "bf16": (3e-2, 3e-2), "autocast": (3e-2, 3e-2)}  # (rtol, atol)
+
+
+def check_model(case: str) -> dict:
+    """The tiny-shaped model's loss and every parameter's gradient, fused kernels vs eager; the worst
+    tolerance excess (<= 0 passes)."""
+    from astrobio.model import ModelConfig, build_model, split_model, use_kernels
+    precision = case.split("-")[0]
+    rtol, atol = MODEL_TOLERANCE[precision]
+    config = ModelConfig(vocab_size=300, d_model=64, n_layers=3, n_heads=4, ffn_hidden=176, max_seq_len=64)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    gen = torch.Generator().manual_seed(11)
+    tokens = torch.randint(0, config.vocab_size, (2, 17), generator=gen)
+    prefix = torch.randn(2, 3, config.d_model, generator=gen).to(dtype) if "prefix" in case else None
+    results = []
+    for kernels in ("eager", "fused"):
+        model = build_model(config, seed=2, dtype=dtype)
+        assert use_kernels(model, kernels) == kernels
+        model.gradient_checkpointing = "checkpointing" in case
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+            if "stages" in case:
+                first, last = split_model(model, [1, 2])
+                loss = last.loss(first(tokens[:, :-1]), tokens[:, 1:])
+            else:
+                loss = model.loss(tokens[:, :-1], tokens[:, 1:], prefix=prefix)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (loss_e, grads_e), (loss_f, grads_f) = results
+    excess = max(worst_excess(f, e.double(), rtol, atol) for f, e in zip([loss_f] + grads_f, [loss_e] + grads_e))
+    return {"output": excess, "grads": excess, "dtypes_kept": True}
+
+
 def register_ops() -> None:
     import astrobio.kernels.cross_entropy  # noqa: F401
     import astrobio.kernels.rmsnorm  # noqa: F401
@@ -191,6 +224,11 @@ def child_main(out_path: str) -> None:
             results["cases"][case] = check_case(case)
         except Exception as error:  # noqa: BLE001
             results["cases"][case] = {"error": f"{type(error).__name__}: {error}"}
+    for case in MODEL_CASES:
+        try:
+            results["cases"][f"model-{case}"] = check_model(case)
+        except Exception as error:  # noqa: BLE001
+            results["cases"][f"model-{case}"] = {"error": f"{type(error).__name__}: {error}"}
     for name in OPCHECKS:
         results["opcheck"][name] = run_opcheck(name)
     with open(out_path, "w") as f:
@@ -218,6 +256,13 @@ def test_kernel_matches_reference_forward_and_backward(child_results, case):
     assert result["dtypes_kept"], f"{case}: outputs must keep the inputs' dtype"
 
 
+@pytest.mark.parametrize("case", MODEL_CASES)
+def test_fused_model_matches_eager_loss_and_gradients(child_results, case):
+    result = child_results["cases"][f"model-{case}"]
+    assert "error" not in result, result.get("error")
+    assert result["grads"] <= 0, f"{case}: loss or a gradient off by {result['grads']:.3g} beyond the tolerance"
+
+
 @pytest.mark.parametrize("name", OPCHECKS)
 def test_opcheck(child_results, name):
     assert child_results["opcheck"][name] is None, child_results["opcheck"][name]
@@ -242,3 +287,23 @@ def test_compiled_kernel_on_gpu_matches_reference(case):
 
 if __name__ == "__main__":
     child_main(sys.argv[1])
+
+
+@pytest.mark.parametrize("dname", list(DTYPES))
+def test_chunked_loss_with_the_pytorch_row_step(monkeypatch, dname):
+    """Without Triton's interpreter on the CPU, the chunked loss computes its row step in PyTorch."""
+    from astrobio.kernels import cross_entropy
+    monkeypatch.setattr(cross_entropy, "triton_row_step_available", lambda device: False)
+    (out_rtol, out_atol), (grad_rtol, grad_atol) = TOLERANCE[dname]
+    (hidden, weight), fixed = make_inputs(f"cross_entropy-257x4097x16-{dname}")
+    inputs = [t.clone().requires_grad_() for t in (hidden, weight)]
+    ref_inputs = [t.double().requires_grad_() for t in (hidden, weight)]
+    loss = cross_entropy.linear_cross_entropy(*inputs, fixed["targets"], chunk_tokens=fixed["chunk_tokens"])
+    want = cross_entropy_ref(*ref_inputs, fixed["targets"])
+    loss.backward()
+    want.backward()
+    assert worst_excess(loss, want.detach(), out_rtol, out_atol) <= 0
+    for a, b in zip(inputs, ref_inputs):
+        assert a.grad.dtype == a.dtype and worst_excess(a.grad, b.grad, grad_rtol, grad_atol) <= 0
+    with torch.no_grad():  # evaluation: the loss alone
+        assert cross_entropy.linear_cross_entropy(hidden, weight, fixed["targets"], chunk_tokens=64) == loss.detach()
