@@ -1,63 +1,98 @@
-"""Training-step time with the CPU offload engine vs device-resident AdamW8bit vs no optimizer at all.
+"""Training-step time with the CPU offload engine (gradients accumulated on the device or on the host) vs
+device-resident AdamW8bit vs torchao's CPU offload vs no optimizer at all.
 
-    python benchmarks/bench_offload.py [--model tiny] [--micro-batches 4] [--json PATH]
+    python benchmarks/bench_offload.py [--model tiny] [--micro-batches 8] [--json PATH]
+    python benchmarks/bench_offload.py --model 13b --layers 4 ...      # 13B's shapes, cut to 4 layers
 
-One model (a preset of astrobio.model), the same micro-batches for every provider, all in one process:
+One model (a preset of astrobio.model; ``--model 13b --layers N`` keeps 13B's widths, vocabulary and
+heads with N layers, as benchmarks/validate_memory_plan.py does), the same micro-batches for every
+provider, all in one process:
 
-    none      forward + backward of every micro-batch, gradients dropped: the floor
-    device    AdamW8bit stepping the parameters where they live (backend auto)
-    offload   OffloadEngine (gradients streamed to the host, 8-bit step on the host, forward pre-hooks)
-    torchao   torchao's CPUOffloadOptimizer around torch AdamW (fused): GPU only, when torchao is installed
+    none            forward + backward of every micro-batch, gradients dropped: the floor (the GPU work)
+    device          AdamW8bit stepping the parameters where they live (backend auto)
+    offload-device  OffloadEngine, gradients summed on the device and sent to the host once per step
+    offload-host    OffloadEngine, every micro-batch's gradients sent to the host and summed there
+    torchao         torchao's CPUOffloadOptimizer around torch AdamW (fused): GPU only, when installed
 
-It also times the standalone CPU step: AdamW8bit's C++ kernel over host copies of the same parameters, the
-host work the engine has to hide. The exposed optimizer time is ``offload - none`` and is reported as a
-fraction of that standalone step (target on a GPU: at most 25%; on a CPU-only machine the host step and
-the "device" compete for the same cores, so the numbers are recorded, not judged).
+It also times the standalone CPU step: AdamW8bit's C++ kernel over host copies of the same parameters,
+the host work the engine has to hide. Per provider it reports the median step time, the device memory
+it added at its peak (GPU), the exposed optimizer time (its step minus ``none``'s) as a fraction of the
+standalone CPU step (target on a GPU: at most 25%; on a CPU-only machine the host work and the "device"
+compete for the same cores, so the numbers are recorded, not judged) and the GPU busy fraction,
+estimated as ``none``'s step over its step (the share of the step the forward and backward alone need).
+For the offload providers it adds the engine's own phase timings (astrobio.optim.offload_timings, mean
+per step) and the host accumulation throughput in GB/s.
 
-Before timing, one step of the engine is validated against device-resident AdamW8bit fed the same
-accumulated gradients: the fp32 master weights must be bit-exact on the CPU; on a GPU the device kernel
-may round in the last bit, so the error is reported relative to the update and must stay under 0.1%.
+Before timing, one step of each engine is validated: the two accumulation locations must give the same
+master weights bit for bit (the same adds, no clipping), and both must match device-resident AdamW8bit
+fed the same accumulated gradients: bit-exact on the CPU; on a GPU the device kernel may round in the
+last bit, so the error is reported relative to the update and must stay under 0.1%.
+
+On an H200 (about 60-80 s, most of it the host-accumulation provider's steps):
+
+    python benchmarks/bench_offload.py --model 13b --layers 4 --seq-len 2048 --batch-size 1 \
+        --micro-batches 8 --rounds 2 --block 2 --warmup 1 --json bench_offload_13b.json
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
-from astrobio.model import build_model, get_config
+from astrobio.model import get_config
+from astrobio.model.materialize import build_model_on
 from astrobio.optim import AdamW8bit, OffloadEngine
+from astrobio.optim.offload_timings import OffloadTimings
 
 HYPER = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+LOCATIONS = ("device", "host")
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny", help="astrobio.model preset (default tiny)")
-    parser.add_argument("--micro-batches", type=int, default=4)
+    parser.add_argument("--layers", type=int, help="keep the preset's shapes with this many layers")
+    parser.add_argument("--micro-batches", type=int, default=8, help="gradient accumulation steps")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per micro-batch")
     parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
     parser.add_argument("--rounds", type=int, default=4, help="turns per provider (median over all)")
     parser.add_argument("--block", type=int, default=3, help="steps per turn; block - 1 timed intervals")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--bucket-mb", type=float, default=8.0, help="offload bucket size in MiB")
+    parser.add_argument("--bucket-mb", type=float, default=32.0, help="offload bucket size in MiB")
     parser.add_argument("--json", help="also write the results to this file")
-    return parser.parse_args()
+    args = parser.parse_args()
+    for name in ("micro_batches", "batch_size", "seq_len", "rounds", "block", "warmup"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.layers is not None and args.layers < 1:
+        parser.error(f"--layers must be >= 1, got {args.layers}")
+    return args
 
 
-def setup(args: argparse.Namespace) -> tuple[torch.device, torch.dtype]:
+def setup() -> tuple[torch.device, torch.dtype]:
     """bf16 weights on a GPU (the 13B plan); fp32 on the CPU, where bf16 matmuls are slow."""
     if torch.cuda.is_available():
         return torch.device("cuda"), torch.bfloat16
     return torch.device("cpu"), torch.float32
 
 
-def make_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    return build_model(get_config(args.model), seed=0, device=device, dtype=dtype)
+def model_config(args: argparse.Namespace):
+    config = get_config(args.model)
+    return replace(config, n_layers=args.layers) if args.layers else config
+
+
+def make_base_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    model = build_model_on(model_config(args), seed=0, device=device, dtype=dtype)
+    model.gradient_checkpointing = args.checkpointing
+    return model
 
 
 def make_micro_batches(args: argparse.Namespace, vocab: int, device: torch.device) -> list[torch.Tensor]:
@@ -78,18 +113,24 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-# -- providers: each returns a function that runs one optimizer step over the micro-batches ---------------
+# -- providers: each runs one optimizer step over the micro-batches ----------------------------------------
 
-def step_none(model: torch.nn.Module, micro_batches: list[torch.Tensor]) -> Callable[[], float]:
+@dataclass
+class Provider:
+    step: Callable[[], float]
+    timings: list[OffloadTimings] = field(default_factory=list)  # the engine's, one per finished step
+
+
+def step_none(model: torch.nn.Module, micro_batches: list[torch.Tensor]) -> Provider:
     def step() -> float:
         for tokens in micro_batches:
             loss = backward(model, tokens, 1.0 / len(micro_batches))
         model.zero_grad(set_to_none=True)
         return loss.item()
-    return step
+    return Provider(step)
 
 
-def step_device(model: torch.nn.Module, micro_batches: list[torch.Tensor]) -> Callable[[], float]:
+def step_device(model: torch.nn.Module, micro_batches: list[torch.Tensor]) -> Provider:
     opt = AdamW8bit(model.parameters(), **HYPER)
 
     def step() -> float:
@@ -98,23 +139,32 @@ def step_device(model: torch.nn.Module, micro_batches: list[torch.Tensor]) -> Ca
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.item()
-    return step
+    return Provider(step)
+
+
+def make_engine(model: torch.nn.Module, bucket_bytes: int, location: str) -> OffloadEngine:
+    return OffloadEngine(model.parameters(), **HYPER, bucket_bytes=bucket_bytes, module=model,
+                         grad_accum_location=location)
 
 
 def step_offload(model: torch.nn.Module, micro_batches: list[torch.Tensor], bucket_bytes: int,
-                 ) -> Callable[[], float]:
-    engine = OffloadEngine(model.parameters(), **HYPER, bucket_bytes=bucket_bytes, module=model)
+                 location: str) -> Provider:
+    engine = make_engine(model, bucket_bytes, location)
+    provider = Provider(lambda: 0.0)
 
     def step() -> float:
         engine.begin_step(len(micro_batches))
+        if engine.last_timings is not None:
+            provider.timings.append(engine.last_timings)
         for tokens in micro_batches:
             loss = backward(model, tokens, 1.0 / len(micro_batches))
         engine.end_step()
         return loss.item()
-    return step
+    provider.step = step
+    return provider
 
 
-def step_torchao(model: torch.nn.Module, micro_batches: list[torch.Tensor]) -> Callable[[], float] | str:
+def step_torchao(model: torch.nn.Module, micro_batches: list[torch.Tensor]) -> Provider | str:
     """torchao's CPUOffloadOptimizer, or the reason it is skipped."""
     if not torch.cuda.is_available():
         return "skipped: torchao's CPUOffloadOptimizer needs a CUDA device"
@@ -130,47 +180,10 @@ def step_torchao(model: torch.nn.Module, micro_batches: list[torch.Tensor]) -> C
         opt.step()
         opt.zero_grad()
         return loss.item()
-    return step
+    return Provider(step)
 
 
-def warm_up(make_step: Callable[[], Callable[[], float] | str], args: argparse.Namespace,
-            device: torch.device) -> tuple[Callable[[], float] | str, float | None]:
-    """Build a provider and run its warm-up steps; on a GPU also return the device memory it added at
-    its peak (its model, gradients, optimizer state and activations), in GiB."""
-    before = 0
-    if device.type == "cuda":
-        sync(device)
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    step = make_step()
-    if isinstance(step, str):
-        return step, None
-    for _ in range(args.warmup):
-        step()
-    sync(device)
-    peak = (torch.cuda.max_memory_allocated() - before) / 2 ** 30 if device.type == "cuda" else None
-    return step, peak
-
-
-def time_interleaved(steps: dict[str, Callable[[], float]], args: argparse.Namespace,
-                     device: torch.device) -> dict[str, float]:
-    """Median step time per provider. Providers take turns (so a change in machine load hits all alike),
-    each turn ``--block`` steps back to back; the first interval of a turn is dropped, so each kept
-    interval includes the wait, in the next forward, for the previous step's host work."""
-    intervals: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):
-        for name, step in steps.items():
-            sync(device)
-            starts = []
-            for _ in range(args.block + 1):
-                starts.append(time.perf_counter())
-                step()
-            sync(device)
-            intervals[name] += [b - a for a, b in zip(starts[1:], starts[2:])]
-    return {name: statistics.median(values) for name, values in intervals.items()}
-
-
-def standalone_cpu_step(model: torch.nn.Module) -> Callable[[], float]:
+def standalone_cpu_step(model: torch.nn.Module) -> Provider:
     """AdamW8bit's C++ kernel over fp32 host copies of the model's parameters: the host work the engine
     has to hide."""
     params = [torch.nn.Parameter(p.detach().float().cpu()) for p in model.parameters()]
@@ -181,24 +194,83 @@ def standalone_cpu_step(model: torch.nn.Module) -> Callable[[], float]:
     def step() -> float:
         opt.step()
         return 0.0
-    return step
+    return Provider(step)
+
+
+def warm_up(make: Callable[[], Provider | str], args: argparse.Namespace,
+            device: torch.device) -> tuple[Provider | str, float | None]:
+    """Build a provider and run its warm-up steps; on a GPU also return the device memory it added at
+    its peak (its model, gradients, optimizer state and activations), in GiB."""
+    before = 0
+    if device.type == "cuda":
+        sync(device)
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    provider = make()
+    if isinstance(provider, str):
+        return provider, None
+    for _ in range(args.warmup):
+        provider.step()
+    sync(device)
+    provider.timings.clear()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2 ** 30 if device.type == "cuda" else None
+    return provider, peak
+
+
+def time_interleaved(providers: dict[str, Provider], args: argparse.Namespace,
+                     device: torch.device) -> dict[str, float]:
+    """Median step time per provider. Providers take turns (so a change in machine load hits all alike),
+    each turn ``--block`` steps back to back; the first interval of a turn is dropped, so each kept
+    interval includes the wait, in the next forward, for the previous step's host work."""
+    intervals: dict[str, list[float]] = {name: [] for name in providers}
+    for _ in range(args.rounds):
+        for name, provider in providers.items():
+            sync(device)
+            starts = []
+            for _ in range(args.block + 1):
+                starts.append(time.perf_counter())
+                provider.step()
+            sync(device)
+            intervals[name] += [b - a for a, b in zip(starts[1:], starts[2:])]
+    return {name: statistics.median(values) for name, values in intervals.items()}
+
+
+def mean_timings(records: list[OffloadTimings]) -> dict:
+    """The engine's phase timings, mean per step, and the host accumulation GB/s over all steps."""
+    out = {}
+    for f in fields(OffloadTimings):
+        if f.name != "location":
+            out[f.name] = statistics.fmean(getattr(r, f.name) for r in records)
+    seconds = sum(r.host_accumulate_s for r in records)
+    out["host_accumulate_gbps"] = sum(r.host_accumulate_bytes for r in records) / seconds / 1e9 if seconds else None
+    return out
 
 
 # -- validation -------------------------------------------------------------------------------------------
 
-def validate(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-             micro_batches: list[torch.Tensor], bucket_bytes: int) -> float:
-    """One step of the engine against device-resident AdamW8bit stepping fp32 copies of the weights with
-    the same gradients, summed in fp32 micro-batch by micro-batch as the engine sums them. Compares the
-    fp32 master weights and returns the largest error relative to the largest update."""
-    offloaded, resident = make_model(args, device, dtype), make_model(args, device, dtype)
-    engine = OffloadEngine(offloaded.parameters(), **HYPER, bucket_bytes=bucket_bytes, module=offloaded)
+def engine_masters(model: torch.nn.Module, micro_batches: list[torch.Tensor], bucket_bytes: int,
+                   location: str) -> list[torch.Tensor]:
+    """The fp32 master weights after one step of an engine accumulating at ``location``."""
+    engine = make_engine(model, bucket_bytes, location)
     engine.begin_step(len(micro_batches))
     for tokens in micro_batches:
-        backward(offloaded, tokens, 1.0 / len(micro_batches))
+        backward(model, tokens, 1.0 / len(micro_batches))
     engine.end_step()
-    offloaded_masters = [s["master"] for s in engine.state_dict()["state"].values()]
+    masters = [s["master"].clone() for s in engine.state_dict()["state"].values()]
     engine.close()
+    return masters
+
+
+def validate(base: torch.nn.Module, micro_batches: list[torch.Tensor], bucket_bytes: int,
+             device: torch.device) -> float:
+    """One step of the engine (each location) against device-resident AdamW8bit stepping fp32 copies of
+    the weights with the same gradients, summed in fp32 micro-batch by micro-batch as the engine sums
+    them. Returns the largest error relative to the largest update."""
+    by_location = {where: engine_masters(copy.deepcopy(base), micro_batches, bucket_bytes, where)
+                   for where in LOCATIONS}
+    if not all(torch.equal(a, b) for a, b in zip(*by_location.values())):
+        raise SystemExit("validation failed: device and host accumulation gave different master weights")
+    resident = copy.deepcopy(base)
     masters = [torch.nn.Parameter(p.detach().float()) for p in resident.parameters()]
     initial = [m.detach().clone() for m in masters]
     sums = [torch.zeros_like(m) for m in masters]
@@ -212,7 +284,7 @@ def validate(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
     AdamW8bit(masters, **HYPER).step()
     sync(device)
     update = max(float((m.detach() - q).abs().max()) for m, q in zip(masters, initial))
-    error = max(float((m.detach().cpu() - h).abs().max()) for m, h in zip(masters, offloaded_masters))
+    error = max(float((m.detach().cpu() - h).abs().max()) for m, h in zip(masters, by_location["host"]))
     limit = 0.0 if device.type == "cpu" else 1e-3
     if error > limit * update:
         raise SystemExit(f"validation failed: offload differs from device-resident AdamW8bit by {error:.3e} "
@@ -220,36 +292,54 @@ def validate(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
     return error / update
 
 
+# -- the run ----------------------------------------------------------------------------------------------
+
 def main() -> None:
     args = parse_args()
-    device, dtype = setup(args)
+    device, dtype = setup()
     bucket_bytes = int(args.bucket_mb * 2 ** 20)
-    model = make_model(args, device, dtype)
-    micro_batches = make_micro_batches(args, model.config.vocab_size, device)
-    results = {"model": args.model, "parameters": model.num_parameters(), "device": str(device),
-               "dtype": str(dtype), "micro_batches": args.micro_batches, "batch_size": args.batch_size,
-               "seq_len": args.seq_len, "threads": torch.get_num_threads(),
-               "weights_gib": sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30,
-               "validation_relative_error": validate(args, device, dtype, micro_batches, bucket_bytes)}
-    providers = {
-        "none": lambda: step_none(make_model(args, device, dtype), micro_batches),
-        "device": lambda: step_device(make_model(args, device, dtype), micro_batches),
-        "offload": lambda: step_offload(make_model(args, device, dtype), micro_batches, bucket_bytes),
-        "torchao": lambda: step_torchao(make_model(args, device, dtype), micro_batches),
-        "cpu-step": lambda: standalone_cpu_step(model),
+    started = time.perf_counter()
+    base = make_base_model(args, device, dtype)
+    build_s = time.perf_counter() - started
+    micro_batches = make_micro_batches(args, base.config.vocab_size, device)
+    results = {"model": args.model, "layers": base.config.n_layers, "parameters": base.num_parameters(),
+               "device": str(device), "dtype": str(dtype), "micro_batches": args.micro_batches,
+               "batch_size": args.batch_size, "seq_len": args.seq_len, "checkpointing": args.checkpointing,
+               "threads": torch.get_num_threads(), "model_build_s": build_s,
+               "weights_gib": sum(p.numel() * p.element_size() for p in base.parameters()) / 2 ** 30,
+               "validation_relative_error": validate(base, micro_batches, bucket_bytes, device)}
+
+    def fresh() -> torch.nn.Module:
+        return copy.deepcopy(base)
+
+    makers = {
+        "none": lambda: step_none(fresh(), micro_batches),
+        "device": lambda: step_device(fresh(), micro_batches),
+        **{f"offload-{where}": (lambda where=where: step_offload(fresh(), micro_batches, bucket_bytes, where))
+           for where in LOCATIONS},
+        "torchao": lambda: step_torchao(fresh(), micro_batches),
+        "cpu-step": lambda: standalone_cpu_step(base),
     }
-    steps, report_rows = {}, {}
-    for name, make_step in providers.items():
-        step, peak = warm_up(make_step, args, device)
-        report_rows[name] = {"skipped": step} if isinstance(step, str) else {"peak_device_memory_gib": peak}
-        if not isinstance(step, str):
-            steps[name] = step
-    for name, seconds in time_interleaved(steps, args, device).items():
-        report_rows[name]["step_s"] = seconds
-    cpu_step = report_rows.pop("cpu-step")["step_s"]
-    exposed = report_rows["offload"]["step_s"] - report_rows["none"]["step_s"]
-    results.update(providers=report_rows, standalone_cpu_step_s=cpu_step, exposed_optimizer_s=exposed,
-                   exposed_fraction_of_cpu_step=exposed / cpu_step)
+    providers, rows = {}, {}
+    for name, make in makers.items():
+        provider, peak = warm_up(make, args, device)
+        rows[name] = {"skipped": provider} if isinstance(provider, str) else {"peak_device_memory_gib": peak}
+        if not isinstance(provider, str):
+            providers[name] = provider
+    for name, seconds in time_interleaved(providers, args, device).items():
+        rows[name]["step_s"] = seconds
+    cpu_step = rows.pop("cpu-step")["step_s"]
+    floor = rows["none"]["step_s"]
+    for name, row in rows.items():
+        if "step_s" not in row:
+            continue
+        row["gpu_busy_fraction"] = floor / row["step_s"]
+        if name != "none":
+            row["exposed_optimizer_s"] = row["step_s"] - floor
+            row["exposed_fraction_of_cpu_step"] = row["exposed_optimizer_s"] / cpu_step
+        if providers[name].timings:
+            row["engine"] = mean_timings(providers[name].timings)
+    results.update(providers=rows, standalone_cpu_step_s=cpu_step, total_s=time.perf_counter() - started)
     report(results)
     if args.json:
         with open(args.json, "w") as f:
@@ -257,21 +347,31 @@ def main() -> None:
 
 
 def report(results: dict) -> None:
-    print(f"{results['model']}: {results['parameters'] / 1e6:.2f}M parameters ({results['weights_gib']:.3f} GiB) "
-          f"on {results['device']} "
+    print(f"{results['model']} ({results['layers']} layers): {results['parameters'] / 1e6:.2f}M parameters "
+          f"({results['weights_gib']:.3f} GiB, built in {results['model_build_s']:.1f} s) on {results['device']} "
           f"({results['dtype']}), {results['micro_batches']} micro-batches of {results['batch_size']}x"
           f"{results['seq_len']} tokens, {results['threads']} threads; validation error "
           f"{results['validation_relative_error']:.1e} of the update")
-    print(f"{'provider':<10} {'step (ms)':>10} {'peak device GiB':>16}")
-    for name, timing in results["providers"].items():
-        if "skipped" in timing:
-            print(f"{name:<10} {timing['skipped']}")
+    print(f"{'provider':<15} {'step (ms)':>10} {'GPU busy':>9} {'exposed':>9} {'peak dev GiB':>13} "
+          f"{'host acc GB/s':>14}")
+    for name, row in results["providers"].items():
+        if "skipped" in row:
+            print(f"{name:<15} {row['skipped']}")
             continue
-        memory = timing["peak_device_memory_gib"]
-        print(f"{name:<10} {timing['step_s'] * 1e3:>10.2f} {'' if memory is None else f'{memory:.2f}':>16}")
-    print(f"standalone CPU step {results['standalone_cpu_step_s'] * 1e3:.2f} ms; exposed optimizer time "
-          f"(offload - none) {results['exposed_optimizer_s'] * 1e3:.2f} ms = "
-          f"{results['exposed_fraction_of_cpu_step'] * 100:.0f}% of it")
+        memory = row["peak_device_memory_gib"]
+        exposed = row.get("exposed_fraction_of_cpu_step")
+        gbps = row.get("engine", {}).get("host_accumulate_gbps")
+        print(f"{name:<15} {row['step_s'] * 1e3:>10.2f} {row['gpu_busy_fraction'] * 100:>8.0f}% "
+              f"{'' if exposed is None else f'{exposed * 100:.0f}%':>9} "
+              f"{'' if memory is None else f'{memory:.2f}':>13} {'' if gbps is None else f'{gbps:.1f}':>14}")
+    print(f"standalone CPU step {results['standalone_cpu_step_s'] * 1e3:.2f} ms; exposed = step - none, as a "
+          f"share of it; GPU busy = none / step")
+    for name, row in results["providers"].items():
+        if "engine" in row:
+            phases = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row["engine"].items()
+                               if k.endswith("_s") and v)
+            print(f"{name} engine phases per step (ms): {phases}")
+    print(f"total {results['total_s']:.1f} s")
 
 
 if __name__ == "__main__":

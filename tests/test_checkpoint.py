@@ -188,3 +188,145 @@ def test_sigint_checkpoints_and_resume_continues_exactly(tmp_path):
     run(parse_config(run_args(tmp_path / "straight", *more)))
     assert sorted(losses(out)) == list(range(1, stopped + 3))
     assert losses(out) == losses(tmp_path / "straight")
+
+
+# ------------------------------------------------------------------------------- streamed files
+
+def odd_tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"f32": torch.randn(257, 3, generator=g), "bf16": torch.randn(1000, generator=g).bfloat16(),
+            "f16": torch.randn(5, generator=g).half(), "i64": torch.arange(7), "u8": torch.arange(255, dtype=torch.uint8),
+            "i8": torch.tensor([-3, 4], dtype=torch.int8), "bool": torch.tensor([True, False, True]),
+            "scalar": torch.tensor(2.5, dtype=torch.float64), "empty": torch.empty(0, 4),
+            "strided": torch.randn(40, 30, generator=g).t(), "big": torch.randn(300_000, generator=g)}
+
+
+def test_streamed_files_are_safetensors_both_ways(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from astrobio.train.checkpoint import IoStats, read_tensors, write_tensors
+    tensors, stats = odd_tensors(), IoStats()
+    record = write_tensors(tmp_path / "ours.safetensors", tensors, stats)
+    assert record.bytes == (tmp_path / "ours.safetensors").stat().st_size == stats.bytes and stats.seconds > 0
+    assert_same_tree(dict(sorted(load_file(tmp_path / "ours.safetensors").items())),
+                     {k: v.contiguous() for k, v in sorted(tensors.items())})
+    assert_same_tree(dict(sorted(read_tensors(tmp_path / "ours.safetensors").items())),
+                     dict(sorted(tensors.items())))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp_path / "theirs.safetensors")
+    assert_same_tree(dict(sorted(read_tensors(tmp_path / "theirs.safetensors").items())),
+                     dict(sorted(tensors.items())))
+
+
+def test_loaded_tensors_are_copy_on_write(tmp_path):
+    from astrobio.train.checkpoint import read_tensors, sha256_of, write_tensors
+    path = tmp_path / "t.safetensors"
+    record = write_tensors(path, {"big": torch.ones(1 << 19)})
+    loaded = read_tensors(path)["big"]
+    loaded.mul_(3)
+    assert sha256_of(path) == record.sha256
+    assert torch.equal(read_tensors(path)["big"], torch.ones(1 << 19))
+
+
+def test_a_malformed_tensor_file_is_refused(tmp_path):
+    from astrobio.train.checkpoint import read_tensors, write_tensors
+    path = tmp_path / "t.safetensors"
+    write_tensors(path, {"a": torch.ones(10), "b": torch.zeros(3)})
+    data = path.read_bytes()
+    path.write_bytes(data[:-4])
+    with pytest.raises(CheckpointError, match="cover"):
+        read_tensors(path)
+
+
+def test_save_and_load_report_bytes_and_seconds(tmp_path):
+    from astrobio.train.checkpoint import IoStats
+    model, opt = trained_optimizer("8bit")
+    saved, loaded = IoStats(), IoStats()
+    path = Checkpointer(tmp_path, keep_last_k=1).save(3, model.state_dict(), {"optimizer": opt.state_dict()},
+                                                     stats=saved)
+    tensor_files = [p for p in path.iterdir() if p.suffix == ".safetensors"]
+    assert saved.bytes == sum(p.stat().st_size for p in tensor_files) and saved.gbps > 0
+    load_checkpoint(path, stats=loaded)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert loaded.bytes == sum(f["bytes"] for f in manifest["files"].values()) and loaded.gbps > 0
+
+
+PEAK_SCRIPT = r"""
+import json, sys, torch
+from pathlib import Path
+from astrobio.optim import OffloadEngine
+from astrobio.train.checkpoint import Checkpointer, load_checkpoint
+
+def status(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+root, width, layers = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+torch.manual_seed(0)
+model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(layers)]).bfloat16()
+engine = OffloadEngine(model.named_parameters(), lr=1e-3, master_weights="bf16-sr", accum_dtype="bf16")
+engine.begin_step(1)
+model(torch.randn(4, width, dtype=torch.bfloat16)).float().square().mean().backward()
+engine.end_step()
+engine.synchronize()
+reset_peak()
+before = status("VmRSS")
+path = Checkpointer(root, keep_last_k=1).save(1, model.state_dict(), {"optimizer": engine.state_dict()})
+save_peak = status("VmHWM") - before
+reset_peak()
+before = status("VmRSS")
+model_state, loaded, _ = load_checkpoint(path)
+load_peak = status("VmHWM") - before
+engine.load_state_dict(loaded["optimizer"])
+print(json.dumps({"save_peak": save_peak, "load_peak": load_peak,
+                  "same": all(torch.equal(model_state[k], v) for k, v in model.state_dict().items())}))
+"""
+
+
+def test_save_streams_and_load_maps_without_a_second_copy(tmp_path):
+    """A bf16 model of 32M parameters under the offload engine (bf16-sr masters: 64 MiB, 8-bit moments:
+    64 MiB): saving its state adds almost nothing to the host's peak (the masters are written from the
+    engine's own buffers; the old save cloned them first, +64 MiB, and copied device weights whole), and
+    loading it maps the files instead of reading them into memory. In a fresh process, with glibc
+    returning freed memory at once and the peak reset before each."""
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux's /proc/self/clear_refs to reset the peak resident set")
+    env = {**__import__("os").environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    out = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(tmp_path), "2048", "8"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["same"]
+    assert result["save_peak"] < 16 << 20, f"save added {result['save_peak'] >> 20} MiB"
+    # verifying hashes the files in parallel, 4 MiB read buffers per file: bounded, whatever the size
+    assert result["load_peak"] < 40 << 20, f"load added {result['load_peak'] >> 20} MiB"
+
+
+def test_an_offload_engine_state_resumes_through_a_checkpoint(tmp_path):
+    """The engine's live master views are saved as they are; the loaded engine owns copies."""
+    from astrobio.optim import OffloadEngine
+    model = build_model(get_config("tiny", vocab_size=259), dtype=torch.bfloat16)
+    engine = OffloadEngine(model.named_parameters(), lr=1e-3, master_weights="bf16-sr", bucket_bytes=1 << 16)
+    tokens = torch.randint(0, 259, (2, 17), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        engine.begin_step(1)
+        torch.nn.functional.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        engine.end_step()
+    saved = engine.state_dict()
+    path = Checkpointer(tmp_path, keep_last_k=1).save(2, model.state_dict(), {"optimizer": saved})
+    _, state, _ = load_checkpoint(path)
+    twin = build_model(get_config("tiny", vocab_size=259), seed=9, dtype=torch.bfloat16)
+    other = OffloadEngine(twin.named_parameters(), lr=1e-3, master_weights="bf16-sr", bucket_bytes=1 << 16)
+    other.load_state_dict(state["optimizer"])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
+    assert_same_tree(other.state_dict()["state"], saved["state"])
+    assert not any(v.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+                   for i in state["optimizer"]["state"] for v, w in
+                   zip(other.state_dict()["state"][i].values(), state["optimizer"]["state"][i].values())
+                   if torch.is_tensor(v) and v.numel())
+    engine.close()
+    other.close()

@@ -1,4 +1,5 @@
-"""The offload engine against device-resident AdamW8bit on the same micro-batches.
+"""The offload engine against device-resident AdamW8bit on the same micro-batches, with its gradients
+accumulated on the host and on the device.
 
 The baseline runs the model with plain autograd, sums each micro-batch's gradients into accumulators of
 the engine's dtype by hand, computes the global norm in fp64 over all of them, and steps AdamW8bit with the
@@ -139,12 +140,12 @@ def assert_same_weights(engine, model, baseline):
 
 
 def compare(kind, dtype, master_weights, accum_dtype, micro, steps, delays=False, attach=True, workers=1,
-            bucket_bytes=6000, max_grad_norm=0.05):
+            bucket_bytes=6000, max_grad_norm=0.05, location="host"):
     model, twin = make_model(kind, dtype), make_model(kind, dtype)
     baseline = DeviceResident(twin, accum_dtype, master_weights, max_grad_norm)
     engine = OffloadEngine(model.parameters(), **HYPER, max_grad_norm=max_grad_norm, accum_dtype=accum_dtype,
                            master_weights=master_weights, bucket_bytes=bucket_bytes,
-                           module=model if attach else None, num_workers=workers)
+                           module=model if attach else None, num_workers=workers, grad_accum_location=location)
     if delays:
         engine.worker_delay = random_delays()
     batches = make_batches(steps, micro)
@@ -166,21 +167,74 @@ CASES = [  # model dtype, master weights, accumulator dtype
 ]
 
 
+LOCATIONS = ["host", "device"]
+
+
+@pytest.mark.parametrize("location", LOCATIONS)
 @pytest.mark.parametrize("micro", [1, 8])
 @pytest.mark.parametrize("dtype, master_weights, accum_dtype", CASES)
-def test_offload_equals_device_resident(dtype, master_weights, accum_dtype, micro):
-    compare("mlp", dtype, master_weights, accum_dtype, micro, steps=4)
+def test_offload_equals_device_resident(dtype, master_weights, accum_dtype, micro, location):
+    compare("mlp", dtype, master_weights, accum_dtype, micro, steps=4, location=location)
 
 
+@pytest.mark.parametrize("location", LOCATIONS)
 @pytest.mark.parametrize("dtype, master_weights, accum_dtype", CASES)
-def test_offload_equals_device_resident_with_random_worker_delays(dtype, master_weights, accum_dtype):
-    compare("mlp", dtype, master_weights, accum_dtype, micro=8, steps=3, delays=True, workers=2)
+def test_offload_equals_device_resident_with_random_worker_delays(dtype, master_weights, accum_dtype, location):
+    compare("mlp", dtype, master_weights, accum_dtype, micro=8, steps=3, delays=True, workers=2, location=location)
 
 
+@pytest.mark.parametrize("location", LOCATIONS)
 @pytest.mark.parametrize("attach", [True, False], ids=["forward-hooks", "synchronous"])
-def test_wide_cheap_layer_sees_every_update(attach):
+def test_wide_cheap_layer_sees_every_update(attach, location):
     compare("wide", torch.float32, "fp32", "fp32", micro=2, steps=4, delays=True, attach=attach, workers=2,
-            bucket_bytes=1 << 19, max_grad_norm=0.5)
+            bucket_bytes=1 << 19, max_grad_norm=0.5, location=location)
+
+
+@pytest.mark.parametrize("accum_dtype", ["fp32", "bf16"])
+def test_device_and_host_accumulation_train_the_same_weights(accum_dtype):
+    """The two locations against each other (not through a baseline): the same bf16 model, 6 steps of 8
+    micro-batches with bf16-sr masters; the weights, masters and moments end up bit-identical."""
+    models = {where: make_model("mlp", torch.bfloat16) for where in LOCATIONS}
+    engines = {where: OffloadEngine(models[where].parameters(), **HYPER, max_grad_norm=0.05, accum_dtype=accum_dtype,
+                                    master_weights="bf16-sr", bucket_bytes=6000, module=models[where],
+                                    grad_accum_location=where) for where in LOCATIONS}
+    for micro_batches in make_batches(6, 8):
+        results = {where: run_engine(engines[where], models[where], micro_batches) for where in LOCATIONS}
+        assert results["host"][0] == results["device"][0]
+        assert results["host"][1] == results["device"][1]  # the same norm, bit for bit
+    states = {where: engines[where].state_dict()["state"] for where in LOCATIONS}
+    for p, q in zip(models["host"].parameters(), models["device"].parameters()):
+        assert torch.equal(p, q)
+    for i, entry in states["host"].items():
+        for key, value in entry.items():
+            other = states["device"][i][key]
+            assert (other == value) if key == "step" else torch.equal(other, value), f"{key} of parameter {i}"
+    for engine in engines.values():
+        engine.close()
+
+
+@pytest.mark.parametrize("location", LOCATIONS)
+def test_timings_record_each_phase(location):
+    model = make_model("mlp", torch.float32)
+    engine = OffloadEngine(model.parameters(), **HYPER, bucket_bytes=6000, module=model, grad_accum_location=location)
+    assert engine.last_timings is None
+    batches = make_batches(3, 4)
+    for micro_batches in batches:
+        run_engine(engine, model, micro_batches)
+    engine.begin_step(1)  # closes the third step's record
+    timings = engine.last_timings
+    assert timings.location == location
+    assert timings.grad_hooks_s > 0 and timings.optimizer_s > 0 and timings.norm_wait_s > 0
+    assert timings.weight_wait_s > 0  # the third step's forwards waited in the pre-hooks
+    numel = sum(p.numel() for p in model.parameters())
+    if location == "host":  # 4 micro-batches: one copy (read + write) and three adds (read + read + write)
+        assert timings.host_accumulate_bytes == numel * 4 * (2 + 3 * 3)
+        assert timings.host_accumulate_gbps > 0 and timings.norm_s > 0
+    else:
+        assert timings.host_accumulate_bytes == 0 and timings.host_accumulate_gbps is None
+        assert timings.staging_wait_s == 0
+    assert set(timings.as_dict()) >= {"grad_hooks_s", "optimizer_s", "upload_s", "host_accumulate_gbps"}
+    engine.close()
 
 
 class ThreadAllReduce:
@@ -243,10 +297,11 @@ def test_grad_norm_matches_torch_clip_grad_norm():
     engine.close()
 
 
-def test_parameter_without_gradient_in_a_micro_batch_counts_as_zero():
+@pytest.mark.parametrize("location", LOCATIONS)
+def test_parameter_without_gradient_in_a_micro_batch_counts_as_zero(location):
     model, twin = make_model("mlp", torch.float32), make_model("mlp", torch.float32)
     baseline = DeviceResident(twin, "fp32", "fp32", None)
-    engine = OffloadEngine(model.parameters(), **HYPER, bucket_bytes=6000, module=model)
+    engine = OffloadEngine(model.parameters(), **HYPER, bucket_bytes=6000, module=model, grad_accum_location=location)
 
     def first_micro_batch_without_last_bias(m):  # a partial bucket fill, then a bucket short of micro-batches
         return lambda k: m.net[4].bias.requires_grad_(k > 0)
@@ -258,9 +313,10 @@ def test_parameter_without_gradient_in_a_micro_batch_counts_as_zero():
     engine.close()
 
 
-def test_non_finite_gradient_skips_the_step():
+@pytest.mark.parametrize("location", LOCATIONS)
+def test_non_finite_gradient_skips_the_step(location):
     model = make_model("mlp", torch.float32)
-    engine = OffloadEngine(model.parameters(), **HYPER, bucket_bytes=6000, module=model)
+    engine = OffloadEngine(model.parameters(), **HYPER, bucket_bytes=6000, module=model, grad_accum_location=location)
     batches = make_batches(3, 2)
     run_engine(engine, model, batches[0])
     before = engine.state_dict()
@@ -291,9 +347,11 @@ def round_trip(saved):
     return torch.load(buffer, weights_only=True)
 
 
+@pytest.mark.parametrize("saved_at, loaded_at", [("host", "host"), ("device", "device"), ("host", "device"),
+                                                 ("device", "host")])
 @pytest.mark.parametrize("master_weights, dtype", [("fp32", torch.bfloat16), ("bf16-sr", torch.bfloat16)])
 @pytest.mark.parametrize("where", ["between-steps", "between-micro-batches"])
-def test_state_dict_resumes_exactly(where, master_weights, dtype):
+def test_state_dict_resumes_exactly(where, master_weights, dtype, saved_at, loaded_at):
     options = dict(**HYPER, max_grad_norm=0.05, master_weights=master_weights, bucket_bytes=6000)
     batches = make_batches(5, 4)
     straight = make_model("mlp", dtype)
@@ -302,7 +360,7 @@ def test_state_dict_resumes_exactly(where, master_weights, dtype):
     engine.synchronize()
 
     first = make_model("mlp", dtype)
-    engine_a = OffloadEngine(first.parameters(), **options, module=first)
+    engine_a = OffloadEngine(first.parameters(), **options, module=first, grad_accum_location=saved_at)
     losses = [run_engine(engine_a, first, b)[0] for b in batches[:2]]
     if where == "between-micro-batches":
         engine_a.begin_step(4)
@@ -312,7 +370,7 @@ def test_state_dict_resumes_exactly(where, master_weights, dtype):
     engine_a.close()
 
     resumed = make_model("mlp", dtype, seed=5)  # other weights: the engine restores them from its masters
-    engine_b = OffloadEngine(resumed.parameters(), **options, module=resumed)
+    engine_b = OffloadEngine(resumed.parameters(), **options, module=resumed, grad_accum_location=loaded_at)
     engine_b.load_state_dict(saved)
     rest = batches[2:]
     if where == "between-micro-batches":
@@ -362,9 +420,10 @@ def test_load_rejects_a_state_of_another_configuration():
         e.close()
 
 
-def test_protocol_errors_are_clear():
+@pytest.mark.parametrize("location", LOCATIONS)
+def test_protocol_errors_are_clear(location):
     model = make_model("mlp", torch.float32)
-    engine = OffloadEngine(model.parameters(), **HYPER)
+    engine = OffloadEngine(model.parameters(), **HYPER, grad_accum_location=location)
     x, y = make_batches(1, 1)[0][0]
     with pytest.raises(RuntimeError, match="begin_step"):
         loss_of(model, x, y).backward()
@@ -390,7 +449,8 @@ def test_protocol_errors_are_clear():
     (lambda p: OffloadEngine([torch.nn.Parameter(torch.ones(3), requires_grad=False)]), ValueError, "trainable"),
     (lambda p: OffloadEngine([]), ValueError, "empty"),
     (lambda p: OffloadEngine(p, lr=-1.0), ValueError, "lr"),
-], ids=["accum", "master", "clip", "duplicate", "frozen", "empty", "lr"])
+    (lambda p: OffloadEngine(p, grad_accum_location="auto"), ValueError, "grad_accum_location"),
+], ids=["accum", "master", "clip", "duplicate", "frozen", "empty", "lr", "location"])
 def test_bad_options_raise(make, error, match):
     with pytest.raises(error, match=match):
         make(list(make_model("mlp", torch.float32).parameters()))

@@ -1,35 +1,51 @@
-"""Asynchronous CPU offload of the 8-bit AdamW (DESIGN.md sections 1 and 3).
+"""Asynchronous CPU offload of the 8-bit AdamW (docs/MEMORY.md: what it holds; docs/ARCHITECTURE.md).
 
-Master weights (fp32, or bf16 with stochastic rounding), 8-bit moments and gradient accumulators live in
-host memory; the device keeps only the weights the model computes with. Each optimizer step:
+Master weights (fp32, or bf16 with stochastic rounding), 8-bit moments and the host gradient
+accumulators live in host memory; the device keeps the weights the model computes with and, with
+``grad_accum_location="device"``, the stage's gradient accumulators. Each optimizer step:
 
-1. While backward runs, a post-accumulate-grad hook copies each gradient to the host (on a CUDA device:
-   into a pinned staging buffer on a side stream, with an event) and frees the device gradient. When a
-   bucket's gradients of one micro-batch are all there, a CPU worker thread adds them into the bucket's
-   host accumulator; after the last micro-batch it also computes the bucket's squared norm (in fp64).
-2. ``end_step`` waits for the accumulators, forms the global gradient norm (exact: from every bucket, before
-   any bucket steps), skips the whole step when it is not finite, else derives the clipping coefficient and
-   hands every bucket to the workers, in forward order. A worker runs the fused 8-bit AdamW on the bucket
-   (``astrobio._C.adamw8bit_step_nogil``, which releases the GIL), writing the new weights in the device's
-   dtype into a staging buffer in the same pass, then copies them to the device parameters (side stream +
-   event on a CUDA device).
+1. Gradients are summed over the step's micro-batches in one of two places:
+
+   - ``"host"``: while backward runs, a post-accumulate-grad hook copies each gradient to the host (on a
+     CUDA device: into a pinned staging buffer on a side stream, with an event) and frees the device
+     gradient. When a bucket's gradients of one micro-batch are all there, a CPU worker thread adds them
+     into the bucket's host accumulator (torch ops: the GIL is released and the add runs on the
+     intra-op threads); after the last micro-batch it also computes the bucket's squared norm (fp64).
+     Every micro-batch's gradients cross the link.
+   - ``"device"``: the hook adds each gradient into a flat device accumulator of the bucket (in the
+     accumulation dtype) and frees it. When a bucket has its last micro-batch's gradients, its squared
+     norm is computed on the device and the accumulator is copied to the host once (side stream,
+     event), while the backward goes on. The gradients cross the link once per optimizer step; the
+     device holds one accumulator per parameter (the planner's ``auto``:
+     astrobio.memory.accumulation).
+
+   Both give the same sums bit for bit (the same adds in the same order, in the same dtype).
+2. ``end_step`` waits for the accumulators' squared norms, forms the global gradient norm (exact: from
+   every bucket, before any bucket steps), skips the whole step when it is not finite, else derives the
+   clipping coefficient and hands every bucket to the workers, in forward order. A worker waits for the
+   bucket's host accumulator, runs the fused 8-bit AdamW on it (``astrobio._C.adamw8bit_step_nogil``,
+   which releases the GIL), writing the new weights in the device's dtype into a staging buffer in the
+   same pass, then copies them to the device parameters (side stream + event on a CUDA device).
 3. With ``module`` given, forward pre-hooks make each submodule wait only for the buckets holding its own
    parameters, so the host step overlaps the next forward; without it ``end_step`` waits for every bucket.
 
 On a CPU-only machine the "device" is the CPU and the same code path runs: copies are host copies, streams
-and events are no-ops, buffers are not pinned.
+and events are no-ops, buffers are not pinned. ``last_timings`` (astrobio.optim.offload_timings) says
+where the time of the last finished step went.
 
 Usage (one engine per pipeline stage, over that stage's parameters)::
 
     engine = OffloadEngine(model.named_parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
                            weight_decay=0.1, max_grad_norm=1.0, accum_dtype="fp32",
-                           master_weights="fp32", bucket_bytes=32 << 20, module=model)
+                           master_weights="fp32", bucket_bytes=32 << 20, module=model,
+                           grad_accum_location="device")
     for step in range(steps):
         engine.begin_step(num_micro_batches)
         for micro_batch in micro_batches:          # any schedule: GPipe, 1F1B, ZB-H1 ...
             loss = model(micro_batch) / num_micro_batches
             loss.backward()                        # the hooks copy and accumulate; p.grad stays None
         stats = engine.end_step(lr=scheduler_lr)   # StepStats(grad_norm, skipped, clip_coef, lr)
+        timings = engine.last_timings              # OffloadTimings of the step before this one
     engine.synchronize()                           # before reading parameters outside a hooked forward
     checkpoint["optimizer"] = engine.state_dict()  # later: engine.load_state_dict(checkpoint["optimizer"])
     engine.close()
@@ -56,9 +72,11 @@ Contract:
   pipeline ranks and returns its ``.item()``.
 - ``state_dict()`` may be taken between steps or between micro-batches (it then also holds the
   accumulators and the micro-batch count; after loading it, continue the step's remaining micro-batches
-  and call ``end_step`` without ``begin_step``). Moment tensors are live references: save before the next
-  ``end_step``. ``load_state_dict`` validates everything first and also writes the master weights to the
-  device parameters.
+  and call ``end_step`` without ``begin_step``). Moment and master tensors are live references (a save
+  of a 13B state must not copy it first): save before the next ``end_step``. ``load_state_dict`` validates
+  everything first, copies what it keeps (never holding the caller's tensors, e.g. views of a mapped
+  checkpoint file) and also writes the master weights to the device parameters. The accumulation state does not depend on the location: a state saved between
+  micro-batches with one location loads into an engine with the other.
 - ``worker_delay``: a test hook, a callable run at the start of every worker task (e.g. a random sleep)
   to expose ordering bugs.
 """
@@ -67,7 +85,7 @@ from __future__ import annotations
 
 import functools
 import math
-import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -78,10 +96,19 @@ import torch
 from astrobio import ops
 from astrobio.optim import reference
 from astrobio.optim.adamw8bit import check_hyperparameters, check_parameter, checked_state, new_state, step_seed
+from astrobio.optim.host_link import HostLink, StagingPool
+from astrobio.optim.offload_timings import OffloadTimings, TimingsRecorder
 
 ACCUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MASTER_WEIGHTS = {"fp32": torch.float32, "bf16-sr": torch.bfloat16}
-_NORM_CHUNK = 1 << 20  # elements per fp64 chunk of the norm (bounds its temporary)
+GRAD_ACCUM_LOCATIONS = ("device", "host")
+# elements per fp64 chunk of the norm (bounds its temporary); larger on a GPU, where each chunk costs
+# kernel launches on the thread that runs the backward
+_NORM_CHUNK = 1 << 20
+_DEVICE_NORM_CHUNK = 1 << 24
+# elements per host add: a bf16 gradient added into an fp32 accumulator is converted into a temporary
+# first (torch's CPU kernels convert mixed-dtype inputs); in chunks the temporary stays in the CPU's cache
+_ADD_CHUNK = 1 << 21
 
 
 @dataclass
@@ -95,106 +122,16 @@ class StepStats:
     lr: float
 
 
-def squared_norm(x: torch.Tensor) -> float:
-    """Sum of squares of ``x`` in fp64 (chunked); NaN or Inf when any element is not finite."""
-    flat, total = x.reshape(-1), 0.0
-    for start in range(0, flat.numel(), _NORM_CHUNK):
-        chunk = flat[start:start + _NORM_CHUNK].to(torch.float64)
-        total += float(torch.dot(chunk, chunk))
+def squared_norm(x: torch.Tensor) -> torch.Tensor:
+    """Sum of squares of ``x`` in fp64 (chunked, summed in order), a 0-d tensor on ``x``'s device, so that
+    a device computes it without waiting for the host; NaN or Inf when any element is not finite."""
+    flat = x.reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    size = _NORM_CHUNK if x.device.type == "cpu" else _DEVICE_NORM_CHUNK
+    for start in range(0, flat.numel(), size):
+        chunk = flat[start:start + size].to(torch.float64)
+        total += torch.dot(chunk, chunk)
     return total
-
-
-class _HostLink:
-    """Copies between the device and the host. On a CUDA device: a side stream each way and events; on
-    the CPU the copies are plain host copies and every event is None."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.cuda = device, device.type == "cuda"
-        if self.cuda:
-            self.d2h = torch.cuda.Stream(device)
-            self.h2d = torch.cuda.Stream(device)
-
-    def to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
-        """Main thread, in a gradient hook: enqueue ``dst <- src``; ``src`` may be freed right after."""
-        if not self.cuda:
-            dst.copy_(src)
-            return
-        self.d2h.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.d2h):
-            dst.copy_(src, non_blocking=True)
-        src.record_stream(self.d2h)  # the allocator keeps src's memory until the copy has run
-
-    def host_copies_done(self) -> torch.cuda.Event | None:
-        return self.d2h.record_event() if self.cuda else None
-
-    def compute_done(self) -> torch.cuda.Event | None:
-        return torch.cuda.current_stream(self.device).record_event() if self.cuda else None
-
-    @staticmethod
-    def wait_host(event: torch.cuda.Event | None) -> None:
-        if event is not None:
-            event.synchronize()
-
-    def to_device(self, pairs: list[tuple[torch.Tensor, torch.Tensor]],
-                  after: torch.cuda.Event | None) -> torch.cuda.Event | None:
-        """Worker thread: copy each (device dst, host src) once the device has passed ``after``."""
-        if not self.cuda:
-            for dst, src in pairs:
-                dst.copy_(src)
-            return None
-        with torch.cuda.stream(self.h2d):
-            if after is not None:
-                self.h2d.wait_event(after)
-            for dst, src in pairs:
-                dst.copy_(src, non_blocking=True)
-            return self.h2d.record_event()
-
-    def finish_uploads(self) -> None:
-        """Host waits until every host-to-device copy has run (before host buffers are rewritten)."""
-        if self.cuda:
-            self.h2d.synchronize()
-
-    def wait_device(self, event: torch.cuda.Event | None) -> None:
-        """Order the device's current stream after ``event`` (the host does not wait)."""
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
-
-
-class _StagingPool:
-    """Host staging buffers for gradients in flight, shared by all buckets. A buffer goes out to an open
-    fill (main thread) and comes back when a worker has accumulated it. When every buffer sits in an
-    open fill, none can come back, so the pool grows instead of waiting forever."""
-
-    def __init__(self, nbytes: int, pin: bool):
-        self.nbytes, self.pin = nbytes, pin
-        self._free: list[torch.Tensor] = []
-        self._in_workers = 0
-        self._cond = threading.Condition()
-
-    def acquire(self) -> torch.Tensor:
-        with self._cond:
-            while not self._free and self._in_workers > 0:
-                self._cond.wait()
-            if self._free:
-                return self._free.pop()
-        return torch.empty(self.nbytes, dtype=torch.uint8, pin_memory=self.pin)
-
-    def handed_to_worker(self) -> None:
-        with self._cond:
-            self._in_workers += 1
-
-    def release(self, buffer: torch.Tensor) -> None:
-        """A worker is done with ``buffer``."""
-        with self._cond:
-            self._free.append(buffer)
-            self._in_workers -= 1
-            self._cond.notify()
-
-    def put_back(self, buffer: torch.Tensor) -> None:
-        """The main thread returns a buffer it never handed to a worker."""
-        with self._cond:
-            self._free.append(buffer)
-            self._cond.notify()
 
 
 @dataclass
@@ -208,6 +145,7 @@ class _Slot:
     offset: int = 0
     position: int = 0  # within its bucket
     state: dict[str, Any] = field(default_factory=dict)
+    arrivals: int = 0  # device accumulation: micro-batches of this step whose gradient arrived
 
 
 @dataclass
@@ -219,11 +157,22 @@ class _Fill:
     arrived: set[int] = field(default_factory=set)
 
 
+def add_chunked(accum: torch.Tensor, grads: torch.Tensor, first: bool) -> None:
+    """``accum = grads`` (first) or ``accum += grads``, in chunks of _ADD_CHUNK elements; each chunk runs on
+    torch's intra-op threads with the GIL released."""
+    for start in range(0, accum.numel(), _ADD_CHUNK):
+        part, source = accum[start:start + _ADD_CHUNK], grads[start:start + _ADD_CHUNK]
+        if first:
+            part.copy_(source)
+        else:
+            part.add_(source)
+
+
 class _Bucket:
     """Parameters of one dtype, consecutive in backward order, with flat host buffers."""
 
     def __init__(self, index: int, slots: list[_Slot], master_dtype: torch.dtype, accum_dtype: torch.dtype,
-                 pin: bool):
+                 pin: bool, on_device: bool):
         self.index, self.slots = index, slots
         offset = 0
         for position, slot in enumerate(slots):
@@ -238,6 +187,13 @@ class _Bucket:
         self.upload = torch.empty(offset, dtype=torch.bfloat16, pin_memory=pin) if needs_upload else None
         for slot in slots:
             self.view(self.master, slot).copy_(slot.param.detach())
+        # device accumulation: the flat device accumulator, and the event of its copy into ``accum``
+        self.device_accum = (torch.empty(offset, dtype=accum_dtype, device=slots[0].param.device)
+                             if on_device else None)
+        self.complete = 0  # device accumulation: slots that have all the step's micro-batches
+        self.sent = False  # device accumulation: the accumulator is on its way to the host this step
+        self.copied: Any = None  # ... and the event of that copy
+        self.device_sq_norm: torch.Tensor | None = None
         self.fills_done = 0
         self.open_fill: _Fill | None = None
         self.accumulated: Future | None = None  # the last accumulation task of this step
@@ -289,41 +245,56 @@ class OffloadEngine:
     ``module``: the model (or stage) whose forward pre-hooks wait per bucket. ``min_8bit_size``, ``seed``:
     as AdamW8bit; ``index_offset``: see pipeline stages. ``num_workers``: CPU worker threads (each bucket
     always on the same one). ``backend``: "auto"/"cpu" (the C++ kernel) or "reference".
+    ``grad_accum_location``: "host" (every micro-batch's gradients go to the host and are summed there)
+    or "device" (summed on the device, sent once per step). ``staging_buffers``: host staging buffers
+    allocated up front for host accumulation (gradients of that many buckets in flight at once).
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.01, max_grad_norm: float | None = None,
                  accum_dtype: str = "fp32", master_weights: str = "fp32", bucket_bytes: int = 32 << 20,
                  module: torch.nn.Module | None = None, min_8bit_size: int = reference.MIN_8BIT_NUMEL,
-                 seed: int = 0, index_offset: int = 0, num_workers: int = 1, backend: str = "auto"):
+                 seed: int = 0, index_offset: int = 0, num_workers: int = 1, backend: str = "auto",
+                 grad_accum_location: str = "host", staging_buffers: int = 2):
         check_hyperparameters(lr, tuple(betas), eps, weight_decay)
         _check_max_grad_norm(max_grad_norm)
         if accum_dtype not in ACCUM_DTYPES:
             raise ValueError(f"accum_dtype must be one of {', '.join(ACCUM_DTYPES)}, got {accum_dtype!r}")
         if master_weights not in MASTER_WEIGHTS:
             raise ValueError(f"master_weights must be one of {', '.join(MASTER_WEIGHTS)}, got {master_weights!r}")
-        if bucket_bytes < 1 or num_workers < 1:
-            raise ValueError(f"bucket_bytes and num_workers must be >= 1, got {bucket_bytes} and {num_workers}")
+        if grad_accum_location not in GRAD_ACCUM_LOCATIONS:
+            raise ValueError(f"grad_accum_location must be one of {', '.join(GRAD_ACCUM_LOCATIONS)}, got "
+                             f"{grad_accum_location!r} (the trainer's auto is decided by "
+                             f"astrobio.memory.accumulation before the engine is built)")
+        if bucket_bytes < 1 or num_workers < 1 or staging_buffers < 1:
+            raise ValueError(f"bucket_bytes, num_workers and staging_buffers must be >= 1, got {bucket_bytes}, "
+                             f"{num_workers} and {staging_buffers}")
         self.lr, self.betas, self.eps, self.weight_decay = float(lr), tuple(betas), eps, weight_decay
         self.max_grad_norm, self.seed, self.index_offset = max_grad_norm, int(seed), int(index_offset)
         self.accum_dtype, self.master_weights = accum_dtype, master_weights
+        self.grad_accum_location = grad_accum_location
         self.skipped_steps = 0
         self.worker_delay: Callable[[], None] | None = None
         self._host_step = _host_step_function(backend)
         self._qmaps = (reference.dynamic_map(signed=True), reference.dynamic_map(signed=False))
         slots = self._make_slots(_named(params))
         self.device = slots[0].param.device
-        self._link = _HostLink(self.device)
+        self._link = HostLink(self.device)
         pin = self._link.cuda
         self._buckets = self._make_buckets(slots, int(bucket_bytes), pin)
         for slot in slots:
             slot.state = new_state(self._buckets[slot.bucket].view(self._buckets[slot.bucket].master, slot),
                                    min_8bit_size)
         self._slots = slots
-        self._pool = _StagingPool(max(b.numel * b.grad_dtype.itemsize for b in self._buckets), pin)
+        self._on_device = grad_accum_location == "device"
+        self._pool = None if self._on_device else StagingPool(
+            max(b.numel * b.grad_dtype.itemsize for b in self._buckets), staging_buffers, pin)
+        self._timings = TimingsRecorder(grad_accum_location)
+        self.last_timings: OffloadTimings | None = None
         self._lanes = [ThreadPoolExecutor(1, thread_name_prefix=f"astrobio-offload-{i}") for i in range(num_workers)]
         self._num_micro_batches: int | None = None
-        self._hooks = [s.param.register_post_accumulate_grad_hook(functools.partial(self._on_grad, s)) for s in slots]
+        on_grad = self._on_grad_device if self._on_device else self._on_grad
+        self._hooks = [s.param.register_post_accumulate_grad_hook(functools.partial(on_grad, s)) for s in slots]
         self._module_hooks: list[Any] = []
         if module is not None:
             self.attach(module)
@@ -359,7 +330,7 @@ class OffloadEngine:
         for index, group in enumerate(groups):
             for slot in group:
                 slot.bucket = index
-            buckets.append(_Bucket(index, group, master, accum, pin))
+            buckets.append(_Bucket(index, group, master, accum, pin, self.grad_accum_location == "device"))
         return buckets
 
     def attach(self, module: torch.nn.Module) -> None:
@@ -373,8 +344,10 @@ class OffloadEngine:
                 self._module_hooks.append(sub.register_forward_pre_hook(hook))
 
     def _before_forward(self, buckets: list[int], module: torch.nn.Module, args: Any) -> None:
+        start = time.perf_counter()
         for index in buckets:
             self._wait_step(self._buckets[index])
+        self._timings.add("weight_wait_s", time.perf_counter() - start)
 
     def _lane(self, bucket: _Bucket) -> ThreadPoolExecutor:
         """Every task of a bucket runs on one worker thread, so they run in the order submitted."""
@@ -387,24 +360,36 @@ class OffloadEngine:
     # -- one optimizer step -------------------------------------------------------------------------------
 
     def begin_step(self, num_micro_batches: int) -> None:
-        """Open an optimizer step that will run ``num_micro_batches`` backward passes."""
+        """Open an optimizer step that will run ``num_micro_batches`` backward passes; the timings of the
+        step before become ``last_timings``."""
         if self._num_micro_batches is not None:
             raise RuntimeError("begin_step called twice without end_step; call end_step() to finish the open step")
         if num_micro_batches < 1:
             raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
         self._num_micro_batches = int(num_micro_batches)
+        self.last_timings = self._timings.roll()
+        for bucket in self._buckets:  # device accumulation: rewrite no accumulator still being copied out
+            self._link.wait_device(bucket.copied)
 
-    def _on_grad(self, slot: _Slot, param: torch.Tensor) -> None:
-        """Post-accumulate-grad hook (main thread): stage the gradient for the host, free it on the device."""
+    def _check_open(self, slot: _Slot) -> None:
         if self._num_micro_batches is None:
             raise RuntimeError(f"a gradient for {slot.name} arrived outside an optimizer step; call "
                                f"engine.begin_step(num_micro_batches) before the backward passes")
+
+    # -- host accumulation: every micro-batch's gradients to the host -------------------------------------
+
+    def _on_grad(self, slot: _Slot, param: torch.Tensor) -> None:
+        """Post-accumulate-grad hook (main thread): stage the gradient for the host, free it on the device."""
+        self._check_open(slot)
+        start = time.perf_counter()
         bucket = self._buckets[slot.bucket]
         self._wait_step(bucket)
         if bucket.open_fill is not None and slot.position in bucket.open_fill.arrived:
             self._submit_fill(bucket)  # this parameter's second gradient: a new micro-batch began
         if bucket.open_fill is None:
+            waited = time.perf_counter()
             buffer = self._pool.acquire()
+            self._timings.add("staging_wait_s", time.perf_counter() - waited)
             grads = buffer[:bucket.numel * bucket.grad_dtype.itemsize].view(bucket.grad_dtype)
             bucket.open_fill = _Fill(buffer, grads)
         fill = bucket.open_fill
@@ -413,6 +398,7 @@ class OffloadEngine:
         param.grad = None
         if len(fill.arrived) == len(bucket.slots):
             self._submit_fill(bucket)
+        self._timings.add("grad_hooks_s", time.perf_counter() - start)
 
     def _submit_fill(self, bucket: _Bucket) -> None:
         fill, bucket.open_fill = bucket.open_fill, None
@@ -439,15 +425,25 @@ class OffloadEngine:
             if previous is not None:
                 previous.result()
             self._delay()
+            start = time.perf_counter()
             self._link.wait_host(copied)
-            if first:
-                bucket.accum.copy_(fill.grads)
-            else:
-                bucket.accum.add_(fill.grads)
+            landed = time.perf_counter()
+            add_chunked(bucket.accum, fill.grads, first)
+            done = time.perf_counter()
         finally:
             self._pool.release(fill.buffer)
+        self._timings.add("transfer_wait_s", landed - start)
+        self._timings.add("host_accumulate_s", done - landed)
+        accum_bytes = bucket.accum.numel() * bucket.accum.element_size()
+        self._timings.add("host_accumulate_bytes", fill.grads.numel() * fill.grads.element_size()
+                          + accum_bytes * (1 if first else 2))
         if last:
-            bucket.sq_norm = squared_norm(bucket.accum)
+            self._host_norm(bucket)
+
+    def _host_norm(self, bucket: _Bucket) -> None:
+        start = time.perf_counter()
+        bucket.sq_norm = float(squared_norm(bucket.accum))
+        self._timings.add("norm_s", time.perf_counter() - start)
 
     def _finish_accumulation(self, bucket: _Bucket, previous: Future | None) -> None:
         """Worker, at end_step, for a bucket that got fewer micro-batches than announced."""
@@ -456,7 +452,58 @@ class OffloadEngine:
         self._delay()
         if bucket.fills_done == 0:
             bucket.accum.zero_()
-        bucket.sq_norm = squared_norm(bucket.accum)
+        self._host_norm(bucket)
+
+    # -- device accumulation: summed on the device, one copy to the host per step -------------------------
+
+    def _on_grad_device(self, slot: _Slot, param: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: add the gradient into the bucket's device accumulator and free it;
+        send the bucket to the host once all its parameters have every micro-batch's gradient."""
+        self._check_open(slot)
+        start = time.perf_counter()
+        bucket = self._buckets[slot.bucket]
+        if slot.arrivals == self._num_micro_batches:
+            raise RuntimeError(f"bucket {bucket.index} received gradients of more than the "
+                               f"{self._num_micro_batches} micro-batches announced by begin_step")
+        view = bucket.view(bucket.device_accum, slot)
+        if slot.arrivals == 0:
+            view.copy_(param.grad)
+        else:
+            view.add_(param.grad)
+        slot.arrivals += 1
+        param.grad = None
+        if slot.arrivals == self._num_micro_batches:
+            bucket.complete += 1
+            if bucket.complete == len(bucket.slots):
+                self._send(bucket)
+        self._timings.add("grad_hooks_s", time.perf_counter() - start)
+
+    def _send(self, bucket: _Bucket) -> None:
+        """Main thread: the bucket's sums are final: its squared norm on the device, and one copy of the
+        accumulator into the host accumulator (the previous step's optimizer must be done reading it)."""
+        self._wait_step(bucket)
+        for slot in bucket.slots:
+            if slot.arrivals == 0:  # no gradient in any micro-batch: zeros, as the host path sums them
+                bucket.view(bucket.device_accum, slot).zero_()
+        bucket.device_sq_norm = squared_norm(bucket.device_accum)
+        self._link.to_host(bucket.accum, bucket.device_accum)
+        bucket.copied = self._link.host_copies_done()
+        bucket.sent = True
+
+    def _device_squared_norms(self) -> list[float]:
+        """Send every bucket not sent yet (some parameters had fewer micro-batches), then each bucket's
+        squared norm, in bucket order, with one device-to-host copy of them all."""
+        for bucket in self._buckets:
+            if not bucket.sent:
+                self._send(bucket)
+        norms = torch.stack([b.device_sq_norm for b in self._buckets]).cpu().tolist()
+        for bucket in self._buckets:
+            bucket.device_sq_norm, bucket.sent, bucket.complete = None, False, 0
+            for slot in bucket.slots:
+                slot.arrivals = 0
+        return norms
+
+    # -- the step -----------------------------------------------------------------------------------------
 
     def end_step(self, lr: float | None = None, grad_scale: float = 1.0,
                  sum_across: Callable[[float], float] | None = None) -> StepStats:
@@ -472,8 +519,12 @@ class OffloadEngine:
             self.lr = float(lr)
         if not (math.isfinite(grad_scale) and grad_scale > 0):
             raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale}")
-        squares = self._reduce_squared_norms()
+        start = time.perf_counter()
+        squares = 0.0
+        for square in (self._device_squared_norms() if self._on_device else self._host_squared_norms()):
+            squares += square
         grad_norm = math.sqrt(squares if sum_across is None else sum_across(squares)) * grad_scale
+        self._timings.add("norm_wait_s", time.perf_counter() - start)
         self._num_micro_batches = None
         if not math.isfinite(grad_norm):
             self.skipped_steps += 1
@@ -489,24 +540,27 @@ class OffloadEngine:
             self.synchronize()
         return StepStats(grad_norm=grad_norm, skipped=False, clip_coef=clip_coef, lr=self.lr)
 
-    def _reduce_squared_norms(self) -> float:
-        """Flush open fills, wait for every accumulator, and sum the buckets' squared norms."""
+    def _host_squared_norms(self) -> list[float]:
+        """Flush open fills, wait for every host accumulator, and each bucket's squared norm."""
         for bucket in self._buckets:
             if bucket.open_fill is not None:
                 self._submit_fill(bucket)
             if bucket.fills_done < self._num_micro_batches:
                 bucket.accumulated = self._lane(bucket).submit(self._finish_accumulation, bucket, bucket.accumulated)
-        total = 0.0
+        norms = []
         for bucket in self._buckets:
             bucket.accumulated.result()
-            total += bucket.sq_norm
+            norms.append(bucket.sq_norm)
             bucket.accumulated, bucket.sq_norm, bucket.fills_done = None, None, 0
-        return total
+        return norms
 
     def _step_bucket(self, bucket: _Bucket, lr: float, grad_scale: float, after: Any) -> Any:
         """Worker: the fused 8-bit AdamW over the bucket's parameters, then the upload to the device."""
         self._delay()
+        start = time.perf_counter()
         self._link.wait_host(bucket.uploaded)  # a bucket without gradients this step waited on nothing yet
+        self._link.wait_host(bucket.copied)  # device accumulation: the accumulator has landed
+        landed = time.perf_counter()
         beta1, beta2 = self.betas
         qmap1, qmap2 = self._qmaps
         no_absmax = torch.empty(0, dtype=torch.float32)
@@ -520,7 +574,12 @@ class OffloadEngine:
                             state["absmax2"] if quantized else no_absmax, qmap1, qmap2, upload, None, lr, beta1,
                             beta2, self.eps, self.weight_decay, grad_scale, state["step"],
                             step_seed(self.seed, state["step"], self.index_offset + slot.index))
-        return self._upload(bucket, after)
+        stepped = time.perf_counter()
+        event = self._upload(bucket, after)
+        self._timings.add("transfer_wait_s", landed - start)
+        self._timings.add("optimizer_s", stepped - landed)
+        self._timings.add("upload_s", time.perf_counter() - stepped)
+        return event
 
     def _upload(self, bucket: _Bucket, after: Any) -> Any:
         source = bucket.upload_source()
@@ -536,11 +595,13 @@ class OffloadEngine:
     def synchronize(self) -> None:
         """Wait for every pending accumulation, step and upload; device work after this sees the new
         weights, and the host buffers are free to read or rewrite."""
+        start = time.perf_counter()
         for bucket in self._buckets:
             if bucket.accumulated is not None:
                 bucket.accumulated.result()
             self._wait_step(bucket)
         self._link.finish_uploads()
+        self._timings.add("weight_wait_s", time.perf_counter() - start)
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
@@ -553,7 +614,7 @@ class OffloadEngine:
         state = {}
         for slot in self._slots:
             bucket = self._buckets[slot.bucket]
-            state[slot.index] = {**slot.state, "master": bucket.view(bucket.master, slot).clone()}
+            state[slot.index] = {**slot.state, "master": bucket.view(bucket.master, slot)}
         saved = {"hyperparameters": dict(lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
                                          max_grad_norm=self.max_grad_norm),
                  "master_weights": self.master_weights, "accum_dtype": self.accum_dtype,
@@ -563,12 +624,14 @@ class OffloadEngine:
         return saved
 
     def _accumulation_state(self) -> dict[str, Any]:
+        """The sums so far (host tensors) and how many micro-batches each holds, whatever the location."""
         accumulators, done = {}, {}
         for slot in self._slots:
             bucket = self._buckets[slot.bucket]
-            view = bucket.view(bucket.accum, slot)
-            accumulators[slot.index] = view.clone() if bucket.fills_done else torch.zeros_like(view)
-            done[slot.index] = bucket.fills_done
+            count = slot.arrivals if self._on_device else bucket.fills_done
+            view = bucket.view(bucket.device_accum if self._on_device else bucket.accum, slot)
+            accumulators[slot.index] = view.to("cpu", copy=True) if count else torch.zeros(view.shape, dtype=view.dtype)
+            done[slot.index] = count
         return {"num_micro_batches": self._num_micro_batches, "micro_batches_done": done,
                 "accumulators": accumulators}
 
@@ -616,7 +679,9 @@ class OffloadEngine:
                 got = f"{master.dtype} {tuple(master.shape)}" if torch.is_tensor(master) else repr(master)
                 raise ValueError(f"{where}: master must be a {master_dtype} tensor of the parameter's shape, got {got}")
             host_like = torch.empty(slot.param.shape, dtype=master_dtype)
-            checked.append((checked_state(host_like, entry, where), master))
+            state = checked_state(host_like, entry, where)
+            owned = {key: value.clone() if torch.is_tensor(value) else value for key, value in state.items()}
+            checked.append((owned, master))
         return checked
 
     def _checked_accumulation(self, accumulation: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -639,6 +704,9 @@ class OffloadEngine:
 
     def _load_accumulation(self, accumulation: dict[str, Any] | None) -> None:
         self._num_micro_batches = None if accumulation is None else int(accumulation["num_micro_batches"])
+        if self._on_device:
+            self._load_device_accumulation(accumulation)
+            return
         for bucket in self._buckets:
             bucket.fills_done, bucket.sq_norm = 0, None
             if accumulation is None:
@@ -648,6 +716,17 @@ class OffloadEngine:
             bucket.fills_done = max(accumulation["micro_batches_done"][s.index] for s in bucket.slots)
             if bucket.fills_done == self._num_micro_batches:  # complete: its norm was never computed here
                 bucket.accumulated = self._lane(bucket).submit(self._finish_accumulation, bucket, None)
+
+    def _load_device_accumulation(self, accumulation: dict[str, Any] | None) -> None:
+        for bucket in self._buckets:
+            bucket.complete, bucket.sent, bucket.device_sq_norm = 0, False, None
+            for slot in bucket.slots:
+                slot.arrivals = 0 if accumulation is None else accumulation["micro_batches_done"][slot.index]
+                if slot.arrivals:
+                    bucket.view(bucket.device_accum, slot).copy_(accumulation["accumulators"][slot.index])
+                bucket.complete += slot.arrivals == self._num_micro_batches
+            if bucket.complete == len(bucket.slots):
+                self._send(bucket)
 
     def close(self) -> None:
         """Wait for pending work, remove every hook and stop the worker threads (also when a pending task

@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN.md section 7): ``checkpoints/step-N/``, atomic and checksummed.
+"""Checkpoints: ``checkpoints/step-N/``, atomic, checksummed and streamed (docs/ARCHITECTURE.md).
 
 A checkpoint is a directory written under a temporary name, every file fsynced, then renamed into place:
 
@@ -15,9 +15,17 @@ rank writes its part into the temporary directory, then rank 0 writes ``state.*`
 same whichever number of stages wrote it.
 
 Loading verifies the manifest first and refuses a checkpoint with a missing, truncated or altered file.
-Nothing is unpickled: tensors go through safetensors and the rest through JSON, so a checkpoint from
-elsewhere is data, not a program. Non-string dict keys and tuples (optimizer state dicts have both)
-are encoded explicitly so that a state dict comes back exactly as it was saved.
+Nothing is unpickled: tensors go through the safetensors format and the rest through JSON, so a
+checkpoint from elsewhere is data, not a program. Non-string dict keys and tuples (optimizer state dicts
+have both) are encoded explicitly so that a state dict comes back exactly as it was saved.
+
+Big states are streamed, so a save or a load never holds a second copy of the state in host memory
+(a 13B run's host memory is mostly that state): ``write_tensors`` writes the safetensors file tensor by
+tensor, each in chunks of at most 64 MiB (a device tensor crosses to the host one chunk at a time),
+hashing the bytes as they are written, so the manifest needs no second read; ``read_tensors`` maps the
+file and returns tensors that are views of the mapping (copy-on-write: page cache until a consumer
+copies them into place). Both add their bytes and seconds to an ``IoStats`` the caller passes, for the
+GB/s in a run's summary.
 """
 
 from __future__ import annotations
@@ -27,11 +35,15 @@ import json
 import os
 import re
 import shutil
+import struct
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -41,10 +53,135 @@ STATE_FILE = "state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MODEL_PART = re.compile(r"^model(-stage\d+)?\.safetensors$")
 OPTIMIZER_PART = re.compile(r"^optimizer-stage(\d+)\.json$")
+CHUNK_BYTES = 64 << 20  # the most a save holds of one tensor at once (on the host, beyond the tensor itself)
+MAP_BYTES = 1 << 20  # a load maps tensors from this size up; smaller ones are read
+# the safetensors format's dtype names
+DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names it and says why."""
+
+
+@dataclass
+class IoStats:
+    """Bytes moved and seconds spent by saves or loads (added up over the files)."""
+
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def gbps(self) -> float | None:
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else None
+
+    def add(self, nbytes: int, seconds: float) -> None:
+        self.bytes += nbytes
+        self.seconds += seconds
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A file's manifest entry, known from writing it."""
+
+    bytes: int
+    sha256: str
+
+
+# ----------------------------------------------------------------------------- safetensors, streamed
+
+def _byte_chunks(t: torch.Tensor) -> Iterator[np.ndarray]:
+    """The tensor's bytes in order, at most CHUNK_BYTES at a time, as host arrays (a device tensor is
+    copied over one chunk at a time; a non-contiguous tensor is made contiguous first)."""
+    flat = t.detach().reshape(-1)
+    step = max(1, CHUNK_BYTES // max(1, flat.element_size()))
+    for start in range(0, flat.numel(), step):
+        part = flat[start:start + step]
+        if part.device.type != "cpu":
+            part = part.to("cpu")
+        yield part.view(torch.uint8).numpy()
+
+
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor], stats: IoStats | None = None) -> FileRecord:
+    """Write ``tensors`` as a safetensors file, streamed; returns its size and sha256. Tensors are laid
+    out widest dtype first (then by name), so every tensor starts aligned to its element size and
+    ``read_tensors`` can view it in place."""
+    started = time.perf_counter()
+    order = sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0]))
+    header, offset = {}, 0
+    for name, t in order:
+        if t.dtype not in DTYPE_NAMES:
+            raise TypeError(f"cannot store {name} of dtype {t.dtype} in a checkpoint; "
+                            f"supported: {', '.join(str(d) for d in DTYPE_NAMES)}")
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for piece in (struct.pack("<Q", len(blob)), blob):
+            digest.update(piece)
+            f.write(piece)
+        for _, t in order:
+            for chunk in _byte_chunks(t):
+                digest.update(chunk)
+                f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
+    size = 8 + len(blob) + offset
+    if stats is not None:
+        stats.add(size, time.perf_counter() - started)
+    return FileRecord(size, digest.hexdigest())
+
+
+def read_tensors(path: Path, stats: IoStats | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, as views of a copy-on-write mapping of it (writing to one
+    never changes the file). Raises CheckpointError on a malformed file."""
+    started = time.perf_counter()
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > size - 8:
+                raise ValueError(f"header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+        header.pop("__metadata__", None)
+        start = 8 + length
+        spans = sorted((entry["data_offsets"], name) for name, entry in header.items())
+        end = 0
+        for (begin, stop), name in spans:
+            if begin != end or stop < begin:
+                raise ValueError(f"{name} occupies bytes {begin}-{stop}, expected to start at {end}")
+            end = stop
+        if start + end != size:
+            raise ValueError(f"the tensors cover {end} bytes but the file has {size - start} after its header")
+        with open(path, "rb") as f:
+            tensors = {name: _tensor(path, f, start, entry) for name, entry in header.items()}
+    except (ValueError, KeyError, TypeError, struct.error) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
+    if stats is not None:
+        stats.add(size, time.perf_counter() - started)
+    return tensors
+
+
+def _tensor(path: Path, f, start: int, entry: dict) -> torch.Tensor:
+    """One tensor of the file: a small one read into its own memory, a large one a mapping of its own
+    (storage offset 0: some consumers, e.g. ``torch.set_rng_state``, read a tensor's storage from its
+    start)."""
+    dtype = DTYPES[entry["dtype"]]
+    begin, stop = entry["data_offsets"]
+    if stop - begin < MAP_BYTES:
+        f.seek(start + begin)
+        raw = torch.frombuffer(bytearray(f.read(stop - begin)), dtype=torch.uint8) if stop > begin else \
+            torch.empty(0, dtype=torch.uint8)
+    else:
+        raw = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c", offset=start + begin, shape=(stop - begin,)))
+        if raw.data_ptr() % raw.new_empty(0, dtype=dtype).element_size():  # laid out by another writer
+            raw = raw.clone()
+    return raw.view(dtype).view(entry["shape"])
 
 
 def encode_tree(obj, tensors: dict[str, torch.Tensor], path: str = "state"):
@@ -84,20 +221,6 @@ def decode_tree(obj, tensors: dict[str, torch.Tensor]):
     return obj
 
 
-def storable(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Contiguous CPU tensors, none sharing memory with another (safetensors refuses shared storage)."""
-    seen, out = set(), {}
-    for name, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        if t.numel():
-            pointer = t.untyped_storage().data_ptr()
-            if pointer in seen:
-                t = t.clone()
-            seen.add(t.untyped_storage().data_ptr())
-        out[name] = t
-    return out
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -123,15 +246,17 @@ def write_json(path: Path, obj) -> None:
 
 
 def write_part(directory: Path, model_file: str | None, model_state: dict[str, torch.Tensor] | None, stem: str,
-               state: dict) -> None:
+               state: dict, stats: IoStats | None = None) -> dict[str, FileRecord]:
     """``model_file`` (when given) and ``{stem}.safetensors`` + ``{stem}.json`` (the state's tensors and
-    the rest) into ``directory``."""
+    the rest) into ``directory``; returns the manifest entries of the files it wrote."""
+    records = {}
     if model_file is not None:
-        save_file(storable(model_state), directory / model_file)
+        records[model_file] = write_tensors(directory / model_file, model_state, stats)
     tensors: dict[str, torch.Tensor] = {}
     skeleton = encode_tree(state, tensors)
-    save_file(storable(tensors), directory / f"{stem}.safetensors")
+    records[f"{stem}.safetensors"] = write_tensors(directory / f"{stem}.safetensors", tensors, stats)
     write_json(directory / f"{stem}.json", skeleton)
+    return records
 
 
 def step_of(path: Path) -> int | None:
@@ -146,11 +271,12 @@ class Checkpointer:
         self.root = Path(root)
         self.keep_last_k = keep_last_k
 
-    def save(self, step: int, model_state: dict[str, torch.Tensor], state: dict) -> Path:
-        """Writes ``step-N`` atomically, then deletes all but the newest ``keep_last_k`` checkpoints."""
+    def save(self, step: int, model_state: dict[str, torch.Tensor], state: dict, stats: IoStats | None = None) -> Path:
+        """Writes ``step-N`` atomically, then deletes all but the newest ``keep_last_k`` checkpoints;
+        ``stats`` (when given) gets the bytes and seconds of the tensor files."""
         tmp = self.begin(step)
-        write_part(tmp, MODEL_FILE, model_state, STATE_FILE[:-len(".json")], state)
-        return self.finish(tmp, step)
+        records = write_part(tmp, MODEL_FILE, model_state, STATE_FILE[:-len(".json")], state, stats)
+        return self.finish(tmp, step, records)
 
     def begin(self, step: int) -> Path:
         """The empty temporary directory of ``step-N`` (one process calls this, before any part is written)."""
@@ -160,12 +286,25 @@ class Checkpointer:
         tmp.mkdir()
         return tmp
 
-    def finish(self, tmp: Path, step: int) -> Path:
-        """Manifest over every file written into ``tmp``, then the rename and the pruning."""
+    def finish(self, tmp: Path, step: int, known: dict[str, FileRecord] | None = None) -> Path:
+        """Manifest over every file written into ``tmp``, then the rename and the pruning. ``known``: the
+        records of files this process wrote (not read again); other files (e.g. other pipeline ranks'
+        parts) are hashed here, in parallel."""
+        known = known or {}
+        paths = sorted(p for p in tmp.iterdir() if p.is_file())
+        for file in paths:
+            if file.name not in known:
+                fsync_path(file)
+        unknown = [p for p in paths if p.name not in known]
+        with ThreadPoolExecutor(max(1, min(8, len(unknown)))) as pool:
+            digests = dict(zip((p.name for p in unknown), pool.map(sha256_of, unknown)))
         files = {}
-        for file in sorted(p for p in tmp.iterdir() if p.is_file()):
-            fsync_path(file)
-            files[file.name] = {"bytes": file.stat().st_size, "sha256": sha256_of(file)}
+        for file in paths:
+            record = known.get(file.name)
+            if record is not None and record.bytes != file.stat().st_size:
+                raise CheckpointError(f"{file} has {file.stat().st_size} bytes but {record.bytes} were written")
+            files[file.name] = ({"bytes": record.bytes, "sha256": record.sha256} if record is not None else
+                                {"bytes": file.stat().st_size, "sha256": digests[file.name]})
         write_json(tmp / MANIFEST, {"format": FORMAT_VERSION, "step": step, "files": files})
         fsync_path(tmp)
         final = self.root / f"step-{step}"
@@ -234,31 +373,40 @@ def verify(path: str | os.PathLike) -> dict:
         if size != files[name]["bytes"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} has {size} bytes, the manifest "
                                   f"says {files[name]['bytes']} (truncated?)")
-        if sha256_of(file) != files[name]["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its sha256 in "
-                                  f"{MANIFEST}")
+    names = sorted(files)
+    with ThreadPoolExecutor(max(1, min(8, len(names)))) as pool:  # hashlib releases the GIL
+        digests = pool.map(sha256_of, [path / name for name in names])
+        for name, digest in zip(names, digests):
+            if digest != files[name]["sha256"]:
+                raise CheckpointError(f"checkpoint {path} is corrupt: {name} does not match its sha256 in "
+                                      f"{MANIFEST}")
     return manifest
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, int]:
+def load_checkpoint(path: str | os.PathLike, stats: IoStats | None = None) -> tuple[dict[str, torch.Tensor], dict, int]:
     """(model state dict, training state, step) of a verified checkpoint, on the CPU; the parts of a
-    pipeline checkpoint merged (the model's by name, the optimizer's into ``state["optimizer"]``)."""
+    pipeline checkpoint merged (the model's by name, the optimizer's into ``state["optimizer"]``).
+    Tensors are copy-on-write views of the files (``read_tensors``). ``stats`` (when given) gets the
+    bytes of the checkpoint and the seconds of verifying (every byte read and hashed) and mapping it."""
     path = Path(path)
+    started = time.perf_counter()
     manifest = verify(path)
     try:
         model_state = {}
         for name in sorted(n for n in manifest["files"] if MODEL_PART.match(n)):
-            model_state.update(load_file(path / name))
+            model_state.update(read_tensors(path / name))
         state = read_part(path, STATE_FILE[:-len(".json")])
         for name in sorted(n for n in manifest["files"] if OPTIMIZER_PART.match(n)):
             merge_optimizer(state, read_part(path, name[:-len(".json")]))
-    except (SafetensorError, ValueError, KeyError) as error:
+    except (ValueError, KeyError) as error:
         raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from None
+    if stats is not None:
+        stats.add(sum(entry["bytes"] for entry in manifest["files"].values()), time.perf_counter() - started)
     return model_state, state, manifest["step"]
 
 
 def read_part(path: Path, stem: str):
-    return decode_tree(json.loads((path / f"{stem}.json").read_text()), load_file(path / f"{stem}.safetensors"))
+    return decode_tree(json.loads((path / f"{stem}.json").read_text()), read_tensors(path / f"{stem}.safetensors"))
 
 
 def merge_optimizer(state: dict, part: dict) -> None:
