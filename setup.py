@@ -96,7 +96,8 @@ setup(
     version="0.1.0",
     description="Full-parameter training of a 13B astrobiology language model on two 24 GB GPUs",
     python_requires=">=3.10",
-    packages=find_packages(include=["astrobio", "astrobio.*"]) + ["astrobio.kernels"],
+    # astrobio.kernels is built from the repository-root kernels/ (see astrobio/kernels/__init__.py)
+    packages=find_packages(include=["astrobio", "astrobio.*"]),
     package_dir={"astrobio.kernels": "kernels"},
     ext_modules=[extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

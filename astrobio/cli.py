@@ -26,10 +26,11 @@ def run_cli(main: Callable[[list[str] | None], int], argv: list[str] | None = No
         return 130
 
 
-def resolve_device(name: str) -> str:
-    """``--device``: ``auto`` is cuda when a GPU is visible, else cpu; cuda without a GPU is an error."""
+def resolve_device(name: str) -> torch.device:
+    """``--device`` of every command: ``auto`` is cuda when a GPU is visible, else cpu; cuda without a
+    GPU is an error."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {name}, but no CUDA GPU is visible; use --device cpu")
-    return name
+    return torch.device(name)

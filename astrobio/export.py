@@ -6,7 +6,6 @@ tokenizer. ``hf`` is loadable by Hugging Face transformers as a Llama-family cau
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import torch
 
 from astrobio.cli import run_cli
+from astrobio.inference.arguments import ArgumentParser, positive_float
 from astrobio.inference.export import export_weights
 from astrobio.inference.loading import iter_weights, model_config, resolve_checkpoint, training_config
 from astrobio.train.checkpoint import verify
@@ -21,13 +21,13 @@ from astrobio.train.checkpoint import verify
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m astrobio.export", description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m astrobio.export", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoints/step-N directory or a run's output dir")
     p.add_argument("--out", required=True, help="output directory (created; must be empty if it exists)")
     p.add_argument("--format", choices=("safetensors", "hf"), default="safetensors")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
-    p.add_argument("--shard-size-gb", type=float, default=2.0)
+    p.add_argument("--shard-size-gb", type=positive_float, default=2.0)
     return p
 
 

@@ -6,23 +6,23 @@ offloaded optimizer), decodes with a key/value cache, and streams the text to th
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from astrobio.cli import resolve_device, run_cli
+from astrobio.inference.arguments import ArgumentParser, non_negative_float, non_negative_int, positive_int, probability
 from astrobio.inference.loading import load_model, load_tokenizer_for
 from astrobio.inference.sampling import SamplingConfig, generate_text
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m astrobio.generate", description=__doc__.splitlines()[0])
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m astrobio.generate", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoints/step-N directory or a run's output dir")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=positive_int, default=200)
+    p.add_argument("--temperature", type=non_negative_float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=positive_int, default=None)
+    p.add_argument("--top-p", type=probability, default=None)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     return p
 

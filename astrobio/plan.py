@@ -15,8 +15,8 @@ import argparse
 import json
 import sys
 
+from astrobio.memory import SCHEDULES, PlanConfig, plan
 from astrobio.memory.hardware import PROFILES
-from astrobio.memory.planner import SCHEDULES, PlanConfig, plan
 from astrobio.memory.preflight import PlanError, check_fits
 from astrobio.memory.report import format_plan
 from astrobio.memory.units import parse_bytes

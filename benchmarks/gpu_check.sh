@@ -9,11 +9,11 @@
 # Exit status: 0 when the build and the GPU tests passed; 1 when either failed (benchmark and optional
 # results are reported in the table, not in the status); 2 without a GPU or without OUTDIR.
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default 9.0: only the GPU at hand),
-# GPU_CHECK_BUDGET_S (default 450), CUDA_HOME (default /usr/local/cuda when it exists).
+# GPU_CHECK_BUDGET_S (default 520), GPU_CHECK_PARTS (default kernels,system), CUDA_HOME (default
+# /usr/local/cuda when it exists).
 #
-# OUTDIR receives at most 8 files (the device tool brings back no more): summary.txt, environment.log,
-# build.log, gpu_tests.log, benchmarks.log, adamw8bit_gpu.json, and one JSON per optional section that
-# ran (offload_gpu.json, pipeline_gpu.json, memory_gpu.json). A later check that adds a file must keep to 8.
+# OUTDIR receives two files (the device tool brings back at most 8): summary.txt, and results.tar.gz
+# with every log (environment, build, GPU tests, benchmarks, the 13B runs' outputs) and every JSON.
 set -u -o pipefail
 
 if [ $# -ne 1 ]; then
@@ -23,7 +23,10 @@ fi
 cd "$(dirname "$0")/.."
 OUT=$(mkdir -p "$1" && cd "$1" && pwd) || { echo "gpu_check: cannot create $1" >&2; exit 2; }
 PY=${PYTHON:-python3}
-BUDGET=${GPU_CHECK_BUDGET_S:-450}
+BUDGET=${GPU_CHECK_BUDGET_S:-520}
+PARTS=${GPU_CHECK_PARTS:-kernels,system}
+WORK=$(mktemp -d)  # logs and JSONs, packed into OUTDIR/results.tar.gz at the end
+wants() { [[ ",$PARTS," == *",$1,"* ]]; }
 export PYTHONUNBUFFERED=1
 
 if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; then
@@ -66,7 +69,7 @@ skip() { record "$1" SKIP 0 "$2"; }
 if [ -z "${CUDA_HOME:-}" ] && [ -d /usr/local/cuda ]; then export CUDA_HOME=/usr/local/cuda; fi
 NVCC=nvcc
 command -v nvcc >/dev/null 2>&1 || NVCC=${CUDA_HOME:-/usr/local/cuda}/bin/nvcc
-ENV_LOG=$OUT/environment.log
+ENV_LOG=$WORK/environment.log
 : >"$ENV_LOG"
 run_step environment 60 "$ENV_LOG" bash -c "nvidia-smi; $NVCC --version || echo 'nvcc: not found'; $PY - <<'EOF'
 import platform, torch
@@ -83,7 +86,7 @@ EOF"
 tail -n 4 "$ENV_LOG" | head -n 3
 
 # --- build (the CUDA kernels are required: ASTROBIO_CUDA=1) ------------------------------------------
-BUILD_LOG=$OUT/build.log
+BUILD_LOG=$WORK/build.log
 : >"$BUILD_LOG"
 run_step build 240 "$BUILD_LOG" env ASTROBIO_CUDA=1 TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
   MAX_JOBS="$(nproc)" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .
@@ -94,82 +97,109 @@ if ((BUILD_RC == 0)); then
   BUILD_RC=$?
 fi
 
-# --- the 8-bit AdamW: GPU tests, then the benchmark ------------------------------------------------
-# Its own tests and benchmark run first (issue #6's acceptance); the other GPU tests follow, so that a
-# slow newcomer cannot use up the budget before them.
-TEST_LOG=$OUT/gpu_tests.log
-BENCH_LOG=$OUT/benchmarks.log
+# --- part "kernels": the GPU tests, then the kernel and model benchmarks ----------------------------
+# The 8-bit AdamW's own tests and benchmark run first; the other GPU tests follow, so that a slow
+# newcomer cannot use up the budget before them.
+TEST_LOG=$WORK/gpu_tests.log
+BENCH_LOG=$WORK/benchmarks.log
+TRAIN_LOG=$WORK/train_13b.log
 : >"$TEST_LOG"
 : >"$BENCH_LOG"
+: >"$TRAIN_LOG"
 pytest_summary() { grep -E "[0-9]+ (passed|failed|errors?|skipped|deselected)|no tests ran" "$TEST_LOG" | tail -n 1 | tr -d '=' | sed 's/^ *//'; }
-TEST_RC=1
+# optional NAME LIMIT LOG SCRIPT ARGS...: runs a benchmark script when it exists and the build passed
+optional() {
+  local name=$1 limit=$2 log=$3 script=$4
+  shift 4
+  if ((BUILD_RC != 0)); then skip "$name" "the build failed"; return; fi
+  if [ ! -f "$script" ]; then skip "$name" "$script not found"; return; fi
+  run_step "$name" "$limit" "$log" "$PY" "$script" "$@"
+}
+TEST_RC=0
 OTHER_RC=0
-if ((BUILD_RC == 0)); then
-  run_step gpu-tests-adamw8bit 200 "$TEST_LOG" "$PY" -m pytest -q -rfEs -p no:cacheprovider tests/test_adamw8bit_gpu.py
-  TEST_RC=$?
-  DETAILS[-1]=$(pytest_summary)
-  if [ -f benchmarks/bench_adamw8bit.py ]; then
-    run_step bench-adamw8bit 150 "$BENCH_LOG" "$PY" benchmarks/bench_adamw8bit.py --device cuda --params 512M \
-      --json "$OUT/adamw8bit_gpu.json"
+if wants kernels; then
+  if ((BUILD_RC == 0)); then
+    run_step gpu-tests-adamw8bit 150 "$TEST_LOG" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
+      tests/test_adamw8bit_gpu.py
+    TEST_RC=$?
+    DETAILS[-1]=$(pytest_summary)
   else
-    skip bench-adamw8bit "benchmarks/bench_adamw8bit.py not found"
+    TEST_RC=1
+    skip gpu-tests-adamw8bit "the build failed (build.log)"
   fi
-  # pytest exits 5 when no other test is marked gpu: nothing failed
-  run_step gpu-tests-other 150 "$TEST_LOG" "$PY" -m pytest -q -m gpu -rfEs -p no:cacheprovider \
-    --continue-on-collection-errors --ignore=tests/test_adamw8bit_gpu.py tests/
-  OTHER_RC=$?
-  ((OTHER_RC == 5)) && OTHER_RC=0 && STATUSES[-1]=PASS
-  DETAILS[-1]=$(pytest_summary)
-else
-  skip gpu-tests-adamw8bit "the build failed (build.log)"
-  skip bench-adamw8bit "the build failed"
-  skip gpu-tests-other "the build failed"
+  optional tune-adamw8bit 60 "$BENCH_LOG" benchmarks/tune_adamw8bit_gpu.py --json "$WORK/tune_adamw8bit.json"
+  optional bench-adamw8bit 120 "$BENCH_LOG" benchmarks/bench_adamw8bit.py --device cuda --params 512M \
+    --json "$WORK/adamw8bit_gpu.json"
+  if ((BUILD_RC == 0)); then
+    # pytest exits 5 when no other test is marked gpu: nothing failed
+    run_step gpu-tests-other 120 "$TEST_LOG" "$PY" -m pytest -q -m gpu -rfEs -p no:cacheprovider \
+      --continue-on-collection-errors --ignore=tests/test_adamw8bit_gpu.py tests/
+    OTHER_RC=$?
+    ((OTHER_RC == 5)) && OTHER_RC=0 && STATUSES[-1]=PASS
+    DETAILS[-1]=$(pytest_summary)
+  else
+    skip gpu-tests-other "the build failed"
+  fi
+  optional bench-model-small 90 "$BENCH_LOG" benchmarks/bench_model.py --device cuda --model small \
+    --json "$WORK/model_small_gpu.json"
+  optional bench-model-13b 90 "$BENCH_LOG" benchmarks/bench_model.py --device cuda --model 13b --layers 4 \
+    --json "$WORK/model_13b_gpu.json"
 fi
 
-# --- optional checks of later issues: each runs only when its script exists ------------------------
-# Contract: the script takes --json PATH and runs on the GPU when one is visible; add a section here,
-# keep its limit short, and send its output to benchmarks.log.
-
-# (optional) CPU offload engine vs device-resident AdamW8bit, on the GPU
-if [ -f benchmarks/bench_offload.py ] && ((BUILD_RC == 0)); then
-  run_step bench-offload 90 "$BENCH_LOG" "$PY" benchmarks/bench_offload.py --json "$OUT/offload_gpu.json"
-else
-  skip bench-offload "benchmarks/bench_offload.py not found, or the build failed"
+# --- part "system": offload, the memory plan, the 13B runs ------------------------------------------
+# train13b NAME LIMIT ARGS...: one 13B run with GPU utilization sampled every 0.5 s beside it.
+train13b() {
+  local name=$1 limit=$2
+  shift 2
+  if ((BUILD_RC != 0)); then skip "$name" "the build failed"; return; fi
+  nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 500 \
+    >"$WORK/$name.smi.csv" 2>/dev/null &
+  local smi=$!
+  run_step "$name" "$limit" "$TRAIN_LOG" "$PY" -m astrobio.train "$@"
+  kill "$smi" 2>/dev/null
+  DETAILS[-1]="$(grep -E "tokens/s|GPU busy|peak device|peak host|start-up|checkpoint" "$TRAIN_LOG" | tail -n 6 | tr '\n' ';')"
+}
+if wants system; then
+  optional bench-offload 90 "$BENCH_LOG" benchmarks/bench_offload.py --json "$WORK/offload_gpu.json"
+  optional memory-planner 60 "$BENCH_LOG" benchmarks/validate_memory_plan.py --device cuda \
+    --json "$WORK/memory_gpu.json"
+  COMMON_13B=(--model 13b --device cuda --use-cpu-offloading --master-weights bf16-sr --accum-dtype bf16
+              --use-mixed-precision --use-gradient-checkpointing --seq-len 2048 --micro-batch-size 1
+              --eval-every-n-steps 0 --eval-batches 1)
+  train13b train-13b-1proc 200 "${COMMON_13B[@]}" --pipeline-stages 1 --gradient-accumulation-steps 16 \
+    --steps 3 --output-dir "$WORK/run13b-1proc"
+  rm -rf "$WORK/run13b-1proc/checkpoints"  # ~50 GB: the disk holds one
+  train13b train-13b-2stage 160 "${COMMON_13B[@]}" --pipeline-stages 2 --gpu-memory-limit 24GiB \
+    --gradient-accumulation-steps 8 --steps 2 --output-dir "$WORK/run13b-2stage"
+  rm -rf "$WORK/run13b-2stage/checkpoints"
+  GPUS=$(nvidia-smi -L | wc -l)
+  if ((GPUS < 2)); then
+    skip pipeline-nccl "NCCL needs one GPU per rank; this machine has $GPUS"
+  else
+    optional pipeline-nccl 90 "$BENCH_LOG" benchmarks/bench_pipeline.py --backend nccl --micro-batches 32 \
+      --json "$WORK/pipeline_gpu.json"
+  fi
 fi
 
-# (optional) two-stage pipeline over NCCL: one rank per GPU, so it needs two GPUs
-GPUS=$(nvidia-smi -L | wc -l)
-if [ ! -f benchmarks/bench_pipeline.py ] || ((BUILD_RC != 0)); then
-  skip pipeline-nccl "benchmarks/bench_pipeline.py not found, or the build failed"
-elif ((GPUS < 2)); then
-  skip pipeline-nccl "NCCL needs one GPU per rank; this machine has $GPUS"
-else
-  run_step pipeline-nccl 90 "$BENCH_LOG" "$PY" benchmarks/bench_pipeline.py --backend nccl --micro-batches 32 \
-    --json "$OUT/pipeline_gpu.json"
-fi
-
-# (optional) memory planner: planned against measured peak memory on the GPU (each stage within 10%)
-if [ -f benchmarks/validate_memory_plan.py ] && ((BUILD_RC == 0)); then
-  run_step memory-planner 90 "$BENCH_LOG" "$PY" benchmarks/validate_memory_plan.py --device cuda \
-    --json "$OUT/memory_gpu.json"
-else
-  skip memory-planner "benchmarks/validate_memory_plan.py not found, or the build failed"
-fi
-
-# --- summary: the benchmark's own table, then one line per part ------------------------------------
-if grep -q "=== bench-adamw8bit" "$BENCH_LOG"; then
-  echo
-  echo "--- bench_adamw8bit.py (end of its output) ---"
-  sed -n '/=== bench-adamw8bit:.*limit/,/=== bench-adamw8bit: /p' "$BENCH_LOG" | grep -v "^===" | tail -n 20
-fi
+# --- summary: the benchmarks' own tables, then one line per part; everything packed into OUTDIR -------
+for part in bench-adamw8bit tune-adamw8bit bench-model-small bench-model-13b bench-offload; do
+  if grep -q "=== $part:.*limit" "$BENCH_LOG"; then
+    echo
+    echo "--- $part (end of its output) ---"
+    sed -n "/=== $part:.*limit/,/=== $part: /p" "$BENCH_LOG" | grep -v "^===" | tail -n 14
+  fi
+done
 {
   echo
   printf '%-20s %-12s %6s  %s\n' part status seconds detail
   for i in "${!NAMES[@]}"; do
     printf '%-20s %-12s %6s  %s\n' "${NAMES[$i]}" "${STATUSES[$i]}" "${TIMES[$i]}" "${DETAILS[$i]}"
   done
-  echo "total ${SECONDS}s of a ${BUDGET}s budget; logs in $OUT"
-} | tee "$OUT/summary.txt"
+  echo "parts: $PARTS; total ${SECONDS}s of a ${BUDGET}s budget; logs in $OUT/results.tar.gz"
+} | tee "$WORK/summary.txt"
+cp "$WORK/summary.txt" "$OUT/summary.txt"
+find "$WORK" -name "*.safetensors" -delete 2>/dev/null
+tar -czf "$OUT/results.tar.gz" -C "$WORK" . 2>/dev/null
 
 ((BUILD_RC == 0 && TEST_RC == 0 && OTHER_RC == 0)) && exit 0
 exit 1

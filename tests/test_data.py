@@ -198,7 +198,7 @@ def test_earth_around_the_sun_is_derived_right():
 
 
 STAR_KEYS = ("star_mass", "star_radius", "star_teff", "spectral_type", "luminosity", "hz_inner", "hz_outer")
-PLANET_KEYS = ("planet", "mass", "radius", "albedo", "a", "period", "flux", "teq", "density", "type", "hz")
+PLANET_KEYS = ("planet", "mass", "type", "radius", "albedo", "a", "period", "flux", "hz", "teq", "density")
 
 
 def test_record_layout_puts_derived_fields_after_their_inputs(default_corpus):

@@ -1,5 +1,5 @@
 """The memory planner: its counts against what autograd, the optimizer and the model really hold, the 13B
-plan of DESIGN.md section 1, refusals that say what to change, and planned vs measured peak memory."""
+plan on 2 x 24 GB (docs/MEMORY.md), refusals that say what to change, and planned vs measured peak memory."""
 
 import json
 from dataclasses import replace
@@ -9,7 +9,8 @@ import torch
 
 from astrobio.memory import PlanConfig, PlanError, check_fits, format_plan, get_hardware, parse_bytes, plan, preflight
 from astrobio.memory import activations as act
-from astrobio.memory.planner import moments_bytes, occupancy
+from astrobio.memory.peak import occupancy
+from astrobio.memory.planner import moments_bytes
 from astrobio.memory.validate import CpuCase, measure_cpu, measure_cuda, run_stage
 from astrobio.model import build_model, build_stage, get_config
 from astrobio.model.transformer import TransformerBlock, rotary_tables
@@ -77,7 +78,7 @@ def test_moments_bytes_equal_adamw8bit_state():
 
 
 def test_occupancy_follows_the_schedules():
-    # DESIGN.md 6: 1F1B keeps at most 2 micro-batches in flight on stage 0 of 2; GPipe keeps all of them
+    # 1F1B keeps at most 2 micro-batches in flight on stage 0 of 2; GPipe keeps all of them (docs/PIPELINE.md)
     assert max(b for b, _ in occupancy("1f1b", 2, 0, 32)) + 1 == 2
     assert max(b for b, _ in occupancy("1f1b", 2, 1, 32)) + 1 == 1
     assert max(b for b, _ in occupancy("gpipe", 2, 0, 32)) + 1 == 32
@@ -89,7 +90,7 @@ def test_occupancy_follows_the_schedules():
 def test_gpipe_holds_every_micro_batch_checkpoints(plan_13b):
     gpipe = plan(replace(plan_13b.config, schedule="gpipe"))
     term = lambda p: next(t.bytes for t in p.devices[0].terms if t.name == "activations")  # noqa: E731
-    # DESIGN.md 1: a layer-boundary checkpoint is 2 s h bytes per layer per micro-batch (bf16)
+    # a layer-boundary checkpoint is 2 s h bytes per layer per micro-batch (bf16)
     checkpoint = 2 * 2048 * 4352
     assert term(gpipe) - term(plan_13b) == (32 - 2) * 28 * checkpoint
 
@@ -183,8 +184,8 @@ def test_the_plan_counts_the_prefix_encoders_on_stage_zero():
     """The trainer's plan of a multimodal run against the modules its builders make (not on meta)."""
     from astrobio.train import parse_config
     from astrobio.train.memory import plan_config
-    from astrobio.train.trainer import build_prefix as trainer_prefix
-    from astrobio.train.trainer import build_stage_model
+    from astrobio.train.builders import build_prefix as trainer_prefix
+    from astrobio.train.builders import build_stage_model
     cpu = torch.device("cpu")
     for stages in (1, 2):
         config = parse_config([*MULTIMODAL, "--pipeline-stages", str(stages)])

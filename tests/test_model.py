@@ -4,7 +4,7 @@ model, activation checkpointing and the KV cache change nothing."""
 import pytest
 import torch
 
-from astrobio.model import build_model, build_stage, even_split, get_config, split_model
+from astrobio.model import build_model, build_stage, compile_blocks, even_split, get_config, split_model, use_kernels
 
 
 def test_13b_preset_counts_13_14b_on_meta_without_allocating():
@@ -100,3 +100,65 @@ def test_too_long_sequence_is_a_clear_error():
     cfg = get_config("tiny")
     with pytest.raises(ValueError, match="exceeds max_seq_len"):
         build_model(cfg)(torch.zeros(1, cfg.max_seq_len + 1, dtype=torch.long))
+
+
+def test_loss_is_the_cross_entropy_of_the_logits():
+    cfg = get_config("tiny")
+    model = build_model(cfg, seed=6)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 20))
+    targets = tokens[:, 1:].clone()
+    targets[0, :4] = -100
+    expected = torch.nn.functional.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(model.loss(tokens[:, :-1], targets), expected, rtol=1e-6, atol=1e-6)
+    prefix = torch.randn(2, 3, cfg.d_model)
+    logits = model(tokens[:, :-1], prefix=prefix)[:, 3:]
+    torch.testing.assert_close(model.loss(tokens[:, :-1], targets, prefix=prefix),
+                               torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+    first, last = split_model(model, [2, 2])
+    torch.testing.assert_close(last.loss(first(tokens[:, :-1]), targets), expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="the loss is the last stage's"):
+        first.loss(tokens[:, :-1], targets)
+
+
+def test_fused_kernels_fall_back_to_eager_on_a_cpu_without_the_interpreter(monkeypatch, capsys):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    model = build_model(get_config("tiny"), kernels="fused")
+    assert not any(getattr(m, "fused", False) for m in model.modules())
+    assert "fused kernels off" in capsys.readouterr().err
+    assert use_kernels(model, "eager") == "eager"
+    with pytest.raises(ValueError, match="kernels must be one of eager, fused"):
+        use_kernels(model, "fast")
+
+
+def _loss_and_grads(model, tokens):
+    loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    return [loss.detach()] + [p.grad for p in model.parameters()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_compiled_blocks_give_the_eager_loss_and_gradients(checkpointing):
+    cfg = get_config("tiny")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+    eager, compiled = build_model(cfg, seed=8), build_model(cfg, seed=8)
+    for model in (eager, compiled):
+        model.gradient_checkpointing = checkpointing
+    if not compile_blocks(compiled):
+        pytest.skip("torch.compile is unsupported here")
+    assert set(compiled.state_dict()) == set(eager.state_dict())
+    for a, b in zip(_loss_and_grads(compiled, tokens), _loss_and_grads(eager, tokens)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_pipeline_stages_give_the_eager_loss():
+    cfg = get_config("tiny")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+    model = build_model(cfg, seed=9)
+    expected = model.loss(tokens[:, :-1], tokens[:, 1:])
+    stages = [build_stage(cfg, s, [2, 2], seed=9) for s in range(2)]
+    if not all(compile_blocks(stage) for stage in stages):
+        pytest.skip("torch.compile is unsupported here")
+    loss = stages[1].loss(stages[0](tokens[:, :-1]), tokens[:, 1:])
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)

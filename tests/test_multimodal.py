@@ -365,7 +365,7 @@ def two_stage_steps(ctx):
 def single_process_step():
     """The whole model and the encoders in this process, on the same micro-batches (the trainer's
     one-stage runner)."""
-    from astrobio.train.trainer import LocalStepRunner
+    from astrobio.train.local import LocalStepRunner
     cfg = get_config("tiny")
     model, prefix = build_model(cfg, seed=0), build_prefix(cfg.d_model, MODALITIES, seed=0)
     runner = LocalStepRunner(model, torch.device("cpu"), False, prefix)

@@ -120,21 +120,20 @@ def test_ctrl_c_stops_every_rank(tmp_path):
 def split_backward_faults(ctx=None) -> int:
     """Page faults of 3 micro-batches of ZB-H1's split backward (B, then W) on the tiny model's last
     stage, after 3 that settle the heap."""
-    from astrobio.parallel.executor import _WeightSplit
+    from astrobio.parallel.weight_pass import WeightSplit
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
     stage = build_stage(get_config("tiny"), 1, [2, 2])
-    split = _WeightSplit(stage)
+    split = WeightSplit(stage)
 
     def micro_batch():
         x = torch.randn(8, 256, 128, requires_grad=True)
-        split.recording = slots = []
+        split.recording = calls = []
         loss = F.cross_entropy(stage(x).flatten(0, 1), torch.zeros(8 * 256, dtype=torch.long))
         split.recording = None
-        torch.autograd.backward([loss], inputs=[x] + split.early_params)
-        pairs = [pair for slot in slots for pair in slot.weight_grads()]
-        torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
+        split.input_backward(loss, None, x)
+        split.weight_backward(calls)
 
     for _ in range(3):
         micro_batch()

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import logging
 import pickle
+import re
 import socket
 import threading
 import time
@@ -327,6 +328,16 @@ def test_local_csv_and_jsonl_rows(tmp_path):
     assert open_source(tmp_path / "p.csv").rows() == [{"name": "b", "mass": "1.5"}, {"name": "c", "mass": ""}]
     assert open_source(f"file://{tmp_path}/p.jsonl").rows() == [{"name": "b", "mass": 1.5}, {"name": "c"}]
     assert open_source(tmp_path / "p.csv").records() == ["name: b\nmass: 1.5", "name: c"]
+
+
+@pytest.mark.parametrize("line, message", [('{"text": ', "line 2: not valid JSON"),
+                                           ("[1, 2]", "line 2: expected a JSON object")])
+def test_jsonl_rows_and_records_refuse_a_bad_line_alike(tmp_path, line, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"text": "first"}\n' + line + "\n")
+    for read in (open_source(path).rows, open_source(path).records):
+        with pytest.raises(ValueError, match=re.escape(f"data file {path}, {message}")):
+            read()
 
 
 def test_gzipped_files_and_a_format_option_read_like_their_plain_twins(tmp_path):

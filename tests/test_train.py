@@ -14,9 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from astrobio.model import build_model, get_config
+from astrobio.model.presets import TRAINING_DEFAULTS
 from astrobio.optim import AdamW8bit
 from astrobio.train import ConfigError, main, parse_config, run
-from astrobio.train.trainer import LocalStepRunner, WarmupCosine, optimizer_step
+from astrobio.train.builders import WarmupCosine
+from astrobio.train.local import LocalStepRunner, SingleProcess
+from astrobio.train.optimizer import EightBitAdamW, TorchAdamW
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -156,6 +159,13 @@ def test_gradient_accumulation_equals_full_batch():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
+def loop_optimizer(params: list, eight_bit: bool, max_grad_norm: float):
+    """The trainer's optimizer (one process) over ``params``, as build_optimizer makes it."""
+    if eight_bit:
+        return EightBitAdamW(AdamW8bit(params, lr=1e-2), params, max_grad_norm, SingleProcess().global_norm)
+    return TorchAdamW(torch.optim.AdamW(params, lr=1e-2), params, max_grad_norm, SingleProcess().global_norm)
+
+
 @pytest.mark.parametrize("eight_bit", [False, True])
 def test_optimizer_step_clips_like_clip_grad_norm(eight_bit):
     def make(model):
@@ -168,8 +178,9 @@ def test_optimizer_step_clips_like_clip_grad_norm(eight_bit):
     ours, reference = tiny_model(), tiny_model()
     for model in (ours, reference):
         (F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten()) * 50).backward()
-    params, opt = make(ours)
-    norm, skipped = optimizer_step(opt, params, max_grad_norm=0.5)
+    params = list(ours.parameters())
+    stats = loop_optimizer(params, eight_bit, max_grad_norm=0.5).end_step(lr=1e-2)
+    norm, skipped = stats.grad_norm, stats.skipped
     ref_params, ref_opt = make(reference)
     ref_norm = torch.nn.utils.clip_grad_norm_(ref_params, 0.5)
     ref_opt.step()
@@ -183,15 +194,38 @@ def test_optimizer_step_clips_like_clip_grad_norm(eight_bit):
 def test_non_finite_gradient_skips_the_step(eight_bit):
     model = tiny_model()
     params = list(model.parameters())
-    opt = AdamW8bit(params, lr=1e-2) if eight_bit else torch.optim.AdamW(params, lr=1e-2)
+    optimizer = loop_optimizer(params, eight_bit, max_grad_norm=1.0)
     before = [p.detach().clone() for p in params]
     for p in params:
         p.grad = torch.ones_like(p)
     params[3].grad[0] = float("nan")
-    norm, skipped = optimizer_step(opt, params, max_grad_norm=1.0)
+    stats = optimizer.end_step(lr=1e-2)
+    norm, skipped = stats.grad_norm, stats.skipped
     assert skipped and math.isnan(norm)
     for p, b in zip(params, before):
         assert torch.equal(p, b)
+
+
+@pytest.mark.parametrize("model", sorted(TRAINING_DEFAULTS))
+def test_optimizer_defaults_come_from_the_preset(model):
+    config = parse_config(["--model", model])
+    defaults = TRAINING_DEFAULTS[model]
+    assert (config.lr, config.min_lr, config.warmup_steps) == (defaults.lr, defaults.min_lr, defaults.warmup_steps)
+    assert (config.beta1, config.beta2) == defaults.betas
+    assert TRAINING_DEFAULTS["13b"].lr < TRAINING_DEFAULTS["tiny"].lr  # the large model takes smaller steps
+
+
+def test_an_explicit_optimizer_setting_wins_over_the_preset(tmp_path):
+    config = parse_config(["--model", "13b", "--lr", "2e-4", "--warmup-steps", "3", "--beta2", "0.99"])
+    assert (config.lr, config.warmup_steps, config.beta1, config.beta2) == (2e-4, 3, 0.9, 0.99)
+    assert config.min_lr == pytest.approx(2e-5)  # a tenth of the given --lr, not the preset's floor
+    file = tmp_path / "run.toml"
+    file.write_text("lr = 5e-4\nmin_lr = 0.0\nbeta1 = 0.8\n")
+    config = parse_config(["--model", "13b", "--config", str(file)])
+    assert (config.lr, config.min_lr, config.beta1) == (5e-4, 0.0, 0.8)
+    assert parse_config(["--config", str(file), "--lr", "1e-3"]).lr == 1e-3  # the command line wins the file
+    # a --lr below the preset's floor no longer trips over the preset's --min-lr
+    assert parse_config(["--lr", "1e-5"]).min_lr == pytest.approx(1e-6)
 
 
 def test_warmup_cosine_schedule():
@@ -339,7 +373,7 @@ def test_a_signal_during_the_stop_gather_is_kept_for_the_next_step():
         stop.handle(signal.SIGINT, None)
         return [value, None]
 
-    trainer = SimpleNamespace(ranks=SimpleNamespace(world_size=2, gather=gather))
+    trainer = SimpleNamespace(ranks=SimpleNamespace(gather=gather))
     assert Trainer.stopping(trainer, stop) is False  # the ranks agreed on no signal this step...
     assert stop.received == signal.SIGINT  # ...but it is not lost: the next gather carries it
     trainer.ranks.gather = lambda value: [value, None]

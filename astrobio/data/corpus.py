@@ -137,7 +137,7 @@ class DerivedField:
 
 
 STAR_KEYS = ("star_mass", "star_radius", "star_teff", "spectral_type", "luminosity", "hz_inner", "hz_outer")
-PLANET_KEYS = ("planet", "mass", "radius", "albedo", "a", "period", "flux", "teq", "density", "type", "hz")
+PLANET_KEYS = ("planet", "mass", "type", "radius", "albedo", "a", "period", "flux", "hz", "teq", "density")
 LABEL_KEYS = frozenset({"system", "planet", "spectral_type", "type", "hz"})
 SAMPLED_DIGITS = {"star_mass": 3, "star_radius": 3, "star_teff": 4, "mass": 3, "radius": 3, "albedo": 2, "a": 3}
 

@@ -24,16 +24,20 @@ def gunzip_if_compressed(data: bytes, source: str) -> bytes:
         raise ValueError(f"{source}: corrupt gzip data ({err})") from None
 
 
+def decode_utf8(data: bytes, source: str) -> str:
+    """``data`` as UTF-8 text; ``source`` names it in the error."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{source} is not UTF-8 text (bad byte at offset {err.start})") from None
+
+
 def read_text_file(path: str | Path) -> str:
     """The UTF-8 text of ``path``, decompressed when it is gzip data."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
-    data = gunzip_if_compressed(path.read_bytes(), f"data file {path}")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"data file {path} is not UTF-8 text (bad byte at offset {err.start})") from None
+    return decode_utf8(gunzip_if_compressed(path.read_bytes(), f"data file {path}"), f"data file {path}")
 
 
 def text_records(path: str | Path) -> list[str]:
@@ -46,21 +50,30 @@ def text_records(path: str | Path) -> list[str]:
     return records
 
 
-def jsonl_records(path: str | Path) -> list[str]:
-    """The ``"text"`` field of each line of a JSONL file; blank lines are skipped, empty texts too."""
-    records = []
-    for number, line in enumerate(read_text_file(path).splitlines(), start=1):
+def jsonl_objects(text: str, source: str) -> list[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of JSONL text. Every line must be a JSON object; the
+    error names ``source`` and the line."""
+    objects = []
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"data file {path}, line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(item, dict) or not isinstance(item.get("text"), str):
-            raise ValueError(
-                f'data file {path}, line {number}: expected a JSON object with a string field "text", '
-                f"got {line[:60]!r}"
-            )
+            raise ValueError(f"{source}, line {number}: not valid JSON ({err.msg}); fix or remove the line") from None
+        if not isinstance(item, dict):
+            raise ValueError(f"{source}, line {number}: expected a JSON object, got {line[:60]!r}")
+        objects.append((number, item))
+    return objects
+
+
+def jsonl_records(path: str | Path) -> list[str]:
+    """The ``"text"`` field of each line of a JSONL file; blank lines are skipped, empty texts too."""
+    records = []
+    for number, item in jsonl_objects(read_text_file(path), f"data file {path}"):
+        if not isinstance(item.get("text"), str):
+            raise ValueError(f'data file {path}, line {number}: expected a JSON object with a string field "text", '
+                             f"got {json.dumps(item)[:60]!r}")
         if item["text"].strip():
             records.append(item["text"])
     if not records:

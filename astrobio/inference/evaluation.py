@@ -6,7 +6,9 @@ by the model's log-probability of ``label + "\\n"`` after the prompt, and the be
 prediction (ranking, so a model cannot lose points to formatting). The truth is recomputed from the
 record's own printed quantities with the physics that generated the corpus (``astrobio.data.derive``),
 not read from the text. Accuracy comes with a 95% Wilson interval and the majority-class baseline
-of the same examples.
+of the same examples; balanced accuracy (the mean of the per-class recalls, which a constant answer
+cannot lift above 1 / classes however skewed the labels) comes with a 95% interval and the confusion
+matrix it is computed from.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from astrobio.data import derive, field_completions, parse_record
 
 PROBE_LABELS = {"hz": ("yes", "no"), "type": ("terran", "neptunian", "jovian")}
+Z95 = 1.959964  # the two-sided 95% quantile of the normal distribution
 
 
 @dataclass
@@ -34,23 +37,68 @@ class ProbeResult:
     ci_high: float
     majority_label: str
     majority_baseline: float
+    labels: tuple[str, ...]
+    confusion: list[list[int]]  # confusion[i][j]: examples of truth labels[i] predicted as labels[j]
+    balanced_accuracy: float
+    balanced_ci_low: float
+    balanced_ci_high: float
+    majority_balanced_accuracy: float  # a constant answer's: 1 / (labels that occur in the truth)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def line(self) -> str:
-        return (f"{self.field} on {self.source}: accuracy {self.accuracy:.1%} "
+    def lines(self) -> list[str]:
+        """The accuracy line, the balanced-accuracy line and the confusion matrix (rows: truth)."""
+        corner = "truth \\ predicted"
+        first = max(len(corner), *(len(label) for label in self.labels))
+        width = max(max(len(label) for label in self.labels), 5) + 2
+        table = ["    " + corner.ljust(first) + "".join(label.rjust(width) for label in self.labels)]
+        table += ["    " + label.ljust(first) + "".join(str(n).rjust(width) for n in row)
+                  for label, row in zip(self.labels, self.confusion)]
+        return [f"{self.field} on {self.source}: accuracy {self.accuracy:.1%} "
                 f"(95% CI {self.ci_low:.1%}-{self.ci_high:.1%}, n={self.examples}); "
-                f"majority class '{self.majority_label}' {self.majority_baseline:.1%}")
+                f"majority class '{self.majority_label}' {self.majority_baseline:.1%}",
+                f"  balanced accuracy {self.balanced_accuracy:.1%} (95% CI {self.balanced_ci_low:.1%}-"
+                f"{self.balanced_ci_high:.1%}); majority class {self.majority_balanced_accuracy:.1%}",
+                "  confusion matrix:", *table]
 
 
-def wilson_interval(correct: int, total: int, z: float = 1.959964) -> tuple[float, float]:
+def wilson_interval(correct: int, total: int, z: float = Z95) -> tuple[float, float]:
     if total == 0:
         return 0.0, 1.0
     p = correct / total
     centre = (p + z * z / (2 * total)) / (1 + z * z / total)
     half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def confusion_matrix(truths: list[str], predictions: list[str], labels: tuple[str, ...]) -> list[list[int]]:
+    """``matrix[i][j]``: how many examples of truth ``labels[i]`` were predicted as ``labels[j]``."""
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for truth, prediction in zip(truths, predictions, strict=True):
+        matrix[index[truth]][index[prediction]] += 1
+    return matrix
+
+
+def balanced_accuracy(confusion: list[list[int]], z: float = Z95) -> tuple[float, float, float]:
+    """(balanced accuracy, 95% interval low, high) from a confusion matrix.
+
+    Balanced accuracy is the mean recall over the classes that occur in the truth. Its interval is
+    Agresti-Coull's per class, combined as independent binomials: each recall is shifted to
+    (correct + z^2/2) / (n + z^2) with variance r (1 - r) / (n + z^2), and the mean of the shifted
+    recalls +- z times the standard error of their mean. The shift keeps a class whose recall is 0 or 1
+    on few examples from claiming certainty (the plain Wald interval would have zero width there).
+    """
+    counts = [(row[i], sum(row)) for i, row in enumerate(confusion) if sum(row) > 0]
+    if not counts:
+        return 0.0, 0.0, 1.0
+    k = len(counts)
+    value = sum(correct / n for correct, n in counts) / k
+    shifted = [((correct + z * z / 2) / (n + z * z), n + z * z) for correct, n in counts]
+    centre = sum(r for r, _ in shifted) / k
+    half = z * math.sqrt(sum(r * (1 - r) / n for r, n in shifted)) / k
+    return value, max(0.0, centre - half), min(1.0, centre + half)
 
 
 def physics_truth(prompt: str, field: str) -> str | None:
@@ -107,15 +155,24 @@ def run_probe(model, tokenizer, records: list[str], field: str, source: str, con
     examples = probe_examples(records, field, limit, physics)
     if not examples:
         raise ValueError(f"no record of {source} holds a '{field}:' line to probe")
-    correct = 0
-    for prompt, truth in examples:
-        scores = label_scores(model, tokenizer, prompt, labels, context)
-        correct += labels[int(scores.argmax())] == truth
-    counts = Counter(truth for _, truth in examples)
+    truths = [truth for _, truth in examples]
+    predictions = [labels[int(label_scores(model, tokenizer, prompt, labels, context).argmax())]
+                   for prompt, _ in examples]
+    return probe_result(field, source, labels, truths, predictions)
+
+
+def probe_result(field: str, source: str, labels: tuple[str, ...], truths: list[str],
+                 predictions: list[str]) -> ProbeResult:
+    """Accuracy, balanced accuracy, their intervals and baselines, and the confusion matrix."""
+    correct = sum(t == p for t, p in zip(truths, predictions, strict=True))
+    counts = Counter(truths)
     majority, majority_count = counts.most_common(1)[0]
-    low, high = wilson_interval(correct, len(examples))
-    return ProbeResult(field, source, len(examples), correct, correct / len(examples), low, high, majority,
-                       majority_count / len(examples))
+    low, high = wilson_interval(correct, len(truths))
+    confusion = confusion_matrix(truths, predictions, labels)
+    balanced, balanced_low, balanced_high = balanced_accuracy(confusion)
+    return ProbeResult(field, source, len(truths), correct, correct / len(truths), low, high, majority,
+                       majority_count / len(truths), labels, confusion, balanced, balanced_low, balanced_high,
+                       1.0 / len(counts))
 
 
 @torch.no_grad()

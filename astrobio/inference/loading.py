@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 from astrobio.model import ModelConfig, RebuiltLLMIntegration, build_model, get_config
-from astrobio.train.checkpoint import STATE_FILE, CheckpointError, verify
+from astrobio.train.checkpoint import STATE_FILE, Checkpointer, CheckpointError, verify
 
 
 def weight_files(checkpoint: Path) -> list[Path]:
@@ -28,22 +28,22 @@ def weight_files(checkpoint: Path) -> list[Path]:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A step-N directory, or a run's output directory (its newest valid checkpoint)."""
+    """A step-N directory, or a run's output directory (its newest valid checkpoint). Newer checkpoints
+    that fail verification are skipped with a warning on stderr saying why, and which one is used."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; pass a checkpoints/step-N directory or a "
                               f"run's --output-dir")
-    if (path / "checkpoints").is_dir():
-        steps = sorted((p for p in (path / "checkpoints").iterdir() if p.name.startswith("step-")),
-                       key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
-        for candidate in reversed(steps):
-            try:
-                verify(candidate)
-                return candidate
-            except CheckpointError:
-                continue
+    if not (path / "checkpoints").is_dir():
+        return path
+    found, skipped = Checkpointer(path / "checkpoints", keep_last_k=1).latest_valid()
+    for line in skipped:
+        print(f"warning: skipping {line}", file=sys.stderr)
+    if found is None:
         raise CheckpointError(f"run directory {path} holds no valid checkpoint under checkpoints/")
-    return path
+    if skipped:
+        print(f"warning: using {found}, the newest valid checkpoint of {path}", file=sys.stderr)
+    return found
 
 
 def training_config(checkpoint: Path) -> dict:

@@ -35,11 +35,10 @@ PROFILES: dict[str, HardwareProfile] = {
         matrix_tflops=111.1,
         # datasheet: 24 GB GDDR6, 768 GB/s.
         device_memory_bandwidth=768.0,
-        # PCIe 4.0 x16 is 31.5 GB/s per direction on paper; pinned cudaMemcpy measures ~25 GB/s
-        # (the figure DESIGN.md section 1 uses).
+        # PCIe 4.0 x16 is 31.5 GB/s per direction on paper; pinned cudaMemcpy measures ~25 GB/s.
         host_link=25.0,
         # Assumption for a 2 x A5000 workstation host: 8-channel DDR4-3200 (204.8 GB/s on paper);
-        # an in-place multi-stream read-modify-write sustains about 40% of that (DESIGN.md section 9's
+        # an in-place multi-stream read-modify-write sustains about 40% of that (the "cpu" profile's
         # 35 GB/s is a 2-core cloud VM). Override with --host-memory-bandwidth.
         host_memory_bandwidth=80.0,
         device_memory=24 * GIB,
@@ -72,10 +71,11 @@ PROFILES: dict[str, HardwareProfile] = {
     ),
     "cpu": HardwareProfile(
         name="cpu",
-        # The CI machine of DESIGN.md section 9: 2 cores (AMD EPYC, AVX-512 executed as 2 x 256-bit
-        # FMA pipes): 2 cores x ~3 GHz x 32 fp32 FLOP/cycle ~ 0.19 TFLOP/s.
+        # A 2-core CI machine (AMD EPYC, AVX-512 executed as 2 x 256-bit FMA pipes):
+        # 2 cores x ~3 GHz x 32 fp32 FLOP/cycle ~ 0.19 TFLOP/s.
         matrix_tflops=0.19,
-        # DESIGN.md section 9: in-place 4-read/2-write stream ~35 GB/s on this kind of machine.
+        # An in-place 4-read/2-write stream (the optimizer step's access pattern) sustains ~35 GB/s on
+        # this kind of machine (docs/BENCHMARKS.md has the roofline probes).
         device_memory_bandwidth=35.0,
         # No link: a "device-to-host" copy is a memcpy, reading and writing host memory (35 / 2).
         host_link=17.5,

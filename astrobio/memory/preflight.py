@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from astrobio.memory.planner import MemoryBudget, Plan, PlanConfig, plan
+from astrobio.memory.budget import MemoryBudget, Plan, PlanConfig
+from astrobio.memory.planner import plan
 from astrobio.memory.units import gib
 from astrobio.model import ModelConfig
 

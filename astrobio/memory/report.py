@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from astrobio.memory.planner import MemoryBudget, Plan, pinned_bytes
+from astrobio.memory.budget import MemoryBudget, Plan
+from astrobio.memory.planner import pinned_bytes
 from astrobio.memory.units import GIB
 
 

@@ -1,8 +1,8 @@
 """Planned against measured peak memory, for one training step of a real model.
 
 CPU: the "device" is host memory. A fresh process imports torch, warms the kernels up on a one-layer
-model of the same shapes, takes its resident set (VmRSS) as the baseline, then builds the model and runs two optimizer steps
-(forward, cross-entropy, backward, step; the second step runs with the optimizer state in place, which
+model of the same shapes, takes its resident set (VmRSS) as the baseline, then builds the model and runs
+two optimizer steps (forward, cross-entropy, backward, step; the second step runs with the optimizer state in place, which
 is the steady state the planner plans). The measured peak is VmHWM minus the baseline. glibc is told to
 serve every allocation above 64 KiB with mmap and to return it on free (MALLOC_MMAP_THRESHOLD_), so the
 resident set follows the live tensors instead of the allocator's dynamic threshold and heap fragments.
@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.graph import get_gradient_edge
 
-from astrobio.memory.planner import Plan, PlanConfig, occupancy, plan
+from astrobio.memory.budget import Plan, PlanConfig
+from astrobio.memory.peak import occupancy
+from astrobio.memory.planner import plan
 from astrobio.model import build_model, build_stage, get_config
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from astrobio.model.transformer import (ModelConfig, RMSNorm, RebuiltLLMIntegration, TransformerBlock,
-                                        embed_tokens, init_parameters, run_blocks)
+                                        embed_tokens, head_loss, init_parameters, run_blocks)
 
 
 def even_split(n_layers: int, num_stages: int) -> list[int]:
@@ -53,14 +53,26 @@ class PipelineStage(nn.Module):
             self.norm = RMSNorm(config.d_model, config.norm_eps)
             self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.fused = False  # the chunked loss (set with the layers' kernels by use_kernels)
 
     def forward(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.run_layers(x, prefix)
+        return self.head(self.norm(x)) if self.is_last else x
+
+    def run_layers(self, x: torch.Tensor, prefix: torch.Tensor | None = None) -> torch.Tensor:
         if self.is_first:
             x = embed_tokens(self, x, prefix)
-        x = run_blocks(nn.ModuleList(self.layers.values()), x, self.config, self.gradient_checkpointing)
-        if self.is_last:
-            x = self.head(self.norm(x))
-        return x
+        return run_blocks(nn.ModuleList(self.layers.values()), x, self.config, self.gradient_checkpointing)
+
+    def loss(self, x: torch.Tensor, targets: torch.Tensor, prefix: torch.Tensor | None = None,
+             ignore_index: int = -100) -> torch.Tensor:
+        """The last stage's mean cross-entropy of the token positions (``RebuiltLLMIntegration.loss``),
+        without materialising all logits on the fused path."""
+        if not self.is_last:
+            raise ValueError(f"stage {self.stage} of {self.num_stages} has no head; the loss is the last stage's")
+        hidden = self.norm(self.run_layers(x, prefix))
+        return head_loss(self.head, hidden[:, hidden.shape[1] - targets.shape[1]:], targets, self.fused,
+                         ignore_index)
 
 
 class PrefixedStage(nn.Module):
@@ -80,8 +92,10 @@ class PrefixedStage(nn.Module):
 
 
 def build_stage(config: ModelConfig, stage: int, layers_per_stage: list[int] | None = None, seed: int = 0,
-                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> PipelineStage:
-    """Builds one stage with the same initial weights the whole model would give those parameters."""
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                kernels: str = "eager") -> PipelineStage:
+    """Builds one stage with the same initial weights the whole model would give those parameters;
+    ``kernels`` as in ``build_model``."""
     split = check_split(layers_per_stage or even_split(config.n_layers, 1), config.n_layers)
     if not 0 <= stage < len(split):
         raise ValueError(f"stage {stage} out of range for a {len(split)}-stage split")
@@ -91,7 +105,11 @@ def build_stage(config: ModelConfig, stage: int, layers_per_stage: list[int] | N
         return module.to(dtype)
     module = module.to_empty(device="cpu").to(torch.float32)
     init_parameters(module, config, seed)
-    return module.to(device=device, dtype=dtype)
+    module = module.to(device=device, dtype=dtype)
+    if kernels != "eager":
+        from astrobio.model.fast import use_kernels
+        use_kernels(module, kernels)
+    return module
 
 
 def split_model(model: RebuiltLLMIntegration, layers_per_stage: list[int]) -> list[PipelineStage]:
@@ -109,6 +127,7 @@ def split_model(model: RebuiltLLMIntegration, layers_per_stage: list[int]) -> li
         if stage.is_last:
             stage.norm, stage.head = model.norm, model.head
         stage.gradient_checkpointing = model.gradient_checkpointing
+        stage.fused = model.fused
         stages.append(stage)
     return stages
 

@@ -1,6 +1,12 @@
 """RebuiltLLMIntegration: a Llama-style decoder-only transformer (RMSNorm, rotary positions, SwiGLU,
 causal attention through PyTorch SDPA, or flash-attn on a GPU when installed).
 
+Each layer has two paths: eager PyTorch (the specification), and with ``fused`` set on its module (by
+``astrobio.model.fast.use_kernels``) the Triton kernels of astrobio.kernels: RMSNorm with the
+residual add, rotary of q and k in one launch, SwiGLU's silu(gate) * up, and the chunked linear
+cross-entropy of ``loss``. The kernels are imported only when switched on (into ``FUSED``), so
+importing the model never imports triton.
+
 Initialisation is deterministic per parameter: each tensor draws from a generator seeded by the run's
 seed and the parameter's name, so a model built whole, or stage by stage on different ranks, or on the
 meta device and materialised later, gets the same weights.
@@ -21,6 +27,8 @@ try:  # optional: used on CUDA for bf16/fp16 inputs
     from flash_attn import flash_attn_func
 except ImportError:
     flash_attn_func = None
+
+FUSED = None  # the fused ops (astrobio.model.fast.FusedOps) once use_kernels has switched them on
 
 
 @dataclass(frozen=True)
@@ -54,8 +62,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return FUSED.rmsnorm(x, self.weight, self.eps)[0]
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight.float()).to(x.dtype)
@@ -86,13 +97,17 @@ class Attention(nn.Module):
         self.wk = nn.Linear(d, d, bias=False)
         self.wv = nn.Linear(d, d, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
+        self.fused = False
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: dict | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         h, hd = self.config.n_heads, self.config.head_dim
-        q = apply_rotary(self.wq(x).view(b, t, h, hd), cos, sin)
-        k = apply_rotary(self.wk(x).view(b, t, h, hd), cos, sin)
+        if self.fused:
+            q, k = FUSED.rotary(self.wq(x).view(b, t, h, hd), self.wk(x).view(b, t, h, hd), cos, sin)
+        else:
+            q = apply_rotary(self.wq(x).view(b, t, h, hd), cos, sin)
+            k = apply_rotary(self.wk(x).view(b, t, h, hd), cos, sin)
         v = self.wv(x).view(b, t, h, hd)
         causal = True
         if kv_cache is not None:
@@ -121,8 +136,11 @@ class SwiGLU(nn.Module):
         self.w_gate = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
         self.w_up = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
         self.w_down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.w_down(FUSED.silu_mul(self.w_gate(x), self.w_up(x)))
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
@@ -133,8 +151,13 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(config)
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
         self.mlp = SwiGLU(config)
+        self.fused = False
 
     def forward(self, x, cos, sin, kv_cache=None):
+        if self.fused:  # the residual add inside mlp_norm's kernel
+            normed, x = FUSED.rmsnorm(self.attn(self.attn_norm(x), cos, sin, kv_cache), self.mlp_norm.weight,
+                                      self.mlp_norm.eps, residual=x)
+            return x + self.mlp(normed)
         x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
         return x + self.mlp(self.mlp_norm(x))
 
@@ -155,12 +178,27 @@ class RebuiltLLMIntegration(nn.Module):
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.fused = False  # the chunked loss (set with the layers' kernels by use_kernels)
 
     def forward(self, tokens: torch.Tensor, prefix: torch.Tensor | None = None,
                 kv_caches: list[dict] | None = None, position_offset: int = 0) -> torch.Tensor:
+        return self.head(self.hidden_states(tokens, prefix, kv_caches, position_offset))
+
+    def hidden_states(self, tokens: torch.Tensor, prefix: torch.Tensor | None = None,
+                      kv_caches: list[dict] | None = None, position_offset: int = 0) -> torch.Tensor:
+        """The final norm's output ``[batch, prefix + seq, d_model]`` (the head's input)."""
         x = embed_tokens(self, tokens, prefix)
         x = run_blocks(self.layers, x, self.config, self.gradient_checkpointing, kv_caches, position_offset)
-        return self.head(self.norm(x))
+        return self.norm(x)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, prefix: torch.Tensor | None = None,
+             ignore_index: int = -100) -> torch.Tensor:
+        """Mean next-token cross-entropy of the token positions (targets ``[batch, seq]``, ``ignore_index``
+        where nothing is predicted), as ``F.cross_entropy`` of the fp32 logits; the fused path never
+        materialises the logits of all positions."""
+        hidden = self.hidden_states(tokens, prefix)
+        return head_loss(self.head, hidden[:, hidden.shape[1] - targets.shape[1]:], targets, self.fused,
+                         ignore_index)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -173,6 +211,17 @@ def embed_tokens(model: nn.Module, tokens: torch.Tensor, prefix: torch.Tensor | 
     if prefix is not None:
         x = torch.cat((prefix.to(x.dtype), x), dim=1)
     return x
+
+
+def head_loss(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, fused: bool,
+              ignore_index: int = -100) -> torch.Tensor:
+    """Mean cross-entropy of ``head(hidden)`` ([batch, seq, d_model]) against targets [batch, seq]."""
+    if hidden.shape[:2] != targets.shape:
+        raise ValueError(f"hidden states {tuple(hidden.shape)} do not match targets {tuple(targets.shape)}: "
+                         "expected [batch, seq, d_model] and [batch, seq]")
+    if fused:
+        return FUSED.linear_cross_entropy(hidden, head.weight, targets, ignore_index)
+    return F.cross_entropy(head(hidden).float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
 
 def run_blocks(layers: nn.ModuleList, x: torch.Tensor, config: ModelConfig, use_checkpointing: bool,
@@ -214,12 +263,17 @@ def init_parameters(module: nn.Module, config: ModelConfig, seed: int, prefix: s
 
 
 def build_model(config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32) -> RebuiltLLMIntegration:
-    """Builds the model; on ``device="meta"`` no memory is allocated (parameter counts, planning)."""
+                dtype: torch.dtype = torch.float32, kernels: str = "eager") -> RebuiltLLMIntegration:
+    """Builds the model; on ``device="meta"`` no memory is allocated (parameter counts, planning).
+    ``kernels="fused"`` switches on the Triton kernels where they run (``astrobio.model.fast.use_kernels``)."""
     with torch.device("meta"):
         model = RebuiltLLMIntegration(config)
     if torch.device(device).type == "meta":
         return model.to(dtype)
     model = model.to_empty(device="cpu").to(torch.float32)
     init_parameters(model, config, seed)
-    return model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=dtype)
+    if kernels != "eager":
+        from astrobio.model.fast import use_kernels
+        use_kernels(model, kernels)
+    return model

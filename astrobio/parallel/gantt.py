@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from astrobio.parallel.executor import TraceEvent, measured_bubble
+from astrobio.parallel.trace import TraceEvent, measured_bubble
 
 COLOURS = {"F": "#4C72B0", "B": "#DD8452", "W": "#55A868"}
 

@@ -9,14 +9,13 @@ point-to-point messages by order.
 
 Bubble fraction: the share of stage-time within the makespan that no computation fills,
 ``sum_s idle_s / (p * makespan)``; waiting on communication counts as bubble, as it does in the
-measured trace (``executor.measured_bubble``).
+measured trace (``astrobio.parallel.trace.measured_bubble``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Callable
 
 from astrobio.parallel.schedules import Action, Schedule
 

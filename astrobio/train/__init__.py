@@ -7,8 +7,8 @@ torch loads.
 import importlib
 
 _EXPORTS = {"ConfigError": "astrobio.train.config", "TrainConfig": "astrobio.train.config",
-            "parse_config": "astrobio.train.config", "main": "astrobio.train.trainer",
-            "run": "astrobio.train.trainer"}
+            "parse_config": "astrobio.train.config", "main": "astrobio.train.entry",
+            "run": "astrobio.train.entry"}
 
 __all__ = sorted(_EXPORTS)
 

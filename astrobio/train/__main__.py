@@ -8,6 +8,6 @@ import os
 # environment wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from astrobio.train.trainer import main  # noqa: E402  (after the environment is set)
+from astrobio.train.entry import main  # noqa: E402  (after the environment is set)
 
 raise SystemExit(main())

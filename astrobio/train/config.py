@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from astrobio.model import PRESETS, get_config
+from astrobio.model.presets import TRAINING_DEFAULTS
 
 SCHEDULES = ("1f1b", "gpipe", "zb-h1")
 MASTER_WEIGHTS = ("fp32", "bf16-sr")
@@ -50,12 +51,15 @@ class TrainConfig:
     gradient_accumulation_steps: int | None = option(None, "micro-batches per optimizer step (default "
                                                      "batch size / micro-batch size, or 1)", int)
     seq_len: int = option(128, "tokens per training sequence")
-    lr: float = option(3e-3, "peak learning rate")
-    min_lr: float = option(3e-4, "learning rate at the end of the cosine decay")
-    warmup_steps: int = option(10, "linear warm-up steps before the cosine decay")
+    lr: float | None = option(None, "peak learning rate (default: the --model preset's, e.g. 3e-3 for tiny, "
+                              "1e-4 for 13b)", float)
+    min_lr: float | None = option(None, "learning rate at the end of the cosine decay (default: the --model "
+                                  "preset's, or --lr / 10 when --lr is given)", float)
+    warmup_steps: int | None = option(None, "linear warm-up steps before the cosine decay (default: the --model "
+                                      "preset's)", int)
     weight_decay: float = option(0.01, "decoupled weight decay (AdamW)")
-    beta1: float = option(0.9, "AdamW beta1")
-    beta2: float = option(0.95, "AdamW beta2")
+    beta1: float | None = option(None, "AdamW beta1 (default: the --model preset's)", float)
+    beta2: float | None = option(None, "AdamW beta2 (default: the --model preset's)", float)
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0 = no clipping)")
     use_8bit_optimizer: bool = option(True, "astrobio's 8-bit AdamW (off: torch.optim.AdamW)")
     use_mixed_precision: bool = option(False, "bf16 autocast for forward and backward")
@@ -92,6 +96,8 @@ class TrainConfig:
     master_weights: str = option("fp32", "offloaded master weights: fp32, or bf16 with stochastic rounding",
                                  choices=MASTER_WEIGHTS)
     accum_dtype: str = option("fp32", "offloaded gradient accumulators", choices=ACCUM_DTYPES)
+    gpu_memory_limit: str | None = option(None, "cap each process's GPU memory, e.g. 24GiB (ranks sharing a GPU "
+                                          "each get this cap; the memory preflight plans against it)", str)
     force: bool = option(False, "start even where the memory preflight predicts the run will not fit")
     profile_every_n_steps: int | None = option(None, "memory profile every N steps (default: "
                                                "--log-every-n-steps)", int)
@@ -232,6 +238,7 @@ def largest_divisor(n: int, at_most: int) -> int:
 def validate(config: TrainConfig) -> TrainConfig:
     """Checks that need no data and write nothing; returns the config with ``steps`` defaulted."""
     check_choices(config)
+    config = resolve_optimizer_defaults(config)
     check_counts(config)
     check_optimizer(config)
     check_model(config)
@@ -243,6 +250,19 @@ def validate(config: TrainConfig) -> TrainConfig:
         config = replace(config, use_cpu_offloading=config.model in OFFLOAD_BY_DEFAULT)
     check_offload(config)
     return config
+
+
+def resolve_optimizer_defaults(config: TrainConfig) -> TrainConfig:
+    """The --model preset's learning rates, warm-up and betas where no flag or file gave them
+    (astrobio.model.presets.TRAINING_DEFAULTS); with --lr given, --min-lr defaults to a tenth of it."""
+    defaults = TRAINING_DEFAULTS[config.model]
+    lr = defaults.lr if config.lr is None else config.lr
+    min_lr = defaults.min_lr if config.lr is None else config.lr / 10
+    given = {"lr": lr, "min_lr": min_lr if config.min_lr is None else config.min_lr,
+             "warmup_steps": defaults.warmup_steps if config.warmup_steps is None else config.warmup_steps,
+             "beta1": defaults.betas[0] if config.beta1 is None else config.beta1,
+             "beta2": defaults.betas[1] if config.beta2 is None else config.beta2}
+    return replace(config, **given)
 
 
 def check_choices(config: TrainConfig) -> None:
@@ -328,10 +348,12 @@ def check_environment(config: TrainConfig) -> None:
     if config.resume not in (None, "auto") and not Path(config.resume).is_dir():
         raise ConfigError(f"--resume {config.resume!r} is not a checkpoint directory; pass "
                           f"checkpoints/step-N or 'auto'")
-    if config.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
+    import torch
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")
+    if config.gpu_memory_limit is not None and (config.device == "cpu" or not torch.cuda.is_available()):
+        raise ConfigError(f"--gpu-memory-limit {config.gpu_memory_limit} caps a GPU, but this run computes on "
+                          f"the CPU; drop it, or use --device cuda on a machine with a GPU")
     if config.wandb_project is not None:
         import importlib.util
         if importlib.util.find_spec("wandb") is None:

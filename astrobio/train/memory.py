@@ -33,10 +33,19 @@ def hardware_of(device: torch.device) -> tuple[str, int | None]:
     return ("h200" if "H200" in props.name else "a5000"), props.total_memory
 
 
+def gpu_budget(config: TrainConfig, device: torch.device) -> tuple[str, int | None]:
+    """The hardware profile, and the device memory one process plans with: ``--gpu-memory-limit``, or
+    its share of a GPU that several ranks use (astrobio.train.devices)."""
+    from astrobio.train.devices import process_gpu_budget
+    hardware, total = hardware_of(device)
+    return hardware, None if total is None else process_gpu_budget(config, total)
+
+
 def weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
     """The dtype of the weights the device computes with. With CPU offload on a GPU: bf16 (the offload
     engine keeps the master weights on the host and uploads each step's new weights in the parameters'
-    dtype; DESIGN.md section 1). Otherwise fp32. The prefix encoders stay fp32 either way."""
+    dtype, so the device holds 2 bytes per parameter; docs/MEMORY.md). Otherwise fp32. The prefix
+    encoders stay fp32 either way."""
     return torch.bfloat16 if config.use_cpu_offloading and device.type == "cuda" else torch.float32
 
 
@@ -44,7 +53,7 @@ def plan_config(config: TrainConfig, vocab_size: int, device: torch.device) -> P
     """What this run will hold, in the planner's terms: the weights in ``weights_dtype``, the prefix
     encoders of ``--modalities`` on stage 0 and their positions before the tokens."""
     from astrobio.model.encoders import check_modalities
-    hardware, gpu_memory = hardware_of(device)
+    hardware, gpu_memory = gpu_budget(config, device)
     param_dtype = "bf16" if weights_dtype(config, device) == torch.bfloat16 else "fp32"
     return PlanConfig(model=config.model, vocab_size=vocab_size, stages=config.pipeline_stages,
                       seq_len=config.seq_len, modalities=check_modalities(config.modalities),

@@ -1,12 +1,12 @@
 """Pipeline-parallel training: ``--pipeline-stages N --schedule 1f1b|gpipe|zb-h1`` (docs/TRAINING.md).
 
-``run_pipeline`` starts the ranks with ``astrobio.parallel.launch.launch`` (spawned here, gloo on the
-CPU and NCCL on GPUs; or one rank per process under ``torchrun``), and every rank runs the same
-``Trainer`` loop over its own stage:
+The entry point (astrobio.train.entry) starts the ranks with ``astrobio.parallel.launch.launch`` (spawned
+there, gloo on the CPU and NCCL on GPUs; or one rank per process under ``torchrun``), and every rank runs
+the same loop over its own stage with this module's parts, the counterparts of astrobio.train.local's:
 
-- ``Ranks`` is what the trainer needs from the job: this rank's stage, collectives that stop when a
-  peer fails (through the launcher's ``FaultGuard``), and the global gradient norm (an all-reduce of
-  the stages' squared norms). ``SingleProcess`` is the same interface for one stage.
+- ``Ranks``: the rank layout, what the trainer needs from the job: this rank's stage, collectives that
+  stop when a peer fails (through the launcher's ``FaultGuard``), and the global gradient norm (an
+  all-reduce of the stages' squared norms).
 - ``PipelineStepRunner`` (a ``StepRunner``) runs one step's micro-batches through the schedule with
   ``astrobio.parallel.executor.run_pipeline_step`` (every rank reads the same micro-batches from an
   identical loader: stage 0 uses the inputs, the last stage the targets), returns the loss on every
@@ -14,40 +14,29 @@ CPU and NCCL on GPUs; or one rank per process under ``torchrun``), and every ran
   In a multimodal run the micro-batches are MultimodalBatch: stage 0 runs the prefix encoders before its
   layers (``PrefixedStage``; the encoders and their optimizer state live on stage 0 only) and the last
   stage's loss covers the token positions.
+- ``StagedCheckpoint``: checkpoints in parts, one per stage (astrobio.train.checkpoint); they load with
+  any number of stages (the prefix encoders' weights go with rank 0's training state, as with one stage).
 
-Only rank 0 writes metrics, plots and the summary; checkpoints are written in parts, one per stage
-(astrobio.train.checkpoint), and load with any number of stages (the prefix encoders' weights go with rank
-0's training state, as with one stage).
+Only rank 0 writes metrics, plots and the summary.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import threading
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from astrobio.model.stages import PrefixedStage
-from astrobio.train.config import TrainConfig
+from astrobio.train.checkpoint import Checkpointer, write_part
+from astrobio.train.timeline import DEVICE, HOST, StepTimeline
 
-
-class SingleProcess:
-    """One stage in this process: the collectives are identities."""
-
-    stage, world_size, is_main, guard = 0, 1, True, None
-
-    def sum_across(self, value: float) -> float:
-        return value
-
-    def gather(self, obj) -> list:
-        return [obj]
-
-    def barrier(self) -> None:
-        pass
+# the schedule's computations as phases of the step breakdown (W: the weight-gradient half of backward)
+TRACE_PHASES = {"F": "forward", "B": "backward", "W": "backward"}
 
 
 class Ranks:
@@ -57,6 +46,7 @@ class Ranks:
         self.ctx, self.guard = ctx, ctx.guard
         self.stage, self.world_size = ctx.rank, ctx.world_size
         self.is_main = ctx.rank == 0
+        self.transport_device = ctx.device  # where the backend's tensors live: the GPU with NCCL, else the host
 
     def wait(self, work) -> None:
         self.guard.wait(work)
@@ -66,6 +56,10 @@ class Ranks:
         total = torch.tensor([value], dtype=torch.float64, device=self.ctx.device)
         self.wait(dist.all_reduce(total, async_op=True))
         return total.item()
+
+    def global_norm(self, local_norm: float) -> float:
+        """The whole model's L2 norm from this stage's."""
+        return math.sqrt(self.sum_across(local_norm * local_norm))
 
     def gather(self, obj) -> list:
         """Every rank's ``obj``, on every rank."""
@@ -78,18 +72,42 @@ class Ranks:
         self.wait(dist.barrier(async_op=True))
 
 
+class HostBoundary(nn.Module):
+    """A stage computing on ``device`` whose neighbours talk to it through host memory (gloo, e.g. two
+    ranks sharing one GPU): what it receives moves to the device, what it sends (all but the last stage's
+    output, which feeds the loss here) goes back to the host; autograd moves the gradients the same way."""
+
+    def __init__(self, stage: nn.Module, device: torch.device, output_to_host: bool):
+        super().__init__()
+        self.stage, self.device, self.output_to_host = stage, device, output_to_host
+
+    @property
+    def gradient_checkpointing(self) -> bool:  # read by the executor's weight pass
+        return getattr(self.stage, "gradient_checkpointing", False)
+
+    def forward(self, x):
+        out = self.stage(x.to(self.device))
+        return out.to("cpu") if self.output_to_host else out
+
+
 class PipelineStepRunner:
     """This rank's stage of the model, run by the schedule; see the module docstring."""
 
     def __init__(self, stage: nn.Module, ranks: Ranks, schedule: str, device: torch.device, mixed_precision: bool,
-                 loss_fn, prefix: nn.Module | None = None, prefix_len: int = 0):
+                 loss_fn, prefix: nn.Module | None = None, prefix_len: int = 0, timeline: StepTimeline | None = None):
         self.stage, self.ranks, self.schedule = stage, ranks, schedule
         self.device, self.mixed_precision, self.loss_fn = device, mixed_precision, loss_fn
         self.first, self.last = ranks.stage == 0, ranks.stage == ranks.world_size - 1
         self.prefix_len = prefix_len
         self.module = stage if prefix is None else PrefixedStage(stage, prefix)
+        self.transport_device = ranks.transport_device
+        if self.transport_device != device:
+            self.module = HostBoundary(self.module, device, output_to_host=not self.last)
         self.wire_dtype = next(stage.parameters()).dtype  # activations between stages in evaluate
         self.trace: list = []
+        self.micro_batches = 0
+        self.last_traces: list | None = None
+        self.timeline = timeline or StepTimeline(device, ranks.stage)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
@@ -102,11 +120,28 @@ class PipelineStepRunner:
     def forward_backward(self, micro_batches: list) -> float:
         from astrobio.parallel.executor import run_pipeline_step
         self.module.train()
+        start = time.perf_counter()
         with self.autocast():
             result = run_pipeline_step(self.module, self.schedule, self.pairs(micro_batches), self.target_loss,
-                                       guard=self.ranks.guard, device=self.device)
-        self.trace = result.trace
+                                       guard=self.ranks.guard, device=self.transport_device)
+        self.add_to_timeline(result.trace, start, time.perf_counter())
+        self.trace, self.micro_batches = result.trace, len(micro_batches)
         return result.loss
+
+    def add_to_timeline(self, trace: list, start: float, end: float) -> None:
+        """The trace's computations as forward/backward phases, and the time between them (waits for the
+        other stages' activations and gradients, transfers, the schedule's own work) as
+        ``pipeline_wait``. NOTE: the trace holds the host's wall clock, so on a GPU the device lane shows
+        when the host issued the work, not when the GPU ran it."""
+        cursor = start
+        for event in sorted(trace, key=lambda e: e.start):
+            if event.start > cursor:
+                self.timeline.add(HOST, "pipeline_wait", cursor, event.start)
+            for lane in (HOST, DEVICE):
+                self.timeline.add(lane, TRACE_PHASES[event.op], event.start, event.end)
+            cursor = max(cursor, event.end)
+        if end > cursor:
+            self.timeline.add(HOST, "pipeline_wait", cursor, end)
 
     def target_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The micro-batch's mean loss; with a prefix, over the token positions only."""
@@ -120,91 +155,62 @@ class PipelineStepRunner:
         """Forward only: each batch's activations (prefix + tokens positions) go stage to stage in the
         weights' dtype, the last stage averages the losses and rank 0 gets the mean."""
         self.module.eval()
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        wire = self.transport_device
+        total = torch.zeros((), dtype=torch.float64, device=wire)
         width = self.stage.config.d_model
         for inputs, targets in self.pairs(batches):
             if self.first:
-                x = inputs.to(self.device)
+                x = inputs.to(wire)
             else:
                 shape = (targets.shape[0], self.prefix_len + targets.shape[1], width)
-                x = torch.empty(shape, dtype=self.wire_dtype, device=self.device)
+                x = torch.empty(shape, dtype=self.wire_dtype, device=wire)
                 self.ranks.wait(dist.irecv(x, self.ranks.stage - 1))
             with self.autocast():
                 out = self.module(x)
             if self.last:
-                total += self.target_loss(out, targets).double()
+                total += self.target_loss(out, targets).double().to(wire)
             else:
-                self.ranks.wait(dist.isend(out.to(self.wire_dtype).contiguous(), self.ranks.stage + 1))
+                self.ranks.wait(dist.isend(out.to(wire, self.wire_dtype).contiguous(), self.ranks.stage + 1))
         self.ranks.wait(dist.broadcast(total, self.ranks.world_size - 1, async_op=True))
         return (total / len(batches)).item()
 
-    def gather_traces(self) -> list:
-        """Every stage's trace of the last step (a collective)."""
-        return self.ranks.gather(self.trace)
+    def step_record(self) -> dict:
+        """The measured bubble of the last step, from every stage's trace (a collective)."""
+        from astrobio.parallel.trace import measured_bubble
+        self.last_traces = self.ranks.gather(self.trace)
+        return {"pipeline_bubble": round(measured_bubble(self.last_traces), 4)}
+
+    def write_plots(self, directory: Path) -> None:
+        """plots/pipeline.png: the Gantt chart of the last logged step's traces, with the bubble the
+        schedule would have at the measured compute costs (astrobio.parallel.gantt)."""
+        if self.last_traces is None:
+            return
+        from astrobio.parallel.trace import simulated_bubble
+        from astrobio.parallel.gantt import render_gantt
+        from astrobio.parallel.schedules import schedule
+        stages, micro_batches = self.ranks.world_size, self.micro_batches
+        simulated = simulated_bubble(schedule(self.schedule, stages, micro_batches), self.last_traces)
+        render_gantt(self.last_traces, directory / "pipeline.png",
+                     f"{self.schedule}, {stages} stages x {micro_batches} micro-batches", simulated)
 
 
-def bubble_of(traces: list) -> float:
-    from astrobio.parallel.executor import measured_bubble
-    return measured_bubble(traces)
+class StagedCheckpoint:
+    """Each stage writes its part into the temporary directory; rank 0 then writes the shared training
+    state and the manifest, and renames (the same atomic save as with one stage)."""
 
+    def __init__(self, checkpointer: Checkpointer, ranks: Ranks):
+        self.checkpointer, self.ranks = checkpointer, ranks
 
-def plot_pipeline(traces: list, path, config: TrainConfig):
-    """plots/pipeline.png: H5's Gantt chart of one step's traces, with the bubble the schedule would have
-    at the measured compute costs (astrobio.parallel.gantt)."""
-    from astrobio.parallel.executor import simulated_bubble
-    from astrobio.parallel.gantt import render_gantt
-    from astrobio.parallel.schedules import schedule
-    stages, micro_batches = config.pipeline_stages, config.gradient_accumulation_steps
-    simulated = simulated_bubble(schedule(config.schedule, stages, micro_batches), traces)
-    return render_gantt(traces, path, f"{config.schedule}, {stages} stages x {micro_batches} micro-batches", simulated)
-
-
-def backend_for(device: torch.device) -> str:
-    return "nccl" if device.type == "cuda" else "gloo"
-
-
-def rank_main(ctx, config: TrainConfig, data, resume_path: str | None) -> dict | None:
-    """One rank of the job: the trainer over this rank's stage; rank 0 returns the summary."""
-    from astrobio.train.trainer import Trainer, load_resume
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # the launcher's SIG_IGN is inherited
-    trainer = Trainer(config, data, ctx.device, Ranks(ctx))
-    if resume_path is not None:
-        trainer.load(load_resume(config, resume_path))
-    elif ctx.rank == 0:
-        trainer.logger.truncate_after(-1)
-    return trainer.train()
-
-
-def torchrun_rank() -> int:
-    """This process's rank under torchrun (0 when started plainly)."""
-    from astrobio.parallel.launch import under_torchrun
-    return int(os.environ["RANK"]) if under_torchrun() else 0
-
-
-def run_pipeline(config: TrainConfig, prepared) -> dict | None:
-    """Starts (or, under torchrun, joins) the job; returns rank 0's summary (None on other ranks)."""
-    from astrobio.parallel.launch import launch
-    from astrobio.train.trainer import resolve_device
-    config, data, resume = prepared
-    with interrupts_left_to_ranks():
-        results = launch(rank_main, config.pipeline_stages, args=(config, data, str(resume.path) if resume else None),
-                         backend=backend_for(resolve_device(config)), timeout_s=config.pipeline_timeout)
-    return results.get(0)
-
-
-@contextlib.contextmanager
-def interrupts_left_to_ranks():
-    """Ctrl-C reaches every process of the terminal's group: the spawned ranks agree to stop after the
-    same step and checkpoint (exit 130), so the launching process ignores SIGINT meanwhile rather than
-    tear them down. (Under torchrun, torchrun handles it.)"""
-    from astrobio.parallel.launch import under_torchrun
-    if under_torchrun() or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
+    def save(self, step: int, model_state: dict, optimizer_state: Callable[[], dict],
+             training_state: Callable[[], dict]) -> Path:
+        stage, ckpt, is_main = self.ranks.stage, self.checkpointer, self.ranks.is_main
+        tmp = ckpt.begin(step) if is_main else ckpt.root / f".tmp-step-{step}"
+        self.ranks.barrier()
+        write_part(tmp, f"model-stage{stage}.safetensors", model_state, f"optimizer-stage{stage}",
+                   optimizer_state())
+        self.ranks.barrier()
+        if is_main:
+            write_part(tmp, None, None, "state", training_state())
+            ckpt.finish(tmp, step)
+        self.ranks.barrier()
+        return ckpt.root / f"step-{step}"

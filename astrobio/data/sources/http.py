@@ -28,7 +28,7 @@ from urllib.request import Request, urlopen
 from astrobio.data.sources.auth import (AuthError, AuthSpec, Credentials, redact_uri, resolve_credentials,
                                         uri_credentials)
 from astrobio.data.sources.cache import CHUNK, CacheEntry, entry_for
-from astrobio.data.sources.registry import FileSource, Source, SourceError, SourceOptions, suffix_for
+from astrobio.data.sources.registry import FileSource, Source, SourceError, SourceOptions, register_scheme, suffix_for
 
 log = logging.getLogger(__name__)
 USER_AGENT = "astrobio-data/1"
@@ -216,3 +216,10 @@ def describe(err: BaseException) -> str:
         return "timed out"
     return f"{type(err).__name__}: {err}"
 
+
+def _open_http(uri: str, options: SourceOptions, **kwargs) -> Source:
+    return HTTPSource(uri, options, **kwargs)
+
+
+register_scheme("http", _open_http)
+register_scheme("https", _open_http)

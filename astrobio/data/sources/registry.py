@@ -5,7 +5,7 @@ URI                                         source
 ==========================================  ==================================================
 ``builtin`` or ``builtin:...``              the built-in synthetic corpus (astrobio.data)
 ``path/to/file.ext``, ``file:///abs/path``  a local file; the format from its extension
-``https://host/path?query``                 a download into the local cache (http.py)
+``https://host/path?query``                 a download into the local cache (http.py registers it)
 ==========================================  ==================================================
 
 Formats: ``text`` (.txt, .md), ``jsonl`` (.jsonl, .ndjson), ``csv`` (.csv), ``tsv`` (.tsv) and ``oec``
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from astrobio.data.sources.auth import AUTH_KINDS, redact_uri
-from astrobio.data.text import gunzip_if_compressed
+from astrobio.data.text import decode_utf8, gunzip_if_compressed, jsonl_objects, jsonl_records, text_records
 
 FORMATS = ("text", "jsonl", "csv", "tsv", "oec")
 EXTENSIONS = {".txt": "text", ".md": "text", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv",
@@ -143,7 +142,6 @@ class FileSource(Source):
         if not self.path.is_file():
             self.fetch()  # raises the clear error
         from astrobio.data.oec import oec_records
-        from astrobio.data.text import jsonl_records, text_records
 
         return {"text": text_records, "jsonl": jsonl_records, "oec": oec_records}[self.format](self.path)
 
@@ -151,7 +149,8 @@ class FileSource(Source):
         if self.format in ("csv", "tsv"):
             return table_rows(self.text_bytes(), "\t" if self.format == "tsv" else ",", self.name)
         if self.format == "jsonl":
-            return jsonl_rows(self.text_bytes(), self.name)
+            source = f"data file {self.name}"
+            return [item for _, item in jsonl_objects(decode_utf8(self.text_bytes(), source), source)]
         if self.format == "oec":
             from astrobio.data.catalogue import oec_planet_rows
 
@@ -195,20 +194,6 @@ def table_rows(data: bytes, delimiter: str, name: str) -> list[dict]:
         raise SourceError(f"{name} holds no table: no header line")
     reader = csv.DictReader(io.StringIO("\n".join(lines)), delimiter=delimiter)
     return [{k: v for k, v in row.items() if k is not None} for row in reader]
-
-
-def jsonl_rows(data: bytes, name: str) -> list[dict]:
-    rows = []
-    for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise SourceError(f"{name} line {number} is not JSON ({err.msg}); fix or remove the line") from None
-        if isinstance(value, dict):
-            rows.append(value)
-    return rows
 
 
 def row_text(row: dict) -> str:
@@ -264,13 +249,5 @@ def _open_builtin(uri: str, options: SourceOptions, **_) -> Source:
     return BuiltinSource(uri)
 
 
-def _open_http(uri: str, options: SourceOptions, **kwargs) -> Source:
-    from astrobio.data.sources.http import HTTPSource
-
-    return HTTPSource(uri, options, **kwargs)
-
-
 register_scheme("file", _open_file)
 register_scheme("builtin", _open_builtin)
-register_scheme("http", _open_http)
-register_scheme("https", _open_http)

@@ -1,0 +1,119 @@
+"""The model at hardware speed: its fused Triton kernels, and torch.compile of each block.
+
+    use_kernels(model, "fused")   the layers' Triton kernels (astrobio.kernels) and the chunked loss
+    compile_blocks(model)          torch.compile each TransformerBlock in place
+
+Both take a whole model (RebuiltLLMIntegration) or a pipeline stage (PipelineStage), work with
+activation checkpointing (``model.gradient_checkpointing``: the checkpoint calls the compiled block,
+and recomputes through it), and fall back with a one-line message where they cannot run: the fused
+kernels need Triton and a CUDA device (or CPU tensors under TRITON_INTERPRET=1, for tests);
+torch.compile needs TorchDynamo on this Python and, on the CPU, a C++ compiler, and cannot trace the
+Triton interpreter. Each returns what it switched on, so a trainer can log it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from astrobio.model import transformer
+from astrobio.model.transformer import TransformerBlock
+
+KERNELS = ("eager", "fused")
+
+
+@dataclass(frozen=True)
+class FusedOps:
+    rmsnorm: Callable
+    rotary: Callable
+    silu_mul: Callable
+    linear_cross_entropy: Callable
+
+
+def say(message: str) -> None:
+    print(f"astrobio.model: {message}", file=sys.stderr)
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def fused_kernels_unavailable(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device``, or None when they can."""
+    if importlib.util.find_spec("triton") is None:
+        return "Triton is not installed"
+    if device.type == "cuda" or (device.type == "cpu" and interpreted()):
+        return None
+    return f"the Triton kernels run on CUDA (CPU tensors only under TRITON_INTERPRET=1), not on {device.type}"
+
+
+def load_fused_ops() -> FusedOps:
+    from astrobio.kernels.cross_entropy import linear_cross_entropy
+    from astrobio.kernels.rmsnorm import rmsnorm
+    from astrobio.kernels.rotary import rotary
+    from astrobio.kernels.swiglu import silu_mul
+    return FusedOps(rmsnorm, rotary, silu_mul, linear_cross_entropy)
+
+
+def use_kernels(model: nn.Module, kernels: str) -> str:
+    """Switches every layer of ``model`` to ``kernels`` ("eager" or "fused"); returns the one in use
+    ("eager", with a one-line message, where the fused kernels cannot run on the model's device)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+    if kernels == "fused":
+        reason = fused_kernels_unavailable(module_device(model))
+        if reason is not None:
+            say(f"fused kernels off ({reason}); the layers run eager")
+            kernels = "eager"
+        elif transformer.FUSED is None:
+            transformer.FUSED = load_fused_ops()
+    fused = kernels == "fused"
+    for module in model.modules():
+        if hasattr(module, "fused"):  # the layers, and the model or last stage for the loss
+            module.fused = fused
+    return kernels
+
+
+def compile_unsupported(model: nn.Module) -> str | None:
+    """Why torch.compile of the blocks cannot work here, or None when it can."""
+    if not torch._dynamo.is_dynamo_supported():
+        return f"TorchDynamo does not support Python {sys.version.split()[0]} here"
+    device = module_device(model)
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "Inductor needs Triton for CUDA code and it is not installed"
+    if device.type == "cpu":
+        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            return "Inductor needs a C++ compiler for CPU code and none was found"
+        if any(getattr(m, "fused", False) for m in model.modules()):
+            return "the Triton interpreter's kernels (fused, on the CPU) cannot be traced"
+    return None
+
+
+def blocks_of(model: nn.Module) -> list[TransformerBlock]:
+    layers = getattr(model, "layers", None)
+    if layers is None:
+        raise TypeError(f"compile_blocks needs a model or pipeline stage with .layers, got {type(model).__name__}")
+    return list(layers.values() if isinstance(layers, nn.ModuleDict) else layers)
+
+
+def compile_blocks(model: nn.Module, **compile_options) -> bool:
+    """torch.compile each block of ``model`` in place (``nn.Module.compile``: parameter names and
+    state dicts are unchanged). Returns False, with a one-line message, where compile is unsupported."""
+    reason = compile_unsupported(model)
+    if reason is not None:
+        say(f"torch.compile off ({reason}); the blocks run uncompiled")
+        return False
+    for block in blocks_of(model):
+        block.compile(**compile_options)
+    return True

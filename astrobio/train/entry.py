@@ -1,0 +1,258 @@
+"""``python -m astrobio.train``: prepares a run, starts it (one process, or the ranks of a pipeline job),
+and reports it (plots, ``summary.json``, the task accuracy, the printed summary).
+
+``prepare`` does everything that can fail on a bad configuration (flags, paths, data, the checkpoint to
+resume, the memory preflight) before the output directory is touched; ``main`` turns those failures
+into exit code 2. With ``--pipeline-stages`` above 1 the ranks are started with
+``astrobio.parallel.launch.launch`` (spawned here, gloo on the CPU and NCCL on GPUs; or one rank per
+process under ``torchrun``) and each runs ``rank_main``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from astrobio.cli import resolve_device
+from astrobio.model import get_config
+from astrobio.train.builders import build_parts
+from astrobio.train.config import ConfigError, TrainConfig, check_environment, parse_config
+from astrobio.train.data import DataBundle, build_data
+from astrobio.train.devices import backend_for, limit_gpu_memory, rank_device
+from astrobio.train.logging import memory_stats, read_metrics
+from astrobio.train.memory import plot_memory_records, preflight_run
+from astrobio.train.plots import plot_loss, plot_step_timeline
+from astrobio.train.resume import Resume, find_resume, load_resume
+from astrobio.train.trainer import Trainer
+
+# Outputs of a run; --overwrite deletes exactly these.
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "summary.json", "checkpoints", "plots", "wandb")
+
+
+# ------------------------------------------------------------------------------- preparing a run
+
+def resolve_steps(config: TrainConfig, data: DataBundle) -> TrainConfig:
+    """--epochs becomes a step count, now that the data's size is known."""
+    if config.epochs is None:
+        return config
+    per_epoch = data.train_loader.batches_per_epoch // config.gradient_accumulation_steps
+    return replace(config, steps=config.epochs * per_epoch)
+
+
+def previous_run(output_dir: Path) -> str | None:
+    found = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    return ", ".join(found) if found else None
+
+
+def torchrun_rank() -> int:
+    """This process's rank under torchrun (0 when started plainly)."""
+    from astrobio.parallel.launch import under_torchrun
+    return int(os.environ["RANK"]) if under_torchrun() else 0
+
+
+def prepare(config: TrainConfig) -> tuple[TrainConfig, DataBundle, Resume | None]:
+    """Every check that can refuse the run, in order, with nothing written yet."""
+    check_environment(config)
+    resume = find_resume(config)
+    existing = previous_run(Path(config.output_dir))
+    # NOTE: under torchrun rank 0 may already have created the outputs when another rank gets here
+    if existing and config.resume is None and not config.overwrite and torchrun_rank() == 0:
+        raise ConfigError(f"--output-dir {config.output_dir} already holds a run ({existing}); pass "
+                          f"--resume auto to continue it, --overwrite to replace it, or another --output-dir")
+    data = build_data(config)
+    model_vocab = get_config(config.model, vocab_size=data.vocab_size).vocab_size
+    if model_vocab < data.vocab_size:
+        raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but model {config.model!r} only "
+                          f"{model_vocab}; use a smaller tokenizer or another --model")
+    preflight_run(config, data.vocab_size, resolve_device(config.device))
+    return resolve_steps(config, data), data, resume
+
+
+def create_outputs(config: TrainConfig, resume: Resume | None) -> None:
+    out = Path(config.output_dir)
+    if config.overwrite and resume is None:
+        for name in RUN_OUTPUTS:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------ running it
+
+def run(config: TrainConfig) -> dict | None:
+    """Prepares, trains, and returns the summary (also written to summary.json); with several pipeline
+    stages, runs the job's ranks (the summary is rank 0's; None in torchrun's other processes)."""
+    config, data, resume = prepare(config)
+    if torchrun_rank() == 0:
+        create_outputs(config, resume)
+    if resume is not None and torchrun_rank() == 0:
+        print(f"resumed from {resume.path} (step {resume.step})")
+    if config.pipeline_stages > 1:
+        summary = run_pipeline(config, data, resume)
+    else:
+        device = resolve_device(config.device)
+        limit_gpu_memory(config, device)
+        trainer = Trainer(config, data, build_parts(config, data, device))
+        summary = train_and_report(trainer, resume)
+    return add_task_accuracy(config, summary)
+
+
+def train_and_report(trainer: Trainer, resume: Resume | None) -> dict | None:
+    """Resumes (or starts the metrics afresh), trains, and on the main rank draws the plots and writes
+    the summary; returns the summary (None on other ranks)."""
+    if resume is not None:
+        trainer.load(resume)
+    else:
+        trainer.logger.truncate_after(-1)
+    started = time.perf_counter()
+    signum = trainer.train()
+    if not trainer.is_main:
+        return None
+    plot = write_plots(trainer)
+    return write_summary(trainer, time.perf_counter() - started, plot, signum)
+
+
+def rank_main(ctx, config: TrainConfig, data: DataBundle, resume_path: str | None) -> dict | None:
+    """One rank of the pipeline job: the trainer over this rank's stage; rank 0 returns the summary."""
+    from astrobio.train.pipeline import Ranks
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # the launcher's SIG_IGN is inherited
+    device = rank_device(resolve_device(config.device), ctx.local_rank)  # with NCCL, ctx.device
+    limit_gpu_memory(config, device)
+    trainer = Trainer(config, data, build_parts(config, data, device, Ranks(ctx)))
+    return train_and_report(trainer, load_resume(config, resume_path) if resume_path is not None else None)
+
+
+def run_pipeline(config: TrainConfig, data: DataBundle, resume: Resume | None) -> dict | None:
+    """Starts (or, under torchrun, joins) the job; returns rank 0's summary (None on other ranks)."""
+    from astrobio.parallel.launch import launch
+    with interrupts_left_to_ranks():
+        results = launch(rank_main, config.pipeline_stages, args=(config, data, str(resume.path) if resume else None),
+                         backend=backend_for(resolve_device(config.device), config.pipeline_stages),
+                         timeout_s=config.pipeline_timeout)
+    return results.get(0)
+
+
+@contextlib.contextmanager
+def interrupts_left_to_ranks():
+    """Ctrl-C reaches every process of the terminal's group: the spawned ranks agree to stop after the
+    same step and checkpoint (exit 130), so the launching process ignores SIGINT meanwhile rather than
+    tear them down. (Under torchrun, torchrun handles it.)"""
+    from astrobio.parallel.launch import under_torchrun
+    if under_torchrun() or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ------------------------------------------------------------------------------------- reporting
+
+def write_plots(trainer: Trainer) -> Path:
+    """plots/loss.png, plots/memory.png, plots/step_timeline.png and the step runner's own (pipeline.png);
+    returns the loss plot."""
+    config = trainer.config
+    records = read_metrics(trainer.logger.path)
+    plots = Path(config.output_dir) / "plots"
+    plot = plot_loss(records, plots / "loss.png")
+    plot_memory_records(records, plots / "memory.png", config.memory_alert_fraction)
+    if trainer.last_breakdowns is not None:
+        plot_step_timeline(trainer.last_breakdowns, plots / "step_timeline.png")
+    trainer.runner.write_plots(plots)
+    return plot
+
+
+def write_summary(trainer: Trainer, wall_time: float, plot: Path, signum: int | None) -> dict:
+    out = Path(trainer.config.output_dir)
+    summary = {
+        "steps": trainer.step, "of_steps": trainer.config.steps, "stopped_by_signal": signum,
+        "tokens_per_s": trainer.tokens_seen / max(trainer.train_time, 1e-9),
+        "final_train_loss": trainer.last_loss, "final_val_loss": trainer.last_val_loss,
+        "initial_val_loss": trainer.initial_val_loss,
+        "val_loss_ratio": (trainer.last_val_loss / trainer.initial_val_loss
+                           if trainer.last_val_loss is not None and trainer.initial_val_loss else None),
+        "skipped_steps": trainer.skipped_steps, "wall_time_s": wall_time, "train_time_s": trainer.train_time,
+        "device": trainer.device.type, "device_busy_fraction": trainer.busy_by_stage,
+        **{k: v for k, v in memory_stats(trainer.device).items() if "peak" in k},
+        "output_dir": str(out), "metrics": str(out / "metrics.jsonl"), "plot": str(plot),
+        "checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def add_task_accuracy(config: TrainConfig, summary: dict | None, examples: int = 200) -> dict | None:
+    """The final checkpoint's task accuracy on held-out built-in records (``python -m astrobio.evaluate``
+    gives the full report): the model completes ``hz`` and ``type`` from the record before them. Read
+    from the checkpoint, so it works for any stage count; text runs on the built-in corpus only."""
+    if (summary is None or not summary.get("checkpoint") or summary.get("stopped_by_signal")
+            or config.modalities != "text" or not config.data.startswith("builtin")):
+        return summary
+    from astrobio.evaluate import builtin_probes
+    from astrobio.inference.loading import load_model, load_tokenizer_for
+    model, train_config, _ = load_model(summary["checkpoint"])
+    probes = builtin_probes(model, load_tokenizer_for(train_config), train_config, config.seq_len, examples)
+    summary["task_accuracy"] = [probe.to_dict() for probe in probes]
+    Path(summary["output_dir"], "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    def num(value, fmt):
+        return "n/a" if value is None else format(value, fmt)
+    lines = [
+        f"steps              {summary['steps']} of {summary['of_steps']}",
+        f"tokens/s           {summary['tokens_per_s']:.0f}",
+        f"train loss (final) {num(summary['final_train_loss'], '.4f')}",
+        f"val loss           {num(summary['initial_val_loss'], '.4f')} at step 0 -> "
+        f"{num(summary['final_val_loss'], '.4f')} ({num(summary['val_loss_ratio'], '.1%')} of step 0)",
+        f"peak host memory   {summary['peak_rss_mib']:.0f} MiB (RSS)",
+    ]
+    if "cuda_peak_mib" in summary:
+        lines.append(f"peak device memory {summary['cuda_peak_mib']:.0f} MiB")
+    busy = [(stage, fraction) for stage, fraction in enumerate(summary.get("device_busy_fraction") or [])
+            if fraction is not None]
+    if busy:
+        per_stage = ", ".join(f"stage {stage} {fraction:.1%}" for stage, fraction in busy)
+        lines.append(f"{summary['device'] + ' busy':18s} {per_stage} of the step time")
+    for probe in summary.get("task_accuracy", []):
+        lines.append(f"accuracy ({probe['field']:4s})    {probe['accuracy']:.1%} (95% CI {probe['ci_low']:.1%}-"
+                     f"{probe['ci_high']:.1%}, n={probe['examples']}) on held-out records; majority class "
+                     f"'{probe['majority_label']}' {probe['majority_baseline']:.1%}")
+    lines += [f"time               {summary['wall_time_s']:.1f} s ({summary['train_time_s']:.1f} s in steps)",
+              f"outputs            {summary['output_dir']}: config.json, metrics.jsonl, summary.json, "
+              f"{summary['plot']}, {summary['checkpoint']}"]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from astrobio.parallel.launch import LaunchError, PeerFailure
+    try:
+        summary = run(parse_config(argv))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except (LaunchError, PeerFailure) as error:
+        # on a line of its own: a rank's progress bar may have been cut off without its newline
+        print(f"\nerror: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 1
+    if summary is None:  # a torchrun rank other than 0: rank 0 reports
+        return 0
+    print(format_summary(summary))
+    signum = summary["stopped_by_signal"]
+    return 128 + signum if signum else 0  # the shell's convention for a process stopped by a signal

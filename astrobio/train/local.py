@@ -1,0 +1,150 @@
+"""One process holds the whole model: its step runner, its rank layout and its checkpoint writer.
+
+The pipeline's counterparts (astrobio.train.pipeline) have the same methods, so the loop runs either
+without asking which:
+
+- ``StepRunner``: runs micro-batches through the model. ``forward_backward`` accumulates gradients
+  (each micro-batch's loss scaled by 1/len(micro_batches)) and returns the step's mean loss;
+  ``evaluate`` returns the mean loss without gradients; ``step_record`` gives the metrics the step adds
+  (a collective with several stages); ``write_plots`` draws the runner's own figures.
+- The rank layout (``SingleProcess`` here): this process's stage, whether it is the main rank, and the
+  collectives, which are identities in one process.
+- The checkpoint writer (``WholeCheckpoint`` here): one ``step-N`` directory with ``model.safetensors``
+  and the optimizer state inside the training state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from astrobio.train.checkpoint import Checkpointer
+from astrobio.train.timeline import StepTimeline
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy, computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+class StepRunner(Protocol):
+    def forward_backward(self, micro_batches: list[Batch]) -> float: ...
+
+    def evaluate(self, batches: list[Batch]) -> float: ...
+
+    def step_record(self) -> dict: ...
+
+    def write_plots(self, directory: Path) -> None: ...
+
+
+class LocalStepRunner:
+    """All micro-batches through one whole model in this process. With ``prefix`` (a MultimodalPrefix)
+    the micro-batches are MultimodalBatch: the prefix embeddings go before the tokens and the loss
+    covers the token positions only. Each micro-batch's forward and backward are phases of ``timeline``."""
+
+    def __init__(self, model: nn.Module, device: torch.device, mixed_precision: bool,
+                 prefix: nn.Module | None = None, timeline: StepTimeline | None = None):
+        self.model = model
+        self.device = device
+        self.mixed_precision = mixed_precision
+        self.prefix = prefix
+        self.timeline = timeline or StepTimeline(device)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed_precision)
+
+    def train(self, mode: bool) -> None:
+        for module in (self.model, self.prefix):
+            if module is not None:
+                module.train(mode)
+
+    def loss(self, batch) -> torch.Tensor:
+        """One micro-batch's mean loss."""
+        if self.prefix is None:
+            inputs, targets = batch
+            return lm_loss(self.model(inputs.to(self.device)), targets.to(self.device))
+        from astrobio.model.encoders import prefix_lm_loss
+        batch = batch.to(self.device)
+        logits = self.model(batch.tokens, prefix=self.prefix(**batch.prefix_inputs()))
+        return prefix_lm_loss(logits, batch.targets, self.prefix.prefix_len)
+
+    def forward_backward(self, micro_batches: list[Batch]) -> float:
+        self.train(True)
+        scale = 1.0 / len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            with self.timeline.phase("forward", device_work=True), self.autocast():
+                loss = self.loss(batch) * scale
+            with self.timeline.phase("backward", device_work=True):
+                loss.backward()
+                total += loss.detach()
+        return total.item()
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[Batch]) -> float:
+        self.train(False)
+        total = torch.zeros((), device=self.device)
+        for batch in batches:
+            with self.autocast():
+                total += self.loss(batch)
+        return (total / len(batches)).item()
+
+    def step_record(self) -> dict:
+        return {}
+
+    def write_plots(self, directory: Path) -> None:
+        """No figures of its own."""
+
+
+class RankLayout(Protocol):
+    stage: int  # this process's pipeline stage (0 in one process)
+    is_main: bool  # rank 0: it writes the metrics, plots and summary
+
+    def sum_across(self, value: float) -> float: ...
+
+    def global_norm(self, local_norm: float) -> float: ...
+
+    def gather(self, obj) -> list: ...
+
+    def barrier(self) -> None: ...
+
+
+class CheckpointWriter(Protocol):
+    def save(self, step: int, model_state: dict, optimizer_state: Callable[[], dict],
+             training_state: Callable[[], dict]) -> Path: ...
+
+
+class SingleProcess:
+    """The rank layout of one process holding the whole model: the collectives are identities."""
+
+    stage, is_main = 0, True
+
+    def sum_across(self, value: float) -> float:
+        return value
+
+    def global_norm(self, local_norm: float) -> float:
+        return local_norm
+
+    def gather(self, obj) -> list:
+        return [obj]
+
+    def barrier(self) -> None:
+        pass
+
+
+class WholeCheckpoint:
+    """Writes ``step-N`` with the whole model and, in the training state, the optimizer state."""
+
+    def __init__(self, checkpointer: Checkpointer):
+        self.checkpointer = checkpointer
+
+    def save(self, step: int, model_state: dict, optimizer_state: Callable[[], dict],
+             training_state: Callable[[], dict]) -> Path:
+        return self.checkpointer.save(step, model_state, {**training_state(), "optimizer": optimizer_state()})

@@ -1,0 +1,64 @@
+"""Which checkpoint a run resumes from (``--resume auto`` or a directory), verified and checked against
+the run's config before anything is written."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from astrobio.train.checkpoint import CheckpointError, Checkpointer, load_checkpoint
+from astrobio.train.config import ConfigError, TrainConfig
+
+# A resumed run must match its checkpoint in these keys (the rest, e.g. --steps or --lr, may change).
+RESUME_KEYS = ("model", "seq_len", "micro_batch_size", "gradient_accumulation_steps", "data", "tokenizer",
+               "seed", "use_8bit_optimizer", "modalities", "use_cpu_offloading", "master_weights", "accum_dtype")
+
+
+@dataclass
+class Resume:
+    """A verified checkpoint: its directory, the model's weights, the training state and its step."""
+
+    path: Path
+    model_state: dict
+    state: dict
+    step: int
+
+
+def find_resume(config: TrainConfig) -> Resume | None:
+    """The verified checkpoint to resume from (None: start fresh)."""
+    if config.resume is None:
+        return None
+    if config.resume == "auto":
+        path, skipped = Checkpointer(Path(config.output_dir) / "checkpoints", config.keep_last_k).latest_valid()
+        for line in skipped:
+            print(f"warning: skipping {line}", file=sys.stderr)
+        if path is None:
+            if skipped:
+                raise ConfigError(f"--resume auto: no valid checkpoint in {config.output_dir}/checkpoints "
+                                  f"({len(skipped)} corrupt); delete them or drop --resume to start over")
+            return None
+    else:
+        path = Path(config.resume)
+    return load_resume(config, path)
+
+
+def load_resume(config: TrainConfig, path: str | Path) -> Resume:
+    """The verified checkpoint at ``path``, checked against this run's config."""
+    path = Path(path)
+    try:
+        model_state, state, step = load_checkpoint(path)
+    except CheckpointError as error:
+        raise ConfigError(str(error)) from None
+    check_resume_matches(config, state["config"], path)
+    return Resume(path, model_state, state, step)
+
+
+def check_resume_matches(config: TrainConfig, saved: dict, path: Path) -> None:
+    ours = config.to_dict()  # as saved: the data URI without credentials
+    for key in RESUME_KEYS:
+        if saved.get(key, TrainConfig.__dataclass_fields__[key].default) != ours[key]:
+            flag = "--" + key.replace("_", "-")
+            raise ConfigError(f"checkpoint {path} was trained with {key}={saved.get(key)!r} but this run has "
+                              f"{ours[key]!r}; pass {flag} {saved.get(key)} to resume it, or use "
+                              f"another --output-dir")
