@@ -1,7 +1,9 @@
 """The parts of a training run, each made by a small builder, and ``build_parts``, which assembles them
 once for this process's place in the job:
 
-    build_model / build_stage_model   the whole model, or this rank's pipeline stage, seeded
+    build_model / build_stage_model   the whole model, or this rank's pipeline stage, seeded; built on the
+                                      meta device and materialised where it lives, in its dtype
+                                      (astrobio.model.materialize: the same weights, no fp32 host copy)
     build_prefix                      the multimodal prefix encoders of ``--modalities`` (stage 0)
     build_optimizer                   astrobio.train.optimizer: 8-bit AdamW, torch AdamW or the offload engine
     build_schedule                    linear warm-up, then cosine decay to ``--min-lr``
@@ -20,22 +22,22 @@ import torch
 from torch import nn
 
 from astrobio.memory import MemoryProfiler
-from astrobio.model import build_model as build_transformer
 from astrobio.model import get_config
+from astrobio.model.materialize import build_model_on, build_stage_on
 from astrobio.train.checkpoint import Checkpointer
 from astrobio.train.config import TrainConfig, prefix_len
 from astrobio.train.data import DataBundle
 from astrobio.train.local import (CheckpointWriter, LocalStepRunner, RankLayout, SingleProcess, StepRunner,
                                   WholeCheckpoint, lm_loss)
 from astrobio.train.logging import MetricsLogger, NullLogger
-from astrobio.train.memory import build_profiler, weights_dtype
+from astrobio.train.memory import build_profiler, resolve_grad_accum_location, weights_dtype
 from astrobio.train.optimizer import TrainingOptimizer, build_optimizer
 from astrobio.train.timeline import StepTimeline
 
 
 def build_model(config: TrainConfig, vocab_size: int, device: torch.device) -> nn.Module:
-    model = build_transformer(get_config(config.model, vocab_size=vocab_size), seed=config.seed, device=device,
-                              dtype=weights_dtype(config, device))
+    model = build_model_on(get_config(config.model, vocab_size=vocab_size), seed=config.seed, device=device,
+                           dtype=weights_dtype(config, device))
     model.gradient_checkpointing = config.use_gradient_checkpointing
     return model
 
@@ -46,8 +48,8 @@ def build_stage_model(config: TrainConfig, vocab_size: int, device: torch.device
     from astrobio.model import build_stage, even_split
     model_config = get_config(config.model, vocab_size=vocab_size)
     split = even_split(model_config.n_layers, config.pipeline_stages)
-    module = build_stage(model_config, stage, split, seed=config.seed, device=device,
-                         dtype=weights_dtype(config, device))
+    module = build_stage_on(model_config, stage, split, seed=config.seed, device=device,
+                            dtype=weights_dtype(config, device))
     module.gradient_checkpointing = config.use_gradient_checkpointing
     before = sum(len(list(build_stage(model_config, s, split, device="meta").parameters())) for s in range(stage))
     return module, before
@@ -117,6 +119,7 @@ def build_parts(config: TrainConfig, data: DataBundle, device: torch.device,
     """The parts of one process: the whole model (``ranks`` None), or one rank's pipeline stage
     (``ranks``: that rank's astrobio.train.pipeline.Ranks)."""
     checkpoints = Checkpointer(Path(config.output_dir) / "checkpoints", config.keep_last_k)
+    config = resolve_grad_accum_location(config, data.vocab_size, device, log=None)  # when not done before
     if ranks is None:
         ranks = SingleProcess()
         timeline = StepTimeline(device)

@@ -270,12 +270,14 @@ class Checkpointer:
     def __init__(self, root: str | os.PathLike, keep_last_k: int):
         self.root = Path(root)
         self.keep_last_k = keep_last_k
+        self.save_io = IoStats()  # every save's tensor files, unless a save is given stats of its own
 
     def save(self, step: int, model_state: dict[str, torch.Tensor], state: dict, stats: IoStats | None = None) -> Path:
         """Writes ``step-N`` atomically, then deletes all but the newest ``keep_last_k`` checkpoints;
         ``stats`` (when given) gets the bytes and seconds of the tensor files."""
         tmp = self.begin(step)
-        records = write_part(tmp, MODEL_FILE, model_state, STATE_FILE[:-len(".json")], state, stats)
+        records = write_part(tmp, MODEL_FILE, model_state, STATE_FILE[:-len(".json")], state,
+                             self.save_io if stats is None else stats)
         return self.finish(tmp, step, records)
 
     def begin(self, step: int) -> Path:

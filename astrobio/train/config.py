@@ -24,6 +24,7 @@ from astrobio.model.presets import TRAINING_DEFAULTS
 SCHEDULES = ("1f1b", "gpipe", "zb-h1")
 MASTER_WEIGHTS = ("fp32", "bf16-sr")
 ACCUM_DTYPES = ("fp32", "bf16")
+GRAD_ACCUM_LOCATIONS = ("auto", "device", "host")
 OFFLOAD_BY_DEFAULT = ("13b",)  # presets whose optimizer state does not fit next to the weights
 DEVICES = ("cpu", "cuda", "auto")
 DEFAULT_STEPS = 100
@@ -96,6 +97,10 @@ class TrainConfig:
     master_weights: str = option("fp32", "offloaded master weights: fp32, or bf16 with stochastic rounding",
                                  choices=MASTER_WEIGHTS)
     accum_dtype: str = option("fp32", "offloaded gradient accumulators", choices=ACCUM_DTYPES)
+    grad_accum_location: str = option("auto", "where offloaded gradients are summed over micro-batches: device "
+                                      "(sent to the host once per step), host (every micro-batch's are sent), "
+                                      "or auto (device where the memory planner fits the accumulators)",
+                                      choices=GRAD_ACCUM_LOCATIONS)
     gpu_memory_limit: str | None = option(None, "cap each process's GPU memory, e.g. 24GiB (ranks sharing a GPU "
                                           "each get this cap; the memory preflight plans against it)", str)
     force: bool = option(False, "start even where the memory preflight predicts the run will not fit")

@@ -28,7 +28,7 @@ from astrobio.train.config import ConfigError, TrainConfig, check_environment, p
 from astrobio.train.data import DataBundle, build_data
 from astrobio.train.devices import backend_for, limit_gpu_memory, rank_device
 from astrobio.train.logging import memory_stats, read_metrics
-from astrobio.train.memory import plot_memory_records, preflight_run
+from astrobio.train.memory import plot_memory_records, preflight_run, resolve_grad_accum_location
 from astrobio.train.plots import plot_loss, plot_step_timeline
 from astrobio.train.resume import Resume, find_resume, load_resume
 from astrobio.train.trainer import Trainer
@@ -72,7 +72,8 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, DataBundle, Resume | None
     if model_vocab < data.vocab_size:
         raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but model {config.model!r} only "
                           f"{model_vocab}; use a smaller tokenizer or another --model")
-    preflight_run(config, data.vocab_size, resolve_device(config.device))
+    device = resolve_device(config.device)
+    config = resolve_grad_accum_location(config, data.vocab_size, device, preflight_run(config, data.vocab_size, device))
     return resolve_steps(config, data), data, resume
 
 
@@ -121,7 +122,7 @@ def train_and_report(trainer: Trainer, resume: Resume | None) -> dict | None:
     if not trainer.is_main:
         return None
     plot = write_plots(trainer)
-    return write_summary(trainer, time.perf_counter() - started, plot, signum)
+    return write_summary(trainer, time.perf_counter() - started, plot, signum, resume)
 
 
 def rank_main(ctx, config: TrainConfig, data: DataBundle, resume_path: str | None) -> dict | None:
@@ -177,7 +178,19 @@ def write_plots(trainer: Trainer) -> Path:
     return plot
 
 
-def write_summary(trainer: Trainer, wall_time: float, plot: Path, signum: int | None) -> dict:
+def checkpoint_io(trainer: Trainer, resume: Resume | None) -> dict:
+    """Bytes, seconds and GB/s of this process's checkpoint saves and of the load it resumed from."""
+    fields = {}
+    loaded = resume.load_io if resume is not None else None
+    for kind, io in (("save", trainer.checkpoint_writer.checkpointer.save_io), ("load", loaded)):
+        if io is not None and io.bytes:
+            fields.update({f"checkpoint_{kind}_bytes": io.bytes, f"checkpoint_{kind}_s": io.seconds,
+                           f"checkpoint_{kind}_gb_per_s": io.gbps})
+    return fields
+
+
+def write_summary(trainer: Trainer, wall_time: float, plot: Path, signum: int | None,
+                  resume: Resume | None = None) -> dict:
     out = Path(trainer.config.output_dir)
     summary = {
         "steps": trainer.step, "of_steps": trainer.config.steps, "stopped_by_signal": signum,
@@ -188,7 +201,9 @@ def write_summary(trainer: Trainer, wall_time: float, plot: Path, signum: int | 
                            if trainer.last_val_loss is not None and trainer.initial_val_loss else None),
         "skipped_steps": trainer.skipped_steps, "wall_time_s": wall_time, "train_time_s": trainer.train_time,
         "device": trainer.device.type, "device_busy_fraction": trainer.busy_by_stage,
+        "grad_accum_location": trainer.config.grad_accum_location if trainer.config.use_cpu_offloading else None,
         **{k: v for k, v in memory_stats(trainer.device).items() if "peak" in k},
+        **checkpoint_io(trainer, resume),
         "output_dir": str(out), "metrics": str(out / "metrics.jsonl"), "plot": str(plot),
         "checkpoint": str(trainer.last_checkpoint) if trainer.last_checkpoint else None,
     }
@@ -230,6 +245,12 @@ def format_summary(summary: dict) -> str:
     if busy:
         per_stage = ", ".join(f"stage {stage} {fraction:.1%}" for stage, fraction in busy)
         lines.append(f"{summary['device'] + ' busy':18s} {per_stage} of the step time")
+    if summary.get("grad_accum_location"):
+        lines.append(f"grad accumulation  on the {summary['grad_accum_location']}")
+    for kind in ("save", "load"):
+        if f"checkpoint_{kind}_bytes" in summary:
+            lines.append(f"checkpoint {kind:7s} {summary[f'checkpoint_{kind}_bytes'] / 1e9:.2f} GB in "
+                         f"{summary[f'checkpoint_{kind}_s']:.1f} s ({summary[f'checkpoint_{kind}_gb_per_s']:.2f} GB/s)")
     for probe in summary.get("task_accuracy", []):
         lines.append(f"accuracy ({probe['field']:4s})    {probe['accuracy']:.1%} (95% CI {probe['ci_low']:.1%}-"
                      f"{probe['ci_high']:.1%}, n={probe['examples']}) on held-out records; majority class "

@@ -7,16 +7,21 @@ builds them in; the ``--modalities`` prefix encoders on stage 0) and refuses a c
 says will not fit with a ``ConfigError`` of one line: the budget that is over, by how much, its largest
 term, and the planned changes that would fit. ``--force`` turns the refusal into a warning.
 
+``resolve_grad_accum_location`` replaces ``--grad-accum-location auto`` by the planner's choice
+(astrobio.memory.accumulation: the device where the stage's accumulators fit beside the rest).
+
 ``memory_fields`` turns a profiler sample into the keys a ``metrics.jsonl`` record carries.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 import torch
 
 from astrobio.memory import MemoryProfiler, Plan, PlanConfig, PlanError, check_fits, plan, plot_memory
+from astrobio.memory.accumulation import choose_accumulation
 from astrobio.memory.profiler import host_total
 from astrobio.train.config import ConfigError, TrainConfig
 
@@ -86,6 +91,18 @@ def preflight_run(config: TrainConfig, vocab_size: int, device: torch.device) ->
             raise ConfigError(one_line(error)) from None
         print(f"warning: --force: starting although {one_line(error)}", file=sys.stderr)
     return p
+
+
+def resolve_grad_accum_location(config: TrainConfig, vocab_size: int, device: torch.device,
+                                planned: Plan | None = None, log=print) -> TrainConfig:
+    """``config`` with ``--grad-accum-location auto`` decided from the plan (``planned``, or planned here);
+    logs the choice and its reason. Without offload, or with the location given, ``config`` as it is."""
+    if not config.use_cpu_offloading or config.grad_accum_location != "auto":
+        return config
+    choice = choose_accumulation(planned or plan(plan_config(config, vocab_size, device)), "auto")
+    if log is not None:
+        log(choice.line())
+    return replace(config, grad_accum_location=choice.location)
 
 
 def build_profiler(config: TrainConfig, device: torch.device, stage: int = 0, pinned_bytes=None) -> MemoryProfiler:

@@ -148,10 +148,11 @@ class OffloadOptimizer:
         self.engine.synchronize()
 
     def state_dict(self) -> dict:
-        return self.engine.state_dict()
+        # master weights the parameters hold exactly (bf16-sr over bf16) are saved once, with the model
+        return self.engine.state_dict(masters=not self.engine.masters_in_parameters)
 
     def load_state_dict(self, state: dict) -> None:
-        self.engine.load_state_dict(state)
+        self.engine.load_state_dict(state)  # after the model's weights: they may be the masters
 
     def close(self) -> None:
         self.engine.close()
@@ -170,7 +171,7 @@ def build_optimizer(config: TrainConfig, named: list[tuple[str, nn.Parameter]], 
         engine = OffloadEngine(named, lr=config.lr, betas=betas, weight_decay=config.weight_decay,
                                max_grad_norm=config.max_grad_norm or None, accum_dtype=config.accum_dtype,
                                master_weights=config.master_weights, module=module, seed=config.seed,
-                               index_offset=index_offset)
+                               index_offset=index_offset, grad_accum_location=config.grad_accum_location)
         return OffloadOptimizer(engine, ranks.sum_across, timeline)
     params = [p for _, p in named]
     if config.use_8bit_optimizer:

@@ -207,10 +207,10 @@ class StagedCheckpoint:
         tmp = ckpt.begin(step) if is_main else ckpt.root / f".tmp-step-{step}"
         self.ranks.barrier()
         write_part(tmp, f"model-stage{stage}.safetensors", model_state, f"optimizer-stage{stage}",
-                   optimizer_state())
+                   optimizer_state(), ckpt.save_io)
         self.ranks.barrier()
         if is_main:
-            write_part(tmp, None, None, "state", training_state())
+            write_part(tmp, None, None, "state", training_state(), ckpt.save_io)
             ckpt.finish(tmp, step)
         self.ranks.barrier()
         return ckpt.root / f"step-{step}"

@@ -4,10 +4,10 @@ the run's config before anything is written."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from astrobio.train.checkpoint import CheckpointError, Checkpointer, load_checkpoint
+from astrobio.train.checkpoint import CheckpointError, Checkpointer, IoStats, load_checkpoint
 from astrobio.train.config import ConfigError, TrainConfig
 
 # A resumed run must match its checkpoint in these keys (the rest, e.g. --steps or --lr, may change).
@@ -17,12 +17,14 @@ RESUME_KEYS = ("model", "seq_len", "micro_batch_size", "gradient_accumulation_st
 
 @dataclass
 class Resume:
-    """A verified checkpoint: its directory, the model's weights, the training state and its step."""
+    """A verified checkpoint: its directory, the model's weights, the training state, its step, and the
+    bytes and seconds of verifying and opening it."""
 
     path: Path
     model_state: dict
     state: dict
     step: int
+    load_io: IoStats = field(default_factory=IoStats)
 
 
 def find_resume(config: TrainConfig) -> Resume | None:
@@ -46,12 +48,13 @@ def find_resume(config: TrainConfig) -> Resume | None:
 def load_resume(config: TrainConfig, path: str | Path) -> Resume:
     """The verified checkpoint at ``path``, checked against this run's config."""
     path = Path(path)
+    io = IoStats()
     try:
-        model_state, state, step = load_checkpoint(path)
+        model_state, state, step = load_checkpoint(path, stats=io)
     except CheckpointError as error:
         raise ConfigError(str(error)) from None
     check_resume_matches(config, state["config"], path)
-    return Resume(path, model_state, state, step)
+    return Resume(path, model_state, state, step, io)
 
 
 def check_resume_matches(config: TrainConfig, saved: dict, path: Path) -> None:
