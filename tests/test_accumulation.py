@@ -57,3 +57,27 @@ def test_bad_requests_are_refused():
         choose_accumulation(plan_13b(), "gpu")
     with pytest.raises(ValueError, match="CPU offload only"):
         choose_accumulation(plan_13b(offload=False, stages=2))
+
+
+# ------------------------------------------------------------------------------------ through the trainer
+
+def train_args(out, *extra):
+    return ["--pipeline-stages", "1", "--data", "builtin:300", "--seq-len", "32", "--micro-batch-size", "4",
+            "--eval-batches", "1", "--steps", "4", "--use-cpu-offloading", "--gradient-accumulation-steps", "3",
+            "--max-grad-norm", "0.5", "--output-dir", str(out), *extra]
+
+
+def test_the_trainer_trains_alike_with_either_location_and_reports_it(tmp_path, capsys):
+    from astrobio.train import parse_config, run
+    from astrobio.train.logging import read_metrics
+
+    def losses(out):
+        return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+    summaries = {where: run(parse_config(train_args(tmp_path / where, "--grad-accum-location", where)))
+                 for where in ("device", "host", "auto")}
+    assert losses(tmp_path / "device") == losses(tmp_path / "host") == losses(tmp_path / "auto")
+    assert [summaries[w]["grad_accum_location"] for w in ("device", "host", "auto")] == ["device", "host", "host"]
+    assert "gradient accumulation: host (auto)" in capsys.readouterr().out  # the CPU: the device is host memory
+    saved = summaries["auto"]
+    assert saved["checkpoint_save_bytes"] > 0 and saved["checkpoint_save_gb_per_s"] > 0
