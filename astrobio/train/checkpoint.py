@@ -31,6 +31,7 @@ GB/s in a run's summary.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -121,14 +122,13 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], stats: IoStats |
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
     digest = hashlib.sha256()
-    with open(path, "wb") as f:
-        for piece in (struct.pack("<Q", len(blob)), blob):
-            digest.update(piece)
+    pieces = itertools.chain((struct.pack("<Q", len(blob)), blob), (c for _, t in order for c in _byte_chunks(t)))
+    # each chunk is hashed on a helper thread while it is written (both release the GIL)
+    with open(path, "wb") as f, ThreadPoolExecutor(1, thread_name_prefix="astrobio-sha256") as hasher:
+        for piece in pieces:
+            hashed = hasher.submit(digest.update, piece)
             f.write(piece)
-        for _, t in order:
-            for chunk in _byte_chunks(t):
-                digest.update(chunk)
-                f.write(chunk)
+            hashed.result()
         f.flush()
         os.fsync(f.fileno())
     size = 8 + len(blob) + offset
