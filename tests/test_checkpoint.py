@@ -195,7 +195,8 @@ def test_sigint_checkpoints_and_resume_continues_exactly(tmp_path):
 def odd_tensors() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     return {"f32": torch.randn(257, 3, generator=g), "bf16": torch.randn(1000, generator=g).bfloat16(),
-            "f16": torch.randn(5, generator=g).half(), "i64": torch.arange(7), "u8": torch.arange(255, dtype=torch.uint8),
+            "f16": torch.randn(5, generator=g).half(), "i64": torch.arange(7),
+            "u8": torch.arange(255, dtype=torch.uint8),
             "i8": torch.tensor([-3, 4], dtype=torch.int8), "bool": torch.tensor([True, False, True]),
             "scalar": torch.tensor(2.5, dtype=torch.float64), "empty": torch.empty(0, 4),
             "strided": torch.randn(40, 30, generator=g).t(), "big": torch.randn(300_000, generator=g)}
@@ -314,7 +315,8 @@ def test_an_offload_engine_state_resumes_through_a_checkpoint(tmp_path):
     tokens = torch.randint(0, 259, (2, 17), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         engine.begin_step(1)
-        torch.nn.functional.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1), tokens[:, 1:].flatten()).backward()
+        logits = model(tokens[:, :-1]).float()
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
         engine.end_step()
     saved = engine.state_dict()
     path = Checkpointer(tmp_path, keep_last_k=1).save(2, model.state_dict(), {"optimizer": saved})

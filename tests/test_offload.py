@@ -525,7 +525,8 @@ def test_a_state_without_masters_loads_them_from_the_parameters(location):
     engine.synchronize()
     engine_b.synchronize()
     assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
-    fp32_masters = OffloadEngine(make_model("mlp", torch.bfloat16).parameters(), **{**options, "master_weights": "fp32"})
+    fp32_masters = OffloadEngine(make_model("mlp", torch.bfloat16).parameters(),
+                                 **{**options, "master_weights": "fp32"})
     assert not fp32_masters.masters_in_parameters
     with pytest.raises(ValueError, match="must be saved"):
         fp32_masters.state_dict(masters=False)

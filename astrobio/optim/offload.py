@@ -75,8 +75,9 @@ Contract:
   and call ``end_step`` without ``begin_step``). Moment and master tensors are live references (a save
   of a 13B state must not copy it first): save before the next ``end_step``. ``load_state_dict`` validates
   everything first, copies what it keeps (never holding the caller's tensors, e.g. views of a mapped
-  checkpoint file) and also writes the master weights to the device parameters. The accumulation state does not depend on the location: a state saved between
-  micro-batches with one location loads into an engine with the other.
+  checkpoint file) and also writes the master weights to the device parameters. The accumulation state
+  does not depend on the location: a state saved between micro-batches with one location loads into an
+  engine with the other.
 - ``worker_delay``: a test hook, a callable run at the start of every worker task (e.g. a random sleep)
   to expose ordering bugs.
 """

@@ -117,7 +117,8 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], stats: IoStats |
             raise TypeError(f"cannot store {name} of dtype {t.dtype} in a checkpoint; "
                             f"supported: {', '.join(str(d) for d in DTYPE_NAMES)}")
         nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned

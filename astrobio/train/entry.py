@@ -73,7 +73,8 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, DataBundle, Resume | None
         raise ConfigError(f"the tokenizer has {data.vocab_size} tokens but model {config.model!r} only "
                           f"{model_vocab}; use a smaller tokenizer or another --model")
     device = resolve_device(config.device)
-    config = resolve_grad_accum_location(config, data.vocab_size, device, preflight_run(config, data.vocab_size, device))
+    planned = preflight_run(config, data.vocab_size, device)
+    config = resolve_grad_accum_location(config, data.vocab_size, device, planned)
     return resolve_steps(config, data), data, resume
 
 
