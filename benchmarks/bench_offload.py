@@ -28,10 +28,13 @@ master weights bit for bit (the same adds, no clipping), and both must match dev
 fed the same accumulated gradients: bit-exact on the CPU; on a GPU the device kernel may round in the
 last bit, so the error is reported relative to the update and must stay under 0.1%.
 
-On an H200 (about 60-80 s, most of it the host-accumulation provider's steps):
+On a GPU, 13B's shapes with 4 layers (1.2B parameters), accumulation 8 (estimated at 60-90 s on an
+H200, most of it the host-accumulation provider's steps; not yet measured):
 
     python benchmarks/bench_offload.py --model 13b --layers 4 --seq-len 2048 --batch-size 1 \
-        --micro-batches 8 --rounds 2 --block 2 --warmup 1 --json bench_offload_13b.json
+        --micro-batches 8 --rounds 1 --block 3 --warmup 1 --json bench_offload_13b.json
+
+On the CPU, a smoke test: ``--model tiny --micro-batches 4 --rounds 1 --block 2 --warmup 1``.
 """
 
 from __future__ import annotations
