@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from astrobio.memory import PlanConfig, plan
 from astrobio.memory.accumulation import accumulator_bytes, choose_accumulation
@@ -81,3 +82,21 @@ def test_the_trainer_trains_alike_with_either_location_and_reports_it(tmp_path, 
     assert "gradient accumulation: host (auto)" in capsys.readouterr().out  # the CPU: the device is host memory
     saved = summaries["auto"]
     assert saved["checkpoint_save_bytes"] > 0 and saved["checkpoint_save_gb_per_s"] > 0
+
+
+def test_an_explicit_device_location_that_will_not_fit_is_refused(monkeypatch):
+    """13B in two stages on GPUs of 24 GiB: a stage's bf16 accumulators (12.2 GiB) cannot join its weights."""
+    import astrobio.train.memory as memory
+    from astrobio.train import parse_config
+    from astrobio.train.config import ConfigError
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(memory, "gpu_budget", lambda config, device: ("a5000", 24 * GIB))
+    monkeypatch.setattr(memory, "host_total", lambda: 256 * GIB)
+    args = ["--model", "13b", "--pipeline-stages", "2", "--seq-len", "2048", "--micro-batch-size", "1",
+            "--master-weights", "bf16-sr", "--accum-dtype", "bf16", "--grad-accum-location"]
+    with pytest.raises(ConfigError, match=r"device: as requested \(stage \d would hold .* does not fit\)"):
+        memory.resolve_grad_accum_location(parse_config(args + ["device"]), 32768, cuda)
+    assert memory.resolve_grad_accum_location(parse_config(args + ["auto"]), 32768, cuda,
+                                              log=None).grad_accum_location == "host"
+    forced = memory.resolve_grad_accum_location(parse_config(args + ["device", "--force"]), 32768, cuda, log=None)
+    assert forced.grad_accum_location == "device"

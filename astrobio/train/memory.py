@@ -95,11 +95,19 @@ def preflight_run(config: TrainConfig, vocab_size: int, device: torch.device) ->
 
 def resolve_grad_accum_location(config: TrainConfig, vocab_size: int, device: torch.device,
                                 planned: Plan | None = None, log=print) -> TrainConfig:
-    """``config`` with ``--grad-accum-location auto`` decided from the plan (``planned``, or planned here);
-    logs the choice and its reason. Without offload, or with the location given, ``config`` as it is."""
-    if not config.use_cpu_offloading or config.grad_accum_location != "auto":
+    """``config`` with ``--grad-accum-location auto`` decided from the plan (``planned``, or planned here),
+    the choice and its reason logged. An explicit ``device`` whose accumulators will not fit beside the
+    rest on a GPU is refused (ConfigError; a warning with ``--force``). Without offload, or with ``host``,
+    ``config`` as it is."""
+    if not config.use_cpu_offloading or config.grad_accum_location == "host":
         return config
-    choice = choose_accumulation(planned or plan(plan_config(config, vocab_size, device)), "auto")
+    planned = planned or plan(plan_config(config, vocab_size, device))
+    choice = choose_accumulation(planned, config.grad_accum_location)
+    if choice.location == "device" and not choice.fits_on_device and not planned.hardware.unified:
+        message = (f"--grad-accum-location device: {choice.reason}; use --grad-accum-location auto or host")
+        if not config.force:
+            raise ConfigError(message)
+        print(f"warning: --force: starting although {message}", file=sys.stderr)
     if log is not None:
         log(choice.line())
     return replace(config, grad_accum_location=choice.location)
