@@ -17,6 +17,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from _adamw8bit_cases import initial_state  # noqa: E402
 from astrobio import ops  # noqa: E402
 from astrobio.optim import reference as R  # noqa: E402
 
@@ -44,23 +45,9 @@ def make_case(case: str, index: int) -> dict:
     variant = case.split("-", 1)[1]
     quantized, param_dtype, grad_dtype, copy = {**VARIANTS, **VARIANTS_EXTRA}[variant]
     gen = torch.Generator().manual_seed(1000 + index)
-    blocks = R.num_blocks(n)
-    state = {"param": torch.randn(n, generator=gen).to(param_dtype)}
-    if variant == EDGE:
-        state["param"].view(torch.int32)[::37] = -0x3EDCBB  # 0xFFC12345: negative, with a payload
-    if quantized:
-        state["exp_avg"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
-        state["exp_avg_sq"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
-        state["absmax1"] = torch.rand(blocks, generator=gen) * 1e-2
-        state["absmax2"] = torch.rand(blocks, generator=gen) * 1e-4
-    else:
-        state["exp_avg"] = torch.randn(n, generator=gen) * 1e-2
-        state["exp_avg_sq"] = torch.rand(n, generator=gen) * 1e-4
-        state["absmax1"] = state["absmax2"] = torch.empty(0)
-    state["param_bf16"] = torch.full((n,), float("nan"), dtype=torch.bfloat16) if copy else None
+    state = initial_state(n, quantized, param_dtype, copy, variant == EDGE, gen)
     scale = 10 ** torch.empty(len(CALLS), n).uniform_(-4, 1, generator=gen)
     if variant == EDGE:  # zero gradients in block 0, whose tiny absmax makes its new absmax subnormal
-        state["absmax1"][0] = state["absmax2"][0] = 1e-40
         scale[:, :R.BLOCK_SIZE] = 0.0
     grads = [(torch.randn(n, generator=gen) * s).to(grad_dtype) for s in scale]
     return {"state": state, "grads": grads}
