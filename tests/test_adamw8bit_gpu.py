@@ -422,6 +422,28 @@ def test_state_dict_moves_between_cuda_cpu_and_triton():
     assert_same_run(opt_cpu, params_cpu, back, params_back, "saved on the CPU, continued on CUDA")
 
 
+@on_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_step_never_waits_for_the_gpu(backend):
+    """AdamW8bit.step() on CUDA tensors, by default and with found_inf on the device, issues no
+    synchronizing CUDA call: the non-finite check and the skip stay on the device (the kernels read
+    the flag). The first step, which allocates the state, runs before the check is switched on."""
+    require(backend)
+    params = make_params(DEVICE)
+    opt = AdamW8bit(params, backend=backend, **OPT)
+    train(opt, params, range(0, 1))
+    for p in params:
+        p.grad = torch.randn_like(p) * 0.1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+        opt.step(found_inf=torch.zeros(1, device=DEVICE))
+        opt.step(found_inf=torch.ones(1, device=DEVICE))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def train_mlp(make_optimizer, steps: int = 100) -> tuple[float, float]:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 256), torch.nn.Tanh(), torch.nn.Linear(256, 64),
