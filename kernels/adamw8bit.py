@@ -126,18 +126,19 @@ def _adamw8bit_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, absmax1_
     mask = offs < limit
     row_mask = block < tl.cdiv(limit, BLOCK)
 
-    p = tl.load(param_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # Streaming data is read once: evict it first, so the lookup tables stay in L1.
+    p = tl.load(param_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+    g = tl.load(grad_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
     if QUANTIZED:
-        code1 = tl.load(exp_avg_ptr + offs, mask=mask, other=0).to(tl.int32)
-        code2 = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0).to(tl.int32)
+        code1 = tl.load(exp_avg_ptr + offs, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
+        code2 = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
         scale1 = tl.load(absmax1_ptr + block, mask=row_mask, other=0.0)
         scale2 = tl.load(absmax2_ptr + block, mask=row_mask, other=0.0)
         m = tl.where(mask, tl.load(qmap1_ptr + code1) * scale1[:, None], 0.0)
         v = tl.where(mask, tl.load(qmap2_ptr + code2) * scale2[:, None], 0.0)
     else:
-        m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0)
-        v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0)
+        m = tl.load(exp_avg_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
+        v = tl.load(exp_avg_sq_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_first")
 
     # reference.adamw_update, operation by operation
     g = g * grad_scale
