@@ -15,6 +15,23 @@ constexpr int kQmapSize = 256;       // entries of a quantization map
 
 enum class DType : int { kFloat32 = 0, kBFloat16 = 1 };
 
+// Functions shared by the host and the CUDA kernels carry this (nvcc compiles them for both sides).
+#if defined(__CUDACC__)
+#define ASTROBIO_HOST_DEVICE __host__ __device__
+#else
+#define ASTROBIO_HOST_DEVICE
+#endif
+
+// The 32-bit hash of the stochastic rounding (reference.py: _mix32); unsigned products wrap mod 2^32.
+inline ASTROBIO_HOST_DEVICE uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
 // The fp32 constants of one step, computed in float64 by the host and rounded once
 // (reference.py: StepConstants).
 struct StepConstants {

@@ -23,6 +23,7 @@ import subprocess
 
 import pytest
 import torch
+from _adamw8bit_cases import initial_state as shared_initial_state
 
 from astrobio import ops
 from astrobio.optim import reference as R
@@ -77,25 +78,8 @@ def calls(steps: int = STEPS) -> list[tuple[int, float, int]]:
 
 
 def initial_state(n: int, variant: str) -> dict:
-    """Random codes and absmax, so the first call already dequantizes."""
     quantized, param_dtype, _, copy, _ = VARIANTS[variant]
-    gen = torch.Generator().manual_seed(n)
-    state = {"param": torch.randn(n, generator=gen).to(param_dtype)}
-    if variant == EDGE:
-        state["param"].view(torch.int32)[::37] = -0x3EDCBB  # 0xFFC12345: negative, with a payload
-    if quantized:
-        state["exp_avg"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
-        state["exp_avg_sq"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
-        state["absmax1"] = torch.rand(R.num_blocks(n), generator=gen) * 1e-2
-        state["absmax2"] = torch.rand(R.num_blocks(n), generator=gen) * 1e-4
-    if variant == EDGE:  # with zero gradients there (below), block 0's new absmax is subnormal
-        state["absmax1"][0] = state["absmax2"][0] = 1e-40
-    else:
-        state["exp_avg"] = torch.randn(n, generator=gen) * 1e-2
-        state["exp_avg_sq"] = torch.rand(n, generator=gen) * 1e-4
-        state["absmax1"] = state["absmax2"] = torch.empty(0)
-    state["param_bf16"] = torch.full((n,), float("nan"), dtype=torch.bfloat16) if copy else None
-    return state
+    return shared_initial_state(n, quantized, param_dtype, copy, variant == EDGE, torch.Generator().manual_seed(n))
 
 
 def gradients(n: int, variant: str, steps: int = STEPS):
@@ -167,13 +151,13 @@ def test_matches_reference_bit_for_bit(backend, n, variant):
 # --- the CUDA kernel's source, run on the CPU -------------------------------------------------------
 
 CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
-EMULATED_CASES = [(255, "q8-fp32grad-bf16sr-copy"), (257, "q8-bf16grad-fp32master-copy"),
-                  (4097, "fp32moments-bf16grad-fp32master"), (4097, "q8-bf16grad-bf16sr"),
-                  (20_003, "q8-unaligned-bf16grad-fp32master-copy"), (20_003, "q8-fp32grad-fp32master"),
-                  (257, EDGE)]
+EMULATED_CASES = [(255, "q8-fp32grad-bf16sr-copy", 0), (257, "q8-bf16grad-fp32master-copy", 0),
+                  (4097, "fp32moments-bf16grad-fp32master", 0), (4097, "q8-bf16grad-bf16sr", 0),
+                  (20_003, "q8-unaligned-bf16grad-fp32master-copy", 0), (20_003, "q8-fp32grad-fp32master", 0),
+                  (257, EDGE, 0), (20_003, "q8-fp32grad-fp32master", 1), (20_003, "q8-bf16grad-bf16sr", 2),
+                  (4097, "fp32moments-bf16grad-fp32master", 2)]
 EMULATED_STEPS = SKIPPED_CALL + 2
 EMULATED_GRID = 2  # thread blocks: fewer than 20,003 elements need, so warps stride over several blocks
-INLINE_PTX = 'asm volatile("ld.shared.f32 %0, [%1];" : "=f"(value) : "r"(address));'
 LAUNCHER = "// --- launch (host)"
 HARNESS = r"""
 #include <memory>
@@ -184,36 +168,53 @@ HARNESS = r"""
 
 namespace {
 using astrobio::StepArgs;
+using namespace astrobio::cuda;
+using astrobio::kQmapSize;
 
-template <typename ParamT, typename GradT, bool Quantized>
+template <typename ParamT, typename GradT, bool Quantized, int Unroll, int MinBlocks>
 void run_grid(const StepArgs& a, unsigned grid) {
-  constexpr int threads = astrobio::cuda::kThreads;
-  const bool aligned = astrobio::cuda::vector_aligned(a);
+  const bool aligned = vector_aligned(a);
   gridDim.x = grid;
   for (unsigned block = 0; block < grid; ++block) {
-    std::barrier<> block_barrier(threads);
+    std::barrier<> block_barrier(kThreads);
     std::vector<std::unique_ptr<std::barrier<>>> warp_barriers;
-    for (int w = 0; w < threads / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
-    std::vector<float> slots(threads);
+    for (int w = 0; w < kThreads / 32; ++w) warp_barriers.push_back(std::make_unique<std::barrier<>>(32));
+    std::vector<float> slots(kThreads);
     std::vector<std::thread> workers;
-    for (unsigned t = 0; t < threads; ++t) {
+    for (unsigned t = 0; t < kThreads; ++t) {
       workers.emplace_back([&, t] {
         threadIdx.x = t;
         blockIdx.x = block;
         emulated_block_barrier = &block_barrier;
         emulated_warp_barrier = warp_barriers[t / 32].get();
         emulated_warp_slots = &slots[t / 32 * 32];
-        astrobio::cuda::adamw8bit_kernel<ParamT, GradT, Quantized>(a, aligned);
+        adamw8bit_kernel<ParamT, GradT, Quantized, Unroll, MinBlocks>(a, aligned);
       });
     }
     for (auto& worker : workers) worker.join();
   }
 }
 
+// The launcher's variants (adamw8bit.cu: launch_variant_kernel).
+template <typename ParamT, typename GradT, bool Quantized>
+void run_variant(const StepArgs& a, unsigned grid, int variant) {
+  if (variant == 0) run_grid<ParamT, GradT, Quantized, 1, 4>(a, grid);
+  else if (variant == 1) run_grid<ParamT, GradT, Quantized, 2, 2>(a, grid);
+  else run_grid<ParamT, GradT, Quantized, 4, 1>(a, grid);
+}
+
 template <typename ParamT, typename GradT>
-void run(const StepArgs& a, unsigned grid) {
-  if (a.quantized) run_grid<ParamT, GradT, true>(a, grid);
-  else run_grid<ParamT, GradT, false>(a, grid);
+void run(const StepArgs& a, unsigned grid, int variant) {
+  if (a.quantized) run_variant<ParamT, GradT, true>(a, grid, variant);
+  else run_variant<ParamT, GradT, false>(a, grid, variant);
+}
+
+float threshold_spec(const float* qmap, int i) { return (qmap[i] + qmap[i + 1]) * 0.5f; }  // reference.thresholds
+
+float from_bits(uint32_t bits) {
+  float x;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
 }
 }  // namespace
 
@@ -221,7 +222,7 @@ extern "C" void emulated_step(void* param, int param_bf16_dtype, const void* gra
                               void* exp_avg, void* exp_avg_sq, int quantized, float* absmax1, float* absmax2,
                               const float* qmap1, const float* qmap2, uint16_t* param_bf16,
                               const float* found_inf, int64_t numel, const float* constants, uint32_t seed,
-                              unsigned grid) {
+                              unsigned grid, int variant) {
   StepArgs a{};
   a.param = param;
   a.param_dtype = param_bf16_dtype ? astrobio::DType::kBFloat16 : astrobio::DType::kFloat32;
@@ -242,10 +243,33 @@ extern "C" void emulated_step(void* param, int param_bf16_dtype, const void* gra
   a.seed = seed;
   const bool fp32_param = a.param_dtype == astrobio::DType::kFloat32;
   const bool fp32_grad = a.grad_dtype == astrobio::DType::kFloat32;
-  if (fp32_param && fp32_grad) run<float, float>(a, grid);
-  else if (fp32_param) run<float, uint16_t>(a, grid);
-  else if (fp32_grad) run<uint16_t, float>(a, grid);
-  else run<uint16_t, uint16_t>(a, grid);
+  if (fp32_param && fp32_grad) run<float, float>(a, grid, variant);
+  else if (fp32_param) run<float, uint16_t>(a, grid, variant);
+  else if (fp32_grad) run<uint16_t, float>(a, grid, variant);
+  else run<uint16_t, uint16_t>(a, grid, variant);
+}
+
+// The kernel's nearest code (lookup table staged bucket by bucket as the thread block does) against
+// the specification's count of thresholds below x, for every fp32 x in [-1, 1] in increasing order
+// (the count then only grows). Returns the number of values that differ; *exact: whether the
+// staging found every bucket to hold at most two thresholds (the kernel's fast path).
+extern "C" int64_t emulated_lookup_mismatches(const float* qmap, int* exact) {
+  static Codebook cb;
+  for (int t = 0; t < kQmapSize; ++t) cb.qmap[t] = qmap[t];
+  for (int t = 0; t < kQmapSize; ++t) cb.pairs[t] = make_float2(threshold(cb, t), threshold(cb, t + 1));
+  bool fast = true;
+  for (int e = 0; e < kLookup; ++e) fast = stage_bucket(cb, e) && fast;
+  *exact = fast;
+  int64_t mismatches = 0;
+  uint32_t below = 0;  // the specification: #{i < 255 : threshold_spec(i) < x}
+  auto compare = [&](float x) {
+    while (below < kQmapSize - 1 && threshold_spec(qmap, static_cast<int>(below)) < x) ++below;
+    mismatches += nearest_code(cb, x, fast) != below;
+  };
+  for (uint32_t bits = 0xBF800000u; bits > 0x80000000u; --bits) compare(from_bits(bits));  // -1 .. -min subnormal
+  compare(from_bits(0x80000000u));                                                          // -0
+  for (uint32_t bits = 0; bits <= 0x3F800000u; ++bits) compare(from_bits(bits));            // +0 .. 1
+  return mismatches;
 }
 """
 
@@ -257,23 +281,21 @@ def emulated_kernel(tmp_path_factory):
     if compiler is None:
         pytest.skip("no C++ compiler (c++ or g++) to build the emulated CUDA kernel")
     source = (CSRC / "cuda" / "adamw8bit.cu").read_text()
-    assert INLINE_PTX in source and LAUNCHER in source, \
-        "adamw8bit.cu changed its inline PTX or launcher marker; update this test's emulation to match"
+    assert LAUNCHER in source, "adamw8bit.cu lost its launcher marker; update this test's emulation to match"
     source = source.replace("#include <cuda_runtime.h>", '#include "host_emulation.h"')
-    source = source.replace(INLINE_PTX, "value = emulated_load_shared(address);")
     source = source[:source.index(LAUNCHER)] + "}  // namespace\n}  // namespace astrobio::cuda\n"
     folder = tmp_path_factory.mktemp("emulated_cuda")
     (folder / "kernel.h").write_text(source)
     (folder / "harness.cpp").write_text(HARNESS)
     library = folder / "libemulated.so"
-    built = subprocess.run([compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
+    built = subprocess.run([compiler, "-std=c++20", "-O2", "-ffp-contract=off", "-fPIC", "-shared", "-pthread",
                             f"-I{folder}", f"-I{CSRC / 'cuda'}", str(folder / "harness.cpp"), "-o", str(library)],
                            capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, f"the emulated CUDA kernel did not compile:\n{built.stderr[-4000:]}"
     return ctypes.CDLL(str(library))
 
 
-def emulated_step(library, param, grad, exp_avg, exp_avg_sq, absmax1, absmax2, qmap1, qmap2, param_bf16,
+def emulated_step(library, variant, param, grad, exp_avg, exp_avg_sq, absmax1, absmax2, qmap1, qmap2, param_bf16,
                   found_inf, lr, beta1, beta2, eps, weight_decay, grad_scale, step, seed):
     """The op's arguments, handed to the emulated kernel with the constants the C++ op layer makes."""
     c = R.StepConstants.make(lr, beta1, beta2, eps, weight_decay, step, grad_scale)
@@ -288,13 +310,15 @@ def emulated_step(library, param, grad, exp_avg, exp_avg_sq, absmax1, absmax2, q
                           int(grad.dtype == torch.bfloat16), address(exp_avg), address(exp_avg_sq),
                           int(exp_avg.dtype == torch.uint8), address(absmax1), address(absmax2), address(qmap1),
                           address(qmap2), address(param_bf16), address(found_inf), ctypes.c_int64(param.numel()),
-                          address(constants), ctypes.c_uint32(seed & 0xFFFFFFFF), ctypes.c_uint(EMULATED_GRID))
+                          address(constants), ctypes.c_uint32(seed & 0xFFFFFFFF), ctypes.c_uint(EMULATED_GRID),
+                          ctypes.c_int(variant))
 
 
-@pytest.mark.parametrize("n, variant", EMULATED_CASES, ids=[f"{n}-{v}" for n, v in EMULATED_CASES])
-def test_cuda_source_emulated_on_cpu_matches_reference(emulated_kernel, n, variant):
+@pytest.mark.parametrize("n, variant, launch", EMULATED_CASES, ids=[f"{n}-{v}-variant{k}" for n, v, k in EMULATED_CASES])
+def test_cuda_source_emulated_on_cpu_matches_reference(emulated_kernel, n, variant, launch):
     want = reference_result(n, variant, EMULATED_STEPS)
-    got = run("emulated", n, variant, EMULATED_STEPS, functools.partial(emulated_step, emulated_kernel), "cpu")
+    step_fn = functools.partial(emulated_step, emulated_kernel, launch)
+    got = run("emulated", n, variant, EMULATED_STEPS, step_fn, "cpu")
     for key, value in want.items():
         if value is None:
             assert got[key] is None
@@ -302,6 +326,27 @@ def test_cuda_source_emulated_on_cpu_matches_reference(emulated_kernel, n, varia
             assert_bitwise_equal(got[key], value, f"emulated CUDA kernel {key}")
     if variant == EDGE:  # block 0's subnormal absmax gave inverse 0 and the zero code: it decays to zero
         assert float(want["absmax1"][0]) == float(want["absmax2"][0]) == 0.0
+
+
+def dense_near_zero_map() -> torch.Tensor:
+    """A map with six codes below 2^-20: more thresholds in one lookup bucket than the fast path
+    takes, so the kernel must continue the count."""
+    values = torch.cat([torch.linspace(-1, 1, 250, dtype=torch.float64), torch.arange(1, 7) * 1e-8])
+    return values.sort().values.float()
+
+
+@pytest.mark.parametrize("name, qmap, fast", [("signed", R.dynamic_map(True), True),
+                                              ("unsigned", R.dynamic_map(False), True),
+                                              ("dense-near-zero", dense_near_zero_map(), False)],
+                         ids=["signed", "unsigned", "dense-near-zero"])
+def test_cuda_nearest_code_lookup_is_exact_for_every_fp32_in_unit_interval(emulated_kernel, name, qmap, fast):
+    """Exhaustive (2^31 values per map): the direct lookup equals the specification's nearest code."""
+    exact = ctypes.c_int(-1)
+    emulated_kernel.emulated_lookup_mismatches.restype = ctypes.c_int64
+    mismatches = emulated_kernel.emulated_lookup_mismatches(ctypes.c_void_p(qmap.contiguous().data_ptr()),
+                                                            ctypes.byref(exact))
+    assert exact.value == int(fast), f"{name}: the staging's two-compare check"
+    assert mismatches == 0, f"{name}: {mismatches} values in [-1, 1] get another code than the specification"
 
 
 # --- AdamW8bit: state_dict portability and convergence ---------------------------------------------
@@ -375,6 +420,28 @@ def test_state_dict_moves_between_cuda_cpu_and_triton():
     back, params_back = continued(params_cpu, DEVICE, "cuda", saved(opt_cpu), range(10, 15))
     train(opt_cpu, params_cpu, range(10, 15))
     assert_same_run(opt_cpu, params_cpu, back, params_back, "saved on the CPU, continued on CUDA")
+
+
+@on_gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_step_never_waits_for_the_gpu(backend):
+    """AdamW8bit.step() on CUDA tensors, by default and with found_inf on the device, issues no
+    synchronizing CUDA call: the non-finite check and the skip stay on the device (the kernels read
+    the flag). The first step, which allocates the state, runs before the check is switched on."""
+    require(backend)
+    params = make_params(DEVICE)
+    opt = AdamW8bit(params, backend=backend, **OPT)
+    train(opt, params, range(0, 1))
+    for p in params:
+        p.grad = torch.randn_like(p) * 0.1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+        opt.step(found_inf=torch.zeros(1, device=DEVICE))
+        opt.step(found_inf=torch.ones(1, device=DEVICE))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def train_mlp(make_optimizer, steps: int = 100) -> tuple[float, float]:

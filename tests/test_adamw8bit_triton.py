@@ -17,7 +17,12 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from _adamw8bit_cases import initial_state  # noqa: E402
+
 from astrobio import ops  # noqa: E402
+from astrobio.kernels import adamw8bit as K  # noqa: E402
 from astrobio.optim import reference as R  # noqa: E402
 
 SIZES = (1, 255, 256, 257, 4097)
@@ -44,23 +49,9 @@ def make_case(case: str, index: int) -> dict:
     variant = case.split("-", 1)[1]
     quantized, param_dtype, grad_dtype, copy = {**VARIANTS, **VARIANTS_EXTRA}[variant]
     gen = torch.Generator().manual_seed(1000 + index)
-    blocks = R.num_blocks(n)
-    state = {"param": torch.randn(n, generator=gen).to(param_dtype)}
-    if variant == EDGE:
-        state["param"].view(torch.int32)[::37] = -0x3EDCBB  # 0xFFC12345: negative, with a payload
-    if quantized:
-        state["exp_avg"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
-        state["exp_avg_sq"] = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
-        state["absmax1"] = torch.rand(blocks, generator=gen) * 1e-2
-        state["absmax2"] = torch.rand(blocks, generator=gen) * 1e-4
-    else:
-        state["exp_avg"] = torch.randn(n, generator=gen) * 1e-2
-        state["exp_avg_sq"] = torch.rand(n, generator=gen) * 1e-4
-        state["absmax1"] = state["absmax2"] = torch.empty(0)
-    state["param_bf16"] = torch.full((n,), float("nan"), dtype=torch.bfloat16) if copy else None
+    state = initial_state(n, quantized, param_dtype, copy, variant == EDGE, gen)
     scale = 10 ** torch.empty(len(CALLS), n).uniform_(-4, 1, generator=gen)
     if variant == EDGE:  # zero gradients in block 0, whose tiny absmax makes its new absmax subnormal
-        state["absmax1"][0] = state["absmax2"][0] = 1e-40
         scale[:, :R.BLOCK_SIZE] = 0.0
     grads = [(torch.randn(n, generator=gen) * s).to(grad_dtype) for s in scale]
     return {"state": state, "grads": grads}
@@ -77,11 +68,60 @@ def run_steps(backend: str, case: dict) -> dict:
     return s
 
 
+def lookup_maps() -> dict:
+    """The maps whose nearest code the lookup test checks: both dynamic maps (the direct lookup) and
+    one with six codes below 2^-20 (more than two thresholds in a bucket: the binary search)."""
+    dense = torch.cat([torch.linspace(-1, 1, 250, dtype=torch.float64), torch.arange(1, 7) * 1e-8])
+    return {"signed": R.dynamic_map(True), "unsigned": R.dynamic_map(False),
+            "dense-near-zero": dense.sort().values.float()}
+
+
+def lookup_samples(qmap: torch.Tensor) -> torch.Tensor:
+    """Every threshold and its two fp32 neighbours (where the code changes), both signs, every lookup
+    bucket's first and last value, zeros, +-1, and 2^18 fp32 values spread evenly over [-1, 1] by bits."""
+    t = R.thresholds(qmap)
+    inf = torch.tensor(float("inf"))
+    near = torch.cat([t, torch.nextafter(t, inf), torch.nextafter(t, -inf)])
+    lo, hi = K._bucket_bounds(torch.device("cpu"))
+    even = torch.linspace(0, 0x3F800000, 1 << 17, dtype=torch.float64).round().to(torch.int32).view(torch.float32)
+    values = torch.cat([near, -near, lo, hi, even, -even, torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    return values[values.abs() <= 1.0]
+
+
+@triton.jit
+def _nearest_code_kernel(x_ptr, out_ptr, base_ptr, pairs_ptr, exact_ptr, n, BLOCK: tl.constexpr,
+                         KEY_BITS: tl.constexpr, MIN_KEY: tl.constexpr, MAX_KEY: tl.constexpr,
+                         BUCKETS: tl.constexpr):
+    """The Triton kernel's _nearest_code on n values."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n, other=0.0)
+    exact = tl.load(exact_ptr) != 0
+    code = K._nearest_code(x, base_ptr, pairs_ptr, exact, KEY_BITS, MIN_KEY, MAX_KEY, BUCKETS)
+    tl.store(out_ptr + offs, code, mask=offs < n)
+
+
+def _interpreted_nearest_codes() -> dict:
+    """name: (samples, codes, exact flag) from the kernel's _nearest_code, in the interpreter."""
+    out = {}
+    for name, qmap in lookup_maps().items():
+        base, pairs, exact = K.lookup_tables(qmap, qmap)
+        x = lookup_samples(qmap)
+        codes = torch.empty(x.numel(), dtype=torch.int32)
+        block = 1 << 14
+        _nearest_code_kernel[(triton.cdiv(x.numel(), block),)](x, codes, base[0], pairs[0], exact, x.numel(),
+                                                               BLOCK=block, KEY_BITS=K.KEY_BITS, MIN_KEY=K.MIN_KEY,
+                                                               MAX_KEY=K.MAX_KEY, BUCKETS=K.BUCKETS)
+        out[name] = (x, codes, int(exact))
+    return out
+
+
 def _run_child(inputs_path: str, outputs_path: str) -> None:
-    """The child: TRITON_INTERPRET=1 is set, so the Triton kernel runs in the interpreter."""
+    """The child: TRITON_INTERPRET=1 was set before triton was imported, so the kernels run in the
+    interpreter."""
     cases = torch.load(inputs_path)
     out = {"backends": ops.available_backends("cpu"),
-           "states": {name: run_steps("triton", case) for name, case in cases.items()}}
+           "states": {name: run_steps("triton", case) for name, case in cases.items()},
+           "nearest_codes": _interpreted_nearest_codes()}
     case = cases[CASES[3]]  # n=255, 8-bit moments
     s = {k: (v.clone() if v is not None else None) for k, v in case["state"].items()}
     args = (s["param"], case["grads"][0], s["exp_avg"], s["exp_avg_sq"], s["absmax1"], s["absmax2"],
@@ -126,6 +166,18 @@ def test_interpreted_kernel_matches_reference_bit_for_bit(interpreted, case):
         assert bool((expected["param_bf16"].view(torch.int16)[::37] == R.BF16_CANONICAL_NAN).all())
         # block 0's subnormal absmax gave inverse 0 and the zero code: it decays to exactly zero
         assert float(expected["absmax1"][0]) == float(expected["absmax2"][0]) == 0.0
+
+
+@pytest.mark.parametrize("name, fast", [("signed", 1), ("unsigned", 1), ("dense-near-zero", 0)])
+def test_interpreted_nearest_code_matches_specification(interpreted, name, fast):
+    """The lookup (or, for a map it cannot serve, the binary search) on every value where the code
+    changes and a dense sample: the specification's code is searchsorted over its thresholds."""
+    _, out = interpreted
+    x, codes, exact = out["nearest_codes"][name]
+    assert exact == fast
+    want = torch.searchsorted(R.thresholds(lookup_maps()[name]), x).to(torch.int32)
+    differ = (codes != want).nonzero().flatten()
+    assert differ.numel() == 0, f"{name}: {differ.numel()} codes differ, e.g. at x = {x[differ[:4]].tolist()}"
 
 
 def test_skipped_call_changes_nothing(interpreted):

@@ -1,4 +1,4 @@
-// CUDA kernel of astrobio::adamw8bit_step: one fused pass over memory per step.
+// CUDA kernel of astrobio::adamw8bit_step: one fused pass over memory per step (docs/GPU.md).
 //
 // The arithmetic follows astrobio/optim/reference.py operation by operation with the correctly
 // rounded intrinsics (__fmul_rn, __fadd_rn, __fsqrt_rn, __fdiv_rn; setup.py also passes
@@ -9,17 +9,20 @@
 // __syncthreads), and a lane's 8 elements are one 16-byte load of bf16 values, two of fp32 values
 // and one 8-byte load of codes; a warp touches one contiguous 256-element span per array. Thread
 // blocks of 8 warps stride over the quantization blocks (one wave: as many blocks as fit on the GPU
-// at once), so the codebooks are staged into shared memory once per thread block, not once per 256
-// elements.
-// Includes no torch header (DESIGN.md 8): the op layer (ops_cuda.cpp) hands over plain pointers.
+// at once), so the codebooks and the nearest-code lookup tables are built in shared memory once per
+// thread block, not once per 256 elements.
+// Includes no torch header: the op layer (ops_cuda.cpp) hands over plain pointers, and the tests
+// compile this file's kernel for the host against csrc/cuda/host_emulation.h.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
 
 #include "../adamw8bit.h"
+#include "launch.h"
 
 namespace astrobio::cuda {
 namespace {
@@ -28,17 +31,108 @@ constexpr int kLane = 8;                                // elements per lane
 constexpr int kWarpSize = 32;
 constexpr int kWarps = 8;                               // warps (quantization blocks in flight) per thread block
 constexpr int kThreads = kWarps * kWarpSize;            // == kQmapSize: one codebook entry per thread
-constexpr int kPaddedMap = kQmapSize + kQmapSize / 32;  // one pad word after every 32 thresholds
 constexpr float kMinNormal = 1.17549435e-38f;           // 2^-126: below it a block's inverse is 0
+constexpr uint32_t kCanonicalNan = 0x7FC00000u;         // every fp32 NaN written (reference.py)
 static_assert(kLane * kWarpSize == kBlockSize, "a warp covers exactly one quantization block");
 static_assert(kThreads == kQmapSize, "the codebook staging loads one entry per thread");
 
-struct Codebooks {
-  float qmap1[kQmapSize];
-  float qmap2[kQmapSize];
-  float thr1[kPaddedMap];  // threshold j at j + j / 32 (see nearest_code)
-  float thr2[kPaddedMap];
+// --- the nearest code by direct lookup ----------------------------------------------------------
+// The nearest code of x is the number of thresholds t[c] = (qmap[c] + qmap[c + 1]) * 0.5 strictly
+// below x (reference.quantize_blockwise). The lookup key of x is the exponent and the top kKeyBits
+// mantissa bits of |x|, clamped to [kMinKey, kMaxKey], and its sign: buckets 1/64 of a binade wide
+// from 2^-20 up to 1, one bucket for everything below 2^-20 (down to 0), one for 1 and above (inf
+// and NaN included), per sign. A bucket's entry is `base`, the number of thresholds below its
+// smallest value; the code of x is base plus how many of t[base], t[base + 1] lie below x. That is
+// exact when no bucket holds more than two thresholds, which the staging checks for the maps it is
+// given (true for both dynamic maps: the unsigned map's thresholds are 0.0070 apart just below 1,
+// the buckets there 0.0078 wide); where it does not hold, the count continues with a loop.
+constexpr int kKeyBits = 6;
+constexpr uint32_t kMinKey = 107u << kKeyBits;  // biased exponent 107: 2^-20
+constexpr uint32_t kMaxKey = 127u << kKeyBits;  // the key of 1.0
+constexpr int kBuckets = static_cast<int>(kMaxKey - kMinKey) + 1;  // per sign
+constexpr int kLookup = 2 * kBuckets;
+constexpr float kInfinity = __builtin_huge_valf();
+
+struct Codebook {
+  float qmap[kQmapSize];
+  float2 pairs[kQmapSize];            // (t[c], t[c + 1]); t[255] = t[256] = +inf
+  uint8_t base[(kLookup + 3) / 4 * 4];  // per bucket: the number of thresholds below its smallest value
 };
+
+struct Codebooks {
+  Codebook m, v;
+};
+
+// The smallest and the largest fp32 value of bucket e (the second half of the buckets is negative).
+__device__ __forceinline__ void bucket_range(int e, float& lo, float& hi) {
+  const bool negative = e >= kBuckets;
+  const uint32_t i = static_cast<uint32_t>(negative ? e - kBuckets : e);
+  const uint32_t key = kMinKey + i;
+  const uint32_t small = i == 0 ? 0u : key << (23 - kKeyBits);
+  const uint32_t large = key == kMaxKey ? 0x7F800000u : ((key + 1) << (23 - kKeyBits)) - 1;
+  lo = negative ? __uint_as_float(large | 0x80000000u) : __uint_as_float(small);
+  hi = negative ? __uint_as_float(small | 0x80000000u) : __uint_as_float(large);
+}
+
+__device__ __forceinline__ uint32_t bucket_of(float x) {
+  const uint32_t bits = __float_as_uint(x);
+  const uint32_t key = (bits & 0x7FFFFFFFu) >> (23 - kKeyBits);
+  const uint32_t clamped = key < kMinKey ? kMinKey : (key > kMaxKey ? kMaxKey : key);
+  return clamped - kMinKey + (bits >> 31) * static_cast<uint32_t>(kBuckets);
+}
+
+// The number of thresholds below x by binary search (staging only: 8 dependent probes).
+__device__ __forceinline__ uint32_t count_below(const Codebook& cb, float x) {
+  uint32_t idx = 0;
+#pragma unroll
+  for (uint32_t step = kQmapSize / 2; step >= 1; step >>= 1) {
+    if (x > cb.pairs[idx + step - 1].x) idx += step;
+  }
+  return idx;
+}
+
+// `exact`: every bucket of the staged maps holds at most two thresholds (uniform over the block).
+__device__ __forceinline__ uint32_t nearest_code(const Codebook& cb, float x, bool exact) {
+  const uint32_t base = cb.base[bucket_of(x)];
+  const float2 t = cb.pairs[base];
+  uint32_t code = base + (x > t.x ? 1u : 0u) + (x > t.y ? 1u : 0u);
+  if (!exact) {
+    while (x > cb.pairs[code].x) ++code;  // stops at t[255] = +inf
+  }
+  return code;
+}
+
+__device__ __forceinline__ float threshold(const Codebook& cb, int c) {
+  return c + 1 < kQmapSize ? __fmul_rn(__fadd_rn(cb.qmap[c], cb.qmap[c + 1]), 0.5f) : kInfinity;
+}
+
+// Whether bucket e's entry alone (plus two compares) gives the exact code.
+__device__ __forceinline__ bool stage_bucket(Codebook& cb, int e) {
+  float lo, hi;
+  bucket_range(e, lo, hi);
+  const uint32_t base = count_below(cb, lo);
+  cb.base[e] = static_cast<uint8_t>(base);
+  return count_below(cb, hi) <= base + 2;
+}
+
+// Both maps, their threshold pairs and lookup tables into shared memory; returns `exact`.
+__device__ bool stage_codebooks(const StepArgs& a, Codebooks& cb) {
+  const int t = threadIdx.x;
+  cb.m.qmap[t] = a.qmap1[t];
+  cb.v.qmap[t] = a.qmap2[t];
+  __syncthreads();
+  cb.m.pairs[t] = make_float2(threshold(cb.m, t), threshold(cb.m, t + 1));
+  cb.v.pairs[t] = make_float2(threshold(cb.v, t), threshold(cb.v, t + 1));
+  __syncthreads();
+  bool exact = true;
+  for (int e = t; e < kLookup; e += kThreads) {
+    exact = stage_bucket(cb.m, e) && exact;
+    exact = stage_bucket(cb.v, e) && exact;
+  }
+  return __syncthreads_and(exact ? 1 : 0) != 0;
+}
+
+// --- element conversions -------------------------------------------------------------------------
 
 __device__ __forceinline__ float bf16_to_float(uint16_t h) { return __uint_as_float(static_cast<uint32_t>(h) << 16); }
 
@@ -50,59 +144,14 @@ __device__ __forceinline__ uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-__device__ __forceinline__ uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
-}
+// Every NaN written as fp32 is the canonical quiet NaN (positive, no payload).
+__device__ __forceinline__ float canonical(float f) { return f != f ? __uint_as_float(kCanonicalNan) : f; }
 
 // reference.stochastic_round_to_bf16: 16 counter-hash bits added to the fp32 pattern, then truncated.
 __device__ __forceinline__ uint16_t stochastic_round_bf16(float f, int64_t index, uint32_t seed) {
   const uint64_t i = static_cast<uint64_t>(index);
   const uint32_t r = mix32(static_cast<uint32_t>(i) ^ mix32(static_cast<uint32_t>(i >> 32) ^ seed)) & 0xFFFFu;
   return static_cast<uint16_t>((__float_as_uint(f) + r) >> 16);
-}
-
-// Nearest code of x: the number of thresholds strictly below it (reference.quantize_blockwise).
-// Branchless binary search; the table holds threshold j at j + j / 32 so that the lanes of a warp,
-// which search in lockstep, read different banks (unpadded, every probe of the first steps falls in
-// bank 31). Before the probe of width `step` the lower end idx is a multiple of 2 * step, which
-// makes the padded offsets below compile-time constants. `at` is the shared-memory byte address of
-// idx's padded position, so a probe is one load at a constant offset, a compare and an add.
-__device__ __forceinline__ float load_shared(uint32_t address) {
-  float value;
-  asm volatile("ld.shared.f32 %0, [%1];" : "=f"(value) : "r"(address));
-  return value;
-}
-
-__device__ __forceinline__ uint32_t nearest_code(const float* thr, float x) {
-  const uint32_t base = static_cast<uint32_t>(__cvta_generic_to_shared(thr));
-  uint32_t at = base;
-#pragma unroll
-  for (int step = kQmapSize / 2; step >= 1; step >>= 1) {
-    if (x > load_shared(at + 4 * ((step - 1) + ((step - 1) >> 5)))) at += 4 * (step + (step >> 5));
-  }
-  const uint32_t q = (at - base) / 4;  // idx + idx / 32
-  return q - q / 33;
-}
-
-__device__ void stage_codebooks(const StepArgs& a, Codebooks& cb) {
-  const int t = threadIdx.x;
-  cb.qmap1[t] = a.qmap1[t];
-  cb.qmap2[t] = a.qmap2[t];
-  __syncthreads();
-  const int pos = t + (t >> 5);
-  if (t + 1 < kQmapSize) {
-    cb.thr1[pos] = __fmul_rn(__fadd_rn(cb.qmap1[t], cb.qmap1[t + 1]), 0.5f);
-    cb.thr2[pos] = __fmul_rn(__fadd_rn(cb.qmap2[t], cb.qmap2[t + 1]), 0.5f);
-  } else {
-    cb.thr1[pos] = __int_as_float(0x7F800000);  // +inf sentinel, never probed
-    cb.thr2[pos] = __int_as_float(0x7F800000);
-  }
-  __syncthreads();
 }
 
 // --- per-lane loads and stores of kLane elements starting at element i -------------------------
@@ -214,9 +263,11 @@ __device__ __forceinline__ void adamw_update(const StepConstants& c, float g_raw
 // Writes the new weights: fp32 (with an optional round-to-nearest bf16 copy) or bf16 by stochastic
 // rounding (the copy, if any, is then the same bf16 value).
 template <typename ParamT>
-__device__ __forceinline__ void store_params(const StepArgs& a, int64_t i, int count, bool vec, const float (&p)[kLane]) {
+__device__ __forceinline__ void store_params(const StepArgs& a, int64_t i, int count, bool vec, float (&p)[kLane]) {
   uint16_t h[kLane];
   if constexpr (sizeof(ParamT) == 4) {
+#pragma unroll
+    for (int k = 0; k < kLane; ++k) p[k] = canonical(p[k]);
     store_lane(static_cast<float*>(a.param), i, count, vec, p);
     if (a.param_bf16 == nullptr) return;
 #pragma unroll
@@ -230,72 +281,106 @@ __device__ __forceinline__ void store_params(const StepArgs& a, int64_t i, int c
   store_lane(a.param_bf16, i, count, vec, h);
 }
 
-// ParamT / GradT: float (fp32) or uint16_t (bf16 bits). Quantized: 8-bit moments, else fp32 moments.
+// The lane's part of one quantization block between loading and storing.
+struct Lane {
+  float p[kLane], g[kLane], m[kLane], v[kLane];
+  int64_t i;  // index of the lane's first element
+  int count;  // how many of its kLane elements exist
+  bool vec;   // all exist and the arrays are aligned: vector accesses
+};
+
 template <typename ParamT, typename GradT, bool Quantized>
-__global__ void __launch_bounds__(kThreads) adamw8bit_kernel(const StepArgs a, bool aligned) {
+__device__ __forceinline__ void load_block(const StepArgs& a, const Codebooks& cb, int64_t b, int lane, bool aligned,
+                                           Lane& l) {
+  l.i = b * kBlockSize + lane * kLane;
+  const int64_t rest = a.numel - l.i;
+  l.count = rest >= kLane ? kLane : (rest > 0 ? static_cast<int>(rest) : 0);
+  l.vec = aligned && l.count == kLane;
+  load_lane(static_cast<const ParamT*>(a.param), l.i, l.count, l.vec, l.p);
+  load_lane(static_cast<const GradT*>(a.grad), l.i, l.count, l.vec, l.g);
+  if constexpr (Quantized) {
+    uint32_t c1[kLane], c2[kLane];
+    load_codes(static_cast<const uint8_t*>(a.exp_avg), l.i, l.count, l.vec, c1);
+    load_codes(static_cast<const uint8_t*>(a.exp_avg_sq), l.i, l.count, l.vec, c2);
+    const float scale1 = a.absmax1[b], scale2 = a.absmax2[b];
+#pragma unroll
+    for (int k = 0; k < kLane; ++k) {
+      l.m[k] = k < l.count ? __fmul_rn(cb.m.qmap[c1[k]], scale1) : 0.0f;
+      l.v[k] = k < l.count ? __fmul_rn(cb.v.qmap[c2[k]], scale2) : 0.0f;
+    }
+  } else {
+    load_lane(static_cast<const float*>(a.exp_avg), l.i, l.count, l.vec, l.m);
+    load_lane(static_cast<const float*>(a.exp_avg_sq), l.i, l.count, l.vec, l.v);
+  }
+}
+
+template <typename ParamT, bool Quantized>
+__device__ __forceinline__ void update_block(const StepArgs& a, const Codebooks& cb, bool exact, int64_t b, int lane,
+                                             Lane& l) {
+#pragma unroll
+  for (int k = 0; k < kLane; ++k) adamw_update(a.c, l.g[k], l.p[k], l.m[k], l.v[k]);
+  store_params<ParamT>(a, l.i, l.count, l.vec, l.p);
+  if constexpr (Quantized) {
+    // Missing elements of a partial block hold m = v = 0 and leave the absmax unchanged.
+    float max1 = 0.0f, max2 = 0.0f;
+#pragma unroll
+    for (int k = 0; k < kLane; ++k) {
+      max1 = fmaxf(max1, fabsf(l.m[k]));
+      max2 = fmaxf(max2, fabsf(l.v[k]));
+    }
+    max1 = warp_max(max1);
+    max2 = warp_max(max2);
+    const float inv1 = max1 >= kMinNormal ? __fdiv_rn(1.0f, max1) : 0.0f;  // reference.py: MIN_NORMAL
+    const float inv2 = max2 >= kMinNormal ? __fdiv_rn(1.0f, max2) : 0.0f;
+    uint32_t c1[kLane], c2[kLane];
+#pragma unroll
+    for (int k = 0; k < kLane; ++k) {
+      c1[k] = nearest_code(cb.m, __fmul_rn(l.m[k], inv1), exact);
+      c2[k] = nearest_code(cb.v, __fmul_rn(l.v[k], inv2), exact);
+    }
+    store_codes(static_cast<uint8_t*>(a.exp_avg), l.i, l.count, l.vec, c1);
+    store_codes(static_cast<uint8_t*>(a.exp_avg_sq), l.i, l.count, l.vec, c2);
+    if (lane == 0) {  // this warp read absmax[b] and is the only one to touch it
+      a.absmax1[b] = max1;
+      a.absmax2[b] = max2;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < kLane; ++k) {
+      l.m[k] = canonical(l.m[k]);
+      l.v[k] = canonical(l.v[k]);
+    }
+    store_lane(static_cast<float*>(a.exp_avg), l.i, l.count, l.vec, l.m);
+    store_lane(static_cast<float*>(a.exp_avg_sq), l.i, l.count, l.vec, l.v);
+  }
+}
+
+// ParamT / GradT: float (fp32) or uint16_t (bf16 bits). Quantized: 8-bit moments, else fp32 moments.
+// Each warp iteration takes Unroll consecutive quantization blocks, all loads first (more bytes in
+// flight per warp); MinBlocks caps the registers so that many thread blocks fit on an SM.
+template <typename ParamT, typename GradT, bool Quantized, int Unroll, int MinBlocks>
+__global__ void __launch_bounds__(kThreads, MinBlocks) adamw8bit_kernel(const StepArgs a, bool aligned) {
   if (a.found_inf != nullptr && *a.found_inf != 0.0f) return;  // the whole grid skips: no barrier is left waiting
   __shared__ Codebooks cb;
-  if constexpr (Quantized) stage_codebooks(a, cb);
+  bool exact = true;
+  if constexpr (Quantized) exact = stage_codebooks(a, cb);
 
   const int lane = threadIdx.x % kWarpSize;
   const int64_t blocks = (a.numel + kBlockSize - 1) / kBlockSize;
+  const int64_t groups = (blocks + Unroll - 1) / Unroll;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarpSize;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
-  for (int64_t b = first; b < blocks; b += stride) {  // warp-uniform: every lane takes part in the shuffles
-    const int64_t i = b * kBlockSize + lane * kLane;
-    const int64_t rest = a.numel - i;
-    const int count = rest >= kLane ? kLane : (rest > 0 ? static_cast<int>(rest) : 0);
-    const bool vec = aligned && count == kLane;
-
-    float p[kLane], g[kLane], m[kLane], v[kLane];
-    load_lane(static_cast<const ParamT*>(a.param), i, count, vec, p);
-    load_lane(static_cast<const GradT*>(a.grad), i, count, vec, g);
-    if constexpr (Quantized) {
-      uint32_t c1[kLane], c2[kLane];
-      load_codes(static_cast<const uint8_t*>(a.exp_avg), i, count, vec, c1);
-      load_codes(static_cast<const uint8_t*>(a.exp_avg_sq), i, count, vec, c2);
-      const float scale1 = a.absmax1[b], scale2 = a.absmax2[b];
+  for (int64_t group = first; group < groups; group += stride) {  // warp-uniform: all lanes shuffle
+    Lane l[Unroll];
 #pragma unroll
-      for (int k = 0; k < kLane; ++k) {
-        m[k] = k < count ? __fmul_rn(cb.qmap1[c1[k]], scale1) : 0.0f;
-        v[k] = k < count ? __fmul_rn(cb.qmap2[c2[k]], scale2) : 0.0f;
-      }
-    } else {
-      load_lane(static_cast<const float*>(a.exp_avg), i, count, vec, m);
-      load_lane(static_cast<const float*>(a.exp_avg_sq), i, count, vec, v);
+    for (int u = 0; u < Unroll; ++u) {
+      const int64_t b = group * Unroll + u;
+      if (b < blocks) load_block<ParamT, GradT, Quantized>(a, cb, b, lane, aligned, l[u]);
     }
-
 #pragma unroll
-    for (int k = 0; k < kLane; ++k) adamw_update(a.c, g[k], p[k], m[k], v[k]);
-    store_params<ParamT>(a, i, count, vec, p);
-
-    if constexpr (Quantized) {
-      // Missing elements of a partial block hold m = v = 0 and leave the absmax unchanged.
-      float max1 = 0.0f, max2 = 0.0f;
-#pragma unroll
-      for (int k = 0; k < kLane; ++k) {
-        max1 = fmaxf(max1, fabsf(m[k]));
-        max2 = fmaxf(max2, fabsf(v[k]));
-      }
-      max1 = warp_max(max1);
-      max2 = warp_max(max2);
-      const float inv1 = max1 >= kMinNormal ? __fdiv_rn(1.0f, max1) : 0.0f;  // reference.py: MIN_NORMAL
-      const float inv2 = max2 >= kMinNormal ? __fdiv_rn(1.0f, max2) : 0.0f;
-      uint32_t c1[kLane], c2[kLane];
-#pragma unroll
-      for (int k = 0; k < kLane; ++k) {
-        c1[k] = nearest_code(cb.thr1, __fmul_rn(m[k], inv1));
-        c2[k] = nearest_code(cb.thr2, __fmul_rn(v[k], inv2));
-      }
-      store_codes(static_cast<uint8_t*>(a.exp_avg), i, count, vec, c1);
-      store_codes(static_cast<uint8_t*>(a.exp_avg_sq), i, count, vec, c2);
-      if (lane == 0) {  // this warp read absmax[b] above and is the only one to touch it
-        a.absmax1[b] = max1;
-        a.absmax2[b] = max2;
-      }
-    } else {
-      store_lane(static_cast<float*>(a.exp_avg), i, count, vec, m);
-      store_lane(static_cast<float*>(a.exp_avg_sq), i, count, vec, v);
+    for (int u = 0; u < Unroll; ++u) {
+      const int64_t b = group * Unroll + u;
+      if (b < blocks) update_block<ParamT, Quantized>(a, cb, exact, b, lane, l[u]);
     }
   }
 }
@@ -318,6 +403,8 @@ bool vector_aligned(const StepArgs& a) {
 
 // --- launch (host) ---------------------------------------------------------------------------------
 
+std::atomic<int> selected_variant{kDefaultLaunchVariant};
+
 // How many thread blocks of `kernel` fit on one SM at once (queried once per kernel).
 template <typename Kernel>
 int resident_blocks_per_sm(Kernel kernel) {
@@ -328,40 +415,63 @@ int resident_blocks_per_sm(Kernel kernel) {
 
 // One wave: no more thread blocks than fit on the GPU at once, so the grid-stride loop gives every
 // block the same share and no partial last wave idles part of the chip.
-template <typename ParamT, typename GradT, bool Quantized>
-void launch_kernel(const StepArgs& a, int64_t wanted, int sms, cudaStream_t stream, bool aligned) {
-  const auto kernel = adamw8bit_kernel<ParamT, GradT, Quantized>;
+template <typename ParamT, typename GradT, bool Quantized, int Unroll, int MinBlocks>
+void launch_kernel(const StepArgs& a, int sms, cudaStream_t stream, bool aligned) {
+  const auto kernel = adamw8bit_kernel<ParamT, GradT, Quantized, Unroll, MinBlocks>;
   static const int per_sm = resident_blocks_per_sm(kernel);
+  const int64_t blocks = (a.numel + kBlockSize - 1) / kBlockSize;
+  const int64_t groups = (blocks + Unroll - 1) / Unroll;
+  const int64_t wanted = (groups + kWarps - 1) / kWarps;  // thread blocks for one pass without striding
   const int64_t grid = std::min<int64_t>(wanted, static_cast<int64_t>(sms) * per_sm);
   kernel<<<static_cast<unsigned>(grid), kThreads, 0, stream>>>(a, aligned);
 }
 
+// The variants of launch.h, each with 32 quantization blocks in flight per SM: 0: one block per warp
+// iteration, at most 64 registers (4 thread blocks, 32 warps per SM); 1: two blocks per iteration, at
+// most 128 registers (2 thread blocks); 2: four blocks per iteration, at most 255 registers (1).
+template <typename ParamT, typename GradT, bool Quantized>
+void launch_variant_kernel(const StepArgs& a, int sms, cudaStream_t stream, bool aligned) {
+  switch (selected_variant.load(std::memory_order_relaxed)) {
+    case 0: launch_kernel<ParamT, GradT, Quantized, 1, 4>(a, sms, stream, aligned); break;
+    case 1: launch_kernel<ParamT, GradT, Quantized, 2, 2>(a, sms, stream, aligned); break;
+    default: launch_kernel<ParamT, GradT, Quantized, 4, 1>(a, sms, stream, aligned); break;
+  }
+}
+
 template <typename ParamT, typename GradT>
-void launch(const StepArgs& a, int64_t wanted, int sms, cudaStream_t stream, bool aligned) {
+void launch(const StepArgs& a, int sms, cudaStream_t stream, bool aligned) {
   if (a.quantized) {
-    launch_kernel<ParamT, GradT, true>(a, wanted, sms, stream, aligned);
+    launch_variant_kernel<ParamT, GradT, true>(a, sms, stream, aligned);
   } else {
-    launch_kernel<ParamT, GradT, false>(a, wanted, sms, stream, aligned);
+    launch_variant_kernel<ParamT, GradT, false>(a, sms, stream, aligned);
   }
 }
 
 }  // namespace
+
+int launch_variant(int variant) {
+  if (variant == -1) return selected_variant.load();
+  if (variant < 0 || variant >= kLaunchVariants) {
+    throw std::invalid_argument("adamw8bit_step (CUDA): launch variant " + std::to_string(variant) +
+                                " does not exist; choose one of 0.." + std::to_string(kLaunchVariants - 1) +
+                                " (docs/GPU.md), or -1 to read the current one");
+  }
+  return selected_variant.exchange(variant);
+}
 
 void adamw8bit_step(const StepArgs& a, void* stream) {
   if (a.numel == 0) return;
   int device = 0, sms = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
   check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "reading the multiprocessor count");
-  const int64_t blocks = (a.numel + kBlockSize - 1) / kBlockSize;
-  const int64_t wanted = (blocks + kWarps - 1) / kWarps;  // thread blocks for one pass without striding
   const auto s = static_cast<cudaStream_t>(stream);
   const bool aligned = vector_aligned(a);
   const bool fp32_param = a.param_dtype == DType::kFloat32;
   const bool fp32_grad = a.grad_dtype == DType::kFloat32;
-  if (fp32_param && fp32_grad) launch<float, float>(a, wanted, sms, s, aligned);
-  else if (fp32_param) launch<float, uint16_t>(a, wanted, sms, s, aligned);
-  else if (fp32_grad) launch<uint16_t, float>(a, wanted, sms, s, aligned);
-  else launch<uint16_t, uint16_t>(a, wanted, sms, s, aligned);
+  if (fp32_param && fp32_grad) launch<float, float>(a, sms, s, aligned);
+  else if (fp32_param) launch<float, uint16_t>(a, sms, s, aligned);
+  else if (fp32_grad) launch<uint16_t, float>(a, sms, s, aligned);
+  else launch<uint16_t, uint16_t>(a, sms, s, aligned);
   check(cudaGetLastError(), "launching adamw8bit_kernel");
 }
 

@@ -3,9 +3,10 @@
 // for __syncthreads and for the warp shuffles, plain loads and stores for the streaming accesses, and
 // C++ arithmetic compiled with -ffp-contract=off for the correctly rounded intrinsics. Never part of
 // the build (setup.py compiles csrc/cuda/*.cu and *.cpp only); the test swaps it in for
-// <cuda_runtime.h> and replaces the one line of inline PTX (ld.shared) with emulated_load_shared.
+// <cuda_runtime.h>.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstdint>
@@ -23,12 +24,16 @@ struct uint4 {
 struct uint2 {
   uint32_t x, y;
 };
+struct float2 {
+  float x, y;
+};
 inline float4 make_float4(float a, float b, float c, float d) { return {a, b, c, d}; }
+inline float2 make_float2(float a, float b) { return {a, b}; }
 
 #define __device__
 #define __global__
 #define __forceinline__ inline
-#define __launch_bounds__(threads)
+#define __launch_bounds__(...)
 #define __shared__ static  // one thread block runs at a time
 
 inline thread_local dim3 threadIdx, blockIdx;
@@ -36,9 +41,20 @@ inline dim3 gridDim;
 inline thread_local std::barrier<>* emulated_block_barrier;
 inline thread_local std::barrier<>* emulated_warp_barrier;
 inline thread_local float* emulated_warp_slots;  // 32 floats shared by the lanes of one warp
-inline char emulated_shared_window[16];          // shared addresses are offsets from here
+inline std::atomic<int> emulated_block_none;     // __syncthreads_and: some thread passed 0
 
 inline void __syncthreads() { emulated_block_barrier->arrive_and_wait(); }
+
+// All arrive (so the last call's reset is done), the zeros are posted, all read, thread 0 resets.
+inline int __syncthreads_and(int predicate) {
+  emulated_block_barrier->arrive_and_wait();
+  if (predicate == 0) emulated_block_none.store(1);
+  emulated_block_barrier->arrive_and_wait();
+  const int all = emulated_block_none.load() == 0 ? 1 : 0;
+  emulated_block_barrier->arrive_and_wait();
+  if (threadIdx.x == 0) emulated_block_none.store(0);
+  return all;
+}
 
 inline float __shfl_xor_sync(unsigned, float value, int lane_mask) {
   const int lane = static_cast<int>(threadIdx.x % 32);
@@ -60,11 +76,6 @@ inline float __uint_as_float(uint32_t u) {
   std::memcpy(&f, &u, sizeof f);
   return f;
 }
-inline float __int_as_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
-}
 inline uint32_t __float_as_uint(float f) {
   uint32_t u;
   std::memcpy(&u, &f, sizeof u);
@@ -78,16 +89,6 @@ inline T __ldcs(const T* p) {
 template <typename T>
 inline void __stcs(T* p, T value) {
   *p = value;
-}
-
-// Static shared arrays and the window lie in one program image, so their distance fits 32 bits.
-inline size_t __cvta_generic_to_shared(const void* p) {
-  return static_cast<size_t>(static_cast<const char*>(p) - emulated_shared_window);
-}
-inline float emulated_load_shared(uint32_t address) {
-  float value;
-  std::memcpy(&value, emulated_shared_window + static_cast<int32_t>(address), sizeof value);
-  return value;
 }
 
 using cudaError_t = int;

@@ -12,6 +12,7 @@
 #include <optional>
 
 #include "adamw8bit.h"
+#include "cuda/launch.h"
 #include "ops.h"
 
 namespace astrobio {
@@ -36,7 +37,19 @@ void adamw8bit_step_cuda(const at::Tensor& param, const at::Tensor& grad, const 
   cuda::adamw8bit_step(a, stream.native_handle());
 }
 
+int64_t adamw8bit_cuda_launch_variant(int64_t variant) {
+  TORCH_CHECK(variant >= -1 && variant < cuda::kLaunchVariants, "adamw8bit_cuda_launch_variant: variant ", variant,
+              " does not exist; choose one of 0..", cuda::kLaunchVariants - 1, " (docs/GPU.md), or -1 to read it");
+  return cuda::launch_variant(static_cast<int>(variant));
+}
+
 }  // namespace
 }  // namespace astrobio
 
 TORCH_LIBRARY_IMPL(astrobio, CUDA, m) { m.impl("adamw8bit_step", &astrobio::adamw8bit_step_cuda); }
+
+// The CUDA kernel's launch variant for this process (csrc/cuda/launch.h); returns the previous one,
+// -1 only reads it. For benchmarks/tune_adamw8bit_gpu.py: every variant computes the same bits.
+TORCH_LIBRARY_FRAGMENT(astrobio, m) {
+  m.def("adamw8bit_cuda_launch_variant(int variant) -> int", &astrobio::adamw8bit_cuda_launch_variant);
+}
