@@ -28,6 +28,7 @@ peak is ``--peak-tflops``, by default the device's dense bf16 peak where known (
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -124,8 +125,8 @@ def llama_peer(model: torch.nn.Module):
     config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.d_model, intermediate_size=c.ffn_hidden,
                          num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads, num_key_value_heads=c.n_heads,
                          max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
-                         tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu")
-    config._attn_implementation = "sdpa"
+                         tie_word_embeddings=False, attention_bias=False, mlp_bias=False, hidden_act="silu",
+                         attn_implementation="sdpa")
     p = next(model.parameters())
     with torch.device(p.device):
         llama = LlamaForCausalLM(config).to(p.dtype)
@@ -171,20 +172,19 @@ def llama_grads_as_ours(config, llama) -> dict[str, torch.Tensor]:
     return grads
 
 
-def make_provider(name: str, args: argparse.Namespace, device: torch.device, param_dtype: torch.dtype):
+def make_provider(name: str, base: torch.nn.Module, args: argparse.Namespace):
     """(module, loss function of (inputs, targets), its gradients under astrobio's parameter names), or a
-    string saying why the provider is skipped."""
-    config = get_config(args.model, **({"n_layers": args.layers} if args.layers else {}))
-    model = build_model(config, seed=0, device=device, dtype=param_dtype)
-    model.gradient_checkpointing = args.checkpointing
+    string saying why the provider is skipped. Each provider starts from a copy of ``base``'s weights."""
     if name == "llama":
-        llama = llama_peer(model)
+        llama = llama_peer(base)
         if llama is None:
             return "transformers is not installed"
         if args.checkpointing:
             llama.gradient_checkpointing_enable()
         return (llama, lambda x, y: F.cross_entropy(llama(input_ids=x).logits.float().flatten(0, 1), y.flatten()),
-                lambda: llama_grads_as_ours(config, llama))
+                lambda: llama_grads_as_ours(base.config, llama))
+    model = copy.deepcopy(base)
+    model.gradient_checkpointing = args.checkpointing
     if "fused" in name and use_kernels(model, "fused") != "fused":
         return "the fused kernels cannot run here (see the message above)"
     if "compiled" in name and not compile_blocks(model):
@@ -241,7 +241,9 @@ def main() -> None:
     tol = TOLERANCE[compute_dtype]
     torch.manual_seed(0)
 
-    reference, ref_loss_fn, _ = make_provider("eager", args, device, param_dtype)
+    config = get_config(args.model, **({"n_layers": args.layers} if args.layers else {}))
+    base = build_model(config, seed=0, device=device, dtype=param_dtype)
+    reference, ref_loss_fn, _ = make_provider("eager", base, args)
     tokens = torch.randint(0, reference.config.vocab_size, (args.batch_size, args.seq_len + 1), device=device)
     batch = (tokens[:, :-1], tokens[:, 1:])
     ref_loss, _ = loss_and_grads(reference, ref_loss_fn, batch, autocast, device)
@@ -263,7 +265,7 @@ def main() -> None:
     del reference
 
     for name in args.providers.split(","):
-        made = make_provider(name, args, device, param_dtype)
+        made = make_provider(name, base, args)
         if isinstance(made, str):
             say(f"{name:15s} skipped: {made}")
             results["providers"][name] = {"skipped": made}

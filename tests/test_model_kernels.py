@@ -354,3 +354,24 @@ def test_chunked_loss_with_the_pytorch_row_step(monkeypatch, dname):
         assert a.grad.dtype == a.dtype and worst_excess(a.grad, b.grad, grad_rtol, grad_atol) <= 0
     with torch.no_grad():  # evaluation: the loss alone
         assert cross_entropy.linear_cross_entropy(hidden, weight, fixed["targets"], chunk_tokens=64) == loss.detach()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_and_compiled_model_on_gpu_matches_eager(checkpointing):
+    """torch.compile traces through the Triton ops (triton_op) into the blocks' graphs."""
+    from astrobio.model import ModelConfig, build_model, compile_blocks, use_kernels
+    config = ModelConfig(vocab_size=300, d_model=128, n_layers=2, n_heads=4, ffn_hidden=352, max_seq_len=64)
+    tokens = torch.randint(0, config.vocab_size, (2, 33), device="cuda")
+    results = []
+    for fast in (False, True):
+        model = build_model(config, seed=4, device="cuda", dtype=torch.bfloat16)
+        model.gradient_checkpointing = checkpointing
+        if fast:
+            assert use_kernels(model, "fused") == "fused" and compile_blocks(model)
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in model.parameters()])
+    for fast, eager in zip(*reversed(results)):
+        assert worst_excess(fast, eager.double(), *MODEL_TOLERANCE["bf16"]) <= 0
