@@ -7,8 +7,8 @@ Specification (``rmsnorm_reference``, the model's own RMSNorm in astrobio/model/
 
 The forward reads x (and the residual) once and writes y, h and one fp32 rstd per row; eager PyTorch
 makes three fp32 temporaries of the row. The backward reads dy, dh (the gradient reaching h from the
-residual stream), h, weight and rstd once and writes the input gradient and per-program partial
-sums of the weight gradient, added up by one small torch sum. Rows are the flattened leading
+residual stream), h, weight and rstd once and writes the input gradient; each program loops over
+many rows and writes one partial sum of the weight gradient, added up by one small torch sum. Rows are the flattened leading
 dimensions; one program normalises ``ROWS`` rows of ``BLOCK`` >= d_model columns.
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported).
@@ -66,23 +66,28 @@ def _rmsnorm_forward_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr, n_rows,
 @triton.jit
 def _rmsnorm_backward_kernel(dy_ptr, dh_ptr, h_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, n_rows, n_cols,
                              HAS_DH: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program p takes the row blocks p, p + programs, ...: its weight-gradient partial sum stays in
+    registers and is written once."""
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    offs = rows[:, None] * n_cols + cols[None, :]
-    dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
     w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
-    xhat = h * rstd[:, None]
-    dyw = dy * w[None, :]
-    # d/dh of h * rstd(h): rstd * (dyw - xhat * mean(dyw * xhat))
-    dx = rstd[:, None] * (dyw - xhat * (tl.sum(dyw * xhat, axis=1) / n_cols)[:, None])
-    if HAS_DH:
-        dx += tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
-    tl.store(dw_partial_ptr + pid * n_cols + cols, tl.sum(dy * xhat, axis=0), mask=cols < n_cols)
+    dw = tl.zeros([BLOCK], tl.float32)
+    for row_block in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+        rows = (row_block * ROWS + tl.arange(0, ROWS)).to(tl.int64)  # row indices fit in int32, offsets not
+        mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+        offs = rows[:, None] * n_cols + cols[None, :]
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
+        xhat = h * rstd[:, None]
+        dyw = dy * w[None, :]
+        # d/dh of h * rstd(h): rstd * (dyw - xhat * mean(dyw * xhat))
+        dx = rstd[:, None] * (dyw - xhat * (tl.sum(dyw * xhat, axis=1) / n_cols)[:, None])
+        if HAS_DH:
+            dx += tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dw += tl.sum(dy * xhat, axis=0)
+    tl.store(dw_partial_ptr + pid * n_cols + cols, dw, mask=cols < n_cols)
 
 
 def _launch_shape(n_cols: int) -> tuple[int, int, int]:
@@ -90,6 +95,14 @@ def _launch_shape(n_cols: int) -> tuple[int, int, int]:
     block = triton.next_power_of_2(n_cols)
     rows = max(1, min(16, 4096 // block))
     return block, rows, 4 if block * rows <= 4096 else 8
+
+
+def _backward_programs(device: torch.device) -> int:
+    """Enough programs to fill the GPU a few times over, few enough that the weight-gradient partials
+    (one row of fp32 per program) stay small next to the activations."""
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
 
 
 @triton_op("astrobio::rmsnorm_forward", mutates_args={})
@@ -115,7 +128,7 @@ def rmsnorm_backward(dy: torch.Tensor, dh: Optional[torch.Tensor], h: torch.Tens
     n_rows, n_cols = h.shape
     dx = torch.empty_like(h)
     block, rows, warps = _launch_shape(n_cols)
-    programs = triton.cdiv(n_rows, rows)
+    programs = max(1, min(triton.cdiv(n_rows, rows), _backward_programs(h.device)))
     dw_partial = torch.empty(programs, n_cols, device=h.device, dtype=torch.float32)
     if launch_needed(h):
         wrap_triton(_rmsnorm_backward_kernel)[(programs,)](

@@ -209,6 +209,41 @@ def check_model(case: str) -> dict:
     return {"output": excess, "grads": excess, "dtypes_kept": True}
 
 
+SAVED_CASES = ["fp32", "bf16", "autocast"]
+
+
+def check_saved_bytes(case: str) -> dict:
+    """What autograd keeps for one fused block against astrobio.memory.activations' count (kernels="fused");
+    the relative difference, as tests/test_memory_planner.py checks the eager block."""
+    from astrobio.memory import activations as act
+    from astrobio.model import get_config, use_kernels
+    from astrobio.model.transformer import TransformerBlock, rotary_tables
+    dtype, autocast = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False),
+                       "autocast": (torch.float32, True)}[case]
+    config = get_config("tiny", d_model=96, n_heads=3, ffn_hidden=200)
+    block = TransformerBlock(config).to(dtype)
+    use_kernels(block, "fused")
+    batch, seq = 2, 37
+    x = torch.randn(batch, seq, config.d_model, dtype=dtype, requires_grad=True)
+    cos, sin = rotary_tables(seq, config.head_dim, config.rope_theta, "cpu")
+    skip = {t.untyped_storage().data_ptr() for t in [*block.parameters(), cos, sin]}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x, cos, sin)
+    tokens, precision = act.Tokens(batch, seq), act.Precision.of(dtype.itemsize, autocast)
+    planned = (act.block_saved_bytes(config, tokens, precision, "fused")
+               + act.block_input_saved(config, tokens, precision, "fused"))
+    casts = sum(2 * p.numel() for name, p in block.named_parameters() if "norm" not in name) if autocast else 0
+    return {"relative_difference": abs(sum(saved.values()) - casts - planned) / planned}
+
+
 def register_ops() -> None:
     import astrobio.kernels.cross_entropy  # noqa: F401
     import astrobio.kernels.rmsnorm  # noqa: F401
@@ -218,7 +253,7 @@ def register_ops() -> None:
 
 def child_main(out_path: str) -> None:
     register_ops()
-    results = {"cases": {}, "opcheck": {}}
+    results = {"cases": {}, "saved": {}, "opcheck": {}}
     for case in CASES:
         try:
             results["cases"][case] = check_case(case)
@@ -229,6 +264,11 @@ def child_main(out_path: str) -> None:
             results["cases"][f"model-{case}"] = check_model(case)
         except Exception as error:  # noqa: BLE001
             results["cases"][f"model-{case}"] = {"error": f"{type(error).__name__}: {error}"}
+    for case in SAVED_CASES:
+        try:
+            results["saved"][case] = check_saved_bytes(case)
+        except Exception as error:  # noqa: BLE001
+            results["saved"][case] = {"error": f"{type(error).__name__}: {error}"}
     for name in OPCHECKS:
         results["opcheck"][name] = run_opcheck(name)
     with open(out_path, "w") as f:
@@ -261,6 +301,13 @@ def test_fused_model_matches_eager_loss_and_gradients(child_results, case):
     result = child_results["cases"][f"model-{case}"]
     assert "error" not in result, result.get("error")
     assert result["grads"] <= 0, f"{case}: loss or a gradient off by {result['grads']:.3g} beyond the tolerance"
+
+
+@pytest.mark.parametrize("case", SAVED_CASES)
+def test_fused_block_keeps_what_the_memory_planner_counts(child_results, case):
+    result = child_results["saved"][case]
+    assert "error" not in result, result.get("error")
+    assert result["relative_difference"] < 0.01, result
 
 
 @pytest.mark.parametrize("name", OPCHECKS)
@@ -307,3 +354,24 @@ def test_chunked_loss_with_the_pytorch_row_step(monkeypatch, dname):
         assert a.grad.dtype == a.dtype and worst_excess(a.grad, b.grad, grad_rtol, grad_atol) <= 0
     with torch.no_grad():  # evaluation: the loss alone
         assert cross_entropy.linear_cross_entropy(hidden, weight, fixed["targets"], chunk_tokens=64) == loss.detach()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_and_compiled_model_on_gpu_matches_eager(checkpointing):
+    """torch.compile traces through the Triton ops (triton_op) into the blocks' graphs."""
+    from astrobio.model import ModelConfig, build_model, compile_blocks, use_kernels
+    config = ModelConfig(vocab_size=300, d_model=128, n_layers=2, n_heads=4, ffn_hidden=352, max_seq_len=64)
+    tokens = torch.randint(0, config.vocab_size, (2, 33), device="cuda")
+    results = []
+    for fast in (False, True):
+        model = build_model(config, seed=4, device="cuda", dtype=torch.bfloat16)
+        model.gradient_checkpointing = checkpointing
+        if fast:
+            assert use_kernels(model, "fused") == "fused" and compile_blocks(model)
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in model.parameters()])
+    for fast, eager in zip(*reversed(results)):
+        assert worst_excess(fast, eager.double(), *MODEL_TOLERANCE["bf16"]) <= 0

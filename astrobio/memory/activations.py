@@ -24,6 +24,17 @@ checkpointing the checkpoint keeps it (rTh per layer) and the backward recompute
 Backward of one block additionally holds a few gradients at once; the largest moment is the SwiGLU
 product's backward: the product's gradient and the two it produces (3eTf), plus the residual stream's
 gradient in and out (2rTh).
+
+With the fused kernels (``kernels="fused"``, astrobio/model/fast.py) the block keeps less:
+
+    attn_norm   the block input itself and one fp32 rstd per token                             rTh + 4T
+    mlp_norm    the residual stream h = x + attention (its kernel adds and normalises)          rTh + 4T
+    linears     as above
+    attention   as above (the rotary kernel keeps only the tables)
+    SwiGLU      gate and up (silu * up recomputes the sigmoid), the product as w_down's input   3eTf
+
+and the loss (``linear_cross_entropy``) computes its gradients in the forward, chunk by chunk: it keeps
+the gradients of the head's input and of the head weight until the backward, never all the logits.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ from dataclasses import dataclass
 from astrobio.model import ModelConfig
 
 FP32 = 4
+KERNELS = ("eager", "fused")
 
 
 @dataclass(frozen=True)
@@ -57,20 +69,33 @@ class Precision:
         return cls(2 if (param_bytes == 2 or autocast) else 4, param_bytes)
 
 
-def block_saved_bytes(config: ModelConfig, tokens: Tokens, p: Precision) -> int:
+def check_kernels(kernels: str) -> None:
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
+
+
+def block_saved_bytes(config: ModelConfig, tokens: Tokens, p: Precision, kernels: str = "eager") -> int:
     """Bytes one block's autograd graph keeps, not counting the block input (see ``block_input_saved``)."""
+    check_kernels(kernels)
     t, h, f, e, r = tokens.count, config.d_model, config.ffn_hidden, p.matmul, p.residual
-    norms = (FP32 * t * h if r < FP32 else 0) + 3 * FP32 * t * h
+    if kernels == "fused":
+        norms = r * t * h  # mlp_norm's residual stream; attn_norm's input is the block input
+        mlp = 3 * e * t * f
+    else:
+        norms = (FP32 * t * h if r < FP32 else 0) + 3 * FP32 * t * h
+        mlp = 4 * e * t * f
     linear_inputs = 2 * r * t * h if e == r else 5 * e * t * h
     attention = 4 * e * t * h + FP32 * t * config.n_heads
-    mlp = 4 * e * t * f
     rsqrt = 2 * FP32 * t
     return norms + linear_inputs + attention + mlp + rsqrt
 
 
-def block_input_saved(config: ModelConfig, tokens: Tokens, p: Precision) -> int:
-    """The block input is saved by attn_norm only when it already is fp32 (``x.float()`` is ``x``)."""
-    return p.residual * tokens.count * config.d_model if p.residual == FP32 else 0
+def block_input_saved(config: ModelConfig, tokens: Tokens, p: Precision, kernels: str = "eager") -> int:
+    """The block input is saved by attn_norm only when it already is fp32 (``x.float()`` is ``x``);
+    the fused kernel always keeps it."""
+    check_kernels(kernels)
+    keeps = p.residual == FP32 or kernels == "fused"
+    return p.residual * tokens.count * config.d_model if keeps else 0
 
 
 def hidden_bytes(config: ModelConfig, tokens: Tokens, p: Precision) -> int:
@@ -84,9 +109,14 @@ def block_backward_transient(config: ModelConfig, tokens: Tokens, p: Precision) 
     return t * (3 * p.matmul * config.ffn_hidden + 2 * p.residual * config.d_model)
 
 
-def head_saved_bytes(config: ModelConfig, tokens: Tokens, p: Precision) -> int:
-    """Final RMSNorm (fp32 input copy or the fp32 input, normalised fp32) and the head's input."""
+def head_saved_bytes(config: ModelConfig, tokens: Tokens, p: Precision, kernels: str = "eager") -> int:
+    """Final RMSNorm (fp32 input copy or the fp32 input, normalised fp32) and the head's input; fused:
+    the norm's input and rstd, and the chunked loss's gradients of the head input and the head weight
+    (computed in the forward, kept until the backward)."""
+    check_kernels(kernels)
     t, h = tokens.count, config.d_model
+    if kernels == "fused":
+        return p.residual * t * h + FP32 * t + p.matmul * t * h + p.matmul * config.vocab_size * h
     return 2 * FP32 * t * h + p.matmul * t * h
 
 
@@ -101,3 +131,12 @@ def loss_working_bytes(config: ModelConfig, tokens: Tokens, chunks: int = 1) -> 
     per chunk of the sequence) it divides by ``chunks``.
     """
     return -(-3 * FP32 * tokens.count * config.vocab_size // chunks)
+
+
+def fused_loss_working_bytes(config: ModelConfig, tokens: Tokens, p: Precision, chunk_tokens: int | None = None) -> int:
+    """The chunked loss's forward peak beyond what ``head_saved_bytes(kernels="fused")`` counts: one
+    chunk of logits in the matmul dtype, the fp32 head-weight gradient being accumulated, and one fp32
+    loss per token (astrobio.kernels.cross_entropy; its default chunk holds 2**26 logits)."""
+    v = config.vocab_size
+    chunk = min(tokens.count, chunk_tokens or max(1, (1 << 26) // v))
+    return p.matmul * chunk * v + FP32 * v * config.d_model + FP32 * tokens.count
