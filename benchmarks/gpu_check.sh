@@ -155,23 +155,31 @@ train13b() {
   nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -lms 500 \
     >"$WORK/$name.smi.csv" 2>/dev/null &
   local smi=$!
+  # start-up: seconds from launch to the first line of metrics.jsonl (written after the step-0 evaluation)
+  local out=${*: -1} start=$SECONDS
+  (while [ ! -s "$out/metrics.jsonl" ]; do sleep 1; done; echo "first metrics line $((SECONDS - start)) s after launch") \
+    >"$WORK/$name.startup.txt" 2>/dev/null &
+  local poll=$!
   run_step "$name" "$limit" "$TRAIN_LOG" "$PY" -m astrobio.train "$@"
-  kill "$smi" 2>/dev/null
-  DETAILS[-1]="$(grep -E "tokens/s|GPU busy|peak device|peak host|start-up|checkpoint" "$TRAIN_LOG" | tail -n 6 | tr '\n' ';')"
+  kill "$smi" "$poll" 2>/dev/null
+  DETAILS[-1]="$(cat "$WORK/$name.startup.txt" 2>/dev/null); $(grep -E "^(tokens/s|cuda busy|peak device|peak host|checkpoint save|time) " "$TRAIN_LOG" | tail -n 6 | tr -s ' ' | tr '\n' ';')"
 }
 if wants system; then
-  optional bench-offload 90 "$BENCH_LOG" benchmarks/bench_offload.py --json "$WORK/offload_gpu.json"
-  optional memory-planner 60 "$BENCH_LOG" benchmarks/validate_memory_plan.py --device cuda \
-    --json "$WORK/memory_gpu.json"
+  optional bench-offload-small 70 "$BENCH_LOG" benchmarks/bench_offload.py --model small --micro-batches 8 \
+    --batch-size 8 --seq-len 256 --json "$WORK/offload_small_gpu.json"
   COMMON_13B=(--model 13b --device cuda --use-cpu-offloading --master-weights bf16-sr --accum-dtype bf16
               --use-mixed-precision --use-gradient-checkpointing --seq-len 2048 --micro-batch-size 1
               --eval-every-n-steps 0 --eval-batches 1)
-  train13b train-13b-1proc 200 "${COMMON_13B[@]}" --pipeline-stages 1 --gradient-accumulation-steps 16 \
+  train13b train-13b-1proc 230 "${COMMON_13B[@]}" --pipeline-stages 1 --gradient-accumulation-steps 16 \
     --steps 3 --output-dir "$WORK/run13b-1proc"
   rm -rf "$WORK/run13b-1proc/checkpoints"  # ~50 GB: the disk holds one
   train13b train-13b-2stage 160 "${COMMON_13B[@]}" --pipeline-stages 2 --gpu-memory-limit 24GiB \
     --gradient-accumulation-steps 8 --steps 2 --output-dir "$WORK/run13b-2stage"
   rm -rf "$WORK/run13b-2stage/checkpoints"
+  optional bench-offload-13b 90 "$BENCH_LOG" benchmarks/bench_offload.py --model 13b --layers 4 \
+    --micro-batches 8 --batch-size 1 --seq-len 2048 --checkpointing --json "$WORK/offload_13b_gpu.json"
+  optional memory-planner 60 "$BENCH_LOG" benchmarks/validate_memory_plan.py --device cuda \
+    --json "$WORK/memory_gpu.json"
   GPUS=$(nvidia-smi -L | wc -l)
   if ((GPUS < 2)); then
     skip pipeline-nccl "NCCL needs one GPU per rank; this machine has $GPUS"
@@ -182,7 +190,7 @@ if wants system; then
 fi
 
 # --- summary: the benchmarks' own tables, then one line per part; everything packed into OUTDIR -------
-for part in bench-adamw8bit tune-adamw8bit bench-model-small bench-model-13b bench-offload; do
+for part in bench-adamw8bit tune-adamw8bit bench-model-small bench-model-13b bench-offload-small bench-offload-13b; do
   if grep -q "=== $part:.*limit" "$BENCH_LOG"; then
     echo
     echo "--- $part (end of its output) ---"

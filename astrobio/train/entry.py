@@ -212,12 +212,27 @@ def write_summary(trainer: Trainer, wall_time: float, plot: Path, signum: int | 
     return summary
 
 
+# The summary's probes reload the final checkpoint on the CPU in fp32: past this size that costs minutes
+# and tens of GB of host memory at the end of a run.
+PROBE_MAX_PARAMETERS = 2_000_000_000
+
+
+def preset_parameters(preset: str) -> int:
+    """The parameter count of a model preset, from a build on the meta device (no memory)."""
+    from astrobio.model import build_model, get_config
+    return build_model(get_config(preset), device="meta").num_parameters()
+
+
 def add_task_accuracy(config: TrainConfig, summary: dict | None, examples: int = 200) -> dict | None:
     """The final checkpoint's task accuracy on held-out built-in records (``python -m astrobio.evaluate``
     gives the full report): the model completes ``hz`` and ``type`` from the record before them. Read
     from the checkpoint, so it works for any stage count; text runs on the built-in corpus only."""
     if (summary is None or not summary.get("checkpoint") or summary.get("stopped_by_signal")
             or config.modalities != "text" or not config.data.startswith("builtin")):
+        return summary
+    if preset_parameters(config.model) > PROBE_MAX_PARAMETERS:
+        print(f"task accuracy: not probed after a {config.model} run (the probes reload the model on the CPU); "
+              f"run python -m astrobio.evaluate --checkpoint {summary['output_dir']}", file=sys.stderr)
         return summary
     from astrobio.evaluate import builtin_probes
     from astrobio.inference.loading import load_model, load_tokenizer_for
