@@ -46,9 +46,9 @@ def test_batch_sizes_resolve(flags, expected):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--batch-size", "8", "--micro-batch-size", "3"], "micro_batch_size 3 does not divide batch_size 8"),
+    (["--batch-size", "8", "--micro-batch-size", "3"], "--micro-batch-size 3 does not divide --batch-size 8"),
     (["--batch-size", "8", "--micro-batch-size", "2", "--gradient-accumulation-steps", "3"], "agree"),
-    (["--batch-size", "9", "--gradient-accumulation-steps", "2"], "does not divide batch_size 9"),
+    (["--batch-size", "9", "--gradient-accumulation-steps", "2"], "does not divide --batch-size 9"),
 ])
 def test_inconsistent_batch_sizes_are_refused(flags, words):
     with pytest.raises(ConfigError, match=words):
@@ -99,7 +99,7 @@ def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
     return [
         (["--model", "huge"], "invalid choice: 'huge'"),
         (["--batch-size", "8", "--micro-batch-size", "3"], "does not divide"),
-        (["--lr", "0"], "lr must be a positive number"),
+        (["--lr", "0"], "--lr must be a positive number"),
         (["--lr", "-0.001"], "lr must be a positive number"),
         (["--steps", "5", "--epochs", "1"], "not both"),
         (["--seq-len", "100000"], "exceeds model 'tiny'"),
@@ -109,9 +109,13 @@ def bad_cases(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["--use-cpu-offloading", "--no-use-8bit-optimizer"], "runs the 8-bit AdamW on the host"),
         (["--master-weights", "bf16-sr"], "add --use-cpu-offloading"),
         (["--modalities", "text,audio"], "unknown modality 'audio'"),
-        (["--memory-alert-fraction", "1.5"], "memory_alert_fraction must be in (0, 1]"),
-        (["--resume", str(tmp_path / "nowhere")], "not a checkpoint directory"),
+        (["--memory-alert-fraction", "1.5"], "--memory-alert-fraction must be in (0, 1]"),
+        (["--resume", str(tmp_path / "nowhere")], "pass a run's --output-dir, one of its checkpoints/step-N"),
         (["--output-dir", str(blocker / "run")], "is a file"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--micro-batch-size", "0"], "--micro-batch-size must be >= 1, got 0"),
+        (["--beta2", "1.0"], "--beta2 must be in [0, 1)"),
+        (["--output-dir", "/proc/astrobio-no"], "--output-dir /proc/astrobio-no"),
     ]
 
 
@@ -132,7 +136,7 @@ def test_cli_bad_configuration_has_no_traceback(tmp_path):
                             capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert "micro_batch_size 3 does not divide batch_size 8" in result.stderr
+    assert "--micro-batch-size 3 does not divide --batch-size 8" in result.stderr
     assert not out.exists()
 
 
@@ -282,7 +286,7 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(small_args(out, "--steps", "2")) == 0
     capsys.readouterr()
-    assert main(small_args(out, "--steps", "2")) == 2
+    assert main(small_args(out, "--steps", "3")) == 2  # another run than the one there
     assert "--resume auto" in capsys.readouterr().err
     assert main(small_args(out, "--steps", "3", "--overwrite")) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -378,3 +382,54 @@ def test_a_signal_during_the_stop_gather_is_kept_for_the_next_step():
     assert stop.received == signal.SIGINT  # ...but it is not lost: the next gather carries it
     trainer.ranks.gather = lambda value: [value, None]
     assert Trainer.stopping(trainer, stop) is True
+
+
+# ------------------------------------------------------------------------------ running it again
+
+def test_the_same_command_twice_reports_the_complete_run(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = small_args(out, "--steps", "2", "--eval-batches", "1")
+    assert main(args) == 0
+    first = json.loads((out / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(args) == 0  # as the README's default job run a second time
+    printed = capsys.readouterr().out
+    assert "already holds this run, complete (2 of 2 steps)" in printed
+    assert json.loads((out / "summary.json").read_text()) == first  # nothing trained or rewritten
+    assert main(small_args(out, "--steps", "3", "--eval-batches", "1")) == 2  # another run: refused as before
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_resume_accepts_a_run_directory_and_the_summary_adds_up(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(small_args(out, "--steps", "4", "--stop-at-step", "2", "--eval-batches", "1")) == 0
+    capsys.readouterr()
+    assert main(small_args(out, "--steps", "4", "--eval-batches", "1", "--resume", str(out))) == 0
+    printed = capsys.readouterr().out
+    assert f"resumed from {out / 'checkpoints' / 'step-2'} (step 2)" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4
+    # this run's steps are part of its wall time; the steps since step 0 include the first run's
+    assert summary["train_time_s"] <= summary["wall_time_s"] < summary["wall_time_s"] + summary["train_time_since_step_0_s"]
+    assert summary["train_time_since_step_0_s"] > summary["train_time_s"]
+    outputs = next(line for line in printed.splitlines() if line.startswith("outputs"))
+    assert outputs.endswith(", checkpoints/step-4") and "plots/ (loss, memory, step_timeline)" in outputs
+
+
+def test_a_pipeline_job_draws_one_progress_bar(tmp_path, capfd):
+    out = tmp_path / "run"
+    assert main(small_args(out, "--steps", "2", "--eval-batches", "1", "--pipeline-stages", "2",
+                           "--gradient-accumulation-steps", "2")) == 0
+    err = capfd.readouterr().err
+    # tqdm redraws its bar in place; a second bar (another rank's) would start at 0 of the steps again
+    assert err.count("train:   0%") == 1, err
+
+
+def test_the_memory_plot_knows_it_ran_on_the_cpu(tmp_path, monkeypatch):
+    """On the CPU the "device" is host memory: the records say so, so that plots/memory.png draws the
+    resident set (and its peak) instead of four copies of it."""
+    plotted = []
+    monkeypatch.setattr("astrobio.train.memory.plot_memory", lambda samples, path, alert: plotted.extend(samples))
+    out = tmp_path / "run"
+    assert main(small_args(out, "--steps", "2", "--eval-batches", "1")) == 0
+    assert plotted and {sample["device"] for sample in plotted} == {"cpu"}

@@ -137,7 +137,7 @@ def test_multimodal_prefix_counts_against_max_seq_len(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(multimodal_args(out, "--seq-len", "510")) == 2
     err = capsys.readouterr().err
-    assert "seq_len 510 + 4 prefix positions (text,catalogue,graph) exceeds model 'tiny'" in err
+    assert "--seq-len 510 + 4 prefix positions (text,catalogue,graph) exceeds model 'tiny'" in err
     assert "--seq-len 508 or less" in err and not out.exists()
 
 

@@ -34,6 +34,11 @@ class ConfigError(ValueError):
     """A bad configuration: the message names the value, what was expected, and how to fix it."""
 
 
+def flag(name: str) -> str:
+    """The command-line flag of a config field: ``micro_batch_size`` -> ``--micro-batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
 def option(default, help: str, kind: type | None = None, choices: tuple | None = None):
     """A config field with its flag's help text; ``kind`` is needed where the default is None."""
     kind = kind or type(default)
@@ -130,13 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
                      argument_default=argparse.SUPPRESS)
     parser.add_argument("--config", help="a YAML or TOML file with the same keys as these flags")
     for name, f in FIELDS.items():
-        flag = "--" + name.replace("_", "-")
         meta = f.metadata
         help_text = meta["help"] if f.default is None else f"{meta['help']} (default: {f.default})"
         if meta["kind"] is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(flag(name), action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(flag, type=meta["kind"], choices=meta["choices"], help=help_text,
+            parser.add_argument(flag(name), type=meta["kind"], choices=meta["choices"], help=help_text,
                                 metavar=None if meta["choices"] else name.upper())
     return parser
 
@@ -212,7 +216,7 @@ def resolve_batch(config: TrainConfig) -> TrainConfig:
     for name, value in (("batch_size", batch), ("micro_batch_size", micro),
                         ("gradient_accumulation_steps", accum)):
         if value is not None and value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
+            raise ConfigError(f"{flag(name)} must be >= 1, got {value}")
     if batch is None and micro is None and accum is None and config.pipeline_stages > 1:
         micro, accum = 4, 4  # the same 16 sequences a step, as 4 micro-batches to fill the pipeline
     if batch is None:
@@ -222,15 +226,15 @@ def resolve_batch(config: TrainConfig) -> TrainConfig:
     elif micro is None:
         accum = accum or 1
         if batch % accum:
-            raise ConfigError(f"gradient_accumulation_steps {accum} does not divide batch_size {batch}; "
+            raise ConfigError(f"--gradient-accumulation-steps {accum} does not divide --batch-size {batch}; "
                               f"choose a divisor of {batch}")
         micro = batch // accum
     else:
         if batch % micro:
-            raise ConfigError(f"micro_batch_size {micro} does not divide batch_size {batch}; choose a "
+            raise ConfigError(f"--micro-batch-size {micro} does not divide --batch-size {batch}; choose a "
                               f"divisor of {batch} (e.g. {largest_divisor(batch, micro)})")
         if accum is not None and micro * accum != batch:
-            raise ConfigError(f"batch_size {batch} != micro_batch_size {micro} x gradient_accumulation_steps "
+            raise ConfigError(f"--batch-size {batch} != --micro-batch-size {micro} x --gradient-accumulation-steps "
                               f"{accum}; give two of the three, or make them agree")
         accum = batch // micro
     return replace(config, batch_size=batch, micro_batch_size=micro, gradient_accumulation_steps=accum)
@@ -274,7 +278,7 @@ def check_choices(config: TrainConfig) -> None:
     for name, f in FIELDS.items():
         choices, value = f.metadata["choices"], getattr(config, name)
         if choices and value not in choices:
-            raise ConfigError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+            raise ConfigError(f"unknown {flag(name)} {value!r}; choose one of {', '.join(choices)}")
 
 
 def check_counts(config: TrainConfig) -> None:
@@ -285,28 +289,28 @@ def check_counts(config: TrainConfig) -> None:
     for name in positive:
         value = getattr(config, name)
         if value is not None and value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
+            raise ConfigError(f"{flag(name)} must be >= 1, got {value}")
     for name in non_negative:
         if getattr(config, name) < 0:
-            raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
+            raise ConfigError(f"{flag(name)} must be >= 0, got {getattr(config, name)}")
 
 
 def check_optimizer(config: TrainConfig) -> None:
     if not (math.isfinite(config.lr) and config.lr > 0):
-        raise ConfigError(f"lr must be a positive number, got {config.lr}")
+        raise ConfigError(f"--lr must be a positive number, got {config.lr}")
     if not (math.isfinite(config.min_lr) and 0 <= config.min_lr <= config.lr):
-        raise ConfigError(f"min_lr must be in [0, lr={config.lr}], got {config.min_lr}")
+        raise ConfigError(f"--min-lr must be in [0, --lr {config.lr}], got {config.min_lr}")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(config, name) < 1:
-            raise ConfigError(f"{name} must be in [0, 1), got {getattr(config, name)}")
+            raise ConfigError(f"{flag(name)} must be in [0, 1), got {getattr(config, name)}")
     if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
-        raise ConfigError(f"weight_decay must be >= 0, got {config.weight_decay}")
+        raise ConfigError(f"--weight-decay must be >= 0, got {config.weight_decay}")
     if not config.pipeline_timeout > 0:
-        raise ConfigError(f"pipeline_timeout must be > 0 seconds, got {config.pipeline_timeout}")
+        raise ConfigError(f"--pipeline-timeout must be > 0 seconds, got {config.pipeline_timeout}")
     if not 0 < config.memory_alert_fraction <= 1:
-        raise ConfigError(f"memory_alert_fraction must be in (0, 1], got {config.memory_alert_fraction}")
+        raise ConfigError(f"--memory-alert-fraction must be in (0, 1], got {config.memory_alert_fraction}")
     if not (math.isfinite(config.max_grad_norm) and config.max_grad_norm >= 0):
-        raise ConfigError(f"max_grad_norm must be >= 0 (0 = no clipping), got {config.max_grad_norm}")
+        raise ConfigError(f"--max-grad-norm must be >= 0 (0 = no clipping), got {config.max_grad_norm}")
 
 
 def prefix_len(config: TrainConfig) -> int:
@@ -326,7 +330,7 @@ def check_model(config: TrainConfig) -> None:
                           f"{get_config(config.model).n_layers} layers; use fewer stages")
     if config.seq_len + prefix > max_seq_len:
         with_prefix = f" + {prefix} prefix positions ({config.modalities})" if prefix else ""
-        raise ConfigError(f"seq_len {config.seq_len}{with_prefix} exceeds model {config.model!r}'s max_seq_len "
+        raise ConfigError(f"--seq-len {config.seq_len}{with_prefix} exceeds model {config.model!r}'s max_seq_len "
                           f"{max_seq_len}; use --seq-len {max_seq_len - prefix} or less")
 
 
@@ -337,9 +341,8 @@ def check_offload(config: TrainConfig) -> None:
     if not config.use_cpu_offloading:
         for name in ("master_weights", "accum_dtype"):
             if getattr(config, name) != "fp32":
-                flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} {getattr(config, name)} applies to offloaded optimizer state; add "
-                                  f"--use-cpu-offloading or use {flag} fp32")
+                raise ConfigError(f"{flag(name)} {getattr(config, name)} applies to offloaded optimizer state; add "
+                                  f"--use-cpu-offloading or use {flag(name)} fp32")
 
 
 def check_environment(config: TrainConfig) -> None:
@@ -351,8 +354,8 @@ def check_environment(config: TrainConfig) -> None:
     if config.tokenizer is not None and not Path(config.tokenizer).exists():
         raise ConfigError(f"--tokenizer {config.tokenizer!r} not found; pass a tokenizer.json or its folder")
     if config.resume not in (None, "auto") and not Path(config.resume).is_dir():
-        raise ConfigError(f"--resume {config.resume!r} is not a checkpoint directory; pass "
-                          f"checkpoints/step-N or 'auto'")
+        raise ConfigError(f"--resume {config.resume!r} is not a directory; pass a run's --output-dir, one of "
+                          f"its checkpoints/step-N, or 'auto'")
     import torch
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda but no CUDA device is available; use --device cpu")

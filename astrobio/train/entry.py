@@ -79,23 +79,53 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, DataBundle, Resume | None
 
 
 def create_outputs(config: TrainConfig, resume: Resume | None) -> None:
+    """The output directory with this run's config.json (after --overwrite removed the previous run's
+    outputs). A directory the checks could not foresee failing (e.g. under /proc, where even root cannot
+    create one) is a bad configuration too."""
     out = Path(config.output_dir)
-    if config.overwrite and resume is None:
-        for name in RUN_OUTPUTS:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    try:
+        if config.overwrite and resume is None:
+            for name in RUN_OUTPUTS:
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=1) + "\n")
+    except OSError as error:
+        raise ConfigError(f"--output-dir {config.output_dir} cannot be written: {error.strerror or error}; "
+                          f"choose another --output-dir") from None
 
 
 # ------------------------------------------------------------------------------------ running it
 
+def completed_run(config: TrainConfig) -> dict | None:
+    """The summary of the run already in --output-dir when it is this very run (the same config.json),
+    finished (every step, not stopped by a signal) and checkpointed; None otherwise. Running the same
+    command twice (e.g. the README's default job) then reports that run instead of refusing."""
+    if config.resume is not None or config.overwrite:
+        return None
+    out = Path(config.output_dir)
+    try:
+        saved = json.loads((out / "config.json").read_text())
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    finished = summary.get("steps") == summary.get("of_steps") and not summary.get("stopped_by_signal")
+    checkpoint = summary.get("checkpoint")
+    if saved != config.to_dict() or not finished or not checkpoint or not Path(checkpoint).is_dir():
+        return None
+    return summary
+
+
 def run(config: TrainConfig) -> dict | None:
     """Prepares, trains, and returns the summary (also written to summary.json); with several pipeline
-    stages, runs the job's ranks (the summary is rank 0's; None in torchrun's other processes)."""
+    stages, runs the job's ranks (the summary is rank 0's; None in torchrun's other processes). When
+    --output-dir already holds this run, complete, returns its summary (``already_complete``)."""
+    done = completed_run(config)
+    if done is not None:
+        return {**done, "already_complete": True} if torchrun_rank() == 0 else None
     config, data, resume = prepare(config)
     if torchrun_rank() == 0:
         create_outputs(config, resume)
@@ -200,7 +230,8 @@ def write_summary(trainer: Trainer, wall_time: float, plot: Path, signum: int | 
         "initial_val_loss": trainer.initial_val_loss,
         "val_loss_ratio": (trainer.last_val_loss / trainer.initial_val_loss
                            if trainer.last_val_loss is not None and trainer.initial_val_loss else None),
-        "skipped_steps": trainer.skipped_steps, "wall_time_s": wall_time, "train_time_s": trainer.train_time,
+        "skipped_steps": trainer.skipped_steps, "wall_time_s": wall_time, "train_time_s": trainer.stepped_s,
+        "train_time_since_step_0_s": trainer.train_time,
         "device": trainer.device.type, "device_busy_fraction": trainer.busy_by_stage,
         "grad_accum_location": trainer.config.grad_accum_location if trainer.config.use_cpu_offloading else None,
         **{k: v for k, v in memory_stats(trainer.device).items() if "peak" in k},
@@ -271,10 +302,22 @@ def format_summary(summary: dict) -> str:
         lines.append(f"accuracy ({probe['field']:4s})    {probe['accuracy']:.1%} (95% CI {probe['ci_low']:.1%}-"
                      f"{probe['ci_high']:.1%}, n={probe['examples']}) on held-out records; majority class "
                      f"'{probe['majority_label']}' {probe['majority_baseline']:.1%}")
-    lines += [f"time               {summary['wall_time_s']:.1f} s ({summary['train_time_s']:.1f} s in steps)",
-              f"outputs            {summary['output_dir']}: config.json, metrics.jsonl, summary.json, "
-              f"{summary['plot']}, {summary['checkpoint']}"]
+    time = f"time               {summary['wall_time_s']:.1f} s ({summary['train_time_s']:.1f} s in steps"
+    if summary["train_time_since_step_0_s"] > summary["train_time_s"] + 0.05:  # a resumed run
+        time += f"; {summary['train_time_since_step_0_s']:.1f} s in steps since step 0"
+    out = Path(summary["output_dir"])
+    plots = Path(summary["plot"]).parent
+    files = ["config.json", "metrics.jsonl", "summary.json",
+             f"{shown(plots, out)}/ ({', '.join(sorted(p.stem for p in plots.glob('*.png')))})"]
+    if summary["checkpoint"]:
+        files.append(shown(Path(summary["checkpoint"]), out))
+    lines += [time + ")", f"outputs            {out}/: {', '.join(files)}"]
     return "\n".join(lines)
+
+
+def shown(path: Path, out: Path) -> str:
+    """``path`` relative to the output directory when it lies inside it, else as it is."""
+    return path.relative_to(out).as_posix() if path.is_relative_to(out) else str(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if summary is None:  # a torchrun rank other than 0: rank 0 reports
         return 0
+    if summary.get("already_complete"):
+        print(f"{summary['output_dir']} already holds this run, complete ({summary['steps']} of "
+              f"{summary['of_steps']} steps); its summary follows. Pass --overwrite to train it again, "
+              f"--steps N with --resume auto to train on, or another --output-dir.")
     print(format_summary(summary))
     signum = summary["stopped_by_signal"]
     return 128 + signum if signum else 0  # the shell's convention for a process stopped by a signal

@@ -25,8 +25,9 @@ from astrobio.memory.accumulation import choose_accumulation
 from astrobio.memory.profiler import host_total
 from astrobio.train.config import ConfigError, TrainConfig
 
-# profiler sample keys that go into metrics.jsonl as they are ("alert" becomes "memory_alert" when set)
-SAMPLE_KEYS = ("stage", "host_rss_bytes", "host_peak_bytes", "pinned_bytes", "device_allocated_bytes",
+# profiler sample keys that go into metrics.jsonl as they are ("alert" becomes "memory_alert" when set);
+# "device" tells plots/memory.png which curves mean something there (on the CPU the device is host memory)
+SAMPLE_KEYS = ("stage", "device", "host_rss_bytes", "host_peak_bytes", "pinned_bytes", "device_allocated_bytes",
                "device_reserved_bytes", "device_peak_bytes", "device_total_bytes")
 
 

@@ -7,8 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from astrobio.train.checkpoint import CheckpointError, Checkpointer, IoStats, load_checkpoint
-from astrobio.train.config import ConfigError, TrainConfig
+from astrobio.train.checkpoint import MANIFEST, CheckpointError, Checkpointer, IoStats, load_checkpoint
+from astrobio.train.config import ConfigError, TrainConfig, flag
 
 # A resumed run must match its checkpoint in these keys (the rest, e.g. --steps or --lr, may change).
 RESUME_KEYS = ("model", "seq_len", "micro_batch_size", "gradient_accumulation_steps", "data", "tokenizer",
@@ -41,8 +41,21 @@ def find_resume(config: TrainConfig) -> Resume | None:
                                   f"({len(skipped)} corrupt); delete them or drop --resume to start over")
             return None
     else:
-        path = Path(config.resume)
+        path = checkpoint_in(Path(config.resume))
     return load_resume(config, path)
+
+
+def checkpoint_in(path: Path) -> Path:
+    """``--resume PATH``: a checkpoint directory as it is, or a run directory's newest valid checkpoint."""
+    if (path / MANIFEST).exists() or not (path / "checkpoints").is_dir():
+        return path  # a checkpoint (load_checkpoint says what is wrong with it, if anything)
+    found, skipped = Checkpointer(path / "checkpoints", keep_last_k=1).latest_valid()
+    for line in skipped:
+        print(f"warning: skipping {line}", file=sys.stderr)
+    if found is None:
+        raise ConfigError(f"--resume {path}: the run directory holds no valid checkpoint in {path}/checkpoints; "
+                          f"pass one of its checkpoints/step-N, or drop --resume to start over")
+    return found
 
 
 def load_resume(config: TrainConfig, path: str | Path) -> Resume:
@@ -61,7 +74,6 @@ def check_resume_matches(config: TrainConfig, saved: dict, path: Path) -> None:
     ours = config.to_dict()  # as saved: the data URI without credentials
     for key in RESUME_KEYS:
         if saved.get(key, TrainConfig.__dataclass_fields__[key].default) != ours[key]:
-            flag = "--" + key.replace("_", "-")
-            raise ConfigError(f"checkpoint {path} was trained with {key}={saved.get(key)!r} but this run has "
-                              f"{ours[key]!r}; pass {flag} {saved.get(key)} to resume it, or use "
+            raise ConfigError(f"checkpoint {path} was trained with {flag(key)} {saved.get(key)!r} but this run "
+                              f"has {ours[key]!r}; pass {flag(key)} {saved.get(key)} to resume it, or use "
                               f"another --output-dir")

@@ -170,7 +170,9 @@ class Trainer:
             self.logger.log({"step": 0, "val_loss": self.initial_val_loss, **memory_stats(self.device),
                              **self.memory_sample(0, force=True)})
         since_logged = Throughput()
-        bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", mininterval=1.0, file=sys.stderr)
+        # one bar for the job: rank 0's (every rank runs the same steps)
+        bar = tqdm(total=steps, initial=self.step, desc="train", unit="step", mininterval=1.0, file=sys.stderr,
+                   disable=not self.is_main)
         with StopSignal() as stop:
             while self.step < stop_at and not self.stopping(stop):
                 since_logged.add(self.train_step(), self.tokens_per_step)
