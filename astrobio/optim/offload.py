@@ -128,9 +128,11 @@ def squared_norm(x: torch.Tensor) -> torch.Tensor:
     a device computes it without waiting for the host; NaN or Inf when any element is not finite."""
     flat = x.reshape(-1)
     total = torch.zeros((), dtype=torch.float64, device=x.device)
-    size = _NORM_CHUNK if x.device.type == "cpu" else _DEVICE_NORM_CHUNK
+    size = max(1, min(flat.numel(), _NORM_CHUNK if x.device.type == "cpu" else _DEVICE_NORM_CHUNK))
+    scratch = torch.empty(size, dtype=torch.float64, device=x.device)  # one buffer: no fresh pages per chunk
     for start in range(0, flat.numel(), size):
-        chunk = flat[start:start + size].to(torch.float64)
+        chunk = scratch[:min(size, flat.numel() - start)]
+        chunk.copy_(flat[start:start + size])
         total += torch.dot(chunk, chunk)
     return total
 
