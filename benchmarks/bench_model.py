@@ -16,8 +16,9 @@ a 13B-shaped stage), the same batch for every provider, all in one process:
 Before timing, each provider's loss and gradients on the batch are compared with the eager model's
 (the Llama peer gets the eager model's weights, its q / k rows permuted from interleaved rotary pairs
 to its half-split convention, and its gradients are mapped back); a provider off by more than the
-tolerance (relative error of the loss and of each parameter's gradient norm: fp32 1e-4, bf16 5e-2;
-transformers' Llama and the eager model in bf16 differ by 1.2e-2 on tiny; a wrong kernel by order 1) is reported and not timed.
+tolerance is reported and not timed. Tolerance: relative error of the loss and of each parameter's
+gradient norm, fp32 1e-4, bf16 5e-2 (transformers' Llama and the eager model in bf16 differ by 1.2e-2
+on tiny; a wrong kernel by order 1).
 
 MFU = FLOPs per step / step time / peak. FLOPs per step: 6 x (parameters that multiply activations:
 all but the embedding and the norm scales) x tokens, plus causal attention 6 x layers x d_model x
