@@ -16,7 +16,9 @@ a 13B-shaped stage), the same batch for every provider, all in one process:
 Before timing, each provider's loss and gradients on the batch are compared with the eager model's
 (the Llama peer gets the eager model's weights, its q / k rows permuted from interleaved rotary pairs
 to its half-split convention, and its gradients are mapped back); a provider off by more than the
-tolerance (fp32: 1e-4 relative; bf16: 3e-2) is reported and not timed.
+tolerance is reported and not timed. Tolerance: relative error of the loss and of each parameter's
+gradient norm, fp32 1e-4, bf16 5e-2 (transformers' Llama and the eager model in bf16 differ by 1.2e-2
+on tiny; a wrong kernel by order 1).
 
 MFU = FLOPs per step / step time / peak. FLOPs per step: 6 x (parameters that multiply activations:
 all but the embedding and the norm scales) x tokens, plus causal attention 6 x layers x d_model x
@@ -42,7 +44,7 @@ from astrobio.optim import AdamW8bit
 
 PROVIDERS = ("eager", "fused", "compiled", "fused+compiled", "llama")
 KNOWN_PEAKS_TFLOPS = {"H100": 989.5, "H200": 989.5, "A100": 312.0, "A5000": 111.1}  # dense bf16 tensor cores
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # relative: loss, and each gradient's norm
 
 
 def parse_args() -> argparse.Namespace:
@@ -262,7 +264,7 @@ def main() -> None:
     say(f"{args.model} x{reference.config.n_layers} layers, {reference.num_parameters() / 1e6:.1f}M parameters, "
         f"{precision}, batch {args.batch_size} x {args.seq_len} on {results['device_name']}; "
         f"{flops / 1e12:.3f} TFLOP per step; peak {peak or 'unknown'} TFLOP/s")
-    del reference
+    del reference, ref_loss_fn
 
     for name in args.providers.split(","):
         made = make_provider(name, base, args)

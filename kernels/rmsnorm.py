@@ -8,8 +8,9 @@ Specification (``rmsnorm_reference``, the model's own RMSNorm in astrobio/model/
 The forward reads x (and the residual) once and writes y, h and one fp32 rstd per row; eager PyTorch
 makes three fp32 temporaries of the row. The backward reads dy, dh (the gradient reaching h from the
 residual stream), h, weight and rstd once and writes the input gradient; each program loops over
-many rows and writes one partial sum of the weight gradient, added up by one small torch sum. Rows are the flattened leading
-dimensions; one program normalises ``ROWS`` rows of ``BLOCK`` >= d_model columns.
+many rows and writes one partial sum of the weight gradient, added up by one small torch sum. Rows
+are the flattened leading dimensions; a program takes ``ROWS`` rows of ``BLOCK`` >= d_model columns
+at a time.
 
 Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (set before triton is imported).
 """

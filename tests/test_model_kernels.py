@@ -10,6 +10,11 @@ the tests here check each report against the case's tolerance. The child also ru
 Tolerances, as |kernel - fp64 reference| <= atol + rtol * |reference|: fp32 1e-5 / 1e-5 for outputs
 and 1e-4 / 1e-4 for gradients (sums over rows and over the vocabulary reassociate); bf16 2e-2 / 2e-2
 (a bf16 ulp is 2**-8 relative: the kernel rounds once, the comparison allows a few ulps).
+
+NOTE: the interpreter truncates on a plain fp32 -> bf16 cast where the GPU rounds to nearest even, so
+bf16 results here carry a truncation bias the compiled kernels do not have (the fused tiny model's
+worst bf16 gradient is 3e-2 from fp32 here, eager's 1e-2); the tests marked ``gpu`` check the
+compiled kernels against the same references.
 """
 
 import json
@@ -29,12 +34,14 @@ CHILD_TIMEOUT_S = 600
 
 # name: shape arguments of make_inputs
 RMSNORM = {"1x128": (1, 128), "255x257": (255, 257), "257x64": (257, 64), "3x4097": (3, 4097)}
-ROTARY = {"1x1x1x2": (1, 1, 1, 2), "1x255x3x16": (1, 255, 3, 16), "1x257x2x6": (1, 257, 2, 6), "1x5x34x128": (1, 5, 34, 128)}
+ROTARY = {"1x1x1x2": (1, 1, 1, 2), "1x255x3x16": (1, 255, 3, 16), "1x257x2x6": (1, 257, 2, 6),
+          "1x5x34x128": (1, 5, 34, 128)}
 SWIGLU = {f"{n}": (n,) for n in SIZES} | {"3x4097": (3, 4097)}
 # (tokens, vocab, d_model, chunk_tokens)
 CROSS_ENTROPY = {"1x7x16": (1, 7, 16, 4), "255x257x32": (255, 257, 32, 100), "257x4097x16": (257, 4097, 16, 64),
                  "513x255x8": (513, 255, 8, 200)}
-CASES = ([f"rmsnorm-{s}-{d}" for s in RMSNORM for d in DTYPES] + [f"rmsnorm_residual-{s}-{d}" for s in RMSNORM for d in DTYPES]
+CASES = ([f"rmsnorm-{s}-{d}" for s in RMSNORM for d in DTYPES]
+         + [f"rmsnorm_residual-{s}-{d}" for s in RMSNORM for d in DTYPES]
          + [f"rotary-{s}-{d}" for s in ROTARY for d in DTYPES] + [f"swiglu-{s}-{d}" for s in SWIGLU for d in DTYPES]
          + [f"cross_entropy-{s}-{d}" for s in CROSS_ENTROPY for d in DTYPES])
 OPCHECKS = ["rmsnorm_forward", "rmsnorm_forward_residual", "rmsnorm_backward", "rotary", "rotary_backward",
