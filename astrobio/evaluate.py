@@ -65,7 +65,7 @@ def catalogue_source(catalogue: str | None, train_data: str) -> tuple[str, str] 
     side of a split by system is probed on the other side; else the default catalogue, named as seen in
     training when the run trained on a catalogue file."""
     if catalogue:
-        if catalogue.startswith("oec://"):
+        if catalogue.startswith("oec:"):
             source = SplitCatalogueSource(catalogue)
             if not source.path.is_file():
                 raise FileNotFoundError(f"--catalogue {catalogue}: {source.path} does not exist")
@@ -74,7 +74,7 @@ def catalogue_source(catalogue: str | None, train_data: str) -> tuple[str, str] 
             raise FileNotFoundError(f"--catalogue {catalogue} does not exist; give an OEC .xml.gz file, "
                                     f"oec://PATH?split=heldout, or leave it out")
         return catalogue, "the Open Exoplanet Catalogue"
-    if train_data.startswith("oec://"):
+    if train_data.startswith("oec:"):
         held_out = SplitCatalogueSource(train_data).uri_of("heldout")
         return held_out, "held-out systems of the Open Exoplanet Catalogue"
     if not DEFAULT_CATALOGUE.is_file():
