@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 from astrobio.cli import resolve_device, run_cli
-from astrobio.inference.arguments import ArgumentParser, positive_int
 from astrobio.data import build_token_splits, load_records, split_records
 from astrobio.data.oec import SplitCatalogueSource
 from astrobio.data.sources import open_source, redact_uri
+from astrobio.inference.arguments import ArgumentParser, positive_int
 from astrobio.inference.evaluation import run_probe, validation_loss
 from astrobio.inference.loading import load_model, load_tokenizer_for
 
@@ -79,7 +79,7 @@ def catalogue_source(catalogue: str | None, train_data: str) -> tuple[str, str] 
         return held_out, "held-out systems of the Open Exoplanet Catalogue"
     if not DEFAULT_CATALOGUE.is_file():
         return None
-    seen = " (trained on: not held out)" if train_data.lower().endswith((".xml", ".xml.gz")) else ""
+    seen = " (all systems: the run trained on them)" if train_data.lower().endswith((".xml", ".xml.gz")) else ""
     return str(DEFAULT_CATALOGUE), f"the Open Exoplanet Catalogue{seen}"
 
 

@@ -317,11 +317,11 @@ def split_systems(systems: list[Body], fraction: float) -> tuple[list[Body], lis
 
 class SplitCatalogueSource(Source):
     """``oec://PATH?split=train|heldout[&heldout=FRACTION][&synthetic=N]``: one side of a catalogue file
-    split by system (``PATH`` relative, or absolute as in ``oec:///abs/file.xml.gz`` or ``oec:/abs/...``). ``records`` are the
-    side's systems as text records, followed by ``N`` records of the built-in synthetic corpus drawn from
-    the seed (none by default): real systems to learn the catalogue's records from, synthetic ones whose
-    ``hz`` answers are common enough (28%, against the catalogue's 3%) to learn the rule from. ``rows``
-    are the side's planets' catalogue rows."""
+    split by system (``PATH`` relative, or absolute: ``oec:///abs/file.xml.gz``, or ``oec:/abs/...`` as
+    config.json stores it). ``records`` are the side's systems as text records, followed by ``N`` records
+    of the built-in synthetic corpus drawn from the seed (none by default): real systems to learn the
+    catalogue's records from, synthetic ones whose ``hz`` answers are common enough (28%, against the
+    catalogue's 3%) to learn the rule from. ``rows`` are the side's planets' catalogue rows."""
 
     format = "oec"
     PARAMETERS = ("split", "heldout", "synthetic")
