@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 from astrobio.cli import resolve_device, run_cli
-from astrobio.inference.arguments import ArgumentParser, positive_int
 from astrobio.data import build_token_splits, load_records, split_records
 from astrobio.data.oec import SplitCatalogueSource
 from astrobio.data.sources import open_source, redact_uri
+from astrobio.inference.arguments import ArgumentParser, positive_int
 from astrobio.inference.evaluation import run_probe, validation_loss
 from astrobio.inference.loading import load_model, load_tokenizer_for
 
@@ -65,7 +65,7 @@ def catalogue_source(catalogue: str | None, train_data: str) -> tuple[str, str] 
     side of a split by system is probed on the other side; else the default catalogue, named as seen in
     training when the run trained on a catalogue file."""
     if catalogue:
-        if catalogue.startswith("oec://"):
+        if catalogue.startswith("oec:"):
             source = SplitCatalogueSource(catalogue)
             if not source.path.is_file():
                 raise FileNotFoundError(f"--catalogue {catalogue}: {source.path} does not exist")
@@ -74,12 +74,12 @@ def catalogue_source(catalogue: str | None, train_data: str) -> tuple[str, str] 
             raise FileNotFoundError(f"--catalogue {catalogue} does not exist; give an OEC .xml.gz file, "
                                     f"oec://PATH?split=heldout, or leave it out")
         return catalogue, "the Open Exoplanet Catalogue"
-    if train_data.startswith("oec://"):
+    if train_data.startswith("oec:"):
         held_out = SplitCatalogueSource(train_data).uri_of("heldout")
         return held_out, "held-out systems of the Open Exoplanet Catalogue"
     if not DEFAULT_CATALOGUE.is_file():
         return None
-    seen = " (trained on: not held out)" if train_data.lower().endswith((".xml", ".xml.gz")) else ""
+    seen = " (all systems: the run trained on them)" if train_data.lower().endswith((".xml", ".xml.gz")) else ""
     return str(DEFAULT_CATALOGUE), f"the Open Exoplanet Catalogue{seen}"
 
 

@@ -48,12 +48,15 @@ def test_a_healthy_run_directory_is_used_silently(run_with_corrupt_newest, capsy
     assert capsys.readouterr().err == ""
 
 
+GEN = ["--checkpoint", "x", "--prompt", "a"]
+
+
 @pytest.mark.parametrize("module, argv, expected", [
     (generate_cli, ["--checkpoint", "runs/x"], "the following arguments are required: --prompt"),
-    (generate_cli, ["--checkpoint", "x", "--prompt", "a", "--top-p", "1.5"], "argument --top-p: must lie in (0, 1]"),
-    (generate_cli, ["--checkpoint", "x", "--prompt", "a", "--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1"),
-    (generate_cli, ["--checkpoint", "x", "--prompt", "a", "--temperature", "-1"], "argument --temperature: must be >= 0"),
-    (generate_cli, ["--checkpoint", "x", "--prompt", "a", "--top-k", "two"], "argument --top-k: expected a whole number"),
+    (generate_cli, GEN + ["--top-p", "1.5"], "argument --top-p: must lie in (0, 1]"),
+    (generate_cli, GEN + ["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1"),
+    (generate_cli, GEN + ["--temperature", "-1"], "argument --temperature: must be >= 0"),
+    (generate_cli, GEN + ["--top-k", "two"], "argument --top-k: expected a whole number"),
     (evaluate_cli, ["--checkpoint", "x", "--max-examples", "0"], "argument --max-examples: must be >= 1"),
     (evaluate_cli, [], "the following arguments are required: --checkpoint"),
 ])

@@ -54,6 +54,16 @@ def test_sides_partition_the_systems_in_catalogue_order(catalogue):
     assert held == [system_record(s) for s in systems if is_held_out(s.name, 0.3)]  # the corpus record format
 
 
+def test_the_uri_as_a_run_stores_it_reads_the_same_side(catalogue):
+    from astrobio.data.sources import redact_uri
+    path, _ = catalogue
+    uri = f"oec://{path}?split=heldout&heldout=0.3"
+    assert path.is_absolute() and redact_uri(uri) != uri  # config.json holds oec:/abs/path
+    assert open_source(redact_uri(uri)).records() == open_source(uri).records()
+    uri, _ = catalogue_source(None, redact_uri(f"oec://{path}?split=train&heldout=0.3"))
+    assert open_source(uri).records() == open_source(f"oec://{path}?split=heldout&heldout=0.3").records()
+
+
 def test_a_system_keeps_its_side_whatever_else_is_in_the_file(catalogue, tmp_path):
     path, names = catalogue
     held = set(open_source(f"oec://{path}?split=heldout").records())
@@ -68,16 +78,25 @@ def test_bad_split_uris_are_clear_errors(catalogue):
     for uri, expected in ((f"oec://{path}", "split=train"), (f"oec://{path}?split=test", "split=train"),
                           (f"oec://{path}?split=train&seed=1", "split=train"),
                           (f"oec://{path}?split=train&heldout=1.5", "heldout=1.5"),
-                          (f"oec://{path}?split=train&heldout=x", "heldout=x")):
+                          (f"oec://{path}?split=train&heldout=x", "heldout=x"),
+                          (f"oec://{path}?split=train&synthetic=-3", "synthetic=-3")):
         with pytest.raises(SourceError, match=expected):
             open_source(uri).records()
     with pytest.raises(SourceError, match="does not exist"):
         open_source(f"oec://{path}.missing?split=train").records()
 
 
+def test_synthetic_records_follow_the_real_ones(catalogue):
+    from astrobio.data.corpus import builtin_records
+    path, _ = catalogue
+    real = open_source(f"oec://{path}?split=train").records(seed=5)
+    mixed = open_source(f"oec://{path}?split=train&synthetic=7").records(seed=5)
+    assert mixed == real + builtin_records(7, seed=5)
+
+
 def test_evaluate_probes_the_other_side_of_the_runs_split(catalogue):
     path, _ = catalogue
-    uri, name = catalogue_source(None, f"oec://{path}?split=train&heldout=0.3")
+    uri, name = catalogue_source(None, f"oec://{path}?split=train&heldout=0.3&synthetic=10")
     assert name == "held-out systems of the Open Exoplanet Catalogue"
     assert isinstance(open_source(uri), SplitCatalogueSource) and open_source(uri).split == "heldout"
     assert open_source(uri).records() == open_source(f"oec://{path}?split=heldout&heldout=0.3").records()
