@@ -7,8 +7,8 @@ Rounding is made explicit where Triton's defaults differ from IEEE: ``tl.div_rn`
 (plain ``/`` and ``tl.sqrt`` are approximate on the GPU) and ``enable_fp_fusion=False`` (no
 multiply-add contraction). Every fp32 NaN written is the canonical quiet NaN 0x7FC00000.
 
-The nearest code (the number of thresholds ``(qmap[i] + qmap[i + 1]) * 0.5`` below x) is a direct
-lookup, as in the CUDA kernel (csrc/cuda/adamw8bit.cu; docs/GPU.md): a byte table indexed by the sign,
+The nearest code (the number of thresholds ``(qmap[i] + qmap[i + 1]) * 0.5`` below x; 0 for a NaN)
+is a direct lookup, as in the CUDA kernel (csrc/cuda/adamw8bit.cu; docs/GPU.md): a byte table indexed by the sign,
 exponent and top 6 mantissa bits of x gives ``base``, the count below the bucket's smallest value, and
 the code is ``base`` plus how many of the next two thresholds (one 8-byte load) lie below x. The tables
 are built from the maps by torch ops (``lookup_tables``, cached per pair of maps), with a flag saying
@@ -71,8 +71,10 @@ def _nearest_code(n, base_ptr, pairs_ptr, exact, KEY_BITS: tl.constexpr, MIN_KEY
     """The number of the 255 thresholds strictly below n (reference.quantize_blockwise)."""
     if exact:  # direct lookup: the bucket's base, then two compares
         bits = n.to(tl.uint32, bitcast=True)
-        key = tl.minimum(tl.maximum((bits & 0x7FFFFFFF) >> (23 - KEY_BITS), MIN_KEY), MAX_KEY)
-        bucket = (key - MIN_KEY + (bits >> 31) * BUCKETS).to(tl.int32)
+        magnitude = bits & 0x7FFFFFFF
+        key = tl.minimum(tl.maximum(magnitude >> (23 - KEY_BITS), MIN_KEY), MAX_KEY)
+        negative = (bits >> 31) | (magnitude > 0x7F800000).to(tl.uint32)  # a NaN: the -inf bucket, code 0
+        bucket = (key - MIN_KEY + negative * BUCKETS).to(tl.int32)
         base = tl.load(base_ptr + bucket).to(tl.int32)
         t0, t1 = _threshold_pair(pairs_ptr, base)
         code = base + (n > t0).to(tl.int32) + (n > t1).to(tl.int32)
@@ -105,6 +107,14 @@ def _canonical(x):
     """Every NaN as the canonical quiet NaN 0x7FC00000 (positive, no payload)."""
     nan = tl.full(x.shape, 0x7FC00000, tl.uint32).to(tl.float32, bitcast=True)
     return tl.where(x != x, nan, x)
+
+
+@triton.jit
+def _block_absmax(x):
+    """Each row's max |x|, a NaN kept (as the canonical NaN): the max of the |x| bit patterns, whose
+    integer order is the float order for non-negative floats, with every NaN above +inf."""
+    bits = tl.max((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF), axis=1)
+    return tl.where(bits > 0x7F800000, 0x7FC00000, bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -150,7 +160,7 @@ def _adamw8bit_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, absmax1_
     if PARAM_IS_BF16:  # stochastic rounding with the counter hash of the global index
         hi = _mix32((offs >> 32).to(tl.uint32) ^ seed.to(tl.uint32, bitcast=True))
         r = _mix32(offs.to(tl.uint32) ^ hi) & 0xFFFF
-        bf16_bits = ((p.to(tl.uint32, bitcast=True) + r) >> 16).to(tl.uint16)
+        bf16_bits = ((_canonical(p).to(tl.uint32, bitcast=True) + r) >> 16).to(tl.uint16)
         tl.store(param_ptr + offs, bf16_bits.to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         p = _canonical(p)
@@ -160,8 +170,8 @@ def _adamw8bit_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, absmax1_
         tl.store(param_bf16_ptr + offs, bf16_bits.to(tl.bfloat16, bitcast=True), mask=mask)
 
     if QUANTIZED:  # masked elements hold m = v = 0 and leave the absmax unchanged
-        max1 = tl.max(tl.abs(m), axis=1)
-        max2 = tl.max(tl.abs(v), axis=1)
+        max1 = _block_absmax(m)
+        max2 = _block_absmax(v)
         inv1 = _inverse_or_zero(max1)
         inv2 = _inverse_or_zero(max2)
         exact = tl.load(exact_ptr) != 0
