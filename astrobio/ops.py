@@ -8,7 +8,11 @@ astrobio/spec/adamw8bit.py), served by these backends:
     cuda       the CUDA kernel for CUDA tensors (when the extension was built with CUDA)
     triton     the Triton kernel (astrobio.kernels), CUDA tensors, or CPU under TRITON_INTERPRET=1
 
-The package keeps working without the compiled library: ``reference`` is then the only backend.
+Every backend validates its arguments with the C++ op's checks (the Triton op through
+``astrobio._C.check_adamw8bit_args``). The op's ``found_inf`` (optional, a one-element float32 tensor on
+the parameters' device, nonzero = skip the step) is read by device kernels where it lies, so deciding a
+skip never synchronizes. The package keeps working without the compiled library: ``reference`` is then
+the only backend.
 """
 
 from __future__ import annotations

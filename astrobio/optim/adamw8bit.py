@@ -206,7 +206,8 @@ class AdamW8bit(torch.optim.Optimizer):
         on_host = all(d.type == "cpu" for d in devices)
         if found_inf is not None:
             if found_inf.numel() != 1:
-                raise ValueError(f"found_inf must be a bool or a one-element tensor, got {found_inf.numel()} elements")
+                raise ValueError(f"found_inf must be a bool or a one-element tensor, got {found_inf.numel()} "
+                                 "elements")
             if on_host or found_inf.device.type == "cpu" or len(devices) > 1:
                 return bool(found_inf.reshape(-1)[0] != 0)
             return found_inf.reshape(1).to(device=next(iter(devices)), dtype=torch.float32)
@@ -227,9 +228,9 @@ class AdamW8bit(torch.optim.Optimizer):
         """One update of every parameter that has a gradient; returns the closure's loss, if any.
 
         ``grad_scale`` multiplies every gradient inside the kernel (e.g. 1/accumulation or a clipping
-        coefficient). ``found_inf`` (a bool or a one-element tensor), when given, decides the skip
-        instead of a scan of the gradients: a bool, or a one-element tensor (nonzero skips; on the GPU the
-        parameters live on, it is read there by the kernels, without a synchronization).
+        coefficient). ``found_inf``, when given, decides the skip instead of a check of the gradients: a
+        bool, or a one-element tensor (nonzero skips; on the GPU the parameters live on, the kernels read
+        it there, without a synchronization).
         """
         loss = None
         if closure is not None:
@@ -246,7 +247,8 @@ class AdamW8bit(torch.optim.Optimizer):
             self._skipped_on_host += 1
             return loss
         if flag is not None:
-            self._skipped_on_device = flag.clone() if self._skipped_on_device is None else self._skipped_on_device + flag
+            counted = self._skipped_on_device
+            self._skipped_on_device = flag.clone() if counted is None else counted + flag
         for index, group, p in params:
             self._step_parameter(index, group, p, float(grad_scale), flag)
         return loss

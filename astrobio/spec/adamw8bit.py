@@ -16,7 +16,8 @@ multiply-add) so that a kernel can reproduce it exactly:
         denom = sqrt(v) * inv_bc2_sqrt + eps
         p     = p * decay - step_size * (m / denom)
 
-with an IEEE (correctly rounded) sqrt and division. This is torch.optim.AdamW's update (decoupled weight decay, bias correction) in a fixed order.
+with an IEEE (correctly rounded) sqrt and division. This is torch.optim.AdamW's update (decoupled weight
+decay, bias correction) in a fixed order.
 
 8-bit moments: m with the signed and v with the unsigned 256-entry dynamic map (Dettmers et al.
 2022), one fp32 absmax per block of 256 elements. Dequantize: ``value = qmap[code] * absmax``.
