@@ -3,7 +3,7 @@ tests/test_adamw8bit_triton.py (both compare a kernel with the reference from th
 
 import torch
 
-from astrobio.optim import reference as R
+from astrobio.spec import adamw8bit as R
 
 NAN_WITH_PAYLOAD = -0x3EDCBB  # int32 bits 0xFFC12345: a negative quiet NaN with a payload
 

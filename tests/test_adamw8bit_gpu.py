@@ -5,7 +5,7 @@ specification. Everything but the first check needs a CUDA GPU and is skipped wi
   CUDA thread) and run on the CPU against the reference: its indexing, tails, unaligned path, warp
   reduction, code search and grid-stride loop are checked in CI, where there is no GPU
   (the hardware itself, its vector accesses and the PTX, only on a GPU);
-- every backend against astrobio/optim/reference.py (run on the CPU) over 50 calls, bit for bit:
+- every backend against astrobio/spec/adamw8bit.py (run on the CPU) over 50 calls, bit for bit:
   sizes that do not divide the 256-element block, fp32/bf16 gradients, fp32 or bf16 stochastic-
   rounding masters, the bf16 copy, fp32 moments, tensors not aligned to 16 bytes, and found_inf on
   the device (one call is skipped);
@@ -27,7 +27,7 @@ from _adamw8bit_cases import edge_gradients
 from _adamw8bit_cases import initial_state as shared_initial_state
 
 from astrobio import ops
-from astrobio.optim import reference as R
+from astrobio.spec import adamw8bit as R
 from astrobio.optim.adamw8bit import AdamW8bit
 
 

@@ -3,7 +3,7 @@
 Triton's interpreter must be switched on (TRITON_INTERPRET=1) before triton is imported, so the
 kernel runs in one child process: this file run as a script. The child steps every case with the
 ``triton`` backend of astrobio.ops and saves the states; the tests here replay the same steps with
-the reference (astrobio/optim/reference.py) and require every bit to match. This process keeps the
+the reference (astrobio/spec/adamw8bit.py) and require every bit to match. This process keeps the
 compiled Triton, so other test files never see the interpreter. On a GPU,
 tests/test_adamw8bit_gpu.py runs the compiled kernel against the same reference.
 """
@@ -23,7 +23,7 @@ from _adamw8bit_cases import edge_gradients, initial_state  # noqa: E402
 
 from astrobio import ops  # noqa: E402
 from astrobio.kernels import adamw8bit as K  # noqa: E402
-from astrobio.optim import reference as R  # noqa: E402
+from astrobio.spec import adamw8bit as R  # noqa: E402
 
 SIZES = (1, 255, 256, 257, 4097)
 # name: (8-bit moments, param dtype, grad dtype, write a bf16 copy)

@@ -23,7 +23,7 @@ from astrobio.memory.hardware import GIB, HardwareProfile, get_hardware
 from astrobio.memory.timing import StepTime, estimate_step
 from astrobio.model import ModelConfig, build_stage, even_split, get_config
 from astrobio.model.encoders import build_prefix, check_modalities
-from astrobio.optim.reference import BLOCK_SIZE, MIN_8BIT_NUMEL
+from astrobio.spec.adamw8bit import BLOCK_SIZE, MIN_8BIT_NUMEL
 from astrobio.parallel.schedules import compute_order, normalize_kind
 
 SCHEDULES = ("gpipe", "1f1b", "zb-h1")

@@ -76,7 +76,7 @@ from typing import Any
 import torch
 
 from astrobio import ops
-from astrobio.optim import reference
+from astrobio.spec import adamw8bit as reference
 from astrobio.optim.adamw8bit import check_hyperparameters, check_parameter, checked_state, new_state, step_seed
 
 ACCUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

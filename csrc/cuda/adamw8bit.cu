@@ -1,6 +1,6 @@
 // CUDA kernel of astrobio::adamw8bit_step: one fused pass over memory per step (docs/GPU.md).
 //
-// The arithmetic follows astrobio/optim/reference.py operation by operation with the correctly
+// The arithmetic follows astrobio/spec/adamw8bit.py operation by operation with the correctly
 // rounded intrinsics (__fmul_rn, __fadd_rn, __fsqrt_rn, __fdiv_rn; setup.py also passes
 // --fmad=false), so the results are bit-exact with the reference.
 //
