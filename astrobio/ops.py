@@ -1,14 +1,18 @@
 """Loads the compiled op library (astrobio._C), registers fake kernels, and picks a backend.
 
 One op, ``astrobio::adamw8bit_step`` (schema in csrc/ops.cpp, specification in
-astrobio/optim/reference.py), served by these backends:
+astrobio/spec/adamw8bit.py), served by these backends:
 
-    reference  plain PyTorch (astrobio.optim.reference); always available, any device
+    reference  plain PyTorch (astrobio.spec.adamw8bit); always available, any device
     cpu        the C++ kernel (SIMD + OpenMP) for CPU tensors
     cuda       the CUDA kernel for CUDA tensors (when the extension was built with CUDA)
     triton     the Triton kernel (astrobio.kernels), CUDA tensors, or CPU under TRITON_INTERPRET=1
 
-The package keeps working without the compiled library: ``reference`` is then the only backend.
+Every backend validates its arguments with the C++ op's checks (the Triton op through
+``astrobio._C.check_adamw8bit_args``). The op's ``found_inf`` (optional, a one-element float32 tensor on
+the parameters' device, nonzero = skip the step) is read by device kernels where it lies, so deciding a
+skip never synchronizes. The package keeps working without the compiled library: ``reference`` is then
+the only backend.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import os
 
 import torch
 
-from astrobio.optim import reference
+from astrobio.spec import adamw8bit as reference
 
 try:
     from astrobio import _C
@@ -59,7 +63,7 @@ def has_cuda_kernel() -> bool:
 
 
 def has_triton() -> bool:
-    if importlib.util.find_spec("triton") is None:
+    if _C is None or importlib.util.find_spec("triton") is None:  # the Triton op validates through _C
         return False
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -103,6 +107,14 @@ def _unavailable_reason(name: str, device: torch.device) -> str:
             return "astrobio._C was built without CUDA (ASTROBIO_CUDA=0, or nvcc/CUDA torch missing at build time)"
         return "the CUDA kernel steps CUDA tensors only"
     return "Triton is not installed, or there is no GPU and TRITON_INTERPRET=1 is not set"
+
+
+def any_non_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether any element of these contiguous CPU float32/bfloat16 tensors is inf or NaN: one native
+    multi-threaded pass with the GIL released (per-tensor torch reductions without the extension)."""
+    if _C is not None:
+        return bool(_C.any_non_finite(tensors))
+    return any(not bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def adamw8bit_step(backend: str, param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,

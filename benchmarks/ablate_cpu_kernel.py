@@ -153,7 +153,7 @@ def build(folder: pathlib.Path, compiler: str) -> dict[str, pathlib.Path]:
 def write_maps(path: pathlib.Path) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
-    from astrobio.optim.reference import dynamic_map
+    from astrobio.spec.adamw8bit import dynamic_map
     torch.cat([dynamic_map(True), dynamic_map(False)]).numpy().tofile(path)
 
 

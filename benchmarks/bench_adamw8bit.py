@@ -4,16 +4,21 @@
                                          [--grad-dtype fp32|bf16] [--json PATH] [--providers a,b]
 
 Providers form a registry; each says which device it runs on and how many bytes per parameter a single
-pass of its step must move (its own streams: read weights, gradient, m, v; write weights, m, v):
+pass of its step must move (its own streams: read weights, gradient, m, v; write weights, m, v; plus one
+more read of the gradient where the step scans it for non-finite values). Every provider is timed through
+its optimizer's public ``step()`` with default settings, astrobio too (``AdamW8bit.step()``, which checks
+the gradients for inf/NaN); two extra astrobio rows show ``step(found_inf=False)`` (the caller already
+knows, as the trainer does from its clip norm: nothing is scanned) and the bare op (``op only``):
 
-    cpu   astrobio (the C++ op), torch AdamW fused, torch AdamW foreach, DeepSpeed CPUAdam,
-          bitsandbytes AdamW8bit, torchao AdamW8bit
-    cuda  astrobio CUDA and Triton (astrobio.ops), torch AdamW fused, bitsandbytes AdamW8bit, torchao AdamW8bit
+    cpu   astrobio, astrobio step(found_inf=False), astrobio op only, torch AdamW fused,
+          torch AdamW foreach, DeepSpeed CPUAdam, bitsandbytes AdamW8bit, torchao AdamW8bit
+    cuda  astrobio CUDA, astrobio CUDA step(found_inf=False), astrobio CUDA op only, the same three for
+          astrobio Triton, torch AdamW fused, bitsandbytes AdamW8bit, torchao AdamW8bit
 
 A provider whose package is missing is reported as skipped (nothing is installed by this script).
 
 Validation first, on a small problem (65,792 parameters, 5 steps with fresh gradients): astrobio must be
-bit-exact with the specification (astrobio/optim/reference.py); every provider's total weight update is
+bit-exact with the specification (astrobio/spec/adamw8bit.py); every provider's total weight update is
 compared with fp32 AdamW (the specification's update with fp32 moments): relative error below 1e-4 for
 fp32-state optimizers, below 0.1 for 8-bit ones (quantization noise). Then, on the same big tensors for
 every provider (one fp32 weight tensor copied per provider, one shared gradient), the median of --steps
@@ -40,7 +45,8 @@ from typing import Callable
 import torch
 
 from astrobio import ops
-from astrobio.optim import reference as R
+from astrobio.optim import AdamW8bit
+from astrobio.spec import adamw8bit as R
 
 HYPER = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
 VALIDATION_NUMEL = 257 * 256
@@ -60,16 +66,30 @@ class Provider:
     uses_bf16_grad: bool = False                # takes the bf16 gradient when --grad-dtype bf16
     available: Callable[[], str | None] = field(default=lambda: None)  # None, or why it cannot run
     note: str = ""
+    scans_grad: bool = False                    # reads the gradient once more (the non-finite check)
 
     def bytes_per_param(self, grad_bytes: int) -> float:
+        scan = grad_bytes if self.scans_grad else 0
         if self.eight_bit:
-            return 4 + grad_bytes + 1 + 1 + 4 + 1 + 1 + ABSMAX_BYTES
-        return 4 + grad_bytes + 4 + 4 + 4 + 4 + 4
+            return 4 + grad_bytes + 1 + 1 + 4 + 1 + 1 + ABSMAX_BYTES + scan
+        return 4 + grad_bytes + 4 + 4 + 4 + 4 + 4 + scan
 
 
 # --- step functions ----------------------------------------------------------------------------------
 
-def astrobio_step(backend: str) -> Callable:
+def astrobio_optimizer_step(backend: str, **step_kwargs) -> Callable:
+    """AdamW8bit(backend=...).step(**step_kwargs): the public API with default settings."""
+    def build(param: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
+        p = torch.nn.Parameter(param, requires_grad=True)
+        p.grad = grad
+        opt = AdamW8bit([p], lr=HYPER["lr"], betas=(HYPER["beta1"], HYPER["beta2"]), eps=HYPER["eps"],
+                        weight_decay=HYPER["weight_decay"], backend=backend)
+        return lambda: opt.step(**step_kwargs)
+    return build
+
+
+def astrobio_op_step(backend: str) -> Callable:
+    """The op ``astrobio.ops.adamw8bit_step`` alone, with state kept here (no optimizer, no scan)."""
     def build(param: torch.Tensor, grad: torch.Tensor) -> Callable[[], None]:
         n, device = param.numel(), param.device
         q1, q2 = R.dynamic_map(True).to(device), R.dynamic_map(False).to(device)
@@ -139,9 +159,22 @@ def needs_astrobio(backend: str) -> Callable[[], str | None]:
     return check
 
 
+def astrobio_providers(device: str, label: str, backend: str) -> list[Provider]:
+    """The public step with defaults, the step told found_inf=False, and the bare op."""
+    check = needs_astrobio(backend)
+    return [
+        Provider(label, device, True, (), astrobio_optimizer_step(backend), available=check, scans_grad=True,
+                 note="step() with defaults: checks the gradients for inf/NaN"),
+        Provider(f"{label} step(found_inf=False)", device, True, (),
+                 astrobio_optimizer_step(backend, found_inf=False), available=check,
+                 note="the caller knows the gradients are finite: nothing is scanned"),
+        Provider(f"{label} op only", device, True, (), astrobio_op_step(backend), uses_bf16_grad=True,
+                 available=check, note="astrobio.ops.adamw8bit_step alone, not the public API"),
+    ]
+
+
 PROVIDERS = [
-    Provider("astrobio", "cpu", True, (), astrobio_step("cpu"), uses_bf16_grad=True,
-             available=needs_astrobio("cpu")),
+    *astrobio_providers("cpu", "astrobio", "cpu"),
     Provider("torch AdamW fused", "cpu", False, (), torch_adamw(fused=True)),
     Provider("torch AdamW foreach", "cpu", False, (), torch_adamw(foreach=True),
              note="several passes over memory; bytes counted for one"),
@@ -149,10 +182,8 @@ PROVIDERS = [
     Provider("bitsandbytes AdamW8bit", "cpu", True, ("bitsandbytes",), torch_optimizer_step(bitsandbytes_adamw8bit)),
     Provider("torchao AdamW8bit", "cpu", True, ("torchao",), torch_optimizer_step(torchao_adamw8bit),
              note="torch.compile'd step (compiles on first use)"),
-    Provider("astrobio CUDA", "cuda", True, (), astrobio_step("cuda"), uses_bf16_grad=True,
-             available=needs_astrobio("cuda")),
-    Provider("astrobio Triton", "cuda", True, (), astrobio_step("triton"), uses_bf16_grad=True,
-             available=needs_astrobio("triton")),
+    *astrobio_providers("cuda", "astrobio CUDA", "cuda"),
+    *astrobio_providers("cuda", "astrobio Triton", "triton"),
     Provider("torch AdamW fused", "cuda", False, (), torch_adamw(fused=True), available=needs_gpu),
     Provider("bitsandbytes AdamW8bit", "cuda", True, ("bitsandbytes",), torch_optimizer_step(bitsandbytes_adamw8bit),
              available=needs_gpu),
@@ -295,16 +326,30 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}{simd}{gpu}"
 
 
-HEADER = (f"{'provider':<24} {'Mparam/s':>9} {'ms/step':>9} {'CPU ns/param':>12} {'B/param':>8} {'GB/s':>7} "
+HEADER = (f"{'provider':<38} {'Mparam/s':>9} {'ms/step':>9} {'CPU ns/param':>12} {'B/param':>8} {'GB/s':>7} "
           f"{'roofline':>9}  validation")
 
 
 def format_row(r: dict) -> str:
     if r["status"] != "ok":
-        return f"{r['provider']:<24} {r['status']}: {r.get('reason') or r.get('validation', '')}"
-    return (f"{r['provider']:<24} {r['mparams_per_s']:>9.0f} {1e3 * r['seconds']:>9.1f} "
+        return f"{r['provider']:<38} {r['status']}: {r.get('reason') or r.get('validation', '')}"
+    return (f"{r['provider']:<38} {r['mparams_per_s']:>9.0f} {1e3 * r['seconds']:>9.1f} "
             f"{r['cpu_ns_per_param']:>12.2f} {r['bytes_per_param']:>8.2f} "
             f"{r['gb_per_s']:>7.1f} {r['roofline_pct']:>8.0f}%  {r['validation']}")
+
+
+PEERS = ("torch AdamW fused", "DeepSpeed CPUAdam")
+
+
+def speedup_lines(rows: list[dict]) -> list[str]:
+    """Each astrobio row against the fastest peer of the same run (torch AdamW fused, DeepSpeed CPUAdam)."""
+    done = {r["provider"]: r for r in rows if r["status"] == "ok"}
+    peers = [done[name] for name in PEERS if name in done]
+    if not peers:
+        return []
+    best = max(peers, key=lambda r: r["mparams_per_s"])
+    return [f"{name}: {r['mparams_per_s'] / best['mparams_per_s']:.2f}x {best['provider']}"
+            for name, r in done.items() if name.startswith("astrobio")]
 
 
 def parse_args() -> argparse.Namespace:
@@ -357,6 +402,9 @@ def main() -> None:
     print(f"\nroofline measured before and after the providers; reported: {roofline:.1f} GB/s\n{HEADER}")
     for r in rows:
         print(format_row(r))
+    lines = speedup_lines(rows)
+    if lines:
+        print("\n" + "\n".join(lines))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"params": n, "device": device.type, "machine": machine(), "roofline_gb_per_s": roofline,

@@ -1,11 +1,12 @@
 // The contract between the op layer (csrc/ops.cpp) and the kernels: plain pointers, no torch types,
 // so that kernel files compile without the torch headers. The arithmetic every kernel implements is
-// specified in astrobio/optim/reference.py.
+// specified in astrobio/spec/adamw8bit.py.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace astrobio {
@@ -33,7 +34,7 @@ inline ASTROBIO_HOST_DEVICE uint32_t mix32(uint32_t x) {
 }
 
 // The fp32 constants of one step, computed in float64 by the host and rounded once
-// (reference.py: StepConstants).
+// (spec/adamw8bit.py: StepConstants).
 struct StepConstants {
   float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, grad_scale, decay, step_size, inv_bc2_sqrt;
 };
@@ -66,20 +67,33 @@ struct StepArgs {
   const float* qmap1;          // 256 entries, ascending (signed map for m)
   const float* qmap2;          // 256 entries, ascending (unsigned map for v)
   uint16_t* param_bf16;        // optional: new weights rounded to nearest bf16 (nullptr: none)
-  const float* found_inf;      // optional, device kernels only: skip the step when *found_inf != 0
+  const float* found_inf;      // optional, device kernels only: skip the step when *found_inf != 0 (the CPU op
+                               // reads it on the host before calling the kernel)
   int64_t numel;
   StepConstants c;
   uint32_t seed;               // stochastic rounding seed for this step
 };
 
+// A read-only view of a contiguous fp32 or bf16 tensor.
+struct FloatSpan {
+  const void* data;
+  int64_t numel;
+  DType dtype;
+};
+
 namespace cpu {
 // One fused pass; blocks are split over OpenMP threads. Safe to call without the Python GIL.
 void adamw8bit_step(const StepArgs& args);
+// Whether any element of the spans is an infinity or a NaN (one multi-threaded pass; no GIL needed).
+bool any_non_finite(const std::vector<FloatSpan>& spans);
 // Which SIMD path adamw8bit_step takes on this CPU: "avx512", "avx2" or "portable" (the environment
 // variable ASTROBIO_CPU_SIMD forces one; an unknown or unsupported value throws std::invalid_argument).
 const char* simd_path();
 // The SIMD paths this CPU can run, portable first.
 std::vector<std::string> simd_paths();
+// Test hook: for each SIMD path this CPU runs, how many fp32 values n in [-1, 1] get a nearest code from
+// the path's table lookup other than #{i : threshold[i] < n} (`threshold`: the specification's 255 values).
+std::vector<std::pair<std::string, int64_t>> nearest_code_mismatches(const float* qmap, const float* threshold);
 // Streaming bandwidth probes over arrays of n floats, in GB/s counted by bytes the kernel names.
 double triad_bandwidth(int64_t n, int repeats);
 double inplace_rmw_bandwidth(int64_t n, int reads, int writes, int repeats);

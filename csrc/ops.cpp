@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 
 #include "adamw8bit.h"
 #include "ops.h"
@@ -12,10 +13,26 @@ namespace astrobio {
 
 namespace {
 
+// A dtype as Python spells it (torch.float32), for errors read by Python users.
+std::string dtype_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kHalf: return "torch.float16";
+    case at::kDouble: return "torch.float64";
+    case at::kByte: return "torch.uint8";
+    case at::kChar: return "torch.int8";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
 DType float_dtype(const at::Tensor& t, const char* name) {
   if (t.scalar_type() == at::kFloat) return DType::kFloat32;
   if (t.scalar_type() == at::kBFloat16) return DType::kBFloat16;
-  TORCH_CHECK(false, "adamw8bit_step: ", name, " must be float32 or bfloat16, got ", t.scalar_type(),
+  TORCH_CHECK(false, "adamw8bit_step: ", name, " must be float32 or bfloat16, got ", dtype_name(t.scalar_type()),
               "; convert it with .float() or .bfloat16()");
 }
 
@@ -68,7 +85,8 @@ StepArgs make_step_args(const at::Tensor& param, const at::Tensor& grad, const a
   a.seed = static_cast<uint32_t>(static_cast<uint64_t>(seed) & 0xFFFFFFFFull);
 
   TORCH_CHECK(exp_avg.scalar_type() == exp_avg_sq.scalar_type(), "adamw8bit_step: exp_avg is ",
-              exp_avg.scalar_type(), " but exp_avg_sq is ", exp_avg_sq.scalar_type(), "; both must be uint8 or float32");
+              dtype_name(exp_avg.scalar_type()), " but exp_avg_sq is ", dtype_name(exp_avg_sq.scalar_type()),
+              "; both must be uint8 or float32");
   a.quantized = exp_avg.scalar_type() == at::kByte;
   if (a.quantized) {
     const int64_t blocks = (n + kBlockSize - 1) / kBlockSize;
@@ -77,7 +95,7 @@ StepArgs make_step_args(const at::Tensor& param, const at::Tensor& grad, const a
     for (const auto& [t, name] : floats) {
       check_tensor(*t, name, param);
       TORCH_CHECK(t->scalar_type() == at::kFloat, "adamw8bit_step: ", name, " must be float32, got ",
-                  t->scalar_type());
+                  dtype_name(t->scalar_type()));
     }
     check_numel(absmax1, "absmax1", blocks, "one absmax per block of 256 elements");
     check_numel(absmax2, "absmax2", blocks, "one absmax per block of 256 elements");
@@ -89,12 +107,12 @@ StepArgs make_step_args(const at::Tensor& param, const at::Tensor& grad, const a
     a.qmap2 = qmap2.data_ptr<float>();
   } else {
     TORCH_CHECK(exp_avg.scalar_type() == at::kFloat, "adamw8bit_step: exp_avg must be uint8 codes or float32 ",
-                "moments, got ", exp_avg.scalar_type());
+                "moments, got ", dtype_name(exp_avg.scalar_type()));
   }
   if (param_bf16.has_value()) {
     check_tensor(*param_bf16, "param_bf16", param);
     TORCH_CHECK(param_bf16->scalar_type() == at::kBFloat16, "adamw8bit_step: param_bf16 must be bfloat16, got ",
-                param_bf16->scalar_type());
+                dtype_name(param_bf16->scalar_type()));
     check_numel(*param_bf16, "param_bf16", n, "a bf16 copy of every parameter element");
     a.param_bf16 = reinterpret_cast<uint16_t*>(param_bf16->data_ptr());
   }
@@ -104,7 +122,7 @@ StepArgs make_step_args(const at::Tensor& param, const at::Tensor& grad, const a
 void check_found_inf(const at::Tensor& found_inf, const at::Tensor& param) {
   TORCH_CHECK(found_inf.numel() == 1 && found_inf.scalar_type() == at::kFloat,
               "adamw8bit_step: found_inf must be a one-element float32 tensor, got ", found_inf.numel(),
-              " elements of ", found_inf.scalar_type());
+              " elements of ", dtype_name(found_inf.scalar_type()));
   TORCH_CHECK(found_inf.device() == param.device(), "adamw8bit_step: found_inf is on ", found_inf.device(),
               " but param is on ", param.device(), "; keep found_inf on the parameter's device");
 }
@@ -127,8 +145,49 @@ void adamw8bit_step_cpu(const at::Tensor& param, const at::Tensor& grad, const a
 }
 
 }  // namespace
+
+void check_adamw8bit_args(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& exp_avg,
+                          const at::Tensor& exp_avg_sq, const at::Tensor& absmax1, const at::Tensor& absmax2,
+                          const at::Tensor& qmap1, const at::Tensor& qmap2,
+                          const std::optional<at::Tensor>& param_bf16, const std::optional<at::Tensor>& found_inf,
+                          double lr, double beta1, double beta2, double eps, double weight_decay, double grad_scale,
+                          int64_t step, int64_t seed) {
+  make_step_args(param, grad, exp_avg, exp_avg_sq, absmax1, absmax2, qmap1, qmap2, param_bf16, lr, beta1, beta2,
+                 eps, weight_decay, grad_scale, step, seed);
+  if (found_inf.has_value()) check_found_inf(*found_inf, param);
+}
+
+bool any_non_finite(const std::vector<at::Tensor>& tensors) {
+  std::vector<FloatSpan> spans;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.device().is_cpu(), "any_non_finite: tensor ", i, " is on ", t.device(),
+                "; this scan reads CPU tensors (on a GPU, compute the flag there)");
+    TORCH_CHECK(t.is_contiguous(), "any_non_finite: tensor ", i, " must be contiguous; call .contiguous() on it");
+    TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, "any_non_finite: tensor ", i,
+                " is ", dtype_name(t.scalar_type()), "; only float32 and bfloat16 are scanned");
+    spans.push_back({t.data_ptr(), t.numel(), t.scalar_type() == at::kFloat ? DType::kFloat32 : DType::kBFloat16});
+  }
+  py::gil_scoped_release no_gil;
+  return cpu::any_non_finite(spans);
+}
+
+std::vector<std::pair<std::string, int64_t>> nearest_code_mismatches(const at::Tensor& qmap,
+                                                                     const at::Tensor& threshold) {
+  TORCH_CHECK(qmap.device().is_cpu() && qmap.scalar_type() == at::kFloat && qmap.is_contiguous() &&
+                  qmap.numel() == kQmapSize,
+              "nearest_code_mismatches: qmap must be a contiguous CPU float32 tensor of 256 entries");
+  TORCH_CHECK(threshold.device().is_cpu() && threshold.scalar_type() == at::kFloat && threshold.is_contiguous() &&
+                  threshold.numel() == kQmapSize - 1,
+              "nearest_code_mismatches: threshold must be a contiguous CPU float32 tensor of 255 entries");
+  py::gil_scoped_release no_gil;
+  return cpu::nearest_code_mismatches(qmap.data_ptr<float>(), threshold.data_ptr<float>());
+}
+
 }  // namespace astrobio
 
+// found_inf (optional): a one-element float32 tensor on the parameters' device; nonzero skips the step
+// (nothing is written). Device kernels read it where it lies, so a caller never synchronises to decide.
 TORCH_LIBRARY(astrobio, m) {
   m.def(
       "adamw8bit_step(Tensor(a!) param, Tensor grad, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, "
@@ -143,6 +202,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "astrobio kernels: the astrobio:: torch ops register on import; these are the non-op bindings.";
   m.def("adamw8bit_step_nogil", &astrobio::adamw8bit_step_cpu, py::call_guard<py::gil_scoped_release>(),
         "The CPU adamw8bit_step with the GIL released (for host worker threads).");
+  m.def("check_adamw8bit_args", &astrobio::check_adamw8bit_args,
+        "Validate adamw8bit_step's arguments (the op's own checks, for every backend) without stepping; "
+        "raises RuntimeError naming the bad argument and the fix.");
+  m.def("any_non_finite", &astrobio::any_non_finite, py::arg("tensors"),
+        "Whether any element of these contiguous CPU float32/bfloat16 tensors is inf or NaN "
+        "(one multi-threaded pass, GIL released).");
+  m.def("nearest_code_mismatches", &astrobio::nearest_code_mismatches, py::arg("qmap"), py::arg("threshold"),
+        "Test hook: per SIMD path, the number of fp32 values in [-1, 1] whose table-lookup code differs from "
+        "#{i : threshold[i] < n}.");
   m.def("simd_path", &astrobio::cpu::simd_path,
         "The SIMD path the CPU kernel takes (ASTROBIO_CPU_SIMD=portable|avx2|avx512 forces one).");
   m.def("cpu_simd_paths", &astrobio::cpu::simd_paths, "The SIMD paths this CPU can run, portable first.");

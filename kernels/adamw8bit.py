@@ -1,14 +1,14 @@
 """The 8-bit AdamW step as a Triton kernel: the op ``astrobio::adamw8bit_step_triton``.
 
-Computes exactly what astrobio/optim/reference.py specifies (the same arithmetic as the C++ and
+Computes exactly what astrobio/spec/adamw8bit.py specifies (the same arithmetic as the C++ and
 CUDA kernels, bit for bit): each program owns ``ROWS`` quantization blocks of 256 elements as a
 [ROWS, 256] tile, so a block's absmax is a row reduction and the whole step is one pass over memory.
 Rounding is made explicit where Triton's defaults differ from IEEE: ``tl.div_rn`` and ``tl.sqrt_rn``
 (plain ``/`` and ``tl.sqrt`` are approximate on the GPU) and ``enable_fp_fusion=False`` (no
 multiply-add contraction). Every fp32 NaN written is the canonical quiet NaN 0x7FC00000.
 
-The nearest code (the number of thresholds ``(qmap[i] + qmap[i + 1]) * 0.5`` below x) is a direct
-lookup, as in the CUDA kernel (csrc/cuda/adamw8bit.cu; docs/GPU.md): a byte table indexed by the sign,
+The nearest code (the number of thresholds ``(qmap[i] + qmap[i + 1]) * 0.5`` below x; 0 for a NaN)
+is a direct lookup, as in the CUDA kernel (csrc/cuda/adamw8bit.cu; docs/GPU.md): a byte table indexed by the sign,
 exponent and top 6 mantissa bits of x gives ``base``, the count below the bucket's smallest value, and
 the code is ``base`` plus how many of the next two thresholds (one 8-byte load) lie below x. The tables
 are built from the maps by torch ops (``lookup_tables``, cached per pair of maps), with a flag saying
@@ -20,7 +20,6 @@ runs the kernel; astrobio.ops routes the backend "triton" here. Runs on CUDA ten
 tensors when Triton's interpreter is on (``TRITON_INTERPRET=1`` set before triton is imported).
 """
 
-import math
 import os
 from typing import Optional
 
@@ -30,7 +29,8 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import is_fake
 from torch.library import triton_op, wrap_triton
 
-from astrobio.optim.reference import BLOCK_SIZE, StepConstants, thresholds
+from astrobio import _C
+from astrobio.spec.adamw8bit import BLOCK_SIZE, StepConstants, thresholds
 
 QMAP_SIZE = 256
 # Launch variants (docs/GPU.md): (quantization blocks per program, warps per program); every variant
@@ -71,8 +71,10 @@ def _nearest_code(n, base_ptr, pairs_ptr, exact, KEY_BITS: tl.constexpr, MIN_KEY
     """The number of the 255 thresholds strictly below n (reference.quantize_blockwise)."""
     if exact:  # direct lookup: the bucket's base, then two compares
         bits = n.to(tl.uint32, bitcast=True)
-        key = tl.minimum(tl.maximum((bits & 0x7FFFFFFF) >> (23 - KEY_BITS), MIN_KEY), MAX_KEY)
-        bucket = (key - MIN_KEY + (bits >> 31) * BUCKETS).to(tl.int32)
+        magnitude = bits & 0x7FFFFFFF
+        key = tl.minimum(tl.maximum(magnitude >> (23 - KEY_BITS), MIN_KEY), MAX_KEY)
+        negative = (bits >> 31) | (magnitude > 0x7F800000).to(tl.uint32)  # a NaN: the -inf bucket, code 0
+        bucket = (key - MIN_KEY + negative * BUCKETS).to(tl.int32)
         base = tl.load(base_ptr + bucket).to(tl.int32)
         t0, t1 = _threshold_pair(pairs_ptr, base)
         code = base + (n > t0).to(tl.int32) + (n > t1).to(tl.int32)
@@ -105,6 +107,14 @@ def _canonical(x):
     """Every NaN as the canonical quiet NaN 0x7FC00000 (positive, no payload)."""
     nan = tl.full(x.shape, 0x7FC00000, tl.uint32).to(tl.float32, bitcast=True)
     return tl.where(x != x, nan, x)
+
+
+@triton.jit
+def _block_absmax(x):
+    """Each row's max |x|, a NaN kept (as the canonical NaN): the max of the |x| bit patterns, whose
+    integer order is the float order for non-negative floats, with every NaN above +inf."""
+    bits = tl.max((x.to(tl.int32, bitcast=True) & 0x7FFFFFFF), axis=1)
+    return tl.where(bits > 0x7F800000, 0x7FC00000, bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -150,7 +160,7 @@ def _adamw8bit_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, absmax1_
     if PARAM_IS_BF16:  # stochastic rounding with the counter hash of the global index
         hi = _mix32((offs >> 32).to(tl.uint32) ^ seed.to(tl.uint32, bitcast=True))
         r = _mix32(offs.to(tl.uint32) ^ hi) & 0xFFFF
-        bf16_bits = ((p.to(tl.uint32, bitcast=True) + r) >> 16).to(tl.uint16)
+        bf16_bits = ((_canonical(p).to(tl.uint32, bitcast=True) + r) >> 16).to(tl.uint16)
         tl.store(param_ptr + offs, bf16_bits.to(tl.bfloat16, bitcast=True), mask=mask)
     else:
         p = _canonical(p)
@@ -160,8 +170,8 @@ def _adamw8bit_kernel(param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, absmax1_
         tl.store(param_bf16_ptr + offs, bf16_bits.to(tl.bfloat16, bitcast=True), mask=mask)
 
     if QUANTIZED:  # masked elements hold m = v = 0 and leave the absmax unchanged
-        max1 = tl.max(tl.abs(m), axis=1)
-        max2 = tl.max(tl.abs(v), axis=1)
+        max1 = _block_absmax(m)
+        max2 = _block_absmax(v)
         inv1 = _inverse_or_zero(max1)
         inv2 = _inverse_or_zero(max2)
         exact = tl.load(exact_ptr) != 0
@@ -257,36 +267,6 @@ def _fail(message: str) -> None:
     raise RuntimeError(f"adamw8bit_step (triton): {message}")
 
 
-def _check_float(t: torch.Tensor, name: str) -> None:
-    if t.dtype not in (torch.float32, torch.bfloat16):
-        _fail(f"{name} must be float32 or bfloat16, got {t.dtype}; convert it with .float() or .bfloat16()")
-
-
-def _check_tensor(t: torch.Tensor, name: str, param: torch.Tensor, numel: int | None, why: str = "") -> None:
-    if t.device != param.device:
-        _fail(f"{name} is on {t.device} but param is on {param.device}; move them to one device")
-    if not t.is_contiguous():
-        _fail(f"{name} must be contiguous; call .contiguous() on it (the kernel updates memory in place)")
-    if numel is not None and t.numel() != numel:
-        _fail(f"{name} has {t.numel()} elements, expected {numel} ({why})")
-
-
-def _check_hyperparameters(lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                           grad_scale: float, step: int) -> None:
-    if step < 1:
-        _fail(f"step must be >= 1 (the count including this update), got {step}")
-    if not (math.isfinite(lr) and lr >= 0.0):
-        _fail(f"lr must be >= 0 and finite, got {lr}")
-    if not (math.isfinite(weight_decay) and weight_decay >= 0.0):
-        _fail(f"weight_decay must be >= 0 and finite, got {weight_decay}")
-    if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
-        _fail(f"betas must lie in [0, 1), got ({beta1}, {beta2})")
-    if not eps > 0.0:
-        _fail(f"eps must be > 0, got {eps}")
-    if not math.isfinite(grad_scale):
-        _fail(f"grad_scale must be finite, got {grad_scale}")
-
-
 def _check_device(param: torch.Tensor) -> None:
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # as astrobio.ops.has_triton reads it
     if param.device.type != "cuda" and not (param.device.type == "cpu" and interpreted):
@@ -300,37 +280,9 @@ def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tenso
                    lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                    grad_scale: float, step: int, seed: int) -> None:
     """One in-place 8-bit AdamW step (the op ``astrobio::adamw8bit_step``'s arguments and checks)."""
-    _check_hyperparameters(lr, beta1, beta2, eps, weight_decay, grad_scale, step)
-    n = param.numel()
-    _check_float(param, "param")
-    _check_float(grad, "grad")
-    _check_tensor(param, "param", param, None)
-    _check_tensor(grad, "grad", param, n, "one gradient per parameter element")
-    _check_tensor(exp_avg, "exp_avg", param, n, "one moment per parameter element")
-    _check_tensor(exp_avg_sq, "exp_avg_sq", param, n, "one moment per parameter element")
-    if exp_avg.dtype != exp_avg_sq.dtype:
-        _fail(f"exp_avg is {exp_avg.dtype} but exp_avg_sq is {exp_avg_sq.dtype}; both must be uint8 or float32")
-    if exp_avg.dtype == torch.uint8:
-        blocks = (n + BLOCK_SIZE - 1) // BLOCK_SIZE
-        for t, name, size, why in ((absmax1, "absmax1", blocks, "one absmax per block of 256 elements"),
-                                   (absmax2, "absmax2", blocks, "one absmax per block of 256 elements"),
-                                   (qmap1, "qmap1", QMAP_SIZE, "a 256-entry quantization map"),
-                                   (qmap2, "qmap2", QMAP_SIZE, "a 256-entry quantization map")):
-            _check_tensor(t, name, param, size, why)
-            if t.dtype != torch.float32:
-                _fail(f"{name} must be float32, got {t.dtype}")
-    elif exp_avg.dtype != torch.float32:
-        _fail(f"exp_avg must be uint8 codes or float32 moments, got {exp_avg.dtype}")
-    if param_bf16 is not None:
-        _check_tensor(param_bf16, "param_bf16", param, n, "a bf16 copy of every parameter element")
-        if param_bf16.dtype != torch.bfloat16:
-            _fail(f"param_bf16 must be bfloat16, got {param_bf16.dtype}")
-    if found_inf is not None:
-        if found_inf.numel() != 1 or found_inf.dtype != torch.float32:
-            _fail(f"found_inf must be a one-element float32 tensor, got {found_inf.numel()} elements of "
-                  f"{found_inf.dtype}")
-        if found_inf.device != param.device:
-            _fail(f"found_inf is on {found_inf.device} but param is on {param.device}; keep it on param's device")
+    _C.check_adamw8bit_args(param, grad, exp_avg, exp_avg_sq, absmax1, absmax2, qmap1, qmap2, param_bf16,
+                            found_inf, float(lr), float(beta1), float(beta2), float(eps), float(weight_decay),
+                            float(grad_scale), int(step), int(seed))
     _check_device(param)
     torch.ops.astrobio.adamw8bit_step_triton(param, grad, exp_avg, exp_avg_sq, absmax1, absmax2, qmap1, qmap2,
                                              param_bf16, found_inf, float(lr), float(beta1), float(beta2),

@@ -3,7 +3,7 @@ tests/test_adamw8bit_triton.py (both compare a kernel with the reference from th
 
 import torch
 
-from astrobio.optim import reference as R
+from astrobio.spec import adamw8bit as R
 
 NAN_WITH_PAYLOAD = -0x3EDCBB  # int32 bits 0xFFC12345: a negative quiet NaN with a payload
 
@@ -30,3 +30,14 @@ def initial_state(n: int, quantized: bool, param_dtype: torch.dtype, copy: bool,
         state["absmax1"] = state["absmax2"] = torch.empty(0)
     state["param_bf16"] = torch.full((n,), float("nan"), dtype=torch.bfloat16) if copy else None
     return state
+
+
+def edge_gradients(grad: torch.Tensor) -> None:
+    """The edge case's gradients, in place: zero in block 0 (see initial_state); where the tensor is
+    long enough, a NaN at element 300 and +inf at element 600 (blocks 1 and 2: NaN and inf moments,
+    so the absmax is the canonical NaN or inf and the codes of NaN are 0), as a step that is given
+    found_inf = 0 computes them."""
+    grad[:R.BLOCK_SIZE] = 0.0
+    if grad.numel() > 600:
+        grad[300] = float("nan")
+        grad[600] = float("inf")

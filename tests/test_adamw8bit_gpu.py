@@ -5,7 +5,7 @@ specification. Everything but the first check needs a CUDA GPU and is skipped wi
   CUDA thread) and run on the CPU against the reference: its indexing, tails, unaligned path, warp
   reduction, code search and grid-stride loop are checked in CI, where there is no GPU
   (the hardware itself, its vector accesses and the PTX, only on a GPU);
-- every backend against astrobio/optim/reference.py (run on the CPU) over 50 calls, bit for bit:
+- every backend against astrobio/spec/adamw8bit.py (run on the CPU) over 50 calls, bit for bit:
   sizes that do not divide the 256-element block, fp32/bf16 gradients, fp32 or bf16 stochastic-
   rounding masters, the bf16 copy, fp32 moments, tensors not aligned to 16 bytes, and found_inf on
   the device (one call is skipped);
@@ -23,10 +23,11 @@ import subprocess
 
 import pytest
 import torch
+from _adamw8bit_cases import edge_gradients
 from _adamw8bit_cases import initial_state as shared_initial_state
 
 from astrobio import ops
-from astrobio.optim import reference as R
+from astrobio.spec import adamw8bit as R
 from astrobio.optim.adamw8bit import AdamW8bit
 
 
@@ -53,7 +54,7 @@ VARIANTS = {
     "q8-unaligned-bf16grad-fp32master-copy": (True, torch.float32, torch.bfloat16, True, 1),
     "q8-edge-fp32grad-fp32master-copy": (True, torch.float32, torch.float32, True, 0),
 }
-EDGE = "q8-edge-fp32grad-fp32master-copy"  # NaN weights (canonical NaN copy); block 0 subnormal (inverse 0)
+EDGE = "q8-edge-fp32grad-fp32master-copy"  # NaN weights and gradients, an inf gradient, block 0 subnormal
 CASES = ([(n, v) for n in SIZES for v in VARIANTS]
          + [(LARGE, "q8-bf16grad-fp32master-copy"), (LARGE, "q8-bf16grad-bf16sr")])
 
@@ -89,7 +90,7 @@ def gradients(n: int, variant: str, steps: int = STEPS):
     for _ in range(steps):
         grad = torch.randn(n, generator=gen) * 10 ** torch.empty(n).uniform_(-4, 1, generator=gen)
         if variant == EDGE:
-            grad[:R.BLOCK_SIZE] = 0.0
+            edge_gradients(grad)
         yield grad.to(grad_dtype)
 
 
@@ -154,7 +155,7 @@ CSRC = pathlib.Path(__file__).resolve().parents[1] / "csrc"
 EMULATED_CASES = [(255, "q8-fp32grad-bf16sr-copy", 0), (257, "q8-bf16grad-fp32master-copy", 0),
                   (4097, "fp32moments-bf16grad-fp32master", 0), (4097, "q8-bf16grad-bf16sr", 0),
                   (20_003, "q8-unaligned-bf16grad-fp32master-copy", 0), (20_003, "q8-fp32grad-fp32master", 0),
-                  (257, EDGE, 0), (20_003, "q8-fp32grad-fp32master", 1), (20_003, "q8-bf16grad-bf16sr", 2),
+                  (257, EDGE, 0), (4097, EDGE, 0), (20_003, "q8-fp32grad-fp32master", 1), (20_003, "q8-bf16grad-bf16sr", 2),
                   (4097, "fp32moments-bf16grad-fp32master", 2)]
 EMULATED_STEPS = SKIPPED_CALL + 2
 EMULATED_GRID = 2  # thread blocks: fewer than 20,003 elements need, so warps stride over several blocks

@@ -1,4 +1,4 @@
-"""The C++ CPU kernel of ``astrobio::adamw8bit_step`` against the specification (astrobio/optim/reference.py).
+"""The C++ CPU kernel of ``astrobio::adamw8bit_step`` against the specification (astrobio/spec/adamw8bit.py).
 
 Every SIMD path this CPU can run (forced with ASTROBIO_CPU_SIMD) is compared with the reference, through
 ``torch.ops.astrobio.adamw8bit_step`` and through ``astrobio._C.adamw8bit_step_nogil``. Budget: none. The
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from astrobio import ops
-from astrobio.optim import reference as R
+from astrobio.spec import adamw8bit as R
 
 pytestmark = pytest.mark.skipif(not ops.has_cpu_kernel(), reason=f"astrobio._C not built: {ops.extension_error()}")
 
@@ -161,25 +161,38 @@ def test_subnormal_absmax_gives_the_zero_code_in_every_path(monkeypatch):
         assert_same_state(got, want, f"path {path}, subnormal absmax")
 
 
-def test_nan_weights_give_the_canonical_nan_in_every_path(monkeypatch):
-    """A NaN weight (finite gradients, so the step is not skipped) stays NaN and its bf16 copy is 0x7FC0
-    in every CPU path, as in the specification; the other weights of its block update normally."""
-    n = 1000
+NAN_PATTERNS = [0x7FC00000, 0xFFC00000, 0x7FC12345, 0xFFC12345, 0xFFFFFFFF, 0x7F800001]  # signs, payloads, sNaN
+
+
+@pytest.mark.parametrize("n", [1000, 5000])
+@pytest.mark.parametrize("grad_dtype,master,copy", VARIANTS)
+def test_nan_gives_the_canonical_nan_in_every_path(n, grad_dtype, master, copy, monkeypatch):
+    """NaN weights of every sign and payload, and a NaN and an infinite gradient (the op does not skip;
+    the optimizer would): every path writes what the specification writes, bit for bit, and every NaN
+    output is the canonical one (0x7FC00000 in fp32, 0x7FC0 in bf16)."""
     gen = torch.Generator().manual_seed(9)
-    grads = [make_grad(n, torch.float32, gen) for _ in range(3)]
-    state = make_state(n, torch.float32, True, True, seed=4)
-    state["param"].view(torch.int32)[::37] = -0x3EDCBB  # 0xFFC12345: negative, with a payload
-    want = clone_state(state)
-    for t, grad in enumerate(grads, start=1):
-        R.adamw8bit_step(*step_args(want, grad, t))
-    assert bool((want["param_bf16"].view(torch.int16)[::37] == R.BF16_CANONICAL_NAN).all())
-    assert bool(want["param"][1::37].isfinite().all())
-    for path in PATHS:
-        monkeypatch.setenv("ASTROBIO_CPU_SIMD", path)
-        got = clone_state(state)
+    grads = [make_grad(n, grad_dtype, gen) for _ in range(3)]
+    grads[1][5], grads[1][600] = math.nan, -math.inf
+    for quantized in [True, False]:
+        state = make_state(n, torch.float32, quantized, copy, seed=4)
+        nan_bits = torch.tensor([p - 2 ** 32 if p >= 2 ** 31 else p for p in NAN_PATTERNS], dtype=torch.int32)
+        state["param"][::37][: len(NAN_PATTERNS)] = nan_bits.view(torch.float32)
+        state["param"] = state["param"].to(master)
+        want = clone_state(state)
         for t, grad in enumerate(grads, start=1):
-            torch.ops.astrobio.adamw8bit_step(*step_args(got, grad, t))
-        assert_same_state(got, want, f"path {path}, NaN weights")
+            R.adamw8bit_step(*step_args(want, grad, t))
+        for key, value in want.items():
+            if value is not None and value.is_floating_point() and value.numel():
+                bits = value.view({2: torch.int16, 4: torch.int32}[value.element_size()])[torch.isnan(value)]
+                canonical = R.CANONICAL_NAN if value.element_size() == 4 else R.BF16_CANONICAL_NAN
+                assert bool((bits == canonical).all()), f"the specification's {key} holds another NaN"
+        assert int(torch.isnan(want["param"].float()).sum()) > len(NAN_PATTERNS)
+        for path in PATHS:
+            monkeypatch.setenv("ASTROBIO_CPU_SIMD", path)
+            got = clone_state(state)
+            for t, grad in enumerate(grads, start=1):
+                torch.ops.astrobio.adamw8bit_step(*step_args(got, grad, t))
+            assert_same_state(got, want, f"path {path}, NaN weights and gradients, 8-bit={quantized}")
 
 
 def neighbours(values: torch.Tensor) -> torch.Tensor:
@@ -308,7 +321,7 @@ def bad_inputs():
         ("grad shape", replace(1, torch.zeros(n + 1)), "grad has 4101 elements, expected 4100"),
         ("grad dtype", replace(1, torch.zeros(n, dtype=torch.float64)), "grad must be float32 or bfloat16"),
         ("param dtype", replace(0, torch.zeros(n, dtype=torch.float16)), "param must be float32 or bfloat16"),
-        ("moment dtypes differ", replace(3, torch.zeros(n)), "exp_avg is Byte but exp_avg_sq is Float"),
+        ("moment dtypes differ", replace(3, torch.zeros(n)), "exp_avg is torch.uint8 but exp_avg_sq is torch.float32"),
         ("moment dtype", lambda a: replace(3, torch.zeros(n, dtype=torch.int32))(
             replace(2, torch.zeros(n, dtype=torch.int32))(a)), "exp_avg must be uint8 codes or float32"),
         ("non-contiguous", replace(1, torch.zeros(2 * n)[::2]), "grad must be contiguous"),
@@ -390,3 +403,18 @@ def test_ablation_benchmark_still_matches_the_kernel_source():
         for old, new in parts:
             assert source.count(old) == 1, f"variant {name}: pattern not found once in {ablate.KERNEL.name}"
         assert ablate.variant_source(parts) != source or not parts
+
+
+@pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
+def test_lookup_equals_the_specification_on_every_float_in_minus_one_to_one(signed):
+    """The exhaustive proof of the table-driven nearest code (kernel_common.h): over all ~2.1e9 fp32 values
+    in [-1, 1], every SIMD path's lookup gives #{i : threshold[i] < n} with the specification's thresholds
+    (computed here, in Python, not by the C++ table builder). The control: one threshold moved up by one
+    ulp must make exactly one value (the old threshold itself) disagree, in every path."""
+    qmap = R.dynamic_map(signed)
+    thresholds = R.thresholds(qmap)
+    assert dict(_C.nearest_code_mismatches(qmap, thresholds)) == {path: 0 for path in PATHS}
+    if signed:
+        moved = thresholds.clone()
+        moved[100] = torch.nextafter(moved[100], torch.tensor(2.0))
+        assert dict(_C.nearest_code_mismatches(qmap, moved)) == {path: 1 for path in PATHS}

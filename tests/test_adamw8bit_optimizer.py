@@ -17,7 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from astrobio import ops
-from astrobio.optim import AdamW8bit, reference, step_seed
+from astrobio.optim import AdamW8bit, step_seed
+from astrobio.optim.adamw8bit import device_non_finite_flag
+from astrobio.spec import adamw8bit as reference
 
 BACKENDS = [b for b in ("cpu", "reference") if b in ops.available_backends("cpu")]
 SIZES = (1, 255, 256, 257, 4095, 4097, 20_011)
@@ -297,6 +299,80 @@ def test_found_inf_is_trusted_instead_of_a_scan():
     restored = AdamW8bit(params)
     restored.load_state_dict(opt.state_dict())
     assert restored.skipped_steps == 1
+
+
+def test_found_inf_false_is_trusted_even_over_a_nan():
+    """Nothing is scanned when the caller says: a NaN gradient then reaches the kernel (and the weight)."""
+    params = make_params((5000,), torch.float32)
+    opt = AdamW8bit(params)
+    params[0].grad = make_grads((5000,), 1)[0][0]
+    params[0].grad[3] = float("nan")
+    opt.step(found_inf=False)
+    assert opt.skipped_steps == 0 and opt.state[params[0]]["step"] == 1
+    assert bool(torch.isnan(params[0][3])) and bool(torch.isfinite(params[0][4]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scan_finds_one_bad_element_anywhere(dtype, bad):
+    """ops.any_non_finite (the native pass) against torch.isfinite, with the bad element at chunk edges,
+    in the last of many tensors, and in tensors too small to split."""
+    sizes = [1, 7, 65_535, 65_536, 65_537, 300_001]
+    tensors = [torch.randn(n).to(dtype) * 1e30 for n in sizes]  # large but finite (bf16 tops out at 3.4e38)
+    assert not ops.any_non_finite(tensors)
+    assert not ops.any_non_finite([])
+    for t in range(len(tensors)):
+        for i in {0, tensors[t].numel() // 2, tensors[t].numel() - 1, min(65_536, tensors[t].numel() - 1)}:
+            tensors[t][i] = bad
+            assert ops.any_non_finite(tensors) == (not all(bool(torch.isfinite(x).all()) for x in tensors))
+            assert ops.any_non_finite(tensors)
+            tensors[t][i] = 1.0
+
+
+@pytest.mark.skipif(not ops.has_cpu_kernel(), reason="needs astrobio._C")
+def test_non_finite_scan_refuses_what_it_cannot_read():
+    from astrobio import _C
+
+    with pytest.raises(RuntimeError, match="tensor 1 must be contiguous"):
+        _C.any_non_finite([torch.zeros(4), torch.zeros(8)[::2]])
+    with pytest.raises(RuntimeError, match="tensor 0 is torch.float16"):
+        _C.any_non_finite([torch.zeros(4, dtype=torch.float16)])
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), -float("inf")])
+def test_device_flag_is_one_exactly_when_a_gradient_is_not_finite(bad):
+    """The flag GPU steps compute without a synchronization (run here on CPU tensors: the same torch ops)."""
+    grads = [torch.randn(1000), torch.randn(10).bfloat16() * 1e30, torch.randn(70_000)]
+    if bad is not None:
+        grads[2][69_999] = bad
+    flag = device_non_finite_flag(grads)
+    assert flag.shape == (1,) and flag.dtype == torch.float32
+    assert float(flag) == (0.0 if bad is None else 1.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("bad", [False, True])
+def test_gpu_step_never_synchronizes_and_skips_on_the_device(backend, bad):
+    if backend not in ops.available_backends("cuda"):
+        pytest.skip(f"backend {backend} not available")
+    sizes = (5000, 100)
+    params = [torch.nn.Parameter(p.detach().cuda()) for p in make_params(sizes, torch.float32)]
+    opt = AdamW8bit(params, backend=backend)
+    for p, g in zip(params, make_grads(sizes, 1)[0]):
+        p.grad = g.cuda()
+    opt.step()  # the first step builds state and maps (allocations, host-to-device copies)
+    if bad:
+        params[1].grad[17] = float("nan")
+    before = [p.detach().clone() for p in params]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert opt.skipped_steps == int(bad)
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) == bad
 
 
 def test_bf16_params_stay_bf16_and_track_fp32():

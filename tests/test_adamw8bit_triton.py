@@ -3,7 +3,7 @@
 Triton's interpreter must be switched on (TRITON_INTERPRET=1) before triton is imported, so the
 kernel runs in one child process: this file run as a script. The child steps every case with the
 ``triton`` backend of astrobio.ops and saves the states; the tests here replay the same steps with
-the reference (astrobio/optim/reference.py) and require every bit to match. This process keeps the
+the reference (astrobio/spec/adamw8bit.py) and require every bit to match. This process keeps the
 compiled Triton, so other test files never see the interpreter. On a GPU,
 tests/test_adamw8bit_gpu.py runs the compiled kernel against the same reference.
 """
@@ -19,11 +19,11 @@ pytest.importorskip("triton")
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from _adamw8bit_cases import initial_state  # noqa: E402
+from _adamw8bit_cases import edge_gradients, initial_state  # noqa: E402
 
 from astrobio import ops  # noqa: E402
 from astrobio.kernels import adamw8bit as K  # noqa: E402
-from astrobio.optim import reference as R  # noqa: E402
+from astrobio.spec import adamw8bit as R  # noqa: E402
 
 SIZES = (1, 255, 256, 257, 4097)
 # name: (8-bit moments, param dtype, grad dtype, write a bf16 copy)
@@ -34,8 +34,9 @@ VARIANTS = {
     "fp32moments-fp32master-fp32grad": (False, torch.float32, torch.float32, False),
 }
 VARIANTS_EXTRA = {"q8-edge-fp32master-fp32grad-copy": (True, torch.float32, torch.float32, True)}
-EDGE = next(iter(VARIANTS_EXTRA))  # NaN weights (canonical NaN copy); block 0 subnormal (inverse 0)
-CASES = [f"{n}-{name}" for n in SIZES for name in VARIANTS] + [f"257-{EDGE}"]
+EDGE = next(iter(VARIANTS_EXTRA))  # NaN weights and gradients, an inf gradient, block 0 subnormal
+CASES = [f"{n}-{name}" for n in SIZES for name in VARIANTS] + [f"257-{EDGE}", f"4097-{EDGE}"]
+SKIP_CASE = "4097-fp32moments-fp32master-fp32grad"
 # (step, found_inf) per call: the second call is skipped, the third repeats its step count
 CALLS = ((1, None), (2, 1.0), (2, 0.0), (3, None))
 HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, grad_scale=0.5)
@@ -51,9 +52,10 @@ def make_case(case: str, index: int) -> dict:
     gen = torch.Generator().manual_seed(1000 + index)
     state = initial_state(n, quantized, param_dtype, copy, variant == EDGE, gen)
     scale = 10 ** torch.empty(len(CALLS), n).uniform_(-4, 1, generator=gen)
-    if variant == EDGE:  # zero gradients in block 0, whose tiny absmax makes its new absmax subnormal
-        scale[:, :R.BLOCK_SIZE] = 0.0
     grads = [(torch.randn(n, generator=gen) * s).to(grad_dtype) for s in scale]
+    if variant == EDGE:
+        for grad in grads:
+            edge_gradients(grad)
     return {"state": state, "grads": grads}
 
 
@@ -183,7 +185,7 @@ def test_interpreted_nearest_code_matches_specification(interpreted, name, fast)
 def test_skipped_call_changes_nothing(interpreted):
     """found_inf = 1 skips the call: replaying CALLS without it gives the same final state."""
     cases, out = interpreted
-    case = cases[CASES[-2]]
+    case = cases[SKIP_CASE]
     kept = dict(case, grads=[g for (_, flag), g in zip(CALLS, case["grads"]) if flag != 1.0])
     s = {k: (v.clone() if v is not None else None) for k, v in kept["state"].items()}
     for (step, _), grad in zip([c for c in CALLS if c[1] != 1.0], kept["grads"]):
@@ -191,7 +193,7 @@ def test_skipped_call_changes_nothing(interpreted):
                          R.dynamic_map(True), R.dynamic_map(False), s["param_bf16"], None, *HYPER.values(),
                          step, 77 + step)
     for key in ("param", "exp_avg", "exp_avg_sq", "absmax1", "absmax2"):
-        assert torch.equal(out["states"][CASES[-2]][key], s[key]), key
+        assert torch.equal(out["states"][SKIP_CASE][key], s[key]), key
 
 
 def test_interpreter_makes_triton_a_cpu_backend(interpreted, monkeypatch):

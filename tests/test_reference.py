@@ -1,4 +1,4 @@
-"""The specification itself (astrobio/optim/reference.py) against independent references:
+"""The specification itself (astrobio/spec/adamw8bit.py) against independent references:
 torch.optim.AdamW for the update, brute-force nearest-code search for quantization, and the
 statistics of stochastic rounding."""
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from astrobio.optim import reference as R
+from astrobio.spec import adamw8bit as R
 
 
 def test_maps_have_the_dynamic_structure():
@@ -123,3 +123,47 @@ def test_stochastic_rounding_bits_are_counter_based():
 def test_step_constants_reject_step_zero():
     with pytest.raises(ValueError, match="step must be >= 1"):
         R.StepConstants.make(1e-3, 0.9, 0.999, 1e-8, 0.0, step=0)
+
+
+NAN_PATTERNS = [0x7FC00000, 0xFFC00000, 0x7FC12345, 0xFFFFFFFF, 0x7F800001]  # quiet, negative, payloads, signalling
+
+
+def nan_floats(patterns) -> torch.Tensor:
+    return torch.tensor([p - 2 ** 32 if p >= 2 ** 31 else p for p in patterns], dtype=torch.int32).view(torch.float32)
+
+
+@pytest.mark.parametrize("quantized", [True, False])
+@pytest.mark.parametrize("master", [torch.float32, torch.bfloat16])
+def test_every_nan_output_is_the_canonical_nan(quantized, master):
+    """NaN weights of any sign and payload, a NaN and an infinite gradient: every fp32 output that is NaN
+    is 0x7FC00000, every bf16 one 0x7FC0, a NaN normalised moment is code 0 (none is below it)."""
+    n = 5000 if quantized else 600
+    torch.manual_seed(3)
+    p = torch.randn(n)
+    p[:: 53][: len(NAN_PATTERNS)] = nan_floats(NAN_PATTERNS)
+    p = p.to(master)
+    g = torch.randn(n)
+    g[7], g[300] = math.nan, -math.inf  # blocks 0 and 1: a NaN absmax and an infinite one
+    if quantized:
+        q1, q2 = R.dynamic_map(True), R.dynamic_map(False)
+        m, a1 = R.quantize_blockwise(torch.randn(n) * 1e-3, q1)
+        v, a2 = R.quantize_blockwise(torch.rand(n) * 1e-6, q2)
+    else:
+        q1 = q2 = a1 = a2 = torch.empty(0)
+        m, v = torch.randn(n) * 1e-3, torch.rand(n) * 1e-6
+    copy = torch.empty(n, dtype=torch.bfloat16)
+    R.adamw8bit_step(p, g, m, v, a1, a2, q1, q2, copy, None, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1.0, 3, 11)
+    fp32_outputs = [p] if master == torch.float32 else []
+    fp32_outputs += [a1, a2] if quantized else [m, v]
+    assert int(torch.isnan(p.float()).sum()) >= len(NAN_PATTERNS) + 2
+    for out in fp32_outputs:
+        bits = out.view(torch.int32)[torch.isnan(out)]
+        assert bits.numel() > 0 and bool((bits == R.CANONICAL_NAN).all())
+    for out in [copy] + ([p] if master == torch.bfloat16 else []):
+        bits = out.view(torch.int16)[torch.isnan(out)]
+        assert bits.numel() > 0 and bool((bits == R.BF16_CANONICAL_NAN).all())
+    if quantized:
+        assert int(m[7]) == 0 and int(v[7]) == 0  # NaN * 0 is NaN: code 0
+        assert int(m[300]) == 0  # -inf * 0 (inv of an infinite absmax) is NaN: code 0
+        zero = int((q1 == 0).nonzero()[0])
+        assert int(m[8]) == zero  # a finite moment in a NaN block: x * 0 = 0

@@ -24,7 +24,7 @@ from astrobio.memory.peak import StageShape, peak_moment
 from astrobio.memory.timing import estimate_step
 from astrobio.model import ModelConfig, build_stage, even_split, get_config
 from astrobio.model.encoders import build_prefix
-from astrobio.optim.reference import BLOCK_SIZE, MIN_8BIT_NUMEL
+from astrobio.spec.adamw8bit import BLOCK_SIZE, MIN_8BIT_NUMEL
 
 PREFIX = "prefix."  # the prefix encoders' parameter names, as the trainer names them
 

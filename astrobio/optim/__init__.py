@@ -1,4 +1,4 @@
-"""Optimizers: the 8-bit AdamW specification (reference), AdamW8bit, and the CPU offload engine."""
+"""Optimizers: AdamW8bit (specified in astrobio.spec.adamw8bit) and the CPU offload engine."""
 
 from astrobio.optim.adamw8bit import AdamW8bit, step_seed
 from astrobio.optim.offload import OffloadEngine, StepStats

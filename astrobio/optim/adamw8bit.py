@@ -1,4 +1,4 @@
-"""AdamW8bit: torch.optim.Optimizer front end of the fused 8-bit AdamW (astrobio/optim/reference.py).
+"""AdamW8bit: torch.optim.Optimizer front end of the fused 8-bit AdamW (astrobio/spec/adamw8bit.py).
 
 Per parameter the state is ``step`` (int, updates applied), ``exp_avg``/``exp_avg_sq`` (uint8 codes with
 ``absmax1``/``absmax2``, one fp32 absmax per block of 256 elements; fp32 moments for tensors under
@@ -11,8 +11,14 @@ that serves its device (``backend="auto"``: the C++ kernel for CPU tensors), or 
 - fp32 parameters are their own master weights; bf16 parameters are updated with stochastic rounding,
   seeded per step and parameter by ``step_seed`` (deterministic, the same on every backend).
 - ``step(closure=None, grad_scale=1.0, found_inf=None)``: gradients are multiplied by ``grad_scale``
-  inside the kernel. If any gradient of the step is non-finite (or ``found_inf`` says so; it is then
-  trusted and nothing is checked), the whole step is skipped: nothing changes and ``skipped_steps`` grows.
+  inside the kernel. If any gradient of the step is non-finite, the whole step is skipped: nothing changes
+  and ``skipped_steps`` grows. A caller that knows already (the trainer's clip norm) passes ``found_inf``
+  (a bool, or a one-element tensor: nonzero skips) and nothing is scanned. Otherwise the gradients are
+  checked without a Python loop over elements: CPU gradients by one native multi-threaded pass
+  (``ops.any_non_finite``), GPU gradients by a device-side flag (``device_non_finite_flag``) that the
+  kernel reads, so ``step()`` never waits for the GPU. On a GPU a skip decided by that flag is counted on
+  the device (``skipped_steps`` reads it when asked) and, since the host does not know, still advances
+  ``state["step"]`` (the bias-correction count); pass ``found_inf`` as a bool where that matters.
 - ``state_dict()`` holds tensors and ints only, plus ``skipped_steps``; ``load_state_dict`` validates
   every entry against its parameter and moves it to the parameter's device without changing a bit, so a
   state saved from one backend or device continues on another.
@@ -27,7 +33,7 @@ from typing import Any
 import torch
 
 from astrobio import ops
-from astrobio.optim import reference
+from astrobio.spec import adamw8bit as reference
 
 _MASK64 = (1 << 64) - 1
 _PARAM_DTYPES = (torch.float32, torch.bfloat16)
@@ -75,6 +81,13 @@ def check_gradient(p: torch.Tensor, index: int) -> None:
     if g.shape != p.shape or g.device != p.device or not g.is_contiguous():
         raise ValueError(f"{where}: expected a contiguous tensor of the parameter's shape on {p.device}, got "
                          f"shape {tuple(g.shape)} on {g.device} (contiguous={g.is_contiguous()})")
+
+
+def device_non_finite_flag(grads: list[torch.Tensor]) -> torch.Tensor:
+    """A one-element float32 tensor on the gradients' device, 1.0 when any element is inf or NaN, computed
+    there without a host synchronization (the max-norm of each gradient is inf or NaN exactly then)."""
+    norms = torch._foreach_norm(grads, float("inf"))
+    return (~torch.stack(norms).isfinite().all()).to(torch.float32).reshape(1)
 
 
 def new_state(p: torch.Tensor, min_8bit_size: int) -> dict[str, Any]:
@@ -134,7 +147,8 @@ class AdamW8bit(torch.optim.Optimizer):
         self.backend = backend
         self.min_8bit_size = int(min_8bit_size)
         self.seed = int(seed)
-        self.skipped_steps = 0
+        self._skipped_on_host = 0
+        self._skipped_on_device: torch.Tensor | None = None  # skips decided by a device-side flag
         self._device_backends: dict[torch.device, str] = {}
         self._qmaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
@@ -170,13 +184,43 @@ class AdamW8bit(torch.optim.Optimizer):
                 index += 1
         return found
 
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped for non-finite gradients (reads the device-side count, if any: a synchronization)."""
+        on_device = 0 if self._skipped_on_device is None else int(self._skipped_on_device.item())
+        return self._skipped_on_host + on_device
+
+    @skipped_steps.setter
+    def skipped_steps(self, value: int) -> None:
+        self._skipped_on_host = int(value)
+        self._skipped_on_device = None
+
     @staticmethod
-    def _any_non_finite(params: list[tuple[int, dict[str, Any], torch.Tensor]]) -> bool:
-        flags = {}
+    def _skip_decision(params: list[tuple[int, dict[str, Any], torch.Tensor]],
+                       found_inf: torch.Tensor | bool | None) -> bool | torch.Tensor:
+        """True/False decided on the host, or a one-element float32 flag on the (one) GPU the parameters
+        live on, which the kernels read there."""
+        if found_inf is not None and not torch.is_tensor(found_inf):
+            return bool(found_inf)
+        devices = {p.device for _, _, p in params}
+        on_host = all(d.type == "cpu" for d in devices)
+        if found_inf is not None:
+            if found_inf.numel() != 1:
+                raise ValueError(f"found_inf must be a bool or a one-element tensor, got {found_inf.numel()} "
+                                 "elements")
+            if on_host or found_inf.device.type == "cpu" or len(devices) > 1:
+                return bool(found_inf.reshape(-1)[0] != 0)
+            return found_inf.reshape(1).to(device=next(iter(devices)), dtype=torch.float32)
+        if on_host:
+            return ops.any_non_finite([p.grad for _, _, p in params])
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
         for _, _, p in params:
-            bad = ~torch.isfinite(p.grad).all()
-            flags[p.device] = bad if p.device not in flags else flags[p.device] | bad
-        return any(bool(flag) for flag in flags.values())
+            by_device.setdefault(p.device, []).append(p.grad)
+        flags = {d: ops.any_non_finite(g) if d.type == "cpu" else device_non_finite_flag(g)
+                 for d, g in by_device.items()}
+        if len(flags) == 1:
+            return next(iter(flags.values()))
+        return any(bool(flag) for flag in flags.values())  # parameters on several devices: decided on the host
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, grad_scale: float = 1.0,
@@ -184,8 +228,9 @@ class AdamW8bit(torch.optim.Optimizer):
         """One update of every parameter that has a gradient; returns the closure's loss, if any.
 
         ``grad_scale`` multiplies every gradient inside the kernel (e.g. 1/accumulation or a clipping
-        coefficient). ``found_inf`` (a bool or a one-element tensor), when given, decides the skip
-        instead of a scan of the gradients.
+        coefficient). ``found_inf``, when given, decides the skip instead of a check of the gradients: a
+        bool, or a one-element tensor (nonzero skips; on the GPU the parameters live on, the kernels read
+        it there, without a synchronization).
         """
         loss = None
         if closure is not None:
@@ -196,15 +241,20 @@ class AdamW8bit(torch.optim.Optimizer):
         for group in self.param_groups:  # a scheduler may have set lr: check before any parameter changes
             check_hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"])
         params = self._params_with_grads()
-        skip = bool(found_inf) if found_inf is not None else self._any_non_finite(params)
-        if skip:
-            self.skipped_steps += 1
+        skip = self._skip_decision(params, found_inf)
+        flag = skip if torch.is_tensor(skip) else None
+        if flag is None and skip:
+            self._skipped_on_host += 1
             return loss
+        if flag is not None:
+            counted = self._skipped_on_device
+            self._skipped_on_device = flag.clone() if counted is None else counted + flag
         for index, group, p in params:
-            self._step_parameter(index, group, p, float(grad_scale))
+            self._step_parameter(index, group, p, float(grad_scale), flag)
         return loss
 
-    def _step_parameter(self, index: int, group: dict[str, Any], p: torch.Tensor, grad_scale: float) -> None:
+    def _step_parameter(self, index: int, group: dict[str, Any], p: torch.Tensor, grad_scale: float,
+                        found_inf: torch.Tensor | None) -> None:
         state = self.state[p]
         if not state:
             state.update(new_state(p, self.min_8bit_size))
@@ -216,7 +266,7 @@ class AdamW8bit(torch.optim.Optimizer):
             absmax1 = absmax2 = torch.empty(0, dtype=torch.float32, device=p.device)
         beta1, beta2 = group["betas"]
         ops.adamw8bit_step(self._backend_for(p.device), p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                           absmax1, absmax2, qmap1, qmap2, None, None, float(group["lr"]), beta1, beta2,
+                           absmax1, absmax2, qmap1, qmap2, None, found_inf, float(group["lr"]), beta1, beta2,
                            group["eps"], group["weight_decay"], grad_scale, state["step"],
                            step_seed(self.seed, state["step"], index))
 

@@ -95,7 +95,7 @@ from typing import Any
 import torch
 
 from astrobio import ops
-from astrobio.optim import reference
+from astrobio.spec import adamw8bit as reference
 from astrobio.optim.adamw8bit import check_hyperparameters, check_parameter, checked_state, new_state, step_seed
 from astrobio.optim.host_link import HostLink, StagingPool
 from astrobio.optim.offload_timings import OffloadTimings, TimingsRecorder

@@ -12,7 +12,7 @@
 //
 // Paths: "avx512" (needs AVX-512 F/BW/VL/VBMI: byte-permute table lookups), "avx2" (gathers), and
 // "portable"; chosen at run time from the CPU's features, or forced with ASTROBIO_CPU_SIMD=portable|avx2|avx512.
-// All paths are bit-exact with astrobio/optim/reference.py (IEEE sqrt and division, no FMA).
+// All paths are bit-exact with astrobio/spec/adamw8bit.py (IEEE sqrt and division, no FMA).
 #include <omp.h>
 
 #include <algorithm>
@@ -29,6 +29,7 @@ void step_block_scalar(const StepArgs& a, const MapTables* t1, const MapTables* 
   const int64_t len = std::min<int64_t>(kBlockSize, a.numel - begin);
   float m[kBlockSize], v[kBlockSize];
   float max_m = 0.0f, max_v = 0.0f;
+  bool nan_m = false, nan_v = false;  // std::max drops a NaN; the specification's absmax keeps it
   for (int64_t j = 0; j < len; ++j) {
     const int64_t i = begin + j;
     float m0, v0;
@@ -46,12 +47,16 @@ void step_block_scalar(const StepArgs& a, const MapTables* t1, const MapTables* 
     v[j] = u.v;
     max_m = std::max(max_m, std::fabs(u.m));
     max_v = std::max(max_v, std::fabs(u.v));
+    nan_m |= std::isnan(u.m);
+    nan_v |= std::isnan(u.v);
   }
   if (!a.quantized) {
     std::memcpy(static_cast<float*>(a.exp_avg) + begin, m, len * sizeof(float));
     std::memcpy(static_cast<float*>(a.exp_avg_sq) + begin, v, len * sizeof(float));
     return;
   }
+  if (nan_m) max_m = bits_float(kCanonicalNan);
+  if (nan_v) max_v = bits_float(kCanonicalNan);
   const float inv_m = inverse_absmax(max_m);
   const float inv_v = inverse_absmax(max_v);
   auto* codes1 = static_cast<uint8_t*>(a.exp_avg) + begin;

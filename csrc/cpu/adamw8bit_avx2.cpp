@@ -56,6 +56,7 @@ ASTROBIO_AVX2 inline void quantize8(const MapTables& t, __m256 n, uint8_t* out) 
   __m256i code = _mm256_i32gather_epi32(t.lut32, bucket, 4);
   const __m256 thr = _mm256_i32gather_ps(t.threshold, code, 4);
   code = _mm256_sub_epi32(code, _mm256_castps_si256(_mm256_cmp_ps(n, thr, _CMP_GT_OQ)));
+  code = _mm256_andnot_si256(_mm256_castps_si256(_mm256_cmp_ps(n, n, _CMP_UNORD_Q)), code);  // NaN: code 0
   const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
   _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packus_epi16(words, words));
 }
@@ -73,8 +74,15 @@ ASTROBIO_AVX2 inline void store_words(uint16_t* out, __m256i h) {
                    _mm_packus_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1)));
 }
 
+// NaN lanes replaced by the canonical NaN (kernel_common.h: canonical_nan).
+ASTROBIO_AVX2 inline __m256 canonical_nan8(__m256 x) {
+  return _mm256_blendv_ps(x, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kCanonicalNan))),
+                          _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
 // Stores 8 new weights at element i: fp32 (and its round-to-nearest bf16 copy) or stochastic bf16.
 ASTROBIO_AVX2 inline void store_params(const StepArgs& a, int64_t i, __m256 p, uint32_t sr_hi) {
+  p = canonical_nan8(p);  // rounds to the bf16 NaN 0x7FC0 in both roundings below
   const __m256i bits = _mm256_castps_si256(p);
   __m256i h;
   if (a.param_dtype == DType::kFloat32) {
@@ -82,8 +90,6 @@ ASTROBIO_AVX2 inline void store_params(const StepArgs& a, int64_t i, __m256 p, u
     if (a.param_bf16 == nullptr) return;
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
     h = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF))), 16);
-    const __m256 nan = _mm256_cmp_ps(p, p, _CMP_UNORD_Q);
-    h = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(h), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)), nan));
   } else {
     const __m256i lanes = _mm256_set_epi32(7, 6, 5, 4, 3, 2, 1, 0);
     const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lanes);
@@ -96,7 +102,7 @@ ASTROBIO_AVX2 inline void store_params(const StepArgs& a, int64_t i, __m256 p, u
   store_words(a.param_bf16 + i, h);
 }
 
-// The update of 8 elements at i (reference.py: adamw_update); returns the new weights, updates m and v.
+// The update of 8 elements at i (spec/adamw8bit.py: adamw_update); returns the new weights, updates m and v.
 ASTROBIO_AVX2 inline __m256 update8(const StepArgs& a, const Consts& k, int64_t i, __m256& m, __m256& v) {
   const __m256 g = _mm256_mul_ps(load8(a.grad, a.grad_dtype, i), k.grad_scale);
   m = _mm256_add_ps(_mm256_mul_ps(k.beta1, m), _mm256_mul_ps(k.omb1, g));
@@ -127,6 +133,7 @@ ASTROBIO_AVX2 void step_block_quantized(const StepArgs& a, const Consts& k, cons
   const __m256 absmax1 = _mm256_set1_ps(a.absmax1[block]), absmax2 = _mm256_set1_ps(a.absmax2[block]);
   alignas(32) float m_new[kBlockSize], v_new[kBlockSize];
   __m256 max_m = _mm256_setzero_ps(), max_v = _mm256_setzero_ps();
+  __m256 nan_m = _mm256_setzero_ps(), nan_v = _mm256_setzero_ps();  // max_ps drops NaNs; the absmax keeps them
   for (int j = 0; j < kBlockSize; j += 8) {
     __m256 m = dequantize8(t1, codes1 + j, absmax1), v = dequantize8(t2, codes2 + j, absmax2);
     store_params(a, begin + j, update8(a, k, begin + j, m, v), sr_hi);
@@ -134,8 +141,11 @@ ASTROBIO_AVX2 void step_block_quantized(const StepArgs& a, const Consts& k, cons
     _mm256_store_ps(v_new + j, v);
     max_m = _mm256_max_ps(max_m, abs8(m));
     max_v = _mm256_max_ps(max_v, abs8(v));
+    nan_m = _mm256_or_ps(nan_m, _mm256_cmp_ps(m, m, _CMP_UNORD_Q));
+    nan_v = _mm256_or_ps(nan_v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
-  const float am = reduce_max(max_m), av = reduce_max(max_v);
+  const float am = _mm256_movemask_ps(nan_m) ? bits_float(kCanonicalNan) : reduce_max(max_m);
+  const float av = _mm256_movemask_ps(nan_v) ? bits_float(kCanonicalNan) : reduce_max(max_v);
   const __m256 inv_m = _mm256_set1_ps(inverse_absmax(am));
   const __m256 inv_v = _mm256_set1_ps(inverse_absmax(av));
   for (int j = 0; j < kBlockSize; j += 8) {
@@ -155,12 +165,16 @@ ASTROBIO_AVX2 void step_block_fp32(const StepArgs& a, const Consts& k, int64_t b
   for (int64_t i = begin; i < begin + kBlockSize; i += 8) {
     __m256 m = _mm256_loadu_ps(m_ptr + i), v = _mm256_loadu_ps(v_ptr + i);
     store_params(a, i, update8(a, k, i, m, v), sr_hi);
-    _mm256_storeu_ps(m_ptr + i, m);
-    _mm256_storeu_ps(v_ptr + i, v);
+    _mm256_storeu_ps(m_ptr + i, canonical_nan8(m));
+    _mm256_storeu_ps(v_ptr + i, canonical_nan8(v));
   }
 }
 
 }  // namespace
+
+ASTROBIO_AVX2 void nearest_codes(const MapTables& t, const float* n, uint8_t* out) {
+  for (int j = 0; j < kBlockSize; j += 8) quantize8(t, _mm256_loadu_ps(n + j), out + j);
+}
 
 ASTROBIO_AVX2 void step(const StepArgs& a, const MapTables* t1, const MapTables* t2) {
   const int64_t full = a.numel / kBlockSize;

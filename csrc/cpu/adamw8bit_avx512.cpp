@@ -142,13 +142,17 @@ ASTROBIO_AVX512 inline void quantize_block(const MapTables& t, const float* buf,
   __m512 thr[16];
   lookup_block(t.threshold_planes, code, thr);
   for (int g = 0; g < 4; ++g) {
-    __mmask16 above[4];
+    __mmask16 above[4], number[4];
     for (int r = 0; r < 4; ++r) {
       const __m512 n = _mm512_mul_ps(_mm512_load_ps(buf + 64 * g + 16 * r), inv);
       above[r] = _mm512_cmp_ps_mask(n, thr[4 * g + r], _CMP_GT_OQ);
+      number[r] = _mm512_cmp_ps_mask(n, n, _CMP_ORD_Q);
     }
     const __mmask64 up = _mm512_kunpackd(_mm512_kunpackw(above[3], above[2]), _mm512_kunpackw(above[1], above[0]));
-    _mm512_storeu_si512(out + 64 * g, _mm512_mask_sub_epi8(code[g], up, code[g], _mm512_set1_epi8(-1)));
+    const __mmask64 ok = _mm512_kunpackd(_mm512_kunpackw(number[3], number[2]), _mm512_kunpackw(number[1], number[0]));
+    // a NaN has no threshold below it: code 0 (its bucket would say otherwise)
+    _mm512_storeu_si512(out + 64 * g,
+                        _mm512_maskz_mov_epi8(ok, _mm512_mask_sub_epi8(code[g], up, code[g], _mm512_set1_epi8(-1))));
   }
 }
 
@@ -189,6 +193,12 @@ ASTROBIO_AVX512 inline __m512i mix32(__m512i x) {
   return _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
 }
 
+// NaN lanes replaced by the canonical NaN (kernel_common.h: canonical_nan).
+ASTROBIO_AVX512 inline __m512 canonical_nan16(__m512 x) {
+  return _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
+                            _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int>(kCanonicalNan))));
+}
+
 // The tensors of one step as local pointers (no aliasing with the arguments) and the variant as types:
 // gradient dtype, master dtype, and whether a bf16 copy of the weights is written.
 template <DType kGrad, DType kParam, bool kCopy>
@@ -208,6 +218,7 @@ struct Tensors {
 
   // Stores 16 new weights at element i: fp32 (and its round-to-nearest bf16 copy) or stochastic bf16.
   ASTROBIO_AVX512 inline void store_params(int64_t i, __m512 p, uint32_t sr_hi) const {
+    p = canonical_nan16(p);  // rounds to the bf16 NaN 0x7FC0 in both roundings below
     const __m512i bits = _mm512_castps_si512(p);
     __m512i h;
     if constexpr (kParam == DType::kFloat32) {
@@ -215,7 +226,6 @@ struct Tensors {
       if constexpr (!kCopy) return;
       const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
       h = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
-      h = _mm512_mask_blend_epi32(_mm512_cmp_ps_mask(p, p, _CMP_UNORD_Q), h, _mm512_set1_epi32(0x7FC0));
     } else {
       const __m512i lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
       const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(i))), lanes);
@@ -228,7 +238,7 @@ struct Tensors {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(param_bf16 + i), _mm512_cvtepi32_epi16(h));
   }
 
-  // The update of 16 elements at i (reference.py: adamw_update); returns the new weights, updates m and v.
+  // The update of 16 elements at i (spec/adamw8bit.py: adamw_update); returns the new weights, updates m and v.
   ASTROBIO_AVX512 inline __m512 update16(const Consts& k, int64_t i, __m512& m, __m512& v) const {
     const __m512 g = _mm512_mul_ps(load16<kGrad>(grad, i), k.grad_scale);
     m = _mm512_add_ps(_mm512_mul_ps(k.beta1, m), _mm512_mul_ps(k.omb1, g));
@@ -258,6 +268,7 @@ ASTROBIO_AVX512 void step_block_quantized(const T& x_ref, const Consts& k_ref, c
   dequantize_block(t1, codes1, _mm512_set1_ps(x.absmax1[block]), m_buf);
   dequantize_block(t2, codes2, _mm512_set1_ps(x.absmax2[block]), v_buf);
   __m512 max_m = _mm512_setzero_ps(), max_v = _mm512_setzero_ps();
+  __mmask16 nan_m = 0, nan_v = 0;  // the max reductions drop NaNs; the specification's absmax keeps them
   for (int j = 0; j < kBlockSize; j += 16) {
     __m512 m = _mm512_load_ps(m_buf + j), v = _mm512_load_ps(v_buf + j);
     x.store_params(begin + j, x.update16(k, begin + j, m, v), sr_hi);
@@ -265,8 +276,11 @@ ASTROBIO_AVX512 void step_block_quantized(const T& x_ref, const Consts& k_ref, c
     _mm512_store_ps(v_buf + j, v);
     max_m = max_abs16(max_m, m);
     max_v = max_abs16(max_v, v);
+    nan_m |= _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q);
+    nan_v |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   }
-  const float am = _mm512_reduce_max_ps(max_m), av = _mm512_reduce_max_ps(max_v);
+  const float am = nan_m ? bits_float(kCanonicalNan) : _mm512_reduce_max_ps(max_m);
+  const float av = nan_v ? bits_float(kCanonicalNan) : _mm512_reduce_max_ps(max_v);
   quantize_block(t1, m_buf, _mm512_set1_ps(inverse_absmax(am)), codes1);
   quantize_block(t2, v_buf, _mm512_set1_ps(inverse_absmax(av)), codes2);
   x.absmax1[block] = am;
@@ -283,8 +297,8 @@ ASTROBIO_AVX512 void step_block_fp32(const T& x, const Consts& k, int64_t block)
   for (int64_t i = begin; i < begin + kBlockSize; i += 16) {
     __m512 m = _mm512_loadu_ps(m_ptr + i), v = _mm512_loadu_ps(v_ptr + i);
     x.store_params(i, x.update16(k, i, m, v), sr_hi);
-    _mm512_storeu_ps(m_ptr + i, m);
-    _mm512_storeu_ps(v_ptr + i, v);
+    _mm512_storeu_ps(m_ptr + i, canonical_nan16(m));
+    _mm512_storeu_ps(v_ptr + i, canonical_nan16(v));
   }
 }
 
@@ -326,6 +340,12 @@ void step_full_blocks(const StepArgs& a, const MapTables* t1, const MapTables* t
 }
 
 }  // namespace
+
+ASTROBIO_AVX512 void nearest_codes(const MapTables& t, const float* n, uint8_t* out) {
+  alignas(64) float buf[kBlockSize];
+  std::copy(n, n + kBlockSize, buf);
+  quantize_block(t, buf, _mm512_set1_ps(1.0f), out);
+}
 
 void step(const StepArgs& a, const MapTables* t1, const MapTables* t2) {
   if (a.grad_dtype == DType::kFloat32) {

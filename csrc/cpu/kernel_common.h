@@ -1,5 +1,5 @@
 // Pieces shared by the CPU paths of astrobio::adamw8bit_step (portable, AVX2, AVX-512): the scalar
-// per-element update (reference.py operation by operation), bf16 rounding, the stochastic-rounding hash,
+// per-element update (astrobio/spec/adamw8bit.py operation by operation), bf16 rounding, the stochastic-rounding hash,
 // and the tables derived from a quantization map for the nearest-code search.
 //
 // Nearest-code search without a binary search. code(n) = #{i : threshold[i] < n}. A lookup table
@@ -8,7 +8,8 @@
 // value in n's bucket; each bucket holds at most one threshold (asserted when the table is built), and
 // that threshold, if any, is threshold[base], so
 //     code(n) = base + (n > threshold[base])         (threshold[255] = +inf)
-// which is exact for every float. Tables are built once per map content and cached.
+// which is exact for every float (proven for every fp32 in [-1, 1] by lookup_check.cpp, run from the
+// tests); a NaN, which no threshold is below, is code 0. Tables are built once per map content and cached.
 #pragma once
 
 #include <cmath>
@@ -51,7 +52,7 @@ inline uint32_t float_bits(float f) {
   return bits;
 }
 
-// reference.py: inv = 1 / absmax, or 0 when absmax is below the smallest normal float (MIN_NORMAL).
+// spec/adamw8bit.py: inv = 1 / absmax, or 0 when absmax is below the smallest normal float (MIN_NORMAL).
 inline float inverse_absmax(float absmax) {
   return absmax >= std::numeric_limits<float>::min() ? 1.0f / absmax : 0.0f;
 }
@@ -62,9 +63,14 @@ inline float bits_float(uint32_t bits) {
   return f;
 }
 
+// The one NaN every fp32 output holds (spec/adamw8bit.py: CANONICAL_NAN): positive, quiet, no payload.
+constexpr uint32_t kCanonicalNan = 0x7FC00000u;
+
+inline float canonical_nan(float x) { return std::isnan(x) ? bits_float(kCanonicalNan) : x; }
+
 inline float bf16_to_float(uint16_t h) { return bits_float(static_cast<uint32_t>(h) << 16); }
 
-// Round to nearest even; every NaN becomes the canonical quiet NaN 0x7FC0 (reference.round_to_bf16).
+// Round to nearest even; the canonical NaN becomes 0x7FC0 (spec/adamw8bit.py: round_to_bf16).
 inline uint16_t float_to_bf16(float f) {
   if (std::isnan(f)) return 0x7FC0;
   const uint32_t bits = float_bits(f);
@@ -94,8 +100,9 @@ inline float load_float(const void* p, DType t, int64_t i) {
   return t == DType::kFloat32 ? static_cast<const float*>(p)[i] : bf16_to_float(static_cast<const uint16_t*>(p)[i]);
 }
 
-// The scalar nearest-code search through the bucket table.
+// The scalar nearest-code search through the bucket table. A NaN has no threshold below it: code 0.
 inline uint8_t nearest_code(const MapTables& t, float n) {
+  if (std::isnan(n)) return 0;
   const uint32_t bits = float_bits(n);
   uint32_t a = bits & 0x7FFFFFFFu;
   a = a < t.clamp_lo ? t.clamp_lo : (a > t.clamp_hi ? t.clamp_hi : a);
@@ -114,7 +121,7 @@ inline uint8_t nearest_code_search(const MapTables& t, float n) {
   return static_cast<uint8_t>(idx);
 }
 
-// One element of the AdamW update (reference.py: adamw_update), each operation rounded to fp32.
+// One element of the AdamW update (spec/adamw8bit.py: adamw_update), each operation rounded to fp32.
 struct ElementUpdate {
   float p, m, v;
 };
@@ -129,7 +136,7 @@ inline ElementUpdate update_element(const StepConstants& c, float p, float g, fl
   const float denom = std::sqrt(v) * c.inv_bc2_sqrt + c.eps;
   const float upd = c.step_size * (m / denom);
   p = p * c.decay - upd;
-  return {p, m, v};
+  return {canonical_nan(p), canonical_nan(m), canonical_nan(v)};
 }
 
 // Writes the new weight of element i (fp32 master, or bf16 with stochastic rounding) and its bf16 copy.
@@ -152,10 +159,13 @@ void step_block_scalar(const StepArgs& a, const MapTables* t1, const MapTables* 
 namespace avx2 {
 bool supported();
 void step(const StepArgs& a, const MapTables* t1, const MapTables* t2);
+// The path's nearest codes of 256 normalised values (for the exhaustive check, lookup_check.cpp).
+void nearest_codes(const MapTables& t, const float* n, uint8_t* out);
 }  // namespace avx2
 namespace avx512 {
 bool supported();
 void step(const StepArgs& a, const MapTables* t1, const MapTables* t2);
+void nearest_codes(const MapTables& t, const float* n, uint8_t* out);
 }  // namespace avx512
 #endif
 

@@ -1,6 +1,6 @@
 // CUDA kernel of astrobio::adamw8bit_step: one fused pass over memory per step (docs/GPU.md).
 //
-// The arithmetic follows astrobio/optim/reference.py operation by operation with the correctly
+// The arithmetic follows astrobio/spec/adamw8bit.py operation by operation with the correctly
 // rounded intrinsics (__fmul_rn, __fadd_rn, __fsqrt_rn, __fdiv_rn; setup.py also passes
 // --fmad=false), so the results are bit-exact with the reference.
 //
@@ -41,7 +41,7 @@ static_assert(kThreads == kQmapSize, "the codebook staging loads one entry per t
 // below x (reference.quantize_blockwise). The lookup key of x is the exponent and the top kKeyBits
 // mantissa bits of |x|, clamped to [kMinKey, kMaxKey], and its sign: buckets 1/64 of a binade wide
 // from 2^-20 up to 1, one bucket for everything below 2^-20 (down to 0), one for 1 and above (inf
-// and NaN included), per sign. A bucket's entry is `base`, the number of thresholds below its
+// included), per sign; a NaN, below which no threshold lies, is code 0. A bucket's entry is `base`, the number of thresholds below its
 // smallest value; the code of x is base plus how many of t[base], t[base + 1] lie below x. That is
 // exact when no bucket holds more than two thresholds, which the staging checks for the maps it is
 // given (true for both dynamic maps: the unsigned map's thresholds are 0.0070 apart just below 1,
@@ -74,11 +74,14 @@ __device__ __forceinline__ void bucket_range(int e, float& lo, float& hi) {
   hi = negative ? __uint_as_float(small | 0x80000000u) : __uint_as_float(large);
 }
 
+// A NaN (of either sign) takes the bucket of -inf, whose base is 0: the specification's code of NaN.
 __device__ __forceinline__ uint32_t bucket_of(float x) {
   const uint32_t bits = __float_as_uint(x);
-  const uint32_t key = (bits & 0x7FFFFFFFu) >> (23 - kKeyBits);
+  const uint32_t magnitude = bits & 0x7FFFFFFFu;
+  const uint32_t key = magnitude >> (23 - kKeyBits);
   const uint32_t clamped = key < kMinKey ? kMinKey : (key > kMaxKey ? kMaxKey : key);
-  return clamped - kMinKey + (bits >> 31) * static_cast<uint32_t>(kBuckets);
+  const uint32_t negative = (bits >> 31) | (magnitude > 0x7F800000u ? 1u : 0u);
+  return clamped - kMinKey + negative * static_cast<uint32_t>(kBuckets);
 }
 
 // The number of thresholds below x by binary search (staging only: 8 dependent probes).
@@ -241,12 +244,21 @@ __device__ __forceinline__ void store_codes(uint8_t* dst, int64_t i, int count, 
   }
 }
 
-__device__ __forceinline__ float warp_max(float x) {
+// The largest of the warp's |x| bit patterns: for non-negative floats the integer order is the
+// float order, and a NaN (above +inf) wins, as the specification's absmax keeps a NaN.
+__device__ __forceinline__ uint32_t warp_max_bits(uint32_t bits) {
 #pragma unroll
   for (int offset = kWarpSize / 2; offset >= 1; offset >>= 1) {
-    x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, offset));
+    const uint32_t other = __float_as_uint(__shfl_xor_sync(0xFFFFFFFFu, __uint_as_float(bits), offset));
+    bits = other > bits ? other : bits;
   }
-  return x;
+  return bits;
+}
+
+// A block's absmax from the lanes' |x| maxima as bit patterns; a NaN becomes the canonical NaN.
+__device__ __forceinline__ float block_absmax(uint32_t lane_bits) {
+  const uint32_t bits = warp_max_bits(lane_bits);
+  return __uint_as_float(bits > 0x7F800000u ? kCanonicalNan : bits);
 }
 
 // --- the step -------------------------------------------------------------------------------------
@@ -274,7 +286,7 @@ __device__ __forceinline__ void store_params(const StepArgs& a, int64_t i, int c
     for (int k = 0; k < kLane; ++k) h[k] = float_to_bf16(p[k]);
   } else {
 #pragma unroll
-    for (int k = 0; k < kLane; ++k) h[k] = stochastic_round_bf16(p[k], i + k, a.seed);
+    for (int k = 0; k < kLane; ++k) h[k] = stochastic_round_bf16(canonical(p[k]), i + k, a.seed);
     store_lane(static_cast<uint16_t*>(a.param), i, count, vec, h);
     if (a.param_bf16 == nullptr) return;
   }
@@ -322,14 +334,14 @@ __device__ __forceinline__ void update_block(const StepArgs& a, const Codebooks&
   store_params<ParamT>(a, l.i, l.count, l.vec, l.p);
   if constexpr (Quantized) {
     // Missing elements of a partial block hold m = v = 0 and leave the absmax unchanged.
-    float max1 = 0.0f, max2 = 0.0f;
+    uint32_t bits1 = 0, bits2 = 0;
 #pragma unroll
     for (int k = 0; k < kLane; ++k) {
-      max1 = fmaxf(max1, fabsf(l.m[k]));
-      max2 = fmaxf(max2, fabsf(l.v[k]));
+      const uint32_t b1 = __float_as_uint(l.m[k]) & 0x7FFFFFFFu, b2 = __float_as_uint(l.v[k]) & 0x7FFFFFFFu;
+      bits1 = b1 > bits1 ? b1 : bits1;
+      bits2 = b2 > bits2 ? b2 : bits2;
     }
-    max1 = warp_max(max1);
-    max2 = warp_max(max2);
+    const float max1 = block_absmax(bits1), max2 = block_absmax(bits2);
     const float inv1 = max1 >= kMinNormal ? __fdiv_rn(1.0f, max1) : 0.0f;  // reference.py: MIN_NORMAL
     const float inv2 = max2 >= kMinNormal ? __fdiv_rn(1.0f, max2) : 0.0f;
     uint32_t c1[kLane], c2[kLane];

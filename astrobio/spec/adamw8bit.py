@@ -16,7 +16,8 @@ multiply-add) so that a kernel can reproduce it exactly:
         denom = sqrt(v) * inv_bc2_sqrt + eps
         p     = p * decay - step_size * (m / denom)
 
-with an IEEE (correctly rounded) sqrt and division. This is torch.optim.AdamW's update (decoupled weight decay, bias correction) in a fixed order.
+with an IEEE (correctly rounded) sqrt and division. This is torch.optim.AdamW's update (decoupled weight
+decay, bias correction) in a fixed order.
 
 8-bit moments: m with the signed and v with the unsigned 256-entry dynamic map (Dettmers et al.
 2022), one fp32 absmax per block of 256 elements. Dequantize: ``value = qmap[code] * absmax``.
@@ -24,7 +25,13 @@ Requantize after the update: ``absmax = max |x|`` over the block, ``inv = 1 / ab
 absmax is below the smallest normal fp32, ``MIN_NORMAL``: an all-zero block, or one so small that
 ``1 / absmax`` would overflow to inf and turn its zeros into NaN), ``n = x * inv`` and
 ``code = #{i : threshold[i] < n}`` where ``threshold[i] = (qmap[i] + qmap[i + 1]) * 0.5`` in fp32:
-the nearest code, ties to the lower one. The bf16 copy of the new weights is ``round_to_bf16``.
+the nearest code, ties to the lower one (a NaN, which no threshold is below, is code 0). The bf16 copy
+of the new weights is ``round_to_bf16``.
+
+One NaN: every fp32 output that is NaN (the new weights, fp32 moments, a block's absmax) is written as
+the canonical quiet NaN ``CANONICAL_NAN`` = 0x7FC00000 (positive, no payload), whatever NaN the
+arithmetic made (x86 keeps an operand's payload and sign, a GPU makes its own); it rounds to the bf16
+NaN 0x7FC0 in both bf16 roundings, so a bf16 output that is NaN is always 0x7FC0.
 
 Tensors under ``MIN_8BIT_NUMEL`` elements keep fp32 moments. Master weights are fp32, or bf16 with
 stochastic rounding (``stochastic_round_to_bf16``). A step with any non-finite gradient is skipped.
@@ -41,6 +48,15 @@ BLOCK_SIZE = 256
 MIN_NORMAL = torch.finfo(torch.float32).tiny  # 2**-126: below it, a block's codes are all the zero code
 MIN_8BIT_NUMEL = 4096
 _EXPONENTS = 7  # decimal exponents 10^-6 .. 10^0 of the dynamic map
+
+
+CANONICAL_NAN = 0x7FC00000
+
+
+def canonical_nan(x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x`` with every NaN replaced by the canonical quiet NaN 0x7FC00000."""
+    nan = torch.tensor(CANONICAL_NAN, dtype=torch.int32).view(torch.float32)
+    return torch.where(torch.isnan(x), nan, x)
 
 
 def dynamic_map(signed: bool) -> torch.Tensor:
@@ -85,12 +101,13 @@ def quantize_blockwise(x: torch.Tensor, qmap: torch.Tensor) -> tuple[torch.Tenso
     """fp32 tensor -> (uint8 codes with x's numel, fp32 absmax per block of 256)."""
     flat = x.reshape(-1).to(torch.float32)
     blocks = _pad_to_blocks(flat)
-    absmax = blocks.abs().amax(dim=1)
+    absmax = canonical_nan(blocks.abs().amax(dim=1))  # amax keeps a NaN
     one = torch.tensor(1.0, dtype=torch.float32)
     normal = absmax >= MIN_NORMAL
     inv = torch.where(normal, one / torch.where(normal, absmax, one), torch.zeros_like(absmax))
-    normed = blocks * inv[:, None]
-    codes = torch.searchsorted(thresholds(qmap), normed.reshape(-1), right=False)
+    normed = (blocks * inv[:, None]).reshape(-1)
+    codes = torch.searchsorted(thresholds(qmap), normed, right=False)
+    codes = torch.where(torch.isnan(normed), 0, codes)  # searchsorted would put a NaN last
     return codes.to(torch.uint8)[: flat.numel()].view(x.shape), absmax
 
 
@@ -125,11 +142,15 @@ def stochastic_rounding_bits(numel: int, seed: int, offset: int = 0) -> torch.Te
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, seed: int) -> torch.Tensor:
-    """fp32 -> bf16 by adding 16 random bits to the fp32 pattern and truncating."""
+    """fp32 -> bf16 by adding 16 random bits to the fp32 pattern and truncating.
+
+    On the bit pattern throughout (torch's fp32 -> bf16 conversion would turn a NaN into 0xFFFF): the
+    canonical NaN 0x7FC00000 becomes 0x7FC0 whatever the random bits.
+    """
     bits = x.reshape(-1).to(torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    bits = (bits + stochastic_rounding_bits(bits.numel(), seed)) & 0xFFFF0000
-    bits = torch.where(bits >= 2 ** 31, bits - 2 ** 32, bits).to(torch.int32)
-    return bits.view(torch.float32).to(torch.bfloat16).view(x.shape)
+    bits = ((bits + stochastic_rounding_bits(bits.numel(), seed)) >> 16) & 0xFFFF
+    bits = torch.where(bits >= 2 ** 15, bits - 2 ** 16, bits).to(torch.int16)
+    return bits.view(torch.bfloat16).view(x.shape)
 
 
 BF16_CANONICAL_NAN = 0x7FC0
@@ -184,14 +205,14 @@ def correctly_rounded_sqrt(x: torch.Tensor) -> torch.Tensor:
 
 def adamw_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
                  c: StepConstants) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One AdamW update in fp32, operation by operation as the module docstring states."""
+    """One AdamW update in fp32, operation by operation as the module docstring states; NaNs canonical."""
     t = c.tensor
     g = g * t("grad_scale")
     m = t("beta1") * m + t("one_minus_beta1") * g
     v = t("beta2") * v + t("one_minus_beta2") * (g * g)
     denom = correctly_rounded_sqrt(v) * t("inv_bc2_sqrt") + t("eps")
     p = p * t("decay") - t("step_size") * (m / denom)
-    return p, m, v
+    return canonical_nan(p), canonical_nan(m), canonical_nan(v)
 
 
 def adamw8bit_step(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
