@@ -37,8 +37,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNEL = ROOT / "csrc" / "cpu" / "adamw8bit_avx512.cpp"
 FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
 
-REQUANT = ("""  quantize_block(t1, m_buf, _mm512_set1_ps(inverse_absmax(am)), codes1);
-  quantize_block(t2, v_buf, _mm512_set1_ps(inverse_absmax(av)), codes2);""",
+REQUANT = ("""  quantize_block(t1, m_buf, am, codes1);
+  quantize_block(t2, v_buf, av, codes2);""",
            """  for (int j = 0; j < kBlockSize; j += 16) {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(codes1 + j),
                      _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(_mm512_load_ps(m_buf + j))));

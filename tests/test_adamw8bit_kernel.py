@@ -172,7 +172,7 @@ def test_nan_gives_the_canonical_nan_in_every_path(n, grad_dtype, master, copy, 
     output is the canonical one (0x7FC00000 in fp32, 0x7FC0 in bf16)."""
     gen = torch.Generator().manual_seed(9)
     grads = [make_grad(n, grad_dtype, gen) for _ in range(3)]
-    grads[1][5], grads[1][600] = math.nan, -math.inf
+    grads[1][5], grads[1][511], grads[1][600] = math.nan, math.nan, -math.inf  # first and last lanes of blocks
     for quantized in [True, False]:
         state = make_state(n, torch.float32, quantized, copy, seed=4)
         nan_bits = torch.tensor([p - 2 ** 32 if p >= 2 ** 31 else p for p in NAN_PATTERNS], dtype=torch.int32)

@@ -126,9 +126,12 @@ ASTROBIO_AVX512 inline __m512i base_codes64(const BucketTables& bt, const ByteTa
   return _mm512_mask_blend_epi8(bit8, lookup256(lut_lo, idx, bit7), lookup256(lut_hi, idx, bit7));
 }
 
-// Nearest codes of the 256 values buf[j] * inv of a block, stored to out[0..255]: base codes from the
-// bucket table, then + 1 where the value exceeds threshold[base]. Table registers are loaded once per block.
-ASTROBIO_AVX512 inline void quantize_block(const MapTables& t, const float* buf, __m512 inv, uint8_t* out) {
+// Nearest codes of the 256 values buf[j] / absmax of a block (times inverse_absmax), stored to out[0..255]:
+// base codes from the bucket table, then + 1 where the value exceeds threshold[base]. Table registers are
+// loaded once per block. A normalised value is NaN only if the absmax is not finite (NaN * inv, or
+// +-inf * 0): only then are NaNs looked for, and given code 0 (no threshold is below a NaN).
+ASTROBIO_AVX512 inline void quantize_block(const MapTables& t, const float* buf, float absmax, uint8_t* out) {
+  const __m512 inv = _mm512_set1_ps(inverse_absmax(absmax));
   __m512i code[4];
   {
     const BucketTables bt = load_bucket_tables(t);
@@ -141,18 +144,23 @@ ASTROBIO_AVX512 inline void quantize_block(const MapTables& t, const float* buf,
   }
   __m512 thr[16];
   lookup_block(t.threshold_planes, code, thr);
+  const bool finite = std::isfinite(absmax);
   for (int g = 0; g < 4; ++g) {
-    __mmask16 above[4], number[4];
+    __mmask16 above[4], number[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
     for (int r = 0; r < 4; ++r) {
       const __m512 n = _mm512_mul_ps(_mm512_load_ps(buf + 64 * g + 16 * r), inv);
       above[r] = _mm512_cmp_ps_mask(n, thr[4 * g + r], _CMP_GT_OQ);
-      number[r] = _mm512_cmp_ps_mask(n, n, _CMP_ORD_Q);
+      if (!finite) number[r] = _mm512_cmp_ps_mask(n, n, _CMP_ORD_Q);
     }
     const __mmask64 up = _mm512_kunpackd(_mm512_kunpackw(above[3], above[2]), _mm512_kunpackw(above[1], above[0]));
-    const __mmask64 ok = _mm512_kunpackd(_mm512_kunpackw(number[3], number[2]), _mm512_kunpackw(number[1], number[0]));
-    // a NaN has no threshold below it: code 0 (its bucket would say otherwise)
-    _mm512_storeu_si512(out + 64 * g,
-                        _mm512_maskz_mov_epi8(ok, _mm512_mask_sub_epi8(code[g], up, code[g], _mm512_set1_epi8(-1))));
+    const __m512i codes = _mm512_mask_sub_epi8(code[g], up, code[g], _mm512_set1_epi8(-1));
+    if (finite) {
+      _mm512_storeu_si512(out + 64 * g, codes);
+    } else {
+      const __mmask64 ok =
+          _mm512_kunpackd(_mm512_kunpackw(number[3], number[2]), _mm512_kunpackw(number[1], number[0]));
+      _mm512_storeu_si512(out + 64 * g, _mm512_maskz_mov_epi8(ok, codes));
+    }
   }
 }
 
@@ -268,7 +276,7 @@ ASTROBIO_AVX512 void step_block_quantized(const T& x_ref, const Consts& k_ref, c
   dequantize_block(t1, codes1, _mm512_set1_ps(x.absmax1[block]), m_buf);
   dequantize_block(t2, codes2, _mm512_set1_ps(x.absmax2[block]), v_buf);
   __m512 max_m = _mm512_setzero_ps(), max_v = _mm512_setzero_ps();
-  __mmask16 nan_m = 0, nan_v = 0;  // the max reductions drop NaNs; the specification's absmax keeps them
+  __mmask16 nan_m = 0, nan_v = 0;  // vrangeps and the max reduction drop NaNs; the specification's absmax keeps them
   for (int j = 0; j < kBlockSize; j += 16) {
     __m512 m = _mm512_load_ps(m_buf + j), v = _mm512_load_ps(v_buf + j);
     x.store_params(begin + j, x.update16(k, begin + j, m, v), sr_hi);
@@ -281,8 +289,8 @@ ASTROBIO_AVX512 void step_block_quantized(const T& x_ref, const Consts& k_ref, c
   }
   const float am = nan_m ? bits_float(kCanonicalNan) : _mm512_reduce_max_ps(max_m);
   const float av = nan_v ? bits_float(kCanonicalNan) : _mm512_reduce_max_ps(max_v);
-  quantize_block(t1, m_buf, _mm512_set1_ps(inverse_absmax(am)), codes1);
-  quantize_block(t2, v_buf, _mm512_set1_ps(inverse_absmax(av)), codes2);
+  quantize_block(t1, m_buf, am, codes1);
+  quantize_block(t2, v_buf, av, codes2);
   x.absmax1[block] = am;
   x.absmax2[block] = av;
 }
@@ -344,7 +352,7 @@ void step_full_blocks(const StepArgs& a, const MapTables* t1, const MapTables* t
 ASTROBIO_AVX512 void nearest_codes(const MapTables& t, const float* n, uint8_t* out) {
   alignas(64) float buf[kBlockSize];
   std::copy(n, n + kBlockSize, buf);
-  quantize_block(t, buf, _mm512_set1_ps(1.0f), out);
+  quantize_block(t, buf, 1.0f, out);
 }
 
 void step(const StepArgs& a, const MapTables* t1, const MapTables* t2) {
