@@ -15,15 +15,14 @@ import sys
 from pathlib import Path
 
 from astrobio.cli import resolve_device, run_cli
-from astrobio.data import build_token_splits, load_records, split_records
-from astrobio.data.oec import SplitCatalogueSource
+from astrobio.data import build_token_splits
+from astrobio.data.sources import SplitCatalogueSource
 from astrobio.data.sources import open_source, redact_uri
 from astrobio.inference.arguments import ArgumentParser, positive_int
-from astrobio.inference.evaluation import run_probe, validation_loss
+from astrobio.inference.evaluation import PROBE_FIELDS, builtin_probes, run_probe, validation_loss
 from astrobio.inference.loading import load_model, load_tokenizer_for
 
 DEFAULT_CATALOGUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "oec_systems.xml.gz"
-PROBE_FIELDS = ("hz", "type")
 
 
 def build_parser() -> ArgumentParser:
@@ -39,23 +38,6 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of lines")
     p.add_argument("--device", default="cpu", help="cpu, cuda, or auto")
     return p
-
-
-def held_out_builtin(train_config: dict) -> list[str]:
-    """Built-in records the run never trained on: its own held-out split when it trained on the
-    built-in corpus, else freshly generated ones."""
-    seed = int(train_config.get("seed", 0))
-    data = train_config.get("data", "builtin")
-    if data.startswith("builtin"):
-        return split_records(load_records(data, seed=seed), seed=seed)[1]
-    return load_records("builtin:2000", seed=seed + 1)
-
-
-def builtin_probes(model, tokenizer, train_config: dict, context: int, max_examples: int) -> list:
-    """The ``hz`` and ``type`` probes on the run's held-out built-in records."""
-    records = held_out_builtin(train_config)
-    return [run_probe(model, tokenizer, records, field, "held-out built-in records", context, max_examples)
-            for field in PROBE_FIELDS]
 
 
 def catalogue_source(catalogue: str | None, train_data: str) -> tuple[str, str] | None:

@@ -135,3 +135,22 @@ def adamw8bit_step(backend: str, param: torch.Tensor, grad: torch.Tensor, exp_av
         triton_adamw8bit.adamw8bit_step(*args)
     else:
         raise ValueError(f"unknown optimizer backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def host_adamw8bit_step():
+    """The C++ step as a plain function that releases the GIL while it runs (the offload engine's worker
+    threads call it); the same arguments as the op ``astrobio::adamw8bit_step``."""
+    if _C is None:
+        raise RuntimeError(f"the C++ kernel is not built ({extension_error()}); rebuild with "
+                           "`pip install --no-build-isolation -e .`, or use backend='reference'")
+    return _C.adamw8bit_step_nogil
+
+
+def load_layer_kernels() -> dict:
+    """The model's fused Triton layer ops (astrobio.kernels): rmsnorm, rotary, silu_mul and
+    linear_cross_entropy, imported on demand so that importing astrobio never imports triton."""
+    from astrobio.kernels.cross_entropy import linear_cross_entropy
+    from astrobio.kernels.rmsnorm import rmsnorm
+    from astrobio.kernels.rotary import rotary
+    from astrobio.kernels.swiglu import silu_mul
+    return dict(rmsnorm=rmsnorm, rotary=rotary, silu_mul=silu_mul, linear_cross_entropy=linear_cross_entropy)

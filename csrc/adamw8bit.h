@@ -23,7 +23,7 @@ enum class DType : int { kFloat32 = 0, kBFloat16 = 1 };
 #define ASTROBIO_HOST_DEVICE
 #endif
 
-// The 32-bit hash of the stochastic rounding (reference.py: _mix32); unsigned products wrap mod 2^32.
+// The 32-bit hash of the stochastic rounding (astrobio/spec/adamw8bit.py: _mix32); unsigned products wrap mod 2^32.
 inline ASTROBIO_HOST_DEVICE uint32_t mix32(uint32_t x) {
   x ^= x >> 16;
   x *= 0x7FEB352Du;

@@ -34,9 +34,10 @@ from astrobio.spec.adamw8bit import BLOCK_SIZE, StepConstants, thresholds
 
 QMAP_SIZE = 256
 # Launch variants (docs/GPU.md): (quantization blocks per program, warps per program); every variant
-# computes the same bits. benchmarks/tune_adamw8bit_gpu.py times them all; LAUNCH_VARIANT picks.
+# computes the same bits. benchmarks/tune_adamw8bit_gpu.py times them all; LAUNCH_VARIANT picks: (2, 2),
+# the fastest on an H200 (53.4% of the copy against 49.8% for (4, 4); docs/BENCHMARKS.md).
 LAUNCH_VARIANTS = ((4, 4), (8, 8), (2, 2), (8, 4))
-LAUNCH_VARIANT = 0
+LAUNCH_VARIANT = 2
 
 # The lookup key of x: |x|'s biased exponent and top KEY_BITS mantissa bits, clamped to
 # [MIN_KEY, MAX_KEY] (2^-20 .. 1), then the sign: BUCKETS buckets per sign (csrc/cuda/adamw8bit.cu).

@@ -146,7 +146,10 @@ def test_matches_reference_bit_for_bit(backend, n, variant):
         else:
             assert_bitwise_equal(got[key], value, f"{backend} {key}")
     finite = want["param"].float().isfinite()  # the comparison saw real numbers
-    assert bool(finite.any() if variant == EDGE else finite.all())
+    if variant != EDGE:
+        assert bool(finite.all())
+    elif n > 1:  # at n = 1 the edge case's one weight is its planted NaN
+        assert bool(finite.any())
 
 
 # --- the CUDA kernel's source, run on the CPU -------------------------------------------------------

@@ -12,7 +12,7 @@ def test_13b_preset_counts_13_14b_on_meta_without_allocating():
     n = model.num_parameters()
     assert abs(n - 13.14e9) / 13.14e9 < 0.005
     assert all(p.is_meta for p in model.parameters())
-    c = get_config("13b")  # the formula of DESIGN.md section 1, as an independent check
+    c = get_config("13b")  # the 13B shape of docs/MEMORY.md, as an independent check
     per_layer = 4 * c.d_model ** 2 + 3 * c.d_model * c.ffn_hidden + 2 * c.d_model
     assert n == c.n_layers * per_layer + 2 * c.vocab_size * c.d_model + c.d_model
 
@@ -122,7 +122,8 @@ def test_loss_is_the_cross_entropy_of_the_logits():
 
 def test_fused_kernels_fall_back_to_eager_on_a_cpu_without_the_interpreter(monkeypatch, capsys):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    model = build_model(get_config("tiny"), kernels="fused")
+    model = build_model(get_config("tiny"))
+    assert use_kernels(model, "fused") == "eager"
     assert not any(getattr(m, "fused", False) for m in model.modules())
     assert "fused kernels off" in capsys.readouterr().err
     assert use_kernels(model, "eager") == "eager"

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from astrobio.data.oec import SplitCatalogueSource, is_held_out, parse_oec, system_record
+from astrobio.data.oec import is_held_out, parse_oec, system_record
+from astrobio.data.sources import SplitCatalogueSource
 from astrobio.data.sources import SourceError, open_source
 from astrobio.evaluate import catalogue_source
 

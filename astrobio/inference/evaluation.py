@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from astrobio.data import derive, field_completions, parse_record
+from astrobio.data import derive, field_completions, load_records, parse_record, split_records
+
+PROBE_FIELDS = ("hz", "type")  # the fields the task probes complete
 
 PROBE_LABELS = {"hz": ("yes", "no"), "type": ("terran", "neptunian", "jovian")}
 Z95 = 1.959964  # the two-sided 95% quantile of the normal distribution
@@ -196,3 +198,20 @@ def validation_loss(model, tokens: torch.Tensor, seq_len: int, batch_size: int =
         n += targets.numel()
     loss = total / n
     return {"val_loss": loss, "perplexity": math.exp(min(loss, 80.0)), "tokens": n}
+
+
+def held_out_builtin(train_config: dict) -> list[str]:
+    """Built-in records the run never trained on: its own held-out split when it trained on the
+    built-in corpus, else freshly generated ones."""
+    seed = int(train_config.get("seed", 0))
+    data = train_config.get("data", "builtin")
+    if data.startswith("builtin"):
+        return split_records(load_records(data, seed=seed), seed=seed)[1]
+    return load_records("builtin:2000", seed=seed + 1)
+
+
+def builtin_probes(model, tokenizer, train_config: dict, context: int, max_examples: int) -> list:
+    """The ``hz`` and ``type`` probes on the run's held-out built-in records."""
+    records = held_out_builtin(train_config)
+    return [run_probe(model, tokenizer, records, field, "held-out built-in records", context, max_examples)
+            for field in PROBE_FIELDS]

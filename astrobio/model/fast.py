@@ -59,11 +59,9 @@ def fused_kernels_unavailable(device: torch.device) -> str | None:
 
 
 def load_fused_ops() -> FusedOps:
-    from astrobio.kernels.cross_entropy import linear_cross_entropy
-    from astrobio.kernels.rmsnorm import rmsnorm
-    from astrobio.kernels.rotary import rotary
-    from astrobio.kernels.swiglu import silu_mul
-    return FusedOps(rmsnorm, rotary, silu_mul, linear_cross_entropy)
+    from astrobio import ops
+    kernels = ops.load_layer_kernels()
+    return FusedOps(kernels["rmsnorm"], kernels["rotary"], kernels["silu_mul"], kernels["linear_cross_entropy"])
 
 
 def use_kernels(model: nn.Module, kernels: str) -> str:

@@ -263,17 +263,13 @@ def init_parameters(module: nn.Module, config: ModelConfig, seed: int, prefix: s
 
 
 def build_model(config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
-                dtype: torch.dtype = torch.float32, kernels: str = "eager") -> RebuiltLLMIntegration:
+                dtype: torch.dtype = torch.float32) -> RebuiltLLMIntegration:
     """Builds the model; on ``device="meta"`` no memory is allocated (parameter counts, planning).
-    ``kernels="fused"`` switches on the Triton kernels where they run (``astrobio.model.fast.use_kernels``)."""
+    ``astrobio.model.use_kernels(model, "fused")`` then switches on the Triton kernels where they run."""
     with torch.device("meta"):
         model = RebuiltLLMIntegration(config)
     if torch.device(device).type == "meta":
         return model.to(dtype)
     model = model.to_empty(device="cpu").to(torch.float32)
     init_parameters(model, config, seed)
-    model = model.to(device=device, dtype=dtype)
-    if kernels != "eager":
-        from astrobio.model.fast import use_kernels
-        use_kernels(model, kernels)
-    return model
+    return model.to(device=device, dtype=dtype)

@@ -232,8 +232,7 @@ def _check_max_grad_norm(max_grad_norm: float | None) -> None:
 def _host_step_function(backend: str) -> Callable[..., None]:
     """The host kernel: the C++ op with the GIL released, or the reference (holds the GIL)."""
     if ops.resolve_backend(backend, "cpu") == "cpu":
-        from astrobio import _C
-        return _C.adamw8bit_step_nogil
+        return ops.host_adamw8bit_step()
     return reference.adamw8bit_step
 
 

@@ -265,7 +265,7 @@ def add_task_accuracy(config: TrainConfig, summary: dict | None, examples: int =
         print(f"task accuracy: not probed after a {config.model} run (the probes reload the model on the CPU); "
               f"run python -m astrobio.evaluate --checkpoint {summary['output_dir']}", file=sys.stderr)
         return summary
-    from astrobio.evaluate import builtin_probes
+    from astrobio.inference.evaluation import builtin_probes
     from astrobio.inference.loading import load_model, load_tokenizer_for
     model, train_config, _ = load_model(summary["checkpoint"])
     probes = builtin_probes(model, load_tokenizer_for(train_config), train_config, config.seq_len, examples)

@@ -1,4 +1,4 @@
-// Streaming memory-bandwidth probes for the roofline of the optimizer benchmarks (DESIGN.md section 9).
+// Streaming memory-bandwidth probes for the roofline of the optimizer benchmarks (docs/BENCHMARKS.md, "roofline").
 // Arrays are far larger than the last-level cache when the caller asks for enough elements (this
 // machine's L3 is 32 MB: use >= 256M floats in all). The in-place probe has the shape of an optimizer
 // step: it reads `reads` arrays and writes the first `writes` of them back in place (no write-allocate

@@ -32,7 +32,7 @@ constexpr int kWarpSize = 32;
 constexpr int kWarps = 8;                               // warps (quantization blocks in flight) per thread block
 constexpr int kThreads = kWarps * kWarpSize;            // == kQmapSize: one codebook entry per thread
 constexpr float kMinNormal = 1.17549435e-38f;           // 2^-126: below it a block's inverse is 0
-constexpr uint32_t kCanonicalNan = 0x7FC00000u;         // every fp32 NaN written (reference.py)
+constexpr uint32_t kCanonicalNan = 0x7FC00000u;         // every fp32 NaN written (astrobio/spec/adamw8bit.py)
 static_assert(kLane * kWarpSize == kBlockSize, "a warp covers exactly one quantization block");
 static_assert(kThreads == kQmapSize, "the codebook staging loads one entry per thread");
 
@@ -342,7 +342,7 @@ __device__ __forceinline__ void update_block(const StepArgs& a, const Codebooks&
       bits2 = b2 > bits2 ? b2 : bits2;
     }
     const float max1 = block_absmax(bits1), max2 = block_absmax(bits2);
-    const float inv1 = max1 >= kMinNormal ? __fdiv_rn(1.0f, max1) : 0.0f;  // reference.py: MIN_NORMAL
+    const float inv1 = max1 >= kMinNormal ? __fdiv_rn(1.0f, max1) : 0.0f;  // the specification: MIN_NORMAL
     const float inv2 = max2 >= kMinNormal ? __fdiv_rn(1.0f, max2) : 0.0f;
     uint32_t c1[kLane], c2[kLane];
 #pragma unroll
