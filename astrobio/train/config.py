@@ -27,7 +27,7 @@ ACCUM_DTYPES = ("fp32", "bf16")
 GRAD_ACCUM_LOCATIONS = ("auto", "device", "host")
 OFFLOAD_BY_DEFAULT = ("13b",)  # presets whose optimizer state does not fit next to the weights
 DEVICES = ("cpu", "cuda", "auto")
-DEFAULT_STEPS = 100
+DEFAULT_STEPS = 400  # the default job: enough for tiny to learn hz and type (docs/TRAINING.md)
 
 
 class ConfigError(ValueError):
