@@ -77,14 +77,7 @@ inline uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-inline uint32_t mix32(uint32_t x) {
-  x ^= x >> 16;
-  x *= 0x7FEB352Du;
-  x ^= x >> 15;
-  x *= 0x846CA68Bu;
-  x ^= x >> 16;
-  return x;
-}
+// mix32, the stochastic rounding's hash, is shared with the CUDA kernel (csrc/adamw8bit.h).
 
 // The high half of the stochastic-rounding hash; constant over a block (blocks never cross 2^32).
 inline uint32_t sr_high(int64_t index, uint32_t seed) {
