@@ -89,6 +89,7 @@ except ImportError:
     print('triton: not installed')
 EOF"
 tail -n 4 "$ENV_LOG" | head -n 3
+# python -m astrobio (the build report) runs after the build below, into the same log
 
 # --- build (the CUDA kernels are required: ASTROBIO_CUDA=1) ------------------------------------------
 BUILD_LOG=$WORK/build.log
@@ -100,6 +101,7 @@ if ((BUILD_RC == 0)); then
   run_step cuda-kernel-loads 60 "$BUILD_LOG" "$PY" -c \
     "from astrobio import ops; assert ops.has_cuda_kernel(), f'no CUDA kernel: {ops.extension_error()}'"
   BUILD_RC=$?
+  "$PY" -m astrobio >>"$ENV_LOG" 2>&1
 fi
 
 # --- part "kernels": the GPU tests, then the kernel and model benchmarks ----------------------------
