@@ -226,6 +226,7 @@ def test_timings_record_each_phase(location):
     assert timings.location == location
     assert timings.grad_hooks_s > 0 and timings.optimizer_s > 0 and timings.norm_wait_s > 0
     assert timings.weight_wait_s > 0  # the third step's forwards waited in the pre-hooks
+    assert timings.stream_stall_s == timings.weight_wait_s  # no streams on the CPU: the host's wait
     numel = sum(p.numel() for p in model.parameters())
     if location == "host":  # 4 micro-batches: one copy (read + write) and three adds (read + read + write)
         assert timings.host_accumulate_bytes == numel * 4 * (2 + 3 * 3)
@@ -233,7 +234,23 @@ def test_timings_record_each_phase(location):
     else:
         assert timings.host_accumulate_bytes == 0 and timings.host_accumulate_gbps is None
         assert timings.staging_wait_s == 0
-    assert set(timings.as_dict()) >= {"grad_hooks_s", "optimizer_s", "upload_s", "host_accumulate_gbps"}
+    assert set(timings.as_dict()) >= {"grad_hooks_s", "optimizer_s", "upload_s", "host_accumulate_gbps",
+                                      "stream_stall_s"}
+    engine.close()
+
+
+def test_each_wait_for_weights_is_reported_as_a_stall():
+    model = make_model("mlp", torch.float32)
+    engine = OffloadEngine(model.parameters(), **HYPER, bucket_bytes=6000, module=model)
+    stalls = []
+    engine.on_stall = lambda start, end: stalls.append((start, end))
+    batches = make_batches(2, 2)
+    run_engine(engine, model, batches[0])
+    assert stalls == []  # the first step's forwards have nothing to wait for
+    run_engine(engine, model, batches[1])  # its forwards wait for the first step's weights
+    assert stalls and all(start <= end for start, end in stalls)
+    engine.begin_step(1)
+    assert engine.last_timings.stream_stall_s == pytest.approx(sum(end - start for start, end in stalls))
     engine.close()
 
 

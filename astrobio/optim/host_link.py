@@ -62,10 +62,18 @@ class HostLink:
         if self.cuda:
             self.h2d.synchronize()
 
-    def wait_device(self, event: torch.cuda.Event | None) -> None:
-        """Order the device's current stream after ``event`` (the host does not wait)."""
-        if event is not None:
-            torch.cuda.current_stream(self.device).wait_event(event)
+    def wait_device(self, event: torch.cuda.Event | None) -> tuple[torch.cuda.Event, torch.cuda.Event] | None:
+        """Order the device's current stream after ``event`` (the host does not wait). Returns two timing
+        events recorded on that stream just before and just after the wait: their elapsed time is how
+        long the stream stalled on ``event`` (None when there was no event)."""
+        if event is None:
+            return None
+        stream = torch.cuda.current_stream(self.device)
+        before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        before.record(stream)
+        stream.wait_event(event)
+        after.record(stream)
+        return before, after
 
 
 class StagingPool:

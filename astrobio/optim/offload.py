@@ -291,8 +291,11 @@ class OffloadEngine:
         self._on_device = grad_accum_location == "device"
         self._pool = None if self._on_device else StagingPool(
             max(b.numel * b.grad_dtype.itemsize for b in self._buckets), staging_buffers, pin)
-        self._timings = TimingsRecorder(grad_accum_location)
+        self._timings = TimingsRecorder(grad_accum_location, self._link.cuda)
         self.last_timings: OffloadTimings | None = None
+        # called with each stall of the compute stream: its (before, after) CUDA events on a GPU, the
+        # host's (start, end) time.perf_counter() of a wait for weights on the CPU (a step breakdown)
+        self.on_stall: Callable[[Any, Any], None] | None = None
         self._lanes = [ThreadPoolExecutor(1, thread_name_prefix=f"astrobio-offload-{i}") for i in range(num_workers)]
         self._num_micro_batches: int | None = None
         on_grad = self._on_grad_device if self._on_device else self._on_grad
@@ -347,9 +350,24 @@ class OffloadEngine:
 
     def _before_forward(self, buckets: list[int], module: torch.nn.Module, args: Any) -> None:
         start = time.perf_counter()
-        for index in buckets:
-            self._wait_step(self._buckets[index])
-        self._timings.add("weight_wait_s", time.perf_counter() - start)
+        waited = [self._wait_step(self._buckets[index]) for index in buckets]
+        self._waited_for_weights(start, any(waited))
+
+    def _waited_for_weights(self, start: float, waited: bool) -> None:
+        """Count the host's time since ``start`` as a wait for weights if a bucket's step was pending."""
+        if not waited:
+            return
+        end = time.perf_counter()
+        self._timings.add("weight_wait_s", end - start)
+        if not self._link.cuda and self.on_stall is not None:
+            self.on_stall(start, end)
+
+    def _wait_device(self, event: Any) -> None:
+        """Order the compute stream after ``event``, timing the stall (CUDA events, read once per step)."""
+        marks = self._link.wait_device(event)
+        self._timings.add_stall(marks)
+        if marks is not None and self.on_stall is not None:
+            self.on_stall(*marks)
 
     def _lane(self, bucket: _Bucket) -> ThreadPoolExecutor:
         """Every task of a bucket runs on one worker thread, so they run in the order submitted."""
@@ -371,7 +389,7 @@ class OffloadEngine:
         self._num_micro_batches = int(num_micro_batches)
         self.last_timings = self._timings.roll()
         for bucket in self._buckets:  # device accumulation: rewrite no accumulator still being copied out
-            self._link.wait_device(bucket.copied)
+            self._wait_device(bucket.copied)
 
     def _check_open(self, slot: _Slot) -> None:
         if self._num_micro_batches is None:
@@ -588,22 +606,26 @@ class OffloadEngine:
         bucket.uploaded = self._link.to_device([(s.param.data, bucket.view(source, s)) for s in bucket.slots], after)
         return bucket.uploaded
 
-    def _wait_step(self, bucket: _Bucket) -> None:
-        """Main thread: wait until the bucket's step has run and its upload is ordered before later work."""
-        if bucket.stepped is not None:
-            stepped, bucket.stepped = bucket.stepped, None
-            self._link.wait_device(stepped.result())
+    def _wait_step(self, bucket: _Bucket) -> bool:
+        """Main thread: wait until the bucket's step has run and its upload is ordered before later work;
+        returns whether a step was pending."""
+        if bucket.stepped is None:
+            return False
+        stepped, bucket.stepped = bucket.stepped, None
+        self._wait_device(stepped.result())
+        return True
 
     def synchronize(self) -> None:
         """Wait for every pending accumulation, step and upload; device work after this sees the new
         weights, and the host buffers are free to read or rewrite."""
         start = time.perf_counter()
+        waited = False
         for bucket in self._buckets:
             if bucket.accumulated is not None:
                 bucket.accumulated.result()
-            self._wait_step(bucket)
+            waited = self._wait_step(bucket) or waited
         self._link.finish_uploads()
-        self._timings.add("weight_wait_s", time.perf_counter() - start)
+        self._waited_for_weights(start, waited)
 
     # -- checkpoints --------------------------------------------------------------------------------------
 
@@ -674,7 +696,7 @@ class OffloadEngine:
             if bucket.upload is not None:
                 bucket.view(bucket.upload, slot).copy_(master)  # round to nearest, as the kernel writes it
         for bucket in self._buckets:
-            self._link.wait_device(self._upload(bucket, self._link.compute_done()))
+            self._wait_device(self._upload(bucket, self._link.compute_done()))
         self._load_accumulation(accumulation)
         self.lr, self.betas, self.eps = float(hyper["lr"]), tuple(hyper["betas"]), hyper["eps"]
         self.weight_decay, self.max_grad_norm = hyper["weight_decay"], hyper["max_grad_norm"]

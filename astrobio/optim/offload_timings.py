@@ -15,6 +15,12 @@ Main thread (each adds to the step's wall time; the training loop's own clock in
   waits for the last backward to finish on the device, since the norms are computed there).
 - ``weight_wait_s``: forward pre-hooks and ``synchronize`` waiting for new weights: the optimizer time
   the step could not hide.
+- ``stream_stall_s``: the device's compute stream blocked on the engine's events (the uploads of new
+  weights the forward pre-hooks and ``synchronize`` wait for, and at ``begin_step`` the copies out of
+  device accumulators): on a GPU the elapsed time of CUDA events recorded on the compute stream just
+  before and after each ``wait_event``, read once per step when the record closes; on the CPU, where
+  there are no streams, the host's wait for the weights (``weight_wait_s``). Device time that is no
+  work: a step breakdown subtracts it from the device's busy time.
 
 Worker threads (they run beside the main thread; sums over buckets and lanes; work is counted in the
 record open when it finishes, so a step's optimizer work that overlaps the next step's forward lands in
@@ -35,6 +41,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, fields
 
+import torch
+
 
 @dataclass
 class OffloadTimings:
@@ -43,6 +51,7 @@ class OffloadTimings:
     staging_wait_s: float = 0.0
     norm_wait_s: float = 0.0
     weight_wait_s: float = 0.0
+    stream_stall_s: float = 0.0
     transfer_wait_s: float = 0.0
     host_accumulate_s: float = 0.0
     host_accumulate_bytes: int = 0
@@ -66,17 +75,30 @@ class OffloadTimings:
 class TimingsRecorder:
     """The open step's ``OffloadTimings``, added to from the main thread and the workers under a lock."""
 
-    def __init__(self, location: str):
-        self.location = location
+    def __init__(self, location: str, cuda: bool = False):
+        self.location, self.cuda = location, cuda
         self.current = OffloadTimings(location)
         self._lock = threading.Lock()
+        self._stalls: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def add_stall(self, marks: tuple[torch.cuda.Event, torch.cuda.Event] | None) -> None:
+        """Main thread: CUDA events around one wait of the compute stream, read when the record closes."""
+        if marks is not None:
+            self._stalls.append(marks)
 
     def add(self, name: str, amount: float) -> None:
         with self._lock:
             setattr(self.current, name, getattr(self.current, name) + amount)
 
     def roll(self) -> OffloadTimings:
-        """Close the current record and open a new one; returns the closed record."""
+        """Close the current record and open a new one; returns the closed record. Reads the stall
+        events once: by now the step's forwards and backwards have run (``end_step`` waited for the
+        accumulated gradients that follow them), so waiting for the last one costs nothing."""
+        stalls, self._stalls = self._stalls, []
+        if stalls:
+            stalls[-1][1].synchronize()
         with self._lock:
             closed, self.current = self.current, OffloadTimings(self.location)
+        closed.stream_stall_s = (sum(a.elapsed_time(b) for a, b in stalls) / 1e3 if self.cuda
+                                 else closed.weight_wait_s)
         return closed

@@ -132,6 +132,7 @@ class OffloadOptimizer:
     def __init__(self, engine, sum_across: Callable[[float], float], timeline: StepTimeline | None = None):
         self.engine, self.sum_across = engine, sum_across
         self.timeline = timeline or StepTimeline(engine.device)
+        engine.on_stall = self.timeline.add_stall  # the compute stream's waits for weights: not busy
 
     def begin_step(self, num_micro_batches: int) -> None:
         self.engine.begin_step(num_micro_batches)

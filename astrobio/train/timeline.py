@@ -11,6 +11,13 @@ Phases marked as device work also go on the ``device`` lane: on a GPU as CUDA ev
 busy fraction is that lane's time over the step's wall time: the share of the step the device spent
 computing rather than waiting for the host, the data or other ranks.
 
+A device lane's interval can include time the device's compute stream spent blocked rather than
+computing: the offload engine makes it wait for each bucket's upload of new weights (which waits for
+the CPU optimizer). The engine reports each such wait (``add_stall``: CUDA events recorded on the
+compute stream just before and after the wait, read with the others at the end of the step; on the CPU
+the host's wall-clock wait for the weights) as the phase ``waits_for_weights`` on the ``device_stall``
+lane, and the busy fraction is the device lane's time less the stalls, over the step's wall time.
+
 Other components may add intervals on lanes of their own (``add``), e.g. the offload engine's worker
 threads; they are drawn and summed per lane, and only the ``host`` lane is held to add up.
 """
@@ -23,7 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-HOST, DEVICE = "host", "device"
+HOST, DEVICE, STALL = "host", "device", "device_stall"
+WEIGHT_WAIT = "waits_for_weights"
 
 
 @dataclass
@@ -65,6 +73,7 @@ class StepTimeline:
         self.origin = time.perf_counter()
         self.intervals: list[Interval] = []
         self.device_marks: list[tuple[str, object, object]] = []
+        self.stall_marks: list[tuple[object, object]] = []
         if self.cuda:
             self.reference = self.device_mark()
 
@@ -89,18 +98,25 @@ class StepTimeline:
                 self.device_marks.append((name, mark, self.device_mark()))
             self.intervals.append(Interval(HOST, name, start - self.origin, time.perf_counter() - self.origin))
 
+    def add_stall(self, start, end) -> None:
+        """The compute stream blocked between two device marks (CUDA events, or wall clocks on the CPU)."""
+        self.stall_marks.append((start, end))
+
     def add(self, lane: str, phase: str, start: float, end: float) -> None:
         """An interval measured elsewhere, in ``time.perf_counter`` seconds."""
         self.intervals.append(Interval(lane, phase, start - self.origin, end - self.origin))
 
     def device_intervals(self) -> list[Interval]:
+        marks = [(DEVICE, name, a, b) for name, a, b in self.device_marks]
+        marks += [(STALL, WEIGHT_WAIT, a, b) for a, b in self.stall_marks]
         if not self.cuda:
-            return [Interval(DEVICE, name, a - self.origin, b - self.origin) for name, a, b in self.device_marks]
-        if not self.device_marks:
+            return [Interval(lane, name, a - self.origin, b - self.origin) for lane, name, a, b in marks]
+        if not marks:
             return []
-        self.device_marks[-1][2].synchronize()  # the reference event was recorded when the step began
-        return [Interval(DEVICE, name, self.reference.elapsed_time(a) / 1e3, self.reference.elapsed_time(b) / 1e3)
-                for name, a, b in self.device_marks]
+        for _, _, _, end in marks:  # the reference event was recorded when the step began
+            end.synchronize()  # all but the latest are done already: one wait per step
+        return [Interval(lane, name, self.reference.elapsed_time(a) / 1e3, self.reference.elapsed_time(b) / 1e3)
+                for lane, name, a, b in marks]
 
     def finish(self) -> StepBreakdown:
         """The step's breakdown; the next step starts afresh."""
@@ -110,7 +126,7 @@ class StepTimeline:
         for interval in intervals:
             lane = phases.setdefault(interval.lane, {})
             lane[interval.phase] = lane.get(interval.phase, 0.0) + interval.end - interval.start
-        busy = sum(phases.get(DEVICE, {}).values())
+        busy = max(0.0, sum(phases.get(DEVICE, {}).values()) - sum(phases.get(STALL, {}).values()))
         breakdown = StepBreakdown(self.stage, step_s, phases, min(1.0, busy / step_s) if step_s > 0 else 0.0,
                                   intervals, self.origin)
         self.start()
