@@ -46,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=SCHEDULES, default="1f1b")
     p.add_argument("--master-weights", choices=("fp32", "bf16-sr"), default="fp32")
     p.add_argument("--accum-dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--grad-accum-location", choices=("auto", "device", "host"), default="host",
+                   help="with offload, where gradients sum over micro-batches (auto: as the trainer decides)")
     p.add_argument("--optimizer", choices=("adamw8bit", "adamw"), default="adamw8bit")
     p.add_argument("--param-dtype", choices=("bf16", "fp32"), default=None,
                    help="device weights (default: bf16 on a GPU, fp32 on the CPU)")

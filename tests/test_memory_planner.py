@@ -285,3 +285,50 @@ def test_gpu_check_stage_run_streams_every_gradient():
 def test_planned_peak_matches_measured_on_a_gpu_within_10_percent():
     for result in measure_cuda(layers=4, seq_len=1024):
         assert 0.9 <= result.ratio <= 1.1, result.as_dict()
+
+
+def one_h200(location: str):
+    """The 13B one-process run of issue 14 (one H200, bf16-sr masters, bf16 accumulators, 16 micro-batches)."""
+    return plan(PlanConfig(model="13b", stages=1, hardware="h200", host_memory=128 * GIB, seq_len=2048,
+                           micro_batches=16, master_weights="bf16-sr", accum_dtype="bf16",
+                           grad_accum_location=location))
+
+
+def test_device_accumulation_moves_the_accumulators_and_the_transfers():
+    host, device = one_h200("host"), one_h200("device")
+    accumulators = 2 * host.total_params  # bf16, one per parameter
+    (on_host_stage,), (on_device_stage,) = host.devices, device.devices
+    assert on_device_stage.moment == on_host_stage.moment
+    term = {t.name: t.bytes for t in on_device_stage.terms}["gradient accumulators (bf16)"]
+    assert term == accumulators
+    allocated = sum(t.bytes for t in on_device_stage.terms if t.name not in ("allocator slack", "CUDA context"))
+    assert allocated == sum(t.bytes for t in on_host_stage.terms
+                            if t.name not in ("allocator slack", "CUDA context")) + accumulators
+    host_terms = {t.name for t in device.host.terms}
+    assert "gradient accumulators (bf16)" not in host_terms and "gradient staging" not in host_terms
+    assert device.host.total < host.host.total
+    # one transfer of the sums (bf16) per step instead of 16 micro-batches' gradients, and no host adds
+    n, link = host.total_params, host.hardware.host_link * 1e9
+    assert device.timing.link_s == pytest.approx((2 + 2) * n / link)
+    assert host.timing.link_s == pytest.approx((16 * 2 + 2) * n / link)
+    assert device.timing.cpu_accumulate_s == 0 < host.timing.cpu_accumulate_s
+    assert "on the device" in format_plan(device) and "once per step" in format_plan(device)
+
+
+def test_auto_plans_where_the_trainer_accumulates():
+    from astrobio.memory.accumulation import choose_accumulation
+    for config in (one_h200("auto").config, replace(one_h200("auto").config, stages=2, hardware="a5000",
+                                                    gpu_memory=24 * GIB)):
+        chosen = choose_accumulation(plan(replace(config, grad_accum_location="host")), "auto").location
+        assert plan(replace(config, grad_accum_location="auto")).config.grad_accum_location == chosen
+    assert one_h200("auto").config.grad_accum_location == "device"  # 13B fits on an H200 with them
+
+
+def test_the_cli_takes_the_accumulation_location(capsys):
+    args = ["--model", "13b", "--stages", "1", "--hardware", "h200", "--host-memory", "128GiB",
+            "--micro-batches", "16", "--master-weights", "bf16-sr", "--accum-dtype", "bf16", "--json"]
+    assert plan_cli([*args, "--grad-accum-location", "device"]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert planned["config"]["grad_accum_location"] == "device"
+    with pytest.raises(SystemExit):
+        plan_cli([*args, "--grad-accum-location", "gpu"])

@@ -30,7 +30,8 @@ class PlanConfig:
     checkpointing: bool = True
     offload: bool = True               # optimizer state, master weights, gradient accumulators on the host
     master_weights: str = "fp32"       # fp32 | bf16-sr
-    accum_dtype: str = "fp32"          # host gradient accumulators: fp32 | bf16
+    accum_dtype: str = "fp32"          # gradient accumulators: fp32 | bf16
+    grad_accum_location: str = "host"  # with offload, where gradients sum: host | device | auto
     optimizer: str = "adamw8bit"       # adamw8bit | adamw (torch, fp32 or param-dtype moments)
     param_dtype: str | None = None     # bf16 | fp32; default bf16 on a GPU, fp32 on the CPU
     autocast: bool = False             # bf16 activations over fp32 weights (autocast keeps bf16 copies)
@@ -56,6 +57,7 @@ class PlanConfig:
             except ValueError:
                 pass
         choices = {"schedule": SCHEDULES, "master_weights": ("fp32", "bf16-sr"), "accum_dtype": ("fp32", "bf16"),
+                   "grad_accum_location": ("auto", "device", "host"),
                    "optimizer": ("adamw8bit", "adamw"), "param_dtype": (None, "bf16", "fp32")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

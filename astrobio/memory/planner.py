@@ -107,6 +107,10 @@ def plan_stage(cfg: PlanConfig, hw: HardwareProfile, s: StageShape, stage: int,
     waiting_w = f", {peak.waiting_w} more waiting for W" if peak.waiting_w else ""
     terms.append(Term("activations", peak.activations,
                       f"{peak.waiting_b + 1} micro-batch(es) in flight ({cfg.schedule}{waiting_w}); {how}"))
+    if cfg.offload and cfg.grad_accum_location == "device":
+        acc = 4 if cfg.accum_dtype == "fp32" else 2
+        terms.append(Term(f"gradient accumulators ({cfg.accum_dtype})", acc * sum(n for _, n in tensors),
+                          "summed on the device, copied to the host once per step"))
     terms.append(Term("logits + loss", peak.loss, f"last stage, {cfg.loss_chunks} chunk(s); at the peak moment"))
     allocated = sum(t.bytes for t in terms)
     terms.append(Term("allocator slack", int(hw.allocator_slack * allocated), f"{hw.allocator_slack:.0%} of allocated"))
@@ -136,14 +140,21 @@ def plan_host(cfg: PlanConfig, hw: HardwareProfile, tensors: list[list[tuple[str
         terms.append(Term(f"optimizer moments ({cfg.optimizer})", moments_bytes(numels, cfg.optimizer, 4),
                           "8-bit m, v + fp32 absmax per 256" if cfg.optimizer == "adamw8bit" else "fp32 m, v"))
         acc = 4 if cfg.accum_dtype == "fp32" else 2
-        terms.append(Term(f"gradient accumulators ({cfg.accum_dtype})", acc * n_params, "summed over micro-batches"))
+        if cfg.grad_accum_location == "device":  # the engine's flat host buffer the device's sums land in
+            terms.append(Term(f"gradients from the device ({cfg.accum_dtype})", acc * n_params,
+                              "the device's sums, copied once per step"))
+        else:
+            terms.append(Term(f"gradient accumulators ({cfg.accum_dtype})", acc * n_params,
+                              "summed over micro-batches"))
         if master == 4 and param_bytes == 2:  # not for the fp32 prefix encoders
             uploaded = sum(n for stage in tensors for name, n in stage if not name.startswith(PREFIX))
             terms.append(Term("bf16 upload copy", 2 * uploaded,
                               "new weights written by the step, copied to the device"))
-        staging = sum(cfg.staging_buffers * largest_bucket(stage, cfg.bucket_bytes, param_bytes) for stage in tensors)
-        terms.append(Term("gradient staging", staging,
-                          f"{cfg.staging_buffers} buffers of the largest bucket per stage"))
+        if cfg.grad_accum_location != "device":  # device accumulation stages nothing
+            staging = sum(cfg.staging_buffers * largest_bucket(stage, cfg.bucket_bytes, param_bytes)
+                          for stage in tensors)
+            terms.append(Term("gradient staging", staging,
+                              f"{cfg.staging_buffers} buffers of the largest bucket per stage"))
     if hw.unified:
         terms.extend(Term(f"{d.label} (device = host memory)", d.total, d.moment) for d in devices)
     if hw.process_host_bytes:
@@ -175,7 +186,13 @@ def pinned_bytes(p: "Plan") -> int:
 
 
 def plan(cfg: PlanConfig) -> Plan:
-    """Plans device memory per stage, host memory, and the step time for ``cfg``."""
+    """Plans device memory per stage, host memory, and the step time for ``cfg``. With offload and
+    ``grad_accum_location="auto"`` the location is the one the trainer takes
+    (astrobio.memory.accumulation.choose_accumulation over the plan with host accumulation)."""
+    if cfg.offload and cfg.grad_accum_location == "auto":
+        from astrobio.memory.accumulation import choose_accumulation
+        choice = choose_accumulation(plan(replace(cfg, grad_accum_location="host")), "auto")
+        return plan(replace(cfg, grad_accum_location=choice.location))
     model = resolve_model(cfg)
     hw = get_hardware(cfg.hardware, mfu=cfg.mfu, host_link=cfg.host_link,
                       host_memory_bandwidth=cfg.host_memory_bandwidth)

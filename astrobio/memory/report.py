@@ -25,7 +25,8 @@ def verdict(b: MemoryBudget) -> str:
 
 def header(p: Plan) -> list[str]:
     c, m = p.config, p.model
-    offload = (f"CPU offload on (master {c.master_weights}, accumulators {c.accum_dtype}, {c.optimizer})"
+    offload = (f"CPU offload on (master {c.master_weights}, {c.accum_dtype} gradient accumulators on the "
+               f"{c.grad_accum_location}, {c.optimizer})"
                if c.offload else f"no offload ({c.optimizer} on the device)")
     return [f"model {c.model if isinstance(c.model, str) else 'custom'}: {count(p.total_params)} parameters "
             f"({p.total_params:,}, meta-device count), {m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}",
@@ -76,9 +77,12 @@ def timing_table(p: Plan) -> list[str]:
              f"  compute   {t.compute_s:9.2f} s   {t.flops_per_step:.3g} FLOP per step"
              f"{' incl. recompute' if p.config.checkpointing else ''}, pipeline bubble {t.bubble_fraction:.1%}"]
     if p.config.offload:
-        lines += [f"  link      {t.link_s:9.2f} s   gradients out every micro-batch, weights in once per step",
-                  f"  CPU       {t.cpu_accumulate_s:9.2f} s   adding {p.config.micro_batches} micro-batches' "
-                  f"gradients into the accumulators"]
+        if p.config.grad_accum_location == "device":
+            lines += [f"  link      {t.link_s:9.2f} s   the device's gradient sums out and weights in, once per step"]
+        else:
+            lines += [f"  link      {t.link_s:9.2f} s   gradients out every micro-batch, weights in once per step",
+                      f"  CPU       {t.cpu_accumulate_s:9.2f} s   adding {p.config.micro_batches} micro-batches' "
+                      f"gradients into the accumulators"]
     lines += [f"  optimizer {t.optimizer_s:9.2f} s   {t.exposed_optimizer_s:.2f} s of it exposed",
               f"  step      {t.step_s:9.2f} s   {t.tokens_per_step} tokens -> {t.tokens_per_s:,.0f} tokens/s; "
               f"critical path: {t.critical_path}"]

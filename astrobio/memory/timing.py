@@ -64,6 +64,8 @@ def host_bytes_per_param(cfg, param_bytes: int) -> tuple[int, int]:
     acc = 4 if cfg.accum_dtype == "fp32" else 2
     m = cfg.micro_batches
     accumulate = m * param_bytes + (2 * m - 1) * acc  # read the copied gradient; read+write the sum
+    if cfg.grad_accum_location == "device":
+        accumulate = 0  # summed on the device; the sums land on the host once per step
     master = 4 if cfg.master_weights == "fp32" else 2
     moments = 4 if cfg.optimizer == "adamw8bit" else 16
     upload = 2 if master == 4 else 0  # the bf16 copy written for the host-to-device transfer
@@ -90,7 +92,9 @@ def estimate_step(cfg, hw: HardwareProfile, model: ModelConfig, split: list[int]
     n_total = sum(n_stage)
     accumulate_bpp, step_bpp = host_bytes_per_param(cfg, param_bytes)
     if cfg.offload:
-        link = max((m + 1) * param_bytes * n for n in n_stage) / (hw.host_link * GB)
+        # gradients out (every micro-batch, or once per step after device accumulation), weights in once
+        out_bytes = (4 if cfg.accum_dtype == "fp32" else 2) if cfg.grad_accum_location == "device" else m * param_bytes
+        link = max((out_bytes + param_bytes) * n for n in n_stage) / (hw.host_link * GB)
         cpu_accumulate = n_total * accumulate_bpp / (hw.host_memory_bandwidth * GB)
         optimizer = n_total * step_bpp / (hw.host_memory_bandwidth * GB)
         backward_share = (4 + (2 if cfg.checkpointing else 0)) / (8 if cfg.checkpointing else 6)
