@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from astrobio.memory.planner import Plan
+from astrobio.memory.budget import Plan
 
 LOCATIONS = ("auto", "device", "host")
 GIB = 2 ** 30
