@@ -4,6 +4,9 @@ and that a run with either trains to the eager run's losses."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -85,3 +88,18 @@ def test_compiled_blocks_train_to_the_eager_losses(tmp_path):
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert len(eager) == len(compiled) == 3
     assert compiled == pytest.approx(eager, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_fused_kernels_under_the_interpreter_train_to_the_eager_losses(tmp_path):
+    """The Triton kernels and the chunked loss on CPU tensors (TRITON_INTERPRET=1, set before Triton is
+    imported, hence a process of its own): the same losses as eager to 1e-5 relative."""
+    assert main(tiny_run(tmp_path / "eager", "--kernels", "eager", "--steps", "2")) == 0
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    subprocess.run([sys.executable, "-m", "astrobio.train",
+                    *tiny_run(tmp_path / "fused", "--kernels", "fused", "--steps", "2")],
+                   env=env, check=True, capture_output=True, timeout=600)
+    assert summary(tmp_path / "fused")["kernels"] == "fused"
+    eager, fused = losses(tmp_path / "eager"), losses(tmp_path / "fused")
+    assert len(eager) == len(fused) == 2
+    assert fused == pytest.approx(eager, rel=1e-5)
