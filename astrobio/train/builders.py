@@ -4,6 +4,8 @@ once for this process's place in the job:
     build_model / build_stage_model   the whole model, or this rank's pipeline stage, seeded; built on the
                                       meta device and materialised where it lives, in its dtype
                                       (astrobio.model.materialize: the same weights, no fp32 host copy)
+    speed_up                          ``--kernels`` and ``--compile`` applied to the model or stage on its
+                                      device (astrobio.model.fast), with what is in use
     build_prefix                      the multimodal prefix encoders of ``--modalities`` (stage 0)
     build_optimizer                   astrobio.train.optimizer: 8-bit AdamW, torch AdamW or the offload engine
     build_schedule                    linear warm-up, then cosine decay to ``--min-lr``
@@ -22,7 +24,7 @@ import torch
 from torch import nn
 
 from astrobio.memory import MemoryProfiler
-from astrobio.model import get_config
+from astrobio.model import compile_blocks, get_config, use_kernels
 from astrobio.model.materialize import build_model_on, build_stage_on
 from astrobio.train.checkpoint import Checkpointer
 from astrobio.train.config import TrainConfig, prefix_len
@@ -53,6 +55,37 @@ def build_stage_model(config: TrainConfig, vocab_size: int, device: torch.device
     module.gradient_checkpointing = config.use_gradient_checkpointing
     before = sum(len(list(build_stage(model_config, s, split, device="meta").parameters())) for s in range(stage))
     return module, before
+
+
+@dataclass(frozen=True)
+class Speed:
+    """What ``speed_up`` switched on: the kernels in use ("eager" or "fused") and whether the blocks
+    are compiled."""
+
+    kernels: str
+    compiled: bool
+
+
+def requested_kernels(config: TrainConfig, device: torch.device) -> str:
+    """``--kernels``, with auto: fused on CUDA, eager on the CPU."""
+    if config.kernels != "auto":
+        return config.kernels
+    return "fused" if device.type == "cuda" else "eager"
+
+
+def requested_compile(config: TrainConfig, device: torch.device) -> bool:
+    """``--compile``, with auto: on with CUDA, off on the CPU (compiling costs more there than it gains)."""
+    if config.compile != "auto":
+        return config.compile == "on"
+    return device.type == "cuda"
+
+
+def speed_up(module: nn.Module, config: TrainConfig, device: torch.device) -> Speed:
+    """``--kernels`` and ``--compile`` applied to the model or stage, which must already be on its device
+    with its gradient_checkpointing set. What cannot run here falls back with a one-line message."""
+    kernels = use_kernels(module, requested_kernels(config, device))
+    compiled = compile_blocks(module) if requested_compile(config, device) else False
+    return Speed(kernels, compiled)
 
 
 def build_prefix(config: TrainConfig, device: torch.device) -> nn.Module | None:
@@ -112,6 +145,7 @@ class Parts:
     logger: MetricsLogger | NullLogger
     profiler: MemoryProfiler
     timeline: StepTimeline
+    speed: Speed
 
 
 def build_parts(config: TrainConfig, data: DataBundle, device: torch.device,
@@ -124,6 +158,7 @@ def build_parts(config: TrainConfig, data: DataBundle, device: torch.device,
         ranks = SingleProcess()
         timeline = StepTimeline(device)
         model, index_offset = build_model(config, data.vocab_size, device), 0
+        speed = speed_up(model, config, device)
         prefix = build_prefix(config, device)
         runner = LocalStepRunner(model, device, config.use_mixed_precision, prefix, timeline)
         writer = WholeCheckpoint(checkpoints)
@@ -131,6 +166,7 @@ def build_parts(config: TrainConfig, data: DataBundle, device: torch.device,
         from astrobio.train.pipeline import PipelineStepRunner, StagedCheckpoint
         timeline = StepTimeline(device, ranks.stage)
         model, index_offset = build_stage_model(config, data.vocab_size, device, ranks.stage)
+        speed = speed_up(model, config, device)
         prefix = build_prefix(config, device) if ranks.stage == 0 else None  # the encoders live on stage 0
         runner = PipelineStepRunner(model, ranks, config.schedule, device, config.use_mixed_precision, lm_loss,
                                     prefix, prefix_len(config), timeline)
@@ -144,4 +180,4 @@ def build_parts(config: TrainConfig, data: DataBundle, device: torch.device,
     return Parts(device=device, ranks=ranks, model=model, prefix=prefix, names=[n for n, _ in named],
                  optimizer=optimizer, schedule=build_schedule(config), runner=runner, checkpoints=checkpoints,
                  checkpoint_writer=writer, logger=logger, profiler=build_profiler(config, device, ranks.stage),
-                 timeline=timeline)
+                 timeline=timeline, speed=speed)

@@ -27,6 +27,8 @@ ACCUM_DTYPES = ("fp32", "bf16")
 GRAD_ACCUM_LOCATIONS = ("auto", "device", "host")
 OFFLOAD_BY_DEFAULT = ("13b",)  # presets whose optimizer state does not fit next to the weights
 DEVICES = ("cpu", "cuda", "auto")
+KERNEL_CHOICES = ("auto", "eager", "fused")
+COMPILE_CHOICES = ("auto", "on", "off")
 DEFAULT_STEPS = 400  # the default job: enough for tiny to learn hz and type (docs/TRAINING.md)
 
 
@@ -70,6 +72,10 @@ class TrainConfig:
     use_8bit_optimizer: bool = option(True, "astrobio's 8-bit AdamW (off: torch.optim.AdamW)")
     use_mixed_precision: bool = option(False, "bf16 autocast for forward and backward")
     use_gradient_checkpointing: bool = option(False, "recompute each block's activations in backward")
+    kernels: str = option("auto", "the model's layers and loss: fused (Triton kernels, chunked cross-entropy), "
+                          "eager (PyTorch), or auto (fused on CUDA, eager on the CPU)", choices=KERNEL_CHOICES)
+    compile: str = option("auto", "torch.compile each transformer block: on, off, or auto (on with CUDA, off on "
+                          "the CPU)", choices=COMPILE_CHOICES)
     log_every_n_steps: int = option(1, "write a metrics.jsonl line every N steps")
     eval_every_n_steps: int = option(25, "validation loss every N steps (also at step 0 and the end; "
                                      "0 = only those)")

@@ -66,14 +66,13 @@ class LocalStepRunner:
                 module.train(mode)
 
     def loss(self, batch) -> torch.Tensor:
-        """One micro-batch's mean loss."""
+        """One micro-batch's mean loss over the token positions: the model's own ``loss`` (``lm_loss`` of
+        its logits on the eager path, the chunked cross-entropy with fused kernels)."""
         if self.prefix is None:
             inputs, targets = batch
-            return lm_loss(self.model(inputs.to(self.device)), targets.to(self.device))
-        from astrobio.model.encoders import prefix_lm_loss
+            return self.model.loss(inputs.to(self.device), targets.to(self.device))
         batch = batch.to(self.device)
-        logits = self.model(batch.tokens, prefix=self.prefix(**batch.prefix_inputs()))
-        return prefix_lm_loss(logits, batch.targets, self.prefix.prefix_len)
+        return self.model.loss(batch.tokens, batch.targets, prefix=self.prefix(**batch.prefix_inputs()))
 
     def forward_backward(self, micro_batches: list[Batch]) -> float:
         self.train(True)

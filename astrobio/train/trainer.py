@@ -105,6 +105,7 @@ class Trainer:
         self.optimizer, self.schedule, self.runner = parts.optimizer, parts.schedule, parts.runner
         self.checkpoint_writer, self.logger, self.profiler = parts.checkpoint_writer, parts.logger, parts.profiler
         self.timeline = parts.timeline
+        self.speed = parts.speed  # the kernels in use and whether the blocks are compiled, for the summary
         self.last_breakdown: StepBreakdown | None = None
         self.last_breakdowns: list[StepBreakdown] | None = None  # every rank's, at the last logged step
         self.busy_s = self.stepped_s = 0.0  # the device's busy seconds and the steps' seconds, this process
