@@ -60,9 +60,14 @@ def test_unknown_values_are_refused(flags, named):
     ("auto", "auto", CUDA, ("fused", True)),
     ("fused", "on", CPU, ("fused", True)),  # an explicit flag wins
     ("eager", "off", CUDA, ("eager", False)),
+    ("auto", "auto", "offload on cuda", ("eager", False)),  # not yet run with the offload hooks on a GPU
+    ("fused", "on", "offload on cuda", ("fused", True)),
 ])
 def test_auto_is_fused_and_compiled_on_cuda_only(kernels, compile_, device, expected):
-    config = parse_config(["--kernels", kernels, "--compile", compile_])
+    flags = ["--kernels", kernels, "--compile", compile_]
+    if device == "offload on cuda":
+        flags, device = flags + ["--use-cpu-offloading"], CUDA
+    config = parse_config(flags)
     assert (requested_kernels(config, device), requested_compile(config, device)) == expected
 
 

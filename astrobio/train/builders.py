@@ -66,18 +66,26 @@ class Speed:
     compiled: bool
 
 
+def measured_fast_path(config: TrainConfig, device: torch.device) -> bool:
+    """Whether ``auto`` may pick the fused, compiled model: on CUDA, where it was measured (2x eager on
+    an H200, docs/BENCHMARKS.md), and not with CPU offload, whose hooks have not yet run with compiled
+    blocks on a GPU (NOTE: lift this once a GPU run has checked that combination)."""
+    return device.type == "cuda" and not config.use_cpu_offloading
+
+
 def requested_kernels(config: TrainConfig, device: torch.device) -> str:
-    """``--kernels``, with auto: fused on CUDA, eager on the CPU."""
+    """``--kernels``, with auto: fused on CUDA without offload, else eager."""
     if config.kernels != "auto":
         return config.kernels
-    return "fused" if device.type == "cuda" else "eager"
+    return "fused" if measured_fast_path(config, device) else "eager"
 
 
 def requested_compile(config: TrainConfig, device: torch.device) -> bool:
-    """``--compile``, with auto: on with CUDA, off on the CPU (compiling costs more there than it gains)."""
+    """``--compile``, with auto: on with CUDA without offload, off on the CPU (compiling costs more there
+    than it gains)."""
     if config.compile != "auto":
         return config.compile == "on"
-    return device.type == "cuda"
+    return measured_fast_path(config, device)
 
 
 def speed_up(module: nn.Module, config: TrainConfig, device: torch.device) -> Speed:
