@@ -138,6 +138,9 @@ if wants kernels; then
     --batch-size 2 --seq-len 2048 --providers eager,fused,fused+compiled,llama --steps 5 --warmup 2 \
     --json "$WORK/model_13b_gpu.json"
   if ((BUILD_RC == 0)); then
+    # the trainer's default on CUDA: fused Triton layers and compiled blocks (summary.json says which ran)
+    run_step train-small-fused 120 "$TRAIN_LOG" "$PY" -m astrobio.train --device cuda --model small \
+      --pipeline-stages 1 --steps 20 --output-dir "$WORK/run-small-fused"
     run_step gpu-tests-adamw8bit 240 "$TEST_LOG" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
       tests/test_adamw8bit_gpu.py
     TEST_RC=$?
