@@ -10,30 +10,16 @@ from astrobio.model import build_model, get_config
 from astrobio.model.materialize import build_model_on
 from astrobio.optim import OffloadEngine
 from astrobio.train.checkpoint import read_tensors, write_tensors
+from test_offload import WideCheap
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
 
 
-class WideCheap(torch.nn.Module):
-    """Wide and cheap to run: a forward that does not wait for the step reads stale weights."""
-
-    def __init__(self, width=1 << 18):
-        super().__init__()
-        self.scale = torch.nn.Parameter(torch.randn(width) * 0.1 + 1.0)
-        self.shift = torch.nn.Parameter(torch.randn(width) * 0.1)
-        self.out = torch.nn.Parameter(torch.randn(width) / width ** 0.5)
-        self.width = width
-
-    def forward(self, x):
-        h = torch.tanh(x.repeat(1, self.width // x.shape[1]) * self.scale + self.shift)
-        return (h * self.out).sum(dim=1, keepdim=True)
-
-
 def train(location, accum_dtype, steps=4, micro=8):
     torch.manual_seed(0)
-    model = WideCheap().cuda().bfloat16()
+    model = WideCheap(width=1 << 18).cuda().bfloat16()
     engine = OffloadEngine(model.parameters(), **HYPER, accum_dtype=accum_dtype, master_weights="bf16-sr",
                            bucket_bytes=1 << 18, module=model, grad_accum_location=location)
     g = torch.Generator().manual_seed(1)
