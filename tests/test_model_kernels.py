@@ -222,33 +222,11 @@ SAVED_CASES = ["fp32", "bf16", "autocast"]
 def check_saved_bytes(case: str) -> dict:
     """What autograd keeps for one fused block against astrobio.memory.activations' count (kernels="fused");
     the relative difference, as tests/test_memory_planner.py checks the eager block."""
-    from astrobio.memory import activations as act
-    from astrobio.model import get_config, use_kernels
-    from astrobio.model.transformer import TransformerBlock, rotary_tables
+    from _saved_bytes import saved_and_planned_bytes
     dtype, autocast = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False),
                        "autocast": (torch.float32, True)}[case]
-    config = get_config("tiny", d_model=96, n_heads=3, ffn_hidden=200)
-    block = TransformerBlock(config).to(dtype)
-    use_kernels(block, "fused")
-    batch, seq = 2, 37
-    x = torch.randn(batch, seq, config.d_model, dtype=dtype, requires_grad=True)
-    cos, sin = rotary_tables(seq, config.head_dim, config.rope_theta, "cpu")
-    skip = {t.untyped_storage().data_ptr() for t in [*block.parameters(), cos, sin]}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in skip:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            block(x, cos, sin)
-    tokens, precision = act.Tokens(batch, seq), act.Precision.of(dtype.itemsize, autocast)
-    planned = (act.block_saved_bytes(config, tokens, precision, "fused")
-               + act.block_input_saved(config, tokens, precision, "fused"))
-    casts = sum(2 * p.numel() for name, p in block.named_parameters() if "norm" not in name) if autocast else 0
-    return {"relative_difference": abs(sum(saved.values()) - casts - planned) / planned}
+    measured, planned = saved_and_planned_bytes(dtype, autocast, "fused")
+    return {"relative_difference": abs(measured - planned) / planned}
 
 
 def register_ops() -> None:
