@@ -21,3 +21,15 @@ else:
     settings.register_profile("deterministic", derandomize=True)
     settings.register_profile("explore", derandomize=False)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test that skips without a GPU is marked ``gpu`` (``pytest -m gpu`` selects what a GPU machine
+    must run: benchmarks/gpu_check.sh), however its file spells the skip."""
+    import pytest
+    for item in items:
+        for mark in item.iter_markers("skipif"):
+            reason = str(mark.kwargs.get("reason", ""))
+            if "cuda" in reason.lower() or "gpu" in reason.lower():
+                item.add_marker(pytest.mark.gpu)
+                break
