@@ -90,20 +90,21 @@ ASTROBIO_AVX512 inline void lookup_block(const uint8_t (*planes)[kQmapSize], con
 
 // The bucket-index tables of one map as registers: (sign, binade) slot -> adjusted base and shift.
 struct BucketTables {
-  __m512i base_lo, base_hi, shift_lo, shift_hi, abs_mask, clamp_lo, clamp_hi;
+  __m512i base_lo, base_hi, shift_lo, shift_hi, abs_mask, clamp_lo;
 };
 
 ASTROBIO_AVX512 inline BucketTables load_bucket_tables(const MapTables& t) {
   return {_mm512_load_si512(t.exp_base_adjusted), _mm512_load_si512(t.exp_base_adjusted + 32),
           _mm512_load_si512(t.exp_shift), _mm512_load_si512(t.exp_shift + 32), _mm512_set1_epi16(0x7FFF),
-          _mm512_set1_epi16(static_cast<int16_t>(t.clamp_lo >> 16)),
-          _mm512_set1_epi16(static_cast<int16_t>(t.clamp_hi >> 16))};
+          _mm512_set1_epi16(static_cast<int16_t>(t.clamp_lo >> 16))};
 }
 
 // Bucket indices (words) of 32 normalised values given as their top 16 bits.
 ASTROBIO_AVX512 inline __m512i bucket_index(const BucketTables& t, __m512i h) {
   __m512i ah = _mm512_and_si512(h, t.abs_mask);
-  ah = _mm512_min_epu16(_mm512_max_epu16(ah, t.clamp_lo), t.clamp_hi);
+  // clamped from below only: a normalised value is at most 1 + 2^-23 in magnitude (or a NaN, whose code
+  // quantize_block sets to 0), and the table covers the binade of 1.0 (qmap_tables.cpp)
+  ah = _mm512_max_epu16(ah, t.clamp_lo);
   // slot = (sign << 5) | (exponent & 31): the permutes below read only the low 6 bits
   const __m512i slot = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ah, 7), _mm512_srli_epi16(h, 10),
                                                  _mm512_set1_epi16(0x1F), 0xE4);

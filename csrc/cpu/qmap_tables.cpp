@@ -54,6 +54,9 @@ bool build_buckets(MapTables& t) {
     eb_min = std::min(eb_min, eb);
     eb_max = std::max(eb_max, eb);
   }
+  // The table also covers the binades up to that of 1.0 (biased exponent 127): a normalised value
+  // x * (1 / absmax) is at most 1 + 2^-23 in magnitude, so the AVX-512 path needs no upper clamp.
+  eb_max = std::max<uint32_t>(eb_max, 127);
   if (eb_max - eb_min + 1 > 32) return false;
   t.clamp_lo = eb_min << 23;
   t.clamp_hi = ((eb_max + 1) << 23) - 1;
