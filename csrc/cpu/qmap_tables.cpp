@@ -54,8 +54,9 @@ bool build_buckets(MapTables& t) {
     eb_min = std::min(eb_min, eb);
     eb_max = std::max(eb_max, eb);
   }
-  // The table also covers the binades up to that of 1.0 (biased exponent 127): a normalised value
-  // x * (1 / absmax) is at most 1 + 2^-23 in magnitude, so the AVX-512 path needs no upper clamp.
+  // The table also covers the binades up to that of 1.0 (biased exponent 127), so that the AVX-512 path
+  // needs no upper clamp: a normalised value x * inv (|x| <= absmax, inv = 1 / absmax rounded) is at most
+  // 1 in magnitude: before rounding |x * inv| < 1 + 2^-24, the midpoint between 1 and the next float.
   eb_max = std::max<uint32_t>(eb_max, 127);
   if (eb_max - eb_min + 1 > 32) return false;
   t.clamp_lo = eb_min << 23;
