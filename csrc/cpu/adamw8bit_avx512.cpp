@@ -102,7 +102,7 @@ ASTROBIO_AVX512 inline BucketTables load_bucket_tables(const MapTables& t) {
 // Bucket indices (words) of 32 normalised values given as their top 16 bits.
 ASTROBIO_AVX512 inline __m512i bucket_index(const BucketTables& t, __m512i h) {
   __m512i ah = _mm512_and_si512(h, t.abs_mask);
-  // clamped from below only: a normalised value is at most 1 in magnitude (or a NaN, whose code
+  // clamped from below only: a normalised value is below 2 in magnitude (or a NaN, whose code
   // quantize_block sets to 0), and the table covers the binade of 1.0 (qmap_tables.cpp)
   ah = _mm512_max_epu16(ah, t.clamp_lo);
   // slot = (sign << 5) | (exponent & 31): the permutes below read only the low 6 bits

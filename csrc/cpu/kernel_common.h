@@ -8,8 +8,9 @@
 // value in n's bucket; each bucket holds at most one threshold (asserted when the table is built), and
 // that threshold, if any, is threshold[base], so
 //     code(n) = base + (n > threshold[base])         (threshold[255] = +inf)
-// which is exact for every float (proven for every fp32 in [-1, 1] by lookup_check.cpp, run from the
-// tests); a NaN, which no threshold is below, is code 0. Tables are built once per map content and cached.
+// which is exact for every float (proven for every fp32 below 2 in magnitude by lookup_check.cpp, run
+// from the tests); a NaN, which no threshold is below, is code 0. Tables are built once per map content
+// and cached.
 #pragma once
 
 #include <cmath>
