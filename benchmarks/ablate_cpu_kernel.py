@@ -1,6 +1,6 @@
 """Where the AVX-512 CPU step spends its time: the kernel with parts of it removed, timed side by side.
 
-    python benchmarks/ablate_cpu_kernel.py [--numel 32768] [--rounds 6] [--json PATH]
+    python benchmarks/ablate_cpu_kernel.py [--numel 32768] [--rounds 6] [--against REV] [--json PATH]
 
 Each variant is csrc/cpu/adamw8bit_avx512.cpp with one or more parts replaced by the cheapest code that
 still reads and writes the same memory (the results are no longer an optimizer step: only the time
@@ -10,6 +10,8 @@ means anything):
     no-requant      the nearest-code search of m and v replaced by a float -> int conversion
     no-dequant      the 256-entry map lookups replaced by an int -> float conversion (also no-requant)
     no-divider      sqrt and division replaced by multiplications (also no-requant, no-dequant)
+    full@REV        with --against REV: the kernel and its table builder as of git revision REV, timed in
+                    the same rounds (a before/after comparison that the machine's load shifts alike)
 
 Every variant is compiled with the flags setup.py uses (-O3, -ffp-contract=off, OpenMP) into a small
 driver that steps one fp32 tensor of --numel elements (default 32,768: weights, gradient and codes fit
@@ -131,22 +133,35 @@ def variant_source(parts) -> str:
     return source
 
 
-def build(folder: pathlib.Path, compiler: str) -> dict[str, pathlib.Path]:
-    """One executable per variant; the shared pieces (tables, driver) compiled once."""
+def source_at(rev: str, path: pathlib.Path) -> str:
+    """The text of a repository file at git revision `rev`."""
+    out = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path.relative_to(ROOT).as_posix()}"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"ablate_cpu_kernel: --against {rev}: {out.stderr.strip()}")
+    return out.stdout
+
+
+def build(folder: pathlib.Path, compiler: str, against: str | None) -> dict[str, pathlib.Path]:
+    """One executable per variant: (kernel, table builder) sources; the driver compiled once."""
     include = ["-I", str(KERNEL.parent), "-I", str(ROOT / "csrc")]
-    common = []
-    for name, source in (("tables", (KERNEL.parent / "qmap_tables.cpp").read_text()), ("driver", DRIVER)):
+    tables = KERNEL.parent / "qmap_tables.cpp"
+    sources = {name: (variant_source(parts), tables.read_text()) for name, parts in VARIANTS.items()}
+    if against is not None:
+        sources[f"full@{against}"] = (source_at(against, KERNEL), source_at(against, tables))
+
+    def compile_object(name: str, source: str) -> str:
         (folder / f"{name}.cpp").write_text(source)
         subprocess.run([compiler, *FLAGS, *include, "-c", str(folder / f"{name}.cpp"), "-o",
                         str(folder / f"{name}.o")], check=True)
-        common.append(str(folder / f"{name}.o"))
+        return str(folder / f"{name}.o")
+
+    driver = compile_object("driver", DRIVER)
     binaries = {}
-    for name, parts in VARIANTS.items():
-        (folder / f"{name}.cpp").write_text(variant_source(parts))
-        subprocess.run([compiler, *FLAGS, *include, "-c", str(folder / f"{name}.cpp"), "-o",
-                        str(folder / f"{name}.o")], check=True)
-        binaries[name] = folder / name
-        subprocess.run([compiler, *FLAGS, str(folder / f"{name}.o"), *common, "-o", str(binaries[name])], check=True)
+    for index, (name, (kernel, table_builder)) in enumerate(sources.items()):
+        objects = [compile_object(f"kernel{index}", kernel), compile_object(f"tables{index}", table_builder)]
+        binaries[name] = folder / f"variant{index}"
+        subprocess.run([compiler, *FLAGS, *objects, driver, "-o", str(binaries[name])], check=True)
     return binaries
 
 
@@ -170,6 +185,8 @@ def main() -> int:
     parser.add_argument("--numel", type=int, default=32768, help="elements per step (a multiple of 256)")
     parser.add_argument("--steps", type=int, default=400, help="steps per timing")
     parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds over the variants")
+    parser.add_argument("--against", default=None, metavar="REV",
+                        help="also time the kernel as of this git revision (compiled against today's headers)")
     parser.add_argument("--json", type=pathlib.Path, default=None)
     args = parser.parse_args()
     if args.numel % 256:
@@ -182,7 +199,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = pathlib.Path(tmp)
         write_maps(folder / "maps.bin")
-        binaries = build(folder, compiler)
+        binaries = build(folder, compiler, args.against)
         env = dict(os.environ, OMP_NUM_THREADS="1")
         best = {name: float("inf") for name in binaries}
         for _ in range(args.rounds):
@@ -191,15 +208,17 @@ def main() -> int:
                                      env=env, capture_output=True, text=True, check=True)
                 best[name] = min(best[name], float(out.stdout))
     print(f"AVX-512 step, 1 thread, {args.numel:,} fp32 elements (L2-resident), best of {args.rounds} rounds:")
-    print(f"{'variant':<12} {'CPU ns/element':>15}")
+    print(f"{'variant':<20} {'CPU ns/element':>15}")
     for name, ns in best.items():
-        print(f"{name:<12} {ns:>15.3f}")
+        print(f"{name:<20} {ns:>15.3f}")
+    if args.against is not None:
+        print(f"full / full@{args.against}: {best['full'] / best[f'full@{args.against}']:.3f}")
     print("\nparts (differences):")
     for label, ns in budget_rows(best):
         print(f"  {label:<48} {ns:.3f} ns")
     print("\nrates on 2 cores if nothing else limits (2 / CPU ns per element):")
     for name, ns in best.items():
-        print(f"  {name:<12} {2 / ns:.2f} Gparam/s")
+        print(f"  {name:<20} {2 / ns:.2f} Gparam/s")
     if args.json:
         args.json.write_text(json.dumps({"numel": args.numel, "cpu_ns_per_element": best,
                                          "parts": dict(budget_rows(best))}, indent=1))

@@ -91,7 +91,7 @@ bool any_non_finite(const std::vector<FloatSpan>& spans);
 const char* simd_path();
 // The SIMD paths this CPU can run, portable first.
 std::vector<std::string> simd_paths();
-// Test hook: for each SIMD path this CPU runs, how many fp32 values n in [-1, 1] get a nearest code from
+// Test hook: for each SIMD path this CPU runs, how many fp32 values n with |n| < 2 get a nearest code from
 // the path's table lookup other than #{i : threshold[i] < n} (`threshold`: the specification's 255 values).
 std::vector<std::pair<std::string, int64_t>> nearest_code_mismatches(const float* qmap, const float* threshold);
 // Streaming bandwidth probes over arrays of n floats, in GB/s counted by bytes the kernel names.

@@ -209,7 +209,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Whether any element of these contiguous CPU float32/bfloat16 tensors is inf or NaN "
         "(one multi-threaded pass, GIL released).");
   m.def("nearest_code_mismatches", &astrobio::nearest_code_mismatches, py::arg("qmap"), py::arg("threshold"),
-        "Test hook: per SIMD path, the number of fp32 values in [-1, 1] whose table-lookup code differs from "
+        "Test hook: per SIMD path, the number of fp32 values n with |n| < 2 whose table-lookup code differs from "
         "#{i : threshold[i] < n}.");
   m.def("simd_path", &astrobio::cpu::simd_path,
         "The SIMD path the CPU kernel takes (ASTROBIO_CPU_SIMD=portable|avx2|avx512 forces one).");

@@ -97,9 +97,10 @@ def assert_same_state(got: dict, want: dict, context: str) -> None:
 
 
 def run_trajectory(n, master, copy, quantized, grads, step_fn) -> dict:
+    """Steps with grad_scale 0.5 and 1 in turn (the AVX-512 path skips the multiplication by 1)."""
     state = make_state(n, master, quantized, copy, seed=n)
     for t, grad in enumerate(grads, start=1):
-        step_fn(*step_args(state, grad, t))
+        step_fn(*step_args(state, grad, t, grad_scale=0.5 if t % 2 else 1.0))
     return state
 
 
@@ -166,7 +167,8 @@ NAN_PATTERNS = [0x7FC00000, 0xFFC00000, 0x7FC12345, 0xFFC12345, 0xFFFFFFFF, 0x7F
 
 @pytest.mark.parametrize("n", [1000, 5000])
 @pytest.mark.parametrize("grad_dtype,master,copy", VARIANTS)
-def test_nan_gives_the_canonical_nan_in_every_path(n, grad_dtype, master, copy, monkeypatch):
+@pytest.mark.parametrize("grad_scale", [0.5, 1.0])
+def test_nan_gives_the_canonical_nan_in_every_path(n, grad_dtype, master, copy, grad_scale, monkeypatch):
     """NaN weights of every sign and payload, and a NaN and an infinite gradient (the op does not skip;
     the optimizer would): every path writes what the specification writes, bit for bit, and every NaN
     output is the canonical one (0x7FC00000 in fp32, 0x7FC0 in bf16)."""
@@ -180,7 +182,7 @@ def test_nan_gives_the_canonical_nan_in_every_path(n, grad_dtype, master, copy, 
         state["param"] = state["param"].to(master)
         want = clone_state(state)
         for t, grad in enumerate(grads, start=1):
-            R.adamw8bit_step(*step_args(want, grad, t))
+            R.adamw8bit_step(*step_args(want, grad, t, grad_scale=grad_scale))
         for key, value in want.items():
             if value is not None and value.is_floating_point() and value.numel():
                 bits = value.view({2: torch.int16, 4: torch.int32}[value.element_size()])[torch.isnan(value)]
@@ -191,8 +193,9 @@ def test_nan_gives_the_canonical_nan_in_every_path(n, grad_dtype, master, copy, 
             monkeypatch.setenv("ASTROBIO_CPU_SIMD", path)
             got = clone_state(state)
             for t, grad in enumerate(grads, start=1):
-                torch.ops.astrobio.adamw8bit_step(*step_args(got, grad, t))
-            assert_same_state(got, want, f"path {path}, NaN weights and gradients, 8-bit={quantized}")
+                torch.ops.astrobio.adamw8bit_step(*step_args(got, grad, t, grad_scale=grad_scale))
+            assert_same_state(got, want, f"path {path}, NaN weights and gradients, 8-bit={quantized}, "
+                                         f"grad_scale={grad_scale}")
 
 
 def neighbours(values: torch.Tensor) -> torch.Tensor:
@@ -406,9 +409,10 @@ def test_ablation_benchmark_still_matches_the_kernel_source():
 
 
 @pytest.mark.parametrize("signed", [True, False], ids=["signed", "unsigned"])
-def test_lookup_equals_the_specification_on_every_float_in_minus_one_to_one(signed):
-    """The exhaustive proof of the table-driven nearest code (kernel_common.h): over all ~2.1e9 fp32 values
-    in [-1, 1], every SIMD path's lookup gives #{i : threshold[i] < n} with the specification's thresholds
+def test_lookup_equals_the_specification_on_every_float_below_two_in_magnitude(signed):
+    """The exhaustive proof of the table-driven nearest code (kernel_common.h): over all 2^31 fp32 values
+    with |n| < 2 (normalised values are at most 1, or a little above when 1 / absmax is subnormal), every
+    SIMD path's lookup gives #{i : threshold[i] < n} with the specification's thresholds
     (computed here, in Python, not by the C++ table builder). The control: one threshold moved up by one
     ulp must make exactly one value (the old threshold itself) disagree, in every path."""
     qmap = R.dynamic_map(signed)

@@ -90,20 +90,21 @@ ASTROBIO_AVX512 inline void lookup_block(const uint8_t (*planes)[kQmapSize], con
 
 // The bucket-index tables of one map as registers: (sign, binade) slot -> adjusted base and shift.
 struct BucketTables {
-  __m512i base_lo, base_hi, shift_lo, shift_hi, abs_mask, clamp_lo, clamp_hi;
+  __m512i base_lo, base_hi, shift_lo, shift_hi, abs_mask, clamp_lo;
 };
 
 ASTROBIO_AVX512 inline BucketTables load_bucket_tables(const MapTables& t) {
   return {_mm512_load_si512(t.exp_base_adjusted), _mm512_load_si512(t.exp_base_adjusted + 32),
           _mm512_load_si512(t.exp_shift), _mm512_load_si512(t.exp_shift + 32), _mm512_set1_epi16(0x7FFF),
-          _mm512_set1_epi16(static_cast<int16_t>(t.clamp_lo >> 16)),
-          _mm512_set1_epi16(static_cast<int16_t>(t.clamp_hi >> 16))};
+          _mm512_set1_epi16(static_cast<int16_t>(t.clamp_lo >> 16))};
 }
 
 // Bucket indices (words) of 32 normalised values given as their top 16 bits.
 ASTROBIO_AVX512 inline __m512i bucket_index(const BucketTables& t, __m512i h) {
   __m512i ah = _mm512_and_si512(h, t.abs_mask);
-  ah = _mm512_min_epu16(_mm512_max_epu16(ah, t.clamp_lo), t.clamp_hi);
+  // clamped from below only: a normalised value is below 2 in magnitude (or a NaN, whose code
+  // quantize_block sets to 0), and the table covers the binade of 1.0 (qmap_tables.cpp)
+  ah = _mm512_max_epu16(ah, t.clamp_lo);
   // slot = (sign << 5) | (exponent & 31): the permutes below read only the low 6 bits
   const __m512i slot = _mm512_ternarylogic_epi32(_mm512_srli_epi16(ah, 7), _mm512_srli_epi16(h, 10),
                                                  _mm512_set1_epi16(0x1F), 0xE4);
@@ -128,9 +129,10 @@ ASTROBIO_AVX512 inline __m512i base_codes64(const BucketTables& bt, const ByteTa
 
 // Nearest codes of the 256 values buf[j] / absmax of a block (times inverse_absmax), stored to out[0..255]:
 // base codes from the bucket table, then + 1 where the value exceeds threshold[base]. Table registers are
-// loaded once per block. A normalised value is NaN only if the absmax is not finite (NaN * inv, or
+// loaded once per block. buf is overwritten with the normalised values (the compare reads them back
+// instead of multiplying again). A normalised value is NaN only if the absmax is not finite (NaN * inv, or
 // +-inf * 0): only then are NaNs looked for, and given code 0 (no threshold is below a NaN).
-ASTROBIO_AVX512 inline void quantize_block(const MapTables& t, const float* buf, float absmax, uint8_t* out) {
+ASTROBIO_AVX512 inline void quantize_block(const MapTables& t, float* buf, float absmax, uint8_t* out) {
   const __m512 inv = _mm512_set1_ps(inverse_absmax(absmax));
   __m512i code[4];
   {
@@ -138,7 +140,10 @@ ASTROBIO_AVX512 inline void quantize_block(const MapTables& t, const float* buf,
     const ByteTable lut_lo = load_table(t.lut), lut_hi = load_table(t.lut + 256);
     for (int g = 0; g < 4; ++g) {
       __m512 n[4];
-      for (int r = 0; r < 4; ++r) n[r] = _mm512_mul_ps(_mm512_load_ps(buf + 64 * g + 16 * r), inv);
+      for (int r = 0; r < 4; ++r) {
+        n[r] = _mm512_mul_ps(_mm512_load_ps(buf + 64 * g + 16 * r), inv);
+        _mm512_store_ps(buf + 64 * g + 16 * r, n[r]);
+      }
       code[g] = base_codes64(bt, lut_lo, lut_hi, n);
     }
   }
@@ -148,7 +153,7 @@ ASTROBIO_AVX512 inline void quantize_block(const MapTables& t, const float* buf,
   for (int g = 0; g < 4; ++g) {
     __mmask16 above[4], number[4] = {0xFFFF, 0xFFFF, 0xFFFF, 0xFFFF};
     for (int r = 0; r < 4; ++r) {
-      const __m512 n = _mm512_mul_ps(_mm512_load_ps(buf + 64 * g + 16 * r), inv);
+      const __m512 n = _mm512_load_ps(buf + 64 * g + 16 * r);
       above[r] = _mm512_cmp_ps_mask(n, thr[4 * g + r], _CMP_GT_OQ);
       if (!finite) number[r] = _mm512_cmp_ps_mask(n, n, _CMP_ORD_Q);
     }
@@ -247,8 +252,11 @@ struct Tensors {
   }
 
   // The update of 16 elements at i (spec/adamw8bit.py: adamw_update); returns the new weights, updates m and v.
+  // kScaled false: grad_scale is 1, and g * 1 == g for every g but a NaN, whose outputs are canonical NaNs anyway.
+  template <bool kScaled>
   ASTROBIO_AVX512 inline __m512 update16(const Consts& k, int64_t i, __m512& m, __m512& v) const {
-    const __m512 g = _mm512_mul_ps(load16<kGrad>(grad, i), k.grad_scale);
+    __m512 g = load16<kGrad>(grad, i);
+    if constexpr (kScaled) g = _mm512_mul_ps(g, k.grad_scale);
     m = _mm512_add_ps(_mm512_mul_ps(k.beta1, m), _mm512_mul_ps(k.omb1, g));
     v = _mm512_add_ps(_mm512_mul_ps(k.beta2, v), _mm512_mul_ps(k.omb2, _mm512_mul_ps(g, g)));
     const __m512 denom = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(v), k.inv_bc2_sqrt), k.eps);
@@ -257,12 +265,9 @@ struct Tensors {
   }
 };
 
-// max(|a|, |b|) in one instruction (vrangeps: larger magnitude, sign cleared).
-ASTROBIO_AVX512 inline __m512 max_abs16(__m512 a, __m512 b) { return _mm512_range_ps(a, b, 0x0B); }
-
 // One full block of 256 elements with 8-bit moments: dequantize m and v into two L1 buffers, update in
 // place, then requantize against the new absmax.
-template <class T>
+template <bool kScaled, class T>
 ASTROBIO_AVX512 void step_block_quantized(const T& x_ref, const Consts& k_ref, const MapTables& t1,
                                           const MapTables& t2, int64_t block) {
   // local copies: the stores below cannot alias them, so pointers and constants stay in registers
@@ -275,20 +280,20 @@ ASTROBIO_AVX512 void step_block_quantized(const T& x_ref, const Consts& k_ref, c
   alignas(64) float m_buf[kBlockSize], v_buf[kBlockSize];
   dequantize_block(t1, codes1, _mm512_set1_ps(x.absmax1[block]), m_buf);
   dequantize_block(t2, codes2, _mm512_set1_ps(x.absmax2[block]), v_buf);
-  __m512 max_m = _mm512_setzero_ps(), max_v = _mm512_setzero_ps();
-  __mmask16 nan_m = 0, nan_v = 0;  // vrangeps and the max reduction drop NaNs; the specification's absmax keeps them
+  // max |x| over the block on the bit patterns: for |x| (sign cleared) the unsigned order is the float order,
+  // and every NaN is above +inf, so the maximum keeps a NaN as the specification's absmax does
+  const __m512i abs_mask = _mm512_set1_epi32(0x7FFFFFFF);
+  __m512i max_m = _mm512_setzero_si512(), max_v = _mm512_setzero_si512();
   for (int j = 0; j < kBlockSize; j += 16) {
     __m512 m = _mm512_load_ps(m_buf + j), v = _mm512_load_ps(v_buf + j);
-    x.store_params(begin + j, x.update16(k, begin + j, m, v), sr_hi);
+    x.store_params(begin + j, x.template update16<kScaled>(k, begin + j, m, v), sr_hi);
     _mm512_store_ps(m_buf + j, m);
     _mm512_store_ps(v_buf + j, v);
-    max_m = max_abs16(max_m, m);
-    max_v = max_abs16(max_v, v);
-    nan_m |= _mm512_cmp_ps_mask(m, m, _CMP_UNORD_Q);
-    nan_v |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    max_m = _mm512_max_epu32(max_m, _mm512_and_si512(_mm512_castps_si512(m), abs_mask));
+    max_v = _mm512_max_epu32(max_v, _mm512_and_si512(_mm512_castps_si512(v), abs_mask));
   }
-  const float am = nan_m ? bits_float(kCanonicalNan) : _mm512_reduce_max_ps(max_m);
-  const float av = nan_v ? bits_float(kCanonicalNan) : _mm512_reduce_max_ps(max_v);
+  const float am = canonical_nan(bits_float(_mm512_reduce_max_epu32(max_m)));
+  const float av = canonical_nan(bits_float(_mm512_reduce_max_epu32(max_v)));
   quantize_block(t1, m_buf, am, codes1);
   quantize_block(t2, v_buf, av, codes2);
   x.absmax1[block] = am;
@@ -304,7 +309,7 @@ ASTROBIO_AVX512 void step_block_fp32(const T& x, const Consts& k, int64_t block)
   const uint32_t sr_hi = sr_high(begin, x.seed);
   for (int64_t i = begin; i < begin + kBlockSize; i += 16) {
     __m512 m = _mm512_loadu_ps(m_ptr + i), v = _mm512_loadu_ps(v_ptr + i);
-    x.store_params(i, x.update16(k, i, m, v), sr_hi);
+    x.store_params(i, x.template update16<true>(k, i, m, v), sr_hi);
     _mm512_storeu_ps(m_ptr + i, canonical_nan16(m));
     _mm512_storeu_ps(v_ptr + i, canonical_nan16(v));
   }
@@ -315,13 +320,18 @@ void step_full_blocks(const StepArgs& a, const MapTables* t1, const MapTables* t
   const int64_t full = a.numel / kBlockSize;
   const Tensors<kGrad, kParam, kCopy> x(a);
   const StepConstants c = a.c;
+  const bool scaled = c.grad_scale != 1.0f;
 #pragma omp parallel if (full > 4)
   {
     const Consts k = broadcast(c);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < full; ++b) {
       if (a.quantized) {
-        step_block_quantized(x, k, *t1, *t2, b);
+        if (scaled) {
+          step_block_quantized<true>(x, k, *t1, *t2, b);
+        } else {
+          step_block_quantized<false>(x, k, *t1, *t2, b);
+        }
       } else {
         step_block_fp32(x, k, b);
       }

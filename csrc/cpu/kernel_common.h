@@ -3,13 +3,14 @@
 // and the tables derived from a quantization map for the nearest-code search.
 //
 // Nearest-code search without a binary search. code(n) = #{i : threshold[i] < n}. A lookup table
-// indexed by the fp32 bit pattern of n (sign, exponent clamped to the binades that hold thresholds, and
-// the top K_e mantissa bits, K_e <= 7 chosen per sign and binade) gives base = the code of the lowest
+// indexed by the fp32 bit pattern of n (sign, exponent clamped to the binades that hold thresholds and
+// those up to 1.0's, and the top K_e mantissa bits, K_e <= 7 chosen per sign and binade) gives base = the code of the lowest
 // value in n's bucket; each bucket holds at most one threshold (asserted when the table is built), and
 // that threshold, if any, is threshold[base], so
 //     code(n) = base + (n > threshold[base])         (threshold[255] = +inf)
-// which is exact for every float (proven for every fp32 in [-1, 1] by lookup_check.cpp, run from the
-// tests); a NaN, which no threshold is below, is code 0. Tables are built once per map content and cached.
+// which is exact for every float (proven for every fp32 below 2 in magnitude by lookup_check.cpp, run
+// from the tests); a NaN, which no threshold is below, is code 0. Tables are built once per map content
+// and cached.
 #pragma once
 
 #include <cmath>

@@ -1,5 +1,6 @@
 // The exhaustive proof behind the table-driven nearest-code search (kernel_common.h): over every fp32
-// value n in [-1, 1], each SIMD path's code equals the specification's #{i : threshold[i] < n}.
+// value n with |n| < 2 (a normalised value is at most 1 in magnitude, or a little above 1 when 1 / absmax
+// is subnormal: qmap_tables.cpp), each SIMD path's code equals the specification's #{i : threshold[i] < n}.
 // The expected code is walked, not searched: values are visited in order of their bit patterns, which
 // orders them monotonically on each side of zero, so the count moves by a few steps per 256 values.
 #include <omp.h>
@@ -12,7 +13,7 @@
 namespace astrobio::cpu {
 namespace {
 
-constexpr uint32_t kPerSign = 0x3F800001u;  // bit patterns of +0 .. 1.0 (and of -0 .. -1.0)
+constexpr uint32_t kPerSign = 0x40000000u;  // bit patterns of +0 .. the float below 2 (and of -0 .. its negative)
 constexpr int kChunk = static_cast<int>(kBlockSize);
 
 void codes_of_path(const std::string& path, const MapTables& t, const float* n, uint8_t* out) {

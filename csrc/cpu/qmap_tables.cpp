@@ -54,6 +54,11 @@ bool build_buckets(MapTables& t) {
     eb_min = std::min(eb_min, eb);
     eb_max = std::max(eb_max, eb);
   }
+  // The table also covers the binades up to that of 1.0 (biased exponent 127), so that the AVX-512 path
+  // needs no upper clamp: a normalised value x * inv (|x| <= absmax, inv = 1 / absmax rounded) is below 2
+  // in magnitude. It is at most 1 when inv is normal (|x * inv| < 1 + 2^-24 before rounding, below the
+  // midpoint to the next float) and below 1 + 2^-22 when inv is subnormal (absmax > 2^126).
+  eb_max = std::max<uint32_t>(eb_max, 127);
   if (eb_max - eb_min + 1 > 32) return false;
   t.clamp_lo = eb_min << 23;
   t.clamp_hi = ((eb_max + 1) << 23) - 1;
