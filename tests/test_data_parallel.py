@@ -40,6 +40,7 @@ BASE = ("--seq-len", "16", "--micro-batch-size", "2", "--eval-batches", "1", "--
 def test_layout_puts_the_stages_of_a_replica_on_consecutive_ranks():
     layout = Layout(replicas=2, stages=2)
     assert [(layout.replica_of(r), layout.stage_of(r)) for r in range(4)] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert layout.pipeline_ranks(1) == [2, 3]
     assert layout.name(3) == "rank 3 (replica 1, stage 1)"
     assert Layout(1, 2).name(1) == "stage 1 (rank 1)"  # a job of one pipeline names its stages, as before
 
@@ -103,10 +104,10 @@ def step_config(stages: int, replicas: int, schedule: str):
                          "--schedule", schedule, "--output-dir", "unused"])
 
 
-def replica_gradients(ctx, layouts: list[tuple[int, int, str]], batches: list) -> list[tuple[float, dict, bool]]:
+def replica_gradients(ctx, layouts: list[tuple[int, int, str]], batches: list) -> list[tuple]:
     """On every rank, for each (replicas, stages, schedule): one step's loss (averaged over the replicas),
-    this rank's gradients after the reduction, by parameter name, and whether every bucket's all-reduce
-    had started before backward ended (from the hooks)."""
+    this rank's gradients after the reduction, by parameter name, whether every bucket's all-reduce had
+    started before backward ended (from the hooks), and the ranks of its pipeline's side gloo group."""
     from astrobio.train.builders import build_model, build_stage_model
     from astrobio.train.local import LocalStepRunner, lm_loss
     from astrobio.train.pipeline import PipelineStepRunner, Ranks
@@ -127,8 +128,17 @@ def replica_gradients(ctx, layouts: list[tuple[int, int, str]], batches: list) -
         overlapped = len(reducer.launched) == len(reducer.buckets)
         reducer.finish()
         reducer.remove()
-        results.append((loss, {name: p.grad for name, p in model.named_parameters()}, overlapped))
+        results.append((loss, {name: p.grad for name, p in model.named_parameters()}, overlapped,
+                        side_header_group(ranks)))
     return results
+
+
+def side_header_group(ranks) -> list[int]:
+    """The ranks of the gloo group that carries this rank's pipeline headers beside NCCL, made for every
+    pipeline at once (on the CPU only the groups are checked: the transport uses gloo there)."""
+    from astrobio.parallel.transport import make_side_gloo_groups, side_gloo_group
+    make_side_gloo_groups(ranks.pipeline, [ranks.layout.pipeline_ranks(r) for r in range(ranks.replicas)])
+    return torch.distributed.get_process_group_ranks(side_gloo_group(ranks.pipeline))
 
 
 def test_replicas_compute_the_gradients_of_one_process_with_the_global_batch():
@@ -141,8 +151,11 @@ def test_replicas_compute_the_gradients_of_one_process_with_the_global_batch():
     layouts = [(2, 2, "1f1b"), (2, 2, "zb-h1"), (4, 1, "1f1b")]  # 2 replicas x 2 stages; pure data parallel
     results = launch(replica_gradients, 4, (layouts, batches), backend="gloo", timeout_s=30)
     for layout, per_layout in zip(layouts, zip(*(results[r] for r in range(4)))):
+        replicas, stages, _ = layout
+        assert [side for *_, side in per_layout] == [Layout(replicas, stages).pipeline_ranks(r // stages)
+                                                     for r in range(4)]
         seen = {}
-        for rank_loss, grads, overlapped in per_layout:
+        for rank_loss, grads, overlapped, _ in per_layout:
             assert abs(rank_loss - loss) <= 1e-6 and overlapped, layout
             for name, grad in grads.items():
                 torch.testing.assert_close(grad, expected[name], rtol=1e-5, atol=1e-6, msg=f"{layout} {name}")

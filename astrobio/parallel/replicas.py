@@ -47,6 +47,10 @@ class Layout:
     def replica_of(self, rank: int) -> int:
         return rank // self.stages
 
+    def pipeline_ranks(self, replica: int) -> list[int]:
+        """The global ranks of ``replica``'s stages, in stage order."""
+        return list(range(replica * self.stages, (replica + 1) * self.stages))
+
     def name(self, rank: int) -> str:
         """How messages name ``rank``: its stage alone in a job of one pipeline, else replica and stage."""
         if self.replicas == 1 or rank < 0:

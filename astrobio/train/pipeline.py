@@ -60,6 +60,9 @@ class Ranks:
         self.replica, self.replicas = self.mesh.get_local_rank("dp"), replicas
         self.is_main = ctx.rank == 0
         self.transport_device = ctx.device  # where the backend's tensors live: the GPU with NCCL, else the host
+        if ctx.backend == "nccl":  # the activations' headers go over gloo beside NCCL: made here, by every rank
+            from astrobio.parallel.transport import make_side_gloo_groups
+            make_side_gloo_groups(self.pipeline, [self.layout.pipeline_ranks(r) for r in range(replicas)])
 
     def wait(self, work) -> None:
         self.guard.wait(work)
