@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -192,15 +193,6 @@ def straight(tmp_path_factory, corpus) -> list[float]:
     return losses(out)
 
 
-def test_resume_from_two_replicas_to_one_and_back_equals_a_straight_run(tmp_path, corpus, straight):
-    out = tmp_path / "run"
-    run(parse_config(train_args(corpus, out, 2, 2, 2, "--stop-at-step", "2")))  # 2 replicas x 2 stages
-    run(parse_config(train_args(corpus, out, 1, 1, 4, "--stop-at-step", "4", "--resume", "auto")))  # one process
-    run(parse_config(train_args(corpus, out, 2, 1, 2, "--resume", "auto")))  # 2 replicas of the whole model
-    # fp32; the clipping norm is summed in parts and the gradients averaged in another order
-    assert losses(out) == pytest.approx(straight, rel=1e-6, abs=1e-6)
-
-
 def offload_shards_over_replicas() -> bool:
     from astrobio.optim.offload import OffloadEngine
     return "replicas" in inspect.signature(OffloadEngine).parameters
@@ -244,8 +236,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_torchrun_nodes_on_localhost_train_two_replicas_as_one_process(tmp_path, corpus, straight):
-    out, port = tmp_path / "run", free_port()
+@pytest.fixture(scope="module")
+def two_nodes(tmp_path_factory, corpus) -> tuple[Path, list[int], list[str]]:
+    """Two torchrun "nodes" on localhost, 2 ranks each: 2 replicas x 2 stages (auto), stopped at step 2
+    with a checkpoint. The run directory, the nodes' exit codes and their outputs (stdout + stderr)."""
+    out, port = tmp_path_factory.mktemp("nodes") / "run", free_port()
     env = {k: v for k, v in os.environ.items() if k != "ASTROBIO_SPAWNED"}
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
                                "--nproc-per-node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
@@ -259,10 +254,22 @@ def test_two_torchrun_nodes_on_localhost_train_two_replicas_as_one_process(tmp_p
         for node in nodes:
             if node.poll() is None:
                 node.kill()
-    for node, (_, err) in zip(nodes, outputs):
-        assert node.returncode == 0, err[-3000:]
-    summary = next(o for o, _ in outputs if "steps" in o)  # the node that held rank 0 prints the summary
-    assert "steps              2 of 6" in summary
+    return out, [node.returncode for node in nodes], [o + e for o, e in outputs]
+
+
+def test_two_torchrun_nodes_on_localhost_train_two_replicas_as_one_process(two_nodes, straight):
+    out, codes, outputs = two_nodes
+    assert codes == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert sum("steps              2 of 6" in o for o in outputs) == 1  # rank 0's node prints the summary
     assert losses(out) == pytest.approx(straight[:2], rel=1e-6, abs=1e-6)
     parts = set(json.loads((out / "checkpoints" / "step-2" / "manifest.json").read_text())["files"])
     assert {"model-stage0.safetensors", "model-stage1.safetensors", "optimizer-stage1.json"} <= parts
+
+
+def test_resume_from_two_replicas_to_one_and_back_equals_a_straight_run(tmp_path, corpus, two_nodes, straight):
+    out = tmp_path / "run"
+    shutil.copytree(two_nodes[0], out)  # 2 replicas x 2 stages to step 2
+    run(parse_config(train_args(corpus, out, 1, 1, 4, "--stop-at-step", "4", "--resume", "auto")))  # one process
+    run(parse_config(train_args(corpus, out, 2, 1, 2, "--resume", "auto")))  # 2 replicas of the whole model
+    # fp32; the clipping norm is summed in parts and the gradients averaged in another order
+    assert losses(out) == pytest.approx(straight, rel=1e-6, abs=1e-6)
