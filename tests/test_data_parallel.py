@@ -200,10 +200,13 @@ def offload_shards_over_replicas() -> bool:
 
 @pytest.mark.skipif(not offload_shards_over_replicas(),
                     reason="the offload engine does not take replicas= yet (its sharded state, issue #18 item 4)")
-def test_offloaded_replicas_train_as_one_process(tmp_path, corpus):
+def test_offloaded_replicas_train_as_one_process_and_resume_in_one(tmp_path, corpus):
     offload = ("--use-cpu-offloading", "--stop-at-step", "3")
     run(parse_config(train_args(corpus, tmp_path / "one", 1, 1, 4, *offload)))
-    run(parse_config(train_args(corpus, tmp_path / "two", 2, 2, 2, *offload)))
+    run(parse_config(train_args(corpus, tmp_path / "two", 2, 2, 2, *offload, "--stop-at-step", "2")))
+    parts = set(json.loads((tmp_path / "two" / "checkpoints" / "step-2" / "manifest.json").read_text())["files"])
+    assert {f"optimizer-stage{s}-replica{r}.json" for s in (0, 1) for r in (0, 1)} <= parts  # each its shard
+    run(parse_config(train_args(corpus, tmp_path / "two", 1, 1, 4, *offload, "--resume", "auto")))  # resharded
     assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-6, abs=1e-6)
 
 

@@ -164,11 +164,8 @@ def build_parts(config: TrainConfig, data: DataBundle, device: torch.device,
     whole model (pure data parallel)."""
     checkpoints = Checkpointer(Path(config.output_dir) / "checkpoints", config.keep_last_k)
     config = resolve_grad_accum_location(config, data.vocab_size, device, log=None)  # when not done before
-    if ranks is None:
-        ranks, writer = SingleProcess(), WholeCheckpoint(checkpoints)
-    else:
-        from astrobio.train.pipeline import StagedCheckpoint
-        writer = StagedCheckpoint(checkpoints, ranks)  # one part per stage, from replica 0
+    one_process = ranks is None
+    ranks = ranks or SingleProcess()
     if ranks.stages == 1:  # one process, or the replicas of a whole model
         timeline = StepTimeline(device)
         model, index_offset = build_model(config, data.vocab_size, device), 0
@@ -187,6 +184,11 @@ def build_parts(config: TrainConfig, data: DataBundle, device: torch.device,
     # the prefix runs outside the model's hooked forward: then the offload engine's end_step waits for
     # every bucket instead of each layer waiting for its own
     optimizer = build_optimizer(config, named, ranks, timeline, model if prefix is None else None, index_offset)
+    if one_process:
+        writer = WholeCheckpoint(checkpoints)
+    else:
+        from astrobio.train.pipeline import StagedCheckpoint
+        writer = StagedCheckpoint(checkpoints, ranks, optimizer.sharded)  # one part per stage (and replica)
     logger = (MetricsLogger(config.output_dir, config.to_dict(), config.wandb_project, config.wandb_name)
               if ranks.is_main else NullLogger())
     return Parts(device=device, ranks=ranks, model=model, prefix=prefix, names=[n for n, _ in named],

@@ -31,11 +31,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from astrobio.train.checkpoint import load_offload_state, optimizer_by_index
 from astrobio.train.config import TrainConfig
 from astrobio.train.local import RankLayout
 from astrobio.train.timeline import StepTimeline
@@ -51,6 +53,8 @@ class StepStats:
 
 
 class TrainingOptimizer(Protocol):
+    sharded: bool  # each data-parallel replica holds only its shard of the state (checkpoints: one part each)
+
     def begin_step(self, num_micro_batches: int) -> None: ...
 
     def end_step(self, lr: float) -> StepStats: ...
@@ -61,11 +65,15 @@ class TrainingOptimizer(Protocol):
 
     def load_state_dict(self, state: dict) -> None: ...
 
+    def load_checkpoint(self, path: Path, state: dict, names: list[str]) -> None: ...
+
     def close(self) -> None: ...
 
 
 class DeviceOptimizer:
     """A torch optimizer over ``params``, with the loop's clipping and skipping around its step."""
+
+    sharded = False
 
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter], max_grad_norm: float,
                  global_norm: Callable[[float], float], timeline: StepTimeline | None = None, reducer=None):
@@ -112,6 +120,10 @@ class DeviceOptimizer:
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state)
 
+    def load_checkpoint(self, path: Path, state: dict, names: list[str]) -> None:
+        """This rank's parameters' state from a checkpoint's (merged, by-name) optimizer ``state``."""
+        self.load_state_dict(optimizer_by_index(state["optimizer"], names))
+
     def close(self) -> None:
         """Holds no threads or buffers; the reducer's hooks go."""
         if self.reducer is not None:
@@ -142,8 +154,9 @@ class OffloadOptimizer:
     ``end_step`` clips, skips and steps there; with a module attached, the weights' upload overlaps the
     next forward."""
 
-    def __init__(self, engine, sum_across: Callable[[float], float], timeline: StepTimeline | None = None):
-        self.engine, self.sum_across = engine, sum_across
+    def __init__(self, engine, sum_across: Callable[[float], float], timeline: StepTimeline | None = None,
+                 sharded: bool = False):
+        self.engine, self.sum_across, self.sharded = engine, sum_across, sharded
         self.timeline = timeline or StepTimeline(engine.device)
         engine.on_stall = self.timeline.add_stall  # the compute stream's waits for weights: not busy
 
@@ -168,6 +181,11 @@ class OffloadOptimizer:
     def load_state_dict(self, state: dict) -> None:
         self.engine.load_state_dict(state)  # after the model's weights: they may be the masters
 
+    def load_checkpoint(self, path: Path, state: dict, names: list[str]) -> None:
+        """This rank's shard of the state, resharded from the checkpoint's parts whatever the stage and
+        replica counts that wrote them (astrobio.train.checkpoint.load_offload_state)."""
+        self.load_state_dict(load_offload_state(path, names, self.engine.shard_ranges()))
+
     def close(self) -> None:
         self.engine.close()
 
@@ -190,7 +208,7 @@ def build_optimizer(config: TrainConfig, named: list[tuple[str, nn.Parameter]], 
                                max_grad_norm=config.max_grad_norm or None, accum_dtype=config.accum_dtype,
                                master_weights=config.master_weights, module=module, seed=config.seed,
                                index_offset=index_offset, grad_accum_location=config.grad_accum_location, **sharded)
-        return OffloadOptimizer(engine, ranks.sum_across, timeline)
+        return OffloadOptimizer(engine, ranks.sum_across, timeline, sharded=bool(sharded))
     params = [p for _, p in named]
     reducer = ranks.gradient_reducer(params)
     if config.use_8bit_optimizer:

@@ -37,7 +37,7 @@ from torch import nn
 
 from astrobio.model.stages import PrefixedStage
 from astrobio.parallel.replicas import GradientReducer, Layout, mesh
-from astrobio.train.checkpoint import Checkpointer, write_part
+from astrobio.train.checkpoint import Checkpointer, write_part, write_rank_part
 from astrobio.train.timeline import DEVICE, HOST, StepTimeline
 
 # the schedule's computations as phases of the step breakdown (W: the weight-gradient half of backward)
@@ -239,21 +239,21 @@ class PipelineStepRunner:
 
 class StagedCheckpoint:
     """Each stage's part goes into the temporary directory, written by that stage's rank of replica 0
-    (the replicas hold the same weights and optimizer state); rank 0 then writes the shared training
-    state and the manifest, and renames (the same atomic save as with one stage)."""
+    (the replicas hold the same weights and, unless ``sharded``, the same optimizer state; a sharded
+    optimizer's state goes in one part per replica: astrobio.train.checkpoint.write_rank_part); rank 0
+    then writes the shared training state and the manifest, and renames (the same atomic save as with one
+    stage)."""
 
-    def __init__(self, checkpointer: Checkpointer, ranks: Ranks):
-        self.checkpointer, self.ranks = checkpointer, ranks
+    def __init__(self, checkpointer: Checkpointer, ranks: Ranks, sharded: bool = False):
+        self.checkpointer, self.ranks, self.sharded = checkpointer, ranks, sharded
 
     def writes_part(self) -> bool:
-        """Whether this rank writes its stage's part. NOTE: optimizer state sharded over the replicas
-        (the offload engine's ``replicas``) needs every replica's shard: that writer overrides this."""
-        return self.ranks.replica == 0
+        """Whether this rank writes files of its stage: replica 0, or every replica of a sharded state."""
+        return self.sharded or self.ranks.replica == 0
 
     def write_part(self, tmp: Path, model_state: dict, optimizer_state: Callable[[], dict]) -> None:
-        stage = self.ranks.stage
-        write_part(tmp, f"model-stage{stage}.safetensors", model_state, f"optimizer-stage{stage}",
-                   optimizer_state(), self.checkpointer.save_io)
+        write_rank_part(tmp, self.ranks.stage, self.ranks.replica, model_state, optimizer_state(), self.sharded,
+                        self.checkpointer.save_io)
 
     def save(self, step: int, model_state: dict, optimizer_state: Callable[[], dict],
              training_state: Callable[[], dict]) -> Path:

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from astrobio.train.builders import Parts
-from astrobio.train.checkpoint import CheckpointError, optimizer_by_index, optimizer_by_name
+from astrobio.train.checkpoint import CheckpointError, optimizer_by_name
 from astrobio.train.config import ConfigError, TrainConfig, micro_batches_per_step
 from astrobio.train.data import DataBundle
 from astrobio.train.logging import memory_stats
@@ -146,7 +146,7 @@ class Trainer:
         if self.prefix is not None:
             self.prefix.load_state_dict(resume.state["prefix"])
         try:
-            self.optimizer.load_state_dict(optimizer_by_index(resume.state["optimizer"], self.names))
+            self.optimizer.load_checkpoint(resume.path, resume.state, self.names)
         except CheckpointError as error:
             raise ConfigError(str(error)) from None
         self.data.train_loader.load_state_dict(resume.state["data"])
