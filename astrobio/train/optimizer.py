@@ -201,8 +201,7 @@ def build_optimizer(config: TrainConfig, named: list[tuple[str, nn.Parameter]], 
     betas = (config.beta1, config.beta2)
     if config.use_cpu_offloading:
         from astrobio.optim.offload import OffloadEngine
-        # NOTE: an engine that does not take ``replicas`` fails here with a TypeError: averaging its
-        # gradients over replicas is the engine's own work (it reduce-scatters into its shards)
+        # with replicas the engine averages the gradients itself (reduce-scatter into its shards)
         sharded = {"replicas": ranks.replica_group} if ranks.replicas > 1 else {}
         engine = OffloadEngine(named, lr=config.lr, betas=betas, weight_decay=config.weight_decay,
                                max_grad_norm=config.max_grad_norm or None, accum_dtype=config.accum_dtype,
