@@ -3,6 +3,8 @@
     python -m astrobio.plan --model 13b --stages 2 --gpu-memory 24GiB --host-memory 256GiB \\
         --seq-len 2048 --micro-batch-size 1 --micro-batches 32 --schedule 1f1b --hardware a5000
 
+    python -m astrobio.plan --data-parallel 4 --ranks-per-machine 2      # 4 machines of 2 x A5000
+
 Prints per stage the device terms at the stage's peak moment, the host terms, a verdict for each, and
 the estimated step time and tokens/s with the critical path (``--json`` for the same as JSON). Exit
 status: 0 when the plan fits, 1 when it does not (the reason and what would fit are printed), 2 for
@@ -34,6 +36,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m astrobio.plan", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="13b", choices=list(PRESETS))
     p.add_argument("--stages", type=int, default=2, help="pipeline stages, one device each")
+    p.add_argument("--data-parallel", type=int, default=1,
+                   help="pipeline replicas K; with offload each rank holds 1/K of its stage's optimizer state")
+    p.add_argument("--ranks-per-machine", type=int, default=None,
+                   help="ranks (GPUs) per machine, ranks laid out replica by replica (rank = replica x stages + "
+                        "stage); the host plan is the fullest machine's (default: one replica's stages)")
     p.add_argument("--layers-per-stage", type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
                    help="e.g. 29,27 (default: as even as possible)")
     p.add_argument("--gpu-memory", type=size_arg, default=None, help="per device, e.g. 24GiB (default: profile's)")

@@ -377,10 +377,10 @@ def test_a_signal_during_the_stop_gather_is_kept_for_the_next_step():
         stop.handle(signal.SIGINT, None)
         return [value, None]
 
-    trainer = SimpleNamespace(ranks=SimpleNamespace(gather=gather))
+    trainer = SimpleNamespace(ranks=SimpleNamespace(gather_all=gather))
     assert Trainer.stopping(trainer, stop) is False  # the ranks agreed on no signal this step...
     assert stop.received == signal.SIGINT  # ...but it is not lost: the next gather carries it
-    trainer.ranks.gather = lambda value: [value, None]
+    trainer.ranks.gather_all = lambda value: [value, None]
     assert Trainer.stopping(trainer, stop) is True
 
 

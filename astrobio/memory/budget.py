@@ -21,6 +21,8 @@ ENGINE_BUCKET_BYTES = 32 * MiB  # astrobio.optim.offload.OffloadEngine's default
 class PlanConfig:
     model: str | ModelConfig = "13b"
     stages: int = 2
+    data_parallel: int = 1             # pipeline replicas; with offload each holds 1/K of the optimizer state
+    ranks_per_machine: int | None = None  # ranks (GPUs) per machine; default: one replica's stages
     layers_per_stage: tuple[int, ...] | None = None
     seq_len: int = 2048                # tokens per sequence (a prefix adds its positions)
     modalities: tuple[str, ...] = ()   # prefix encoders on stage 0: catalogue, graph (text needs none)
@@ -63,10 +65,20 @@ class PlanConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of "
                                  f"{', '.join(str(a) for a in allowed if a is not None)}")
-        for name in ("stages", "seq_len", "micro_batch_size", "micro_batches", "loss_chunks",
+        for name in ("stages", "data_parallel", "seq_len", "micro_batch_size", "micro_batches", "loss_chunks",
                      "staging_buffers", "device_grads_in_flight", "bucket_bytes", "host_memory"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        ranks = self.stages * self.data_parallel
+        if self.ranks_per_machine is not None and not (1 <= self.ranks_per_machine <= ranks
+                                                       and ranks % self.ranks_per_machine == 0):
+            raise ValueError(f"ranks_per_machine={self.ranks_per_machine} must divide the job's {ranks} ranks "
+                             f"({self.stages} stages x {self.data_parallel} replicas)")
+
+    @property
+    def machine_ranks(self) -> int:
+        """Ranks per machine (default: the stages of one pipeline replica)."""
+        return self.ranks_per_machine or self.stages
 
 
 @dataclass

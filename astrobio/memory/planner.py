@@ -111,6 +111,9 @@ def plan_stage(cfg: PlanConfig, hw: HardwareProfile, s: StageShape, stage: int,
         acc = 4 if cfg.accum_dtype == "fp32" else 2
         terms.append(Term(f"gradient accumulators ({cfg.accum_dtype})", acc * sum(n for _, n in tensors),
                           "summed on the device, copied to the host once per step"))
+    if cfg.offload and cfg.data_parallel > 1 and not hw.unified:
+        terms.append(Term("data-parallel buffers", collective_device_bytes(cfg, tensors, param_bytes),
+                          "NCCL: one bucket's reduce-scatter and all-gather buffers"))
     terms.append(Term("logits + loss", peak.loss, f"last stage, {cfg.loss_chunks} chunk(s); at the peak moment"))
     allocated = sum(t.bytes for t in terms)
     terms.append(Term("allocator slack", int(hw.allocator_slack * allocated), f"{hw.allocator_slack:.0%} of allocated"))
@@ -125,43 +128,86 @@ def plan_stage(cfg: PlanConfig, hw: HardwareProfile, s: StageShape, stage: int,
 # host
 
 
+def machine_stages(cfg: PlanConfig) -> list[list[int]]:
+    """The stage of each rank on each machine: ranks laid out as a ("dp", "pp") DeviceMesh (rank = replica
+    x stages + stage), ``machine_ranks`` consecutive ranks per machine."""
+    ranks, per_machine = cfg.stages * cfg.data_parallel, cfg.machine_ranks
+    return [[rank % cfg.stages for rank in range(first, first + per_machine)] for first in range(0, ranks, per_machine)]
+
+
 def plan_host(cfg: PlanConfig, hw: HardwareProfile, tensors: list[list[tuple[str, int]]],
               devices: list[MemoryBudget], param_bytes: int) -> MemoryBudget:
-    """Host terms as astrobio.optim.offload.OffloadEngine lays them out: per bucket flat master,
-    accumulator and (fp32 master over bf16 weights) bf16 upload buffers, pinned on a CUDA machine;
-    a pool of gradient staging buffers of the largest bucket's size; moments per parameter."""
-    numels = [n for stage in tensors for _, n in stage]
+    """The host of the machine that needs the most (``machine_stages``): every one of its ranks' buffers."""
+    budgets = [machine_host(cfg, hw, tensors, devices, param_bytes, stages) for stages in machine_stages(cfg)]
+    return max(budgets, key=lambda b: b.total)
+
+
+def machine_host(cfg: PlanConfig, hw: HardwareProfile, tensors: list[list[tuple[str, int]]],
+                 devices: list[MemoryBudget], param_bytes: int, ranks: list[int]) -> MemoryBudget:
+    """Host terms of a machine holding ranks of the stages ``ranks`` (one entry per rank), as
+    astrobio.optim.offload.OffloadEngine lays them out: per bucket flat master, accumulator and (fp32 master
+    over bf16 weights) bf16 upload buffers, pinned on a CUDA machine; a pool of gradient staging buffers of
+    the largest bucket's size; moments per parameter. With K data-parallel replicas each rank holds 1/K of
+    its stage's master, moments and upload copy and a reduced-gradient shard beside its whole accumulators
+    (astrobio.optim.replicas; the block rounding is left out), and over gloo (CPU) two gather buffers."""
+    held = [tensors[s] for s in ranks]
+    numels = [n for stage in held for _, n in stage]
     n_params = sum(numels)
+    k = cfg.data_parallel
+    shared = f", 1/{k} per replica" if k > 1 else ""
     terms = []
     if cfg.offload:
         master = 4 if cfg.master_weights == "fp32" else 2
-        terms.append(Term(f"master weights ({cfg.master_weights})", master * n_params,
-                          "fp32" if master == 4 else "bf16, stochastic rounding; also the upload source"))
-        terms.append(Term(f"optimizer moments ({cfg.optimizer})", moments_bytes(numels, cfg.optimizer, 4),
-                          "8-bit m, v + fp32 absmax per 256" if cfg.optimizer == "adamw8bit" else "fp32 m, v"))
+        terms.append(Term(f"master weights ({cfg.master_weights})", master * n_params // k,
+                          ("fp32" if master == 4 else "bf16, stochastic rounding; also the upload source") + shared))
+        terms.append(Term(f"optimizer moments ({cfg.optimizer})", moments_bytes(numels, cfg.optimizer, 4) // k,
+                          ("8-bit m, v + fp32 absmax per 256" if cfg.optimizer == "adamw8bit" else "fp32 m, v")
+                          + shared))
         acc = 4 if cfg.accum_dtype == "fp32" else 2
+        reduced_on_device = k > 1 and cfg.grad_accum_location == "device" and not hw.unified  # NCCL
         if cfg.grad_accum_location == "device":  # the engine's flat host buffer the device's sums land in
-            terms.append(Term(f"gradients from the device ({cfg.accum_dtype})", acc * n_params,
-                              "the device's sums, copied once per step"))
+            terms.append(Term(f"gradients from the device ({cfg.accum_dtype})",
+                              acc * n_params // (k if reduced_on_device else 1),
+                              "the device's sums, copied once per step"
+                              + (", reduced across the replicas there: this rank's shard" if reduced_on_device
+                                 else "")))
         else:
             terms.append(Term(f"gradient accumulators ({cfg.accum_dtype})", acc * n_params,
                               "summed over micro-batches"))
+        if k > 1 and not reduced_on_device:
+            terms.append(Term(f"reduced gradients ({cfg.accum_dtype})", acc * n_params // k,
+                              "this replica's shard of the replicas' sum"))
         if master == 4 and param_bytes == 2:  # not for the fp32 prefix encoders
-            uploaded = sum(n for stage in tensors for name, n in stage if not name.startswith(PREFIX))
-            terms.append(Term("bf16 upload copy", 2 * uploaded,
-                              "new weights written by the step, copied to the device"))
+            uploaded = sum(n for stage in held for name, n in stage if not name.startswith(PREFIX))
+            terms.append(Term("bf16 upload copy", 2 * uploaded // k,
+                              "new weights written by the step, copied to the device" + shared))
         if cfg.grad_accum_location != "device":  # device accumulation stages nothing
             staging = sum(cfg.staging_buffers * largest_bucket(stage, cfg.bucket_bytes, param_bytes)
-                          for stage in tensors)
+                          for stage in held)
             terms.append(Term("gradient staging", staging,
                               f"{cfg.staging_buffers} buffers of the largest bucket per stage"))
+        if k > 1 and hw.unified:  # gloo gathers the new weights on the host
+            source = param_bytes if master == 4 else master
+            gather = sum(2 * largest_bucket(stage, cfg.bucket_bytes, param_bytes) // param_bytes * source
+                         for stage in held)
+            terms.append(Term("weight gather buffers", gather, "2 buffers of the largest bucket per rank (gloo)"))
     if hw.unified:
-        terms.extend(Term(f"{d.label} (device = host memory)", d.total, d.moment) for d in devices)
+        terms.extend(Term(f"{devices[s].label} (device = host memory)", devices[s].total, devices[s].moment)
+                     for s in ranks)
     if hw.process_host_bytes:
-        terms.append(Term("process runtime", cfg.stages * hw.process_host_bytes,
-                          f"{cfg.stages} process(es): torch + CUDA libraries"))
+        terms.append(Term("process runtime", len(ranks) * hw.process_host_bytes,
+                          f"{len(ranks)} process(es): torch + CUDA libraries"))
     return MemoryBudget(label="host", terms=terms, budget=int(cfg.max_host_fraction * cfg.host_memory),
                         capacity=cfg.host_memory, params=n_params)
+
+
+def collective_device_bytes(cfg: PlanConfig, tensors: list[tuple[str, int]], param_bytes: int) -> int:
+    """Device buffers of the engine's NCCL collectives, one bucket at a time: the reduce-scatter's input
+    (host accumulation: the host sums copied over) and output shard, and the all-gather's bucket."""
+    elements = largest_bucket(tensors, cfg.bucket_bytes, param_bytes) // param_bytes
+    acc = 4 if cfg.accum_dtype == "fp32" else 2
+    reduce_input = elements * acc if cfg.grad_accum_location != "device" else 0
+    return reduce_input + elements * acc // cfg.data_parallel + elements * param_bytes
 
 
 def largest_bucket(tensors: list[tuple[str, int]], bucket_bytes: int, param_bytes: int) -> int:

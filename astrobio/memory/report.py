@@ -23,6 +23,13 @@ def verdict(b: MemoryBudget) -> str:
     return "fits" if b.fits else f"DOES NOT FIT ({size(b.total - b.budget)} over)"
 
 
+def replicas(c) -> str:
+    if c.data_parallel == 1:
+        return ""
+    return (f" x {c.data_parallel} data-parallel replicas ({c.machine_ranks} ranks per machine, "
+            f"{c.stages * c.data_parallel // c.machine_ranks} machine(s))")
+
+
 def header(p: Plan) -> list[str]:
     c, m = p.config, p.model
     offload = (f"CPU offload on (master {c.master_weights}, {c.accum_dtype} gradient accumulators on the "
@@ -30,7 +37,7 @@ def header(p: Plan) -> list[str]:
                if c.offload else f"no offload ({c.optimizer} on the device)")
     return [f"model {c.model if isinstance(c.model, str) else 'custom'}: {count(p.total_params)} parameters "
             f"({p.total_params:,}, meta-device count), {m.n_layers} layers, d_model {m.d_model}, vocab {m.vocab_size}",
-            f"run: {c.stages} stage(s) on {p.hardware.name}, seq {c.seq_len}, micro-batch {c.micro_batch_size} x "
+            f"run: {c.stages} stage(s){replicas(c)} on {p.hardware.name}, seq {c.seq_len}, micro-batch {c.micro_batch_size} x "
             f"{c.micro_batches} per step, {c.schedule}, checkpointing {'on' if c.checkpointing else 'off'}, {offload}"]
 
 

@@ -84,6 +84,7 @@ class StagingPool:
 
     def __init__(self, nbytes: int, count: int, pin: bool):
         self.nbytes, self.pin = nbytes, pin
+        self.allocated = count  # buffers made so far
         self._free = [self._new() for _ in range(count)]
         self._in_workers = 0
         self._cond = threading.Condition()
@@ -97,6 +98,7 @@ class StagingPool:
                 self._cond.wait()
             if self._free:
                 return self._free.pop()
+            self.allocated += 1
         return self._new()
 
     def handed_to_worker(self) -> None:

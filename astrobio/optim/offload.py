@@ -80,6 +80,40 @@ Contract:
   engine with the other.
 - ``worker_delay``: a test hook, a callable run at the start of every worker task (e.g. a random sleep)
   to expose ordering bugs.
+
+Data-parallel replicas (``replicas=group``: the ranks holding the same stage's parameters, K of them;
+ZeRO-1/2 style, docs/MEMORY.md "Sharded optimizer state"):
+
+- Each rank holds the master weights, moments and upload copy of 1/K of every bucket: a contiguous shard
+  of the bucket's flat layout, in which every parameter starts on a block of 256 elements and the bucket
+  is padded to K blocks (astrobio.optim.replicas.bucket_layout), so a rank owns whole blocks of a slice
+  ``shard_ranges()[i] = (lo, hi)`` of each parameter its shard touches, with the unsharded blocks'
+  absmax. The gradient accumulators stay whole (each replica sums its own micro-batches as above).
+- ``end_step``: every bucket's sums are reduce-scattered (SUM) across the replicas, in bucket order, on
+  one "replicas" thread (every collective on ``group`` runs there, in the order the main thread submits
+  them, so all ranks issue them alike: the group must serve this engine alone, e.g. a
+  ``dist.new_group`` of its own). The norm is that of the replicas' mean: each rank's squared norm of
+  its reduced shards, all-reduced over the group, times (grad_scale / K)²; ``sum_across`` then sums over
+  the pipeline stages as before, so clipping and the non-finite skip stay global (a NaN in one replica
+  skips the step on all). The 1/K of the mean goes into the kernel's ``grad_scale`` (so K = 2 replicas
+  fed the same gradients train bit for bit as one engine: 2g x s/2 == g x s). Each rank steps only its
+  slices (the same fused kernel, a slice of a parameter with its blocks' absmax), then the new weights
+  (in the parameters' dtype) are all-gathered into every replica's device parameters, bucket by bucket
+  in forward order; forward pre-hooks wait for those gathers.
+- gloo group: the collectives run on host buffers (the host accumulators; the gathers land in two host
+  buffers of the largest bucket, then upload as without replicas), for an engine on the CPU or on a GPU.
+  NCCL group with the engine on a CUDA device: on device buffers, on a stream of its own: the device
+  accumulator (device accumulation) or the host accumulator copied over (host accumulation) is
+  reduce-scattered there and only this rank's shard crosses to the host; the shard's new weights cross
+  to the device and are all-gathered in place into a device buffer of the bucket, then copied into the
+  parameters.
+- Stochastic rounding of bf16-sr masters: the kernel draws bits by element index within the tensor it is
+  given, here a slice starting at ``lo``; a slice with ``lo`` > 0 rounds with other bits than the
+  unsharded engine (each weight within one bf16 step of it). fp32 masters are exact.
+- Every replica must build its engine from the same initial weights, call ``begin_step``/``end_step``
+  alike, and call ``load_state_dict`` together (it gathers). ``state_dict()`` holds this rank's slices
+  (with their ``range``) and is taken between steps only; astrobio.train.checkpoint writes one part per
+  rank and reshards on load (``load_offload_state``) for any replica or stage count.
 """
 
 from __future__ import annotations
@@ -99,6 +133,7 @@ from astrobio.spec import adamw8bit as reference
 from astrobio.optim.adamw8bit import check_hyperparameters, check_parameter, checked_state, new_state, step_seed
 from astrobio.optim.host_link import HostLink, StagingPool
 from astrobio.optim.offload_timings import OffloadTimings, TimingsRecorder
+from astrobio.optim.replicas import Replicas, bucket_layout
 
 ACCUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 MASTER_WEIGHTS = {"fp32": torch.float32, "bf16-sr": torch.bfloat16}
@@ -145,10 +180,21 @@ class _Slot:
     index: int  # position in the params given to the engine
     name: str
     bucket: int = 0
-    offset: int = 0
+    offset: int = 0  # of its element 0 in the bucket's flat gradient buffers
     position: int = 0  # within its bucket
-    state: dict[str, Any] = field(default_factory=dict)
+    lo: int = 0  # the elements lo..hi of it this rank steps (all of them without replicas) ...
+    hi: int = 0
+    local: int = 0  # ... at this offset of the bucket's shard buffers (master, reduced gradients, upload)
+    state: dict[str, Any] = field(default_factory=dict)  # of those elements
     arrivals: int = 0  # device accumulation: micro-batches of this step whose gradient arrived
+
+    @property
+    def count(self) -> int:
+        return self.hi - self.lo
+
+    @property
+    def whole(self) -> bool:
+        return self.count == self.param.numel()
 
 
 @dataclass
@@ -172,27 +218,40 @@ def add_chunked(accum: torch.Tensor, grads: torch.Tensor, first: bool) -> None:
 
 
 class _Bucket:
-    """Parameters of one dtype, consecutive in backward order, with flat host buffers."""
+    """Parameters of one dtype, consecutive in backward order, with flat host buffers. The gradient
+    buffers span the whole bucket; the master, the reduced gradients and the upload copy span this rank's
+    shard of it (astrobio.optim.replicas; without replicas the shard is the whole bucket)."""
 
     def __init__(self, index: int, slots: list[_Slot], master_dtype: torch.dtype, accum_dtype: torch.dtype,
-                 pin: bool, on_device: bool):
+                 pin: bool, on_device: bool, replicas: Replicas | None):
         self.index, self.slots = index, slots
-        offset = 0
-        for position, slot in enumerate(slots):
-            slot.offset, slot.position = offset, position
-            offset += slot.param.numel()
-        self.numel = offset
+        layout = bucket_layout([s.param.numel() for s in slots], *((replicas.size, replicas.rank) if replicas
+                                                                   else (1, 0)))
+        for position, (slot, piece) in enumerate(zip(slots, layout.pieces)):
+            slot.offset, slot.position = piece.offset, position
+            slot.lo, slot.hi, slot.local = piece.lo, piece.hi, piece.local
+        self.numel, self.shard_numel, self.gaps = layout.numel, layout.shard_numel, layout.gaps
         self.grad_dtype = slots[0].param.dtype
-        self.master = torch.empty(offset, dtype=master_dtype, pin_memory=pin)
-        self.accum = torch.zeros(offset, dtype=accum_dtype, pin_memory=pin)
+        self.master = torch.empty(self.shard_numel, dtype=master_dtype, pin_memory=pin)
+        # the host's summed gradients: all of the bucket's, except where NCCL reduces the device's sums on the
+        # device and only this rank's shard comes over; with replicas, their sum over the replicas, this
+        # rank's shard of it, is ``reduced`` (without, ``accum`` itself)
+        reduced_on_device = on_device and replicas is not None and replicas.on_device
+        self.accum = torch.zeros(self.shard_numel if reduced_on_device else self.numel, dtype=accum_dtype,
+                                 pin_memory=pin)
+        self.reduced = (torch.zeros(self.shard_numel, dtype=accum_dtype, pin_memory=pin)
+                        if replicas is not None and not reduced_on_device else self.accum)
         # the kernel writes the new weights in the device's dtype here when the master has another dtype
         needs_upload = master_dtype == torch.float32 and self.grad_dtype == torch.bfloat16
-        self.upload = torch.empty(offset, dtype=torch.bfloat16, pin_memory=pin) if needs_upload else None
+        self.upload = torch.empty(self.shard_numel, dtype=torch.bfloat16, pin_memory=pin) if needs_upload else None
         for slot in slots:
-            self.view(self.master, slot).copy_(slot.param.detach())
-        # device accumulation: the flat device accumulator, and the event of its copy into ``accum``
-        self.device_accum = (torch.empty(offset, dtype=accum_dtype, device=slots[0].param.device)
+            if slot.count:
+                self.owned(self.master, slot).view(-1).copy_(slot.param.detach().reshape(-1)[slot.lo:slot.hi])
+        # device accumulation: the flat device accumulator (zeros: the gaps between sharded parameters stay
+        # zero), and the event of its copy into ``accum``
+        self.device_accum = (torch.zeros(self.numel, dtype=accum_dtype, device=slots[0].param.device)
                              if on_device else None)
+        self.ready: Any = None  # NCCL reduction of the device accumulator: the compute stream's event
         self.complete = 0  # device accumulation: slots that have all the step's micro-batches
         self.sent = False  # device accumulation: the accumulator is on its way to the host this step
         self.copied: Any = None  # ... and the event of that copy
@@ -206,7 +265,15 @@ class _Bucket:
 
     @staticmethod
     def view(flat: torch.Tensor, slot: _Slot) -> torch.Tensor:
+        """The parameter's place in a buffer over the whole bucket."""
         return flat[slot.offset:slot.offset + slot.param.numel()].view(slot.param.shape)
+
+    @staticmethod
+    def owned(shard: torch.Tensor, slot: _Slot) -> torch.Tensor:
+        """The elements this rank steps of the parameter, in a buffer over the shard: shaped as the
+        parameter when they are all of it, else flat."""
+        view = shard[slot.local:slot.local + slot.count]
+        return view.view(slot.param.shape) if slot.whole else view
 
     def upload_source(self) -> torch.Tensor:
         return self.upload if self.upload is not None else self.master
@@ -227,6 +294,12 @@ def _named(params: Iterable) -> list[tuple[str, torch.nn.Parameter]]:
 def _check_max_grad_norm(max_grad_norm: float | None) -> None:
     if max_grad_norm is not None and not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}")
+
+
+def new_owned_state(view: torch.Tensor, param_numel: int, min_8bit_size: int) -> dict[str, Any]:
+    """Zero moments for ``view``, the elements of a parameter of ``param_numel`` elements that this rank
+    steps: 8-bit exactly when the whole parameter's would be (the specification decides per tensor)."""
+    return new_state(view, 1 if param_numel >= min_8bit_size else view.numel() + 1)
 
 
 def _host_step_function(backend: str) -> Callable[..., None]:
@@ -250,6 +323,8 @@ class OffloadEngine:
     ``grad_accum_location``: "host" (every micro-batch's gradients go to the host and are summed there)
     or "device" (summed on the device, sent once per step). ``staging_buffers``: host staging buffers
     allocated up front for host accumulation (gradients of that many buckets in flight at once).
+    ``replicas``: the data-parallel group of this stage (the ranks holding the same parameters; see the
+    module docstring); None or a group of one: this engine holds the whole optimizer state.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -257,7 +332,8 @@ class OffloadEngine:
                  accum_dtype: str = "fp32", master_weights: str = "fp32", bucket_bytes: int = 32 << 20,
                  module: torch.nn.Module | None = None, min_8bit_size: int = reference.MIN_8BIT_NUMEL,
                  seed: int = 0, index_offset: int = 0, num_workers: int = 1, backend: str = "auto",
-                 grad_accum_location: str = "host", staging_buffers: int = 2):
+                 grad_accum_location: str = "host", staging_buffers: int = 2,
+                 replicas: torch.distributed.ProcessGroup | None = None):
         check_hyperparameters(lr, tuple(betas), eps, weight_decay)
         _check_max_grad_norm(max_grad_norm)
         if accum_dtype not in ACCUM_DTYPES:
@@ -283,14 +359,23 @@ class OffloadEngine:
         self.device = slots[0].param.device
         self._link = HostLink(self.device)
         pin = self._link.cuda
+        self._replicas = Replicas.of(replicas, self.device) if replicas is not None else None
         self._buckets = self._make_buckets(slots, int(bucket_bytes), pin)
         for slot in slots:
-            slot.state = new_state(self._buckets[slot.bucket].view(self._buckets[slot.bucket].master, slot),
-                                   min_8bit_size)
+            if slot.count:
+                bucket = self._buckets[slot.bucket]
+                slot.state = new_owned_state(bucket.owned(bucket.master, slot), slot.param.numel(), min_8bit_size)
         self._slots = slots
         self._on_device = grad_accum_location == "device"
         self._pool = None if self._on_device else StagingPool(
             max(b.numel * b.grad_dtype.itemsize for b in self._buckets), staging_buffers, pin)
+        # replicas over gloo: two host buffers the new weights are gathered into, taken in turn (a
+        # buffer is reused once the upload out of it has run)
+        self._gather_buffers: list[tuple[torch.Tensor, Any]] = []
+        if self._replicas is not None and not self._replicas.on_device:
+            nbytes = max(b.numel * b.upload_source().element_size() for b in self._buckets)
+            self._gather_buffers = [(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin), None) for _ in range(2)]
+        self._next_gather = 0
         self._timings = TimingsRecorder(grad_accum_location, self._link.cuda)
         self.last_timings: OffloadTimings | None = None
         # called with each stall of the compute stream: its (before, after) CUDA events on a GPU, the
@@ -335,7 +420,8 @@ class OffloadEngine:
         for index, group in enumerate(groups):
             for slot in group:
                 slot.bucket = index
-            buckets.append(_Bucket(index, group, master, accum, pin, self.grad_accum_location == "device"))
+            buckets.append(_Bucket(index, group, master, accum, pin, self.grad_accum_location == "device",
+                                   self._replicas))
         return buckets
 
     def attach(self, module: torch.nn.Module) -> None:
@@ -429,6 +515,8 @@ class OffloadEngine:
         for slot in bucket.slots:
             if slot.position not in fill.arrived:
                 bucket.view(fill.grads, slot).zero_()
+        for start, stop in bucket.gaps:  # the staging buffer's bytes there are stale
+            fill.grads[start:stop].zero_()
         copied = self._link.host_copies_done()
         first = bucket.fills_done == 0
         bucket.fills_done += 1
@@ -457,7 +545,7 @@ class OffloadEngine:
         accum_bytes = bucket.accum.numel() * bucket.accum.element_size()
         self._timings.add("host_accumulate_bytes", fill.grads.numel() * fill.grads.element_size()
                           + accum_bytes * (1 if first else 2))
-        if last:
+        if last and self._replicas is None:  # with replicas: the norm of their sum, once reduced
             self._host_norm(bucket)
 
     def _host_norm(self, bucket: _Bucket) -> None:
@@ -472,7 +560,8 @@ class OffloadEngine:
         self._delay()
         if bucket.fills_done == 0:
             bucket.accum.zero_()
-        self._host_norm(bucket)
+        if self._replicas is None:
+            self._host_norm(bucket)
 
     # -- device accumulation: summed on the device, one copy to the host per step -------------------------
 
@@ -505,9 +594,13 @@ class OffloadEngine:
         for slot in bucket.slots:
             if slot.arrivals == 0:  # no gradient in any micro-batch: zeros, as the host path sums them
                 bucket.view(bucket.device_accum, slot).zero_()
-        bucket.device_sq_norm = squared_norm(bucket.device_accum)
-        self._link.to_host(bucket.accum, bucket.device_accum)
-        bucket.copied = self._link.host_copies_done()
+        if self._replicas is not None and self._replicas.on_device:  # NCCL reduces the accumulator where it is
+            bucket.ready = self._link.compute_done()
+        else:
+            if self._replicas is None:  # with replicas: the norm of their sum, once reduced
+                bucket.device_sq_norm = squared_norm(bucket.device_accum)
+            self._link.to_host(bucket.accum, bucket.device_accum)
+            bucket.copied = self._link.host_copies_done()
         bucket.sent = True
 
     def _device_squared_norms(self) -> list[float]:
@@ -517,11 +610,77 @@ class OffloadEngine:
             if not bucket.sent:
                 self._send(bucket)
         norms = torch.stack([b.device_sq_norm for b in self._buckets]).cpu().tolist()
+        self._reset_device_accumulation()
+        return norms
+
+    def _reset_device_accumulation(self) -> None:
         for bucket in self._buckets:
             bucket.device_sq_norm, bucket.sent, bucket.complete = None, False, 0
             for slot in bucket.slots:
                 slot.arrivals = 0
-        return norms
+
+    # -- replicas: the sums reduced across them, each rank's shard stepped, the new weights gathered ------
+
+    def _replicated_squared_norm(self) -> float:
+        """Every bucket's sums, reduce-scattered across the replicas (in bucket order, on the replicas
+        thread), and the squared norm of the reduced gradients, summed over the replicas: the stage's."""
+        if self._on_device:
+            for bucket in self._buckets:
+                if not bucket.sent:
+                    self._send(bucket)
+        else:
+            self._flush_host_accumulation()
+        reductions = []
+        for bucket in self._buckets:
+            self._wait_step(bucket)  # the last step has read ``reduced``
+            reductions.append(self._replicas.submit(self._reduce, bucket))
+        local = 0.0
+        for reduction in reductions:
+            local += reduction.result()
+        if self._on_device:
+            self._reset_device_accumulation()
+        for bucket in self._buckets:
+            bucket.accumulated, bucket.fills_done = None, 0
+        return self._replicas.submit(self._replicas.sum, local).result()
+
+    def _reduce(self, bucket: _Bucket) -> float:
+        """Replicas thread: this rank's shard of the replicas' summed gradients into ``bucket.reduced``;
+        returns its squared norm."""
+        if bucket.accumulated is not None:
+            bucket.accumulated.result()  # host accumulation: the last micro-batch is in
+        start = time.perf_counter()
+        if self._replicas.on_device:
+            full = bucket.device_accum if self._on_device else bucket.accum
+            square = self._replicas.reduce_scatter_on_device(full, bucket.reduced, bucket.ready, squared_norm)
+            bucket.ready = None
+        else:
+            self._link.wait_host(bucket.copied)  # device accumulation: the device's sums have landed
+            self._replicas.reduce_scatter(bucket.accum, bucket.reduced)
+            square = float(squared_norm(bucket.reduced))
+        self._timings.add("collective_s", time.perf_counter() - start)
+        return square
+
+    def _gather(self, bucket: _Bucket, stepped: Future | None, after: Any) -> Any:
+        """Replicas thread: once the bucket's shard has stepped, every replica's new weights into the device
+        parameters (after the device has passed ``after``); returns the event of the last copy."""
+        if stepped is not None:
+            stepped.result()
+        start = time.perf_counter()
+        source = bucket.upload_source()
+        if self._replicas.on_device:
+            event = self._replicas.all_gather_on_device(
+                source, bucket.numel, lambda full: [(s.param.data, bucket.view(full, s)) for s in bucket.slots], after)
+        else:
+            turn, self._next_gather = self._next_gather, 1 - self._next_gather
+            buffer, previous = self._gather_buffers[turn]
+            self._link.wait_host(previous)
+            full = buffer[:bucket.numel * source.element_size()].view(source.dtype)
+            self._replicas.all_gather(full, source)
+            event = self._link.to_device([(s.param.data, bucket.view(full, s)) for s in bucket.slots], after)
+            self._gather_buffers[turn] = (buffer, event)
+        bucket.uploaded = event
+        self._timings.add("collective_s", time.perf_counter() - start)
+        return event
 
     # -- the step -----------------------------------------------------------------------------------------
 
@@ -540,9 +699,13 @@ class OffloadEngine:
         if not (math.isfinite(grad_scale) and grad_scale > 0):
             raise ValueError(f"grad_scale must be finite and > 0, got {grad_scale}")
         start = time.perf_counter()
-        squares = 0.0
-        for square in (self._device_squared_norms() if self._on_device else self._host_squared_norms()):
-            squares += square
+        if self._replicas is None:
+            squares = 0.0
+            for square in (self._device_squared_norms() if self._on_device else self._host_squared_norms()):
+                squares += square
+        else:
+            squares = self._replicated_squared_norm()
+            grad_scale = grad_scale / self._replicas.size  # the reduced gradients are the replicas' sum: their mean
         grad_norm = math.sqrt(squares if sum_across is None else sum_across(squares)) * grad_scale
         self._timings.add("norm_wait_s", time.perf_counter() - start)
         self._num_micro_batches = None
@@ -554,19 +717,27 @@ class OffloadEngine:
             clip_coef = min(1.0, self.max_grad_norm / (grad_norm + 1e-6))
         backward_done = self._link.compute_done()
         for bucket in reversed(self._buckets):  # forward order: the next forward needs these first
-            bucket.stepped = self._lane(bucket).submit(self._step_bucket, bucket, self.lr, grad_scale * clip_coef,
-                                                       backward_done)
+            if self._replicas is None:
+                bucket.stepped = self._lane(bucket).submit(self._step_bucket, bucket, self.lr,
+                                                           grad_scale * clip_coef, backward_done)
+            else:  # the shard steps on a worker, the gathers run in this order on the replicas thread
+                stepped = self._lane(bucket).submit(self._step_shard, bucket, self.lr, grad_scale * clip_coef)
+                bucket.stepped = self._replicas.submit(self._gather, bucket, stepped, backward_done)
         if not self._module_hooks:
             self.synchronize()
         return StepStats(grad_norm=grad_norm, skipped=False, clip_coef=clip_coef, lr=self.lr)
 
-    def _host_squared_norms(self) -> list[float]:
-        """Flush open fills, wait for every host accumulator, and each bucket's squared norm."""
+    def _flush_host_accumulation(self) -> None:
+        """Submit the open fills, and finish the buckets that got fewer micro-batches than announced."""
         for bucket in self._buckets:
             if bucket.open_fill is not None:
                 self._submit_fill(bucket)
             if bucket.fills_done < self._num_micro_batches:
                 bucket.accumulated = self._lane(bucket).submit(self._finish_accumulation, bucket, bucket.accumulated)
+
+    def _host_squared_norms(self) -> list[float]:
+        """Flush open fills, wait for every host accumulator, and each bucket's squared norm."""
+        self._flush_host_accumulation()
         norms = []
         for bucket in self._buckets:
             bucket.accumulated.result()
@@ -576,6 +747,15 @@ class OffloadEngine:
 
     def _step_bucket(self, bucket: _Bucket, lr: float, grad_scale: float, after: Any) -> Any:
         """Worker: the fused 8-bit AdamW over the bucket's parameters, then the upload to the device."""
+        self._step_shard(bucket, lr, grad_scale)
+        start = time.perf_counter()
+        event = self._upload(bucket, after)
+        self._timings.add("upload_s", time.perf_counter() - start)
+        return event
+
+    def _step_shard(self, bucket: _Bucket, lr: float, grad_scale: float) -> None:
+        """Worker: the fused 8-bit AdamW over the elements of the bucket this rank steps, a call per
+        parameter (on a slice of one, with the absmax of its blocks: blocks are independent)."""
         self._delay()
         start = time.perf_counter()
         self._link.wait_host(bucket.uploaded)  # a bucket without gradients this step waited on nothing yet
@@ -585,21 +765,19 @@ class OffloadEngine:
         qmap1, qmap2 = self._qmaps
         no_absmax = torch.empty(0, dtype=torch.float32)
         for slot in bucket.slots:
+            if not slot.count:
+                continue
             state = slot.state
             state["step"] += 1
             quantized = state["exp_avg"].dtype == torch.uint8
-            upload = bucket.view(bucket.upload, slot) if bucket.upload is not None else None
-            self._host_step(bucket.view(bucket.master, slot), bucket.view(bucket.accum, slot), state["exp_avg"],
+            upload = bucket.owned(bucket.upload, slot) if bucket.upload is not None else None
+            self._host_step(bucket.owned(bucket.master, slot), bucket.owned(bucket.reduced, slot), state["exp_avg"],
                             state["exp_avg_sq"], state["absmax1"] if quantized else no_absmax,
                             state["absmax2"] if quantized else no_absmax, qmap1, qmap2, upload, None, lr, beta1,
                             beta2, self.eps, self.weight_decay, grad_scale, state["step"],
                             step_seed(self.seed, state["step"], self.index_offset + slot.index))
-        stepped = time.perf_counter()
-        event = self._upload(bucket, after)
         self._timings.add("transfer_wait_s", landed - start)
-        self._timings.add("optimizer_s", stepped - landed)
-        self._timings.add("upload_s", time.perf_counter() - stepped)
-        return event
+        self._timings.add("optimizer_s", time.perf_counter() - landed)
 
     def _upload(self, bucket: _Bucket, after: Any) -> Any:
         source = bucket.upload_source()
@@ -635,27 +813,61 @@ class OffloadEngine:
         dtype, e.g. bf16-sr masters of a bf16 model), so that a checkpoint needs them only once."""
         return all(b.upload is None and b.master.dtype == b.grad_dtype for b in self._buckets)
 
+    def host_bytes(self) -> dict[str, int]:
+        """Bytes of the engine's host buffers by kind, as the memory planner names them: ``master``,
+        ``moments`` (codes, absmax, fp32 moments), ``accumulators`` (the summed gradients: all of the
+        bucket's, or the shard that came reduced from the device), ``reduced`` (this rank's shard of the
+        replicas' sum, where it is a buffer of its own), ``upload``, ``staging``, ``gather``."""
+        def nbytes(tensors) -> int:
+            return sum(t.numel() * t.element_size() for t in tensors)
+
+        buckets = self._buckets
+        return {"master": nbytes(b.master for b in buckets),
+                "moments": nbytes(v for s in self._slots for v in s.state.values() if torch.is_tensor(v)),
+                "accumulators": nbytes(b.accum for b in buckets),
+                "reduced": nbytes(b.reduced for b in buckets if b.reduced is not b.accum),
+                "upload": nbytes(b.upload for b in buckets if b.upload is not None),
+                "staging": 0 if self._pool is None else self._pool.nbytes * self._pool.allocated,
+                "gather": nbytes(buffer for buffer, _ in self._gather_buffers)}
+
+    def shard_ranges(self) -> dict[int, tuple[int, int]]:
+        """The elements ``(lo, hi)`` of each parameter (by position in ``params``, flattened) whose state
+        this rank holds: every parameter whole without replicas; with them, only those its shards touch."""
+        return {slot.index: (slot.lo, slot.hi) for slot in self._slots if slot.count}
+
     def state_dict(self, masters: bool = True) -> dict[str, Any]:
         """Hyperparameters, per-parameter state (moments, step, master), and, between micro-batches of an
         open step, the accumulators and the micro-batch count. ``masters=False`` leaves the master weights
         out where ``masters_in_parameters`` (a 13B checkpoint then holds its bf16 weights once, in the
-        model's file): loading it takes them from the parameters, so load the model's weights first."""
+        model's file): loading it takes them from the parameters, so load the model's weights first.
+        With replicas: the state of this rank's elements only, each entry with its ``range`` [lo, hi]
+        (``shard_ranges``) and flat tensors where it is a slice, and ``shard`` = {replica, replicas};
+        only between steps."""
         self.synchronize()
         if any(b.open_fill is not None for b in self._buckets):
             raise RuntimeError("state_dict() was called during a backward pass; call it between micro-batches")
+        if self._replicas is not None and self._num_micro_batches is not None:
+            raise RuntimeError("state_dict() of an engine with replicas was called inside an optimizer step; its "
+                               "accumulators hold this replica's unreduced sums: call it between steps")
         if not masters and not self.masters_in_parameters:
             raise ValueError(f"state_dict(masters=False): the {self.master_weights} master weights differ from the "
                              f"parameters (another dtype), so they must be saved; use masters=True")
         state = {}
         for slot in self._slots:
+            if not slot.count:
+                continue
             bucket = self._buckets[slot.bucket]
-            state[slot.index] = {**slot.state, "master": bucket.view(bucket.master, slot)} if masters else \
-                dict(slot.state)
+            entry = {**slot.state, "master": bucket.owned(bucket.master, slot)} if masters else dict(slot.state)
+            if self._replicas is not None:
+                entry["range"] = [slot.lo, slot.hi]
+            state[slot.index] = entry
         saved = {"hyperparameters": dict(lr=self.lr, betas=self.betas, eps=self.eps, weight_decay=self.weight_decay,
                                          max_grad_norm=self.max_grad_norm),
                  "master_weights": self.master_weights, "accum_dtype": self.accum_dtype,
                  "masters": "saved" if masters else "parameters",
                  "skipped_steps": self.skipped_steps, "state": state, "accumulation": None}
+        if self._replicas is not None:
+            saved["shard"] = {"replica": self._replicas.rank, "replicas": self._replicas.size}
         if self._num_micro_batches is not None:
             saved["accumulation"] = self._accumulation_state()
         return saved
@@ -673,7 +885,10 @@ class OffloadEngine:
                 "accumulators": accumulators}
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
-        """Load a state_dict of an engine over the same parameters (validated before anything changes)."""
+        """Load a state_dict of an engine over the same parameters (validated before anything changes).
+        With replicas: a state with an entry of exactly ``shard_ranges()`` for each parameter (e.g. from
+        astrobio.train.checkpoint.load_offload_state, which reshards a checkpoint); every replica calls
+        this (the new weights are gathered)."""
         self.synchronize()
         if any(b.open_fill is not None for b in self._buckets):
             raise RuntimeError("load_state_dict() was called during a backward pass; call it between steps")
@@ -689,14 +904,18 @@ class OffloadEngine:
             raise ValueError(f"skipped_steps must be an int >= 0, got {skipped_steps!r}")
         states = self._checked_states(saved["state"], saved.get("masters", "saved") == "parameters")
         accumulation = self._checked_accumulation(saved.get("accumulation"))
-        for slot, (state, master) in zip(self._slots, states):
+        for slot, (state, master) in zip([s for s in self._slots if s.count], states):
             bucket = self._buckets[slot.bucket]
             slot.state = state
-            bucket.view(bucket.master, slot).copy_(master)
+            bucket.owned(bucket.master, slot).copy_(master)
             if bucket.upload is not None:
-                bucket.view(bucket.upload, slot).copy_(master)  # round to nearest, as the kernel writes it
+                bucket.owned(bucket.upload, slot).copy_(master)  # round to nearest, as the kernel writes it
         for bucket in self._buckets:
-            self._wait_device(self._upload(bucket, self._link.compute_done()))
+            after = self._link.compute_done()
+            if self._replicas is None:
+                self._wait_device(self._upload(bucket, after))
+            else:
+                self._wait_device(self._replicas.submit(self._gather, bucket, None, after).result())
         self._load_accumulation(accumulation)
         self.lr, self.betas, self.eps = float(hyper["lr"]), tuple(hyper["betas"]), hyper["eps"]
         self.weight_decay, self.max_grad_norm = hyper["weight_decay"], hyper["max_grad_norm"]
@@ -704,25 +923,41 @@ class OffloadEngine:
 
     def _checked_states(self, saved: dict[int, Any], masters_in_parameters: bool,
                         ) -> list[tuple[dict[str, Any], torch.Tensor]]:
-        if sorted(saved) != [s.index for s in self._slots]:
-            raise ValueError(f"the state holds parameters {sorted(saved)[:8]}... but this engine has "
-                             f"{len(self._slots)} parameters; was it saved for another model or stage?")
+        """(state, master) of each parameter this rank steps, in order, from ``saved``: an entry whose
+        ``range`` (absent: the whole parameter) is the rank's, its tensors flat or shaped as the parameter."""
+        owned = [s for s in self._slots if s.count]
+        if sorted(saved) != [s.index for s in owned]:
+            raise ValueError(f"the state holds parameters {sorted(saved)[:8]}... but this engine steps "
+                             f"{len(owned)} of its {len(self._slots)} parameters; was it saved for another model, "
+                             f"stage or replica count? (astrobio.train.checkpoint.load_offload_state reshards a "
+                             f"checkpoint for shard_ranges())")
         if masters_in_parameters and not self.masters_in_parameters:
             raise ValueError("the state was saved without master weights (its parameters held them), but this "
                              "engine's masters have another dtype than its parameters; build the engine with the "
                              "parameters' dtype and master_weights of the saved run")
         checked = []
         master_dtype = MASTER_WEIGHTS[self.master_weights]
-        for slot in self._slots:
+        for slot in owned:
             entry = dict(saved[slot.index])
             master = entry.pop("master", None)
-            if masters_in_parameters:
-                master = slot.param.detach().to("cpu")
             where = f"offload state of parameter {slot.index} ({slot.name}, shape {tuple(slot.param.shape)})"
-            if not torch.is_tensor(master) or master.shape != slot.param.shape or master.dtype != master_dtype:
+            span = tuple(entry.pop("range", (0, slot.param.numel())))
+            if span != (slot.lo, slot.hi):
+                raise ValueError(f"{where}: the state covers its elements {span[0]}..{span[1]} but this rank steps "
+                                 f"{slot.lo}..{slot.hi}; reshard it (astrobio.train.checkpoint.load_offload_state)")
+            shape = slot.param.shape if slot.whole else torch.Size([slot.count])
+            if masters_in_parameters:
+                master = slot.param.detach().reshape(-1)[slot.lo:slot.hi].to("cpu")
+            if torch.is_tensor(master) and master.numel() == slot.count:
+                master = master.reshape(shape)
+            if not torch.is_tensor(master) or master.shape != shape or master.dtype != master_dtype:
                 got = f"{master.dtype} {tuple(master.shape)}" if torch.is_tensor(master) else repr(master)
-                raise ValueError(f"{where}: master must be a {master_dtype} tensor of the parameter's shape, got {got}")
-            host_like = torch.empty(slot.param.shape, dtype=master_dtype)
+                raise ValueError(f"{where}: master must be a {master_dtype} tensor of {slot.count} elements, got {got}")
+            for key in ("exp_avg", "exp_avg_sq"):  # flat in a resharded state
+                value = entry.get(key)
+                if torch.is_tensor(value) and value.numel() == slot.count:
+                    entry[key] = value.reshape(shape)
+            host_like = torch.empty(shape, dtype=master_dtype)
             state = checked_state(host_like, entry, where)
             owned = {key: value.clone() if torch.is_tensor(value) else value for key, value in state.items()}
             checked.append((owned, master))
@@ -731,6 +966,9 @@ class OffloadEngine:
     def _checked_accumulation(self, accumulation: dict[str, Any] | None) -> dict[str, Any] | None:
         if accumulation is None:
             return None
+        if self._replicas is not None:
+            raise ValueError("the state was saved inside an optimizer step (it holds accumulators), which an "
+                             "engine with replicas cannot continue; save and load between steps")
         accum_dtype = ACCUM_DTYPES[self.accum_dtype]
         num_micro_batches = accumulation["num_micro_batches"]
         if not isinstance(num_micro_batches, int) or num_micro_batches < 1:
@@ -783,6 +1021,8 @@ class OffloadEngine:
             self._hooks, self._module_hooks = [], []
             for lane in self._lanes:
                 lane.shutdown(wait=True)
+            if self._replicas is not None:
+                self._replicas.close()
 
     def __enter__(self) -> "OffloadEngine":
         return self

@@ -34,6 +34,8 @@ the next record):
 - ``optimizer_s``: the fused 8-bit AdamW over the host buffers.
 - ``upload_s``: copying new weights to the device (on a GPU only the enqueueing; the copy runs on a
   side stream).
+- ``collective_s``: with replicas, the replicas thread's reduce-scatters of the summed gradients (with
+  their squared norms) and all-gathers of the new weights (with their uploads), waits for peers included.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class OffloadTimings:
     norm_s: float = 0.0
     optimizer_s: float = 0.0
     upload_s: float = 0.0
+    collective_s: float = 0.0
 
     @property
     def host_accumulate_gbps(self) -> float | None:

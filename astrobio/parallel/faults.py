@@ -24,6 +24,11 @@ import torch.distributed as dist
 PREFIX = "astrobio/guard"  # the store keys of heartbeats and failure notes
 
 
+def pipeline_rank_name(rank: int) -> str:
+    """How a message names a rank of a job whose ranks are its pipeline's stages."""
+    return f"stage {rank} (rank {rank})"
+
+
 def failure_key(rank: int) -> str:
     return f"{PREFIX}/failed/{rank}"
 
@@ -37,7 +42,8 @@ def note_failure(store: dist.Store, rank: int, message: str) -> None:
 
 
 class PeerFailure(RuntimeError):
-    """Another rank failed; this one stopped because of it. ``stage`` is the failed one."""
+    """Another rank failed; this one stopped because of it. ``stage`` is the failed one's rank (its stage
+    in a job of one pipeline)."""
 
     def __init__(self, message: str, stage: int):
         super().__init__(message)
@@ -105,10 +111,12 @@ class WorkWaiter:
 class FaultGuard:
     """Heartbeats and failure notes for one rank, through the job's store."""
 
-    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float = 60.0):
+    def __init__(self, store: dist.Store, rank: int, world_size: int, timeout_s: float = 60.0,
+                 name_rank: Callable[[int], str] = pipeline_rank_name):
         if timeout_s <= 0:
             raise ValueError(f"fault timeout must be positive seconds, got {timeout_s}")
         self.store, self.rank, self.world_size, self.timeout_s = store, rank, world_size, timeout_s
+        self.name_rank = name_rank  # e.g. "rank 3 (replica 1, stage 1)"
         self.interval_s = min(0.5, timeout_s / 10)
         self.failure: PeerFailure | None = None
         self._stop = threading.Event()
@@ -144,7 +152,7 @@ class FaultGuard:
             for r in range(self.world_size):
                 key = failure_key(r)
                 if r != self.rank and self.store.check([key]):
-                    return PeerFailure(f"stage {r} (rank {r}) failed: {self.store.get(key).decode()}", r)
+                    return PeerFailure(f"{self.name_rank(r)} failed: {self.store.get(key).decode()}", r)
             if self.failure is not None or time.monotonic() > deadline:
                 return self.failure
             time.sleep(0.05)
@@ -172,12 +180,12 @@ class FaultGuard:
     def _check_peer(self, r: int, seen: dict) -> None:
         key = failure_key(r)
         if self.store.check([key]):
-            raise PeerFailure(f"stage {r} (rank {r}) failed: {self.store.get(key).decode()}", r)
+            raise PeerFailure(f"{self.name_rank(r)} failed: {self.store.get(key).decode()}", r)
         beats = self.store.add(f"{PREFIX}/beat/{r}", 0)
         last, since = seen[r]
         now = time.monotonic()
         if beats != last:
             seen[r] = (beats, now)
         elif beats > 0 and now - since > self.timeout_s:
-            raise PeerFailure(f"stage {r} (rank {r}) sent no heartbeat for {now - since:.0f} s "
+            raise PeerFailure(f"{self.name_rank(r)} sent no heartbeat for {now - since:.0f} s "
                               f"(fault timeout {self.timeout_s:g} s); it hung or was killed", r)

@@ -37,14 +37,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from astrobio.parallel.faults import FaultGuard, PeerFailure, note_failure
+from astrobio.parallel.faults import FaultGuard, PeerFailure, note_failure, pipeline_rank_name
 
 STARTUP_TIMEOUT_S = 300.0  # ranks of a loaded machine may start many seconds apart
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class LaunchError(RuntimeError):
-    """A spawned job failed; the message names the stage that failed first, then the others."""
+    """A spawned job failed; the message names the rank that failed first, then the others."""
 
 
 @dataclass
@@ -79,14 +79,14 @@ def pick_backend(backend: str, local_world: int) -> str:
 
 
 def init_rank(store: dist.Store, rank: int, world_size: int, local_rank: int, backend: str,
-              timeout_s: float, launched_by: str) -> RankContext:
+              timeout_s: float, launched_by: str, name_rank: Callable[[int], str] = pipeline_rank_name) -> RankContext:
     """Joins the process group and starts the guard."""
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, store=dist.PrefixStore("astrobio/pg", store), rank=rank,
                             world_size=world_size, timeout=startup_timeout(timeout_s))
-    guard = FaultGuard(store, rank, world_size, timeout_s)
+    guard = FaultGuard(store, rank, world_size, timeout_s, name_rank)
     return RankContext(rank, world_size, local_rank, device, backend, guard, launched_by)
 
 
@@ -97,20 +97,22 @@ def close_rank(ctx: RankContext) -> None:
 
 
 def launch(fn: Callable[..., Any], world_size: int, args: tuple = (), *, backend: str = "auto",
-           timeout_s: float = 60.0) -> dict[int, Any]:
-    """Runs ``fn(ctx, *args)`` on ``world_size`` ranks; see the module docstring."""
+           timeout_s: float = 60.0, name_rank: Callable[[int], str] = pipeline_rank_name) -> dict[int, Any]:
+    """Runs ``fn(ctx, *args)`` on ``world_size`` ranks; see the module docstring. ``name_rank(rank)``
+    names a rank in the messages of a failure (a picklable function: the spawned ranks get it too)."""
     if under_torchrun():
-        return run_under_torchrun(fn, world_size, args, backend, timeout_s)
+        return run_under_torchrun(fn, world_size, args, backend, timeout_s, name_rank)
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    return Spawner(fn, world_size, args, pick_backend(backend, world_size), timeout_s).run()
+    return Spawner(fn, world_size, args, pick_backend(backend, world_size), timeout_s, name_rank).run()
 
 
-def run_under_torchrun(fn, world_size: int, args: tuple, backend: str, timeout_s: float) -> dict[int, Any]:
+def run_under_torchrun(fn, world_size: int, args: tuple, backend: str, timeout_s: float,
+                       name_rank: Callable[[int], str]) -> dict[int, Any]:
     rank, world, local = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
     if world != world_size:
-        raise ValueError(f"torchrun started {world} ranks but the job needs {world_size}; "
-                         f"run torchrun --nproc-per-node {world_size}")
+        raise ValueError(f"torchrun started {world} ranks (WORLD_SIZE) but the job needs {world_size}; "
+                         f"start {world_size} in all (--nnodes x --nproc-per-node)")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     # NOTE: torchrun's agent hosts the store at MASTER_ADDR:MASTER_PORT (TORCHELASTIC_USE_AGENT_STORE);
     # without an agent, rank 0 hosts it, as the env:// rendezvous does.
@@ -118,7 +120,7 @@ def run_under_torchrun(fn, world_size: int, args: tuple, backend: str, timeout_s
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, hosts,
                           timeout=startup_timeout(timeout_s))
     keep_freed_memory()
-    ctx = init_rank(store, rank, world, local, pick_backend(backend, local_world), timeout_s, "torchrun")
+    ctx = init_rank(store, rank, world, local, pick_backend(backend, local_world), timeout_s, "torchrun", name_rank)
     try:
         return {rank: fn(ctx, *args)}
     except PeerFailure:
@@ -158,7 +160,7 @@ def die_with_parent() -> None:
 
 
 def child_main(fn, rank: int, world_size: int, port: int, backend: str, timeout_s: float, args: tuple,
-               conn, parent_pid: int) -> None:
+               conn, parent_pid: int, name_rank: Callable[[int], str]) -> None:
     die_with_parent()
     if os.getppid() != parent_pid:  # the parent died before the line above took effect
         os._exit(1)
@@ -167,7 +169,7 @@ def child_main(fn, rank: int, world_size: int, port: int, backend: str, timeout_
     if "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
     store = dist.TCPStore("127.0.0.1", port, world_size + 1, False, timeout=startup_timeout(timeout_s))
-    ctx = init_rank(store, rank, world_size, rank, backend, timeout_s, "spawn")
+    ctx = init_rank(store, rank, world_size, rank, backend, timeout_s, "spawn", name_rank)
     try:
         # plain pickle copies tensors into the message; the shared-memory reducers torch installs for
         # multiprocessing would need this process alive until the parent has read them
@@ -188,12 +190,13 @@ def child_main(fn, rank: int, world_size: int, port: int, backend: str, timeout_
 class Spawner:
     """Starts the children, relays their results, and stops all of them when one fails."""
 
-    def __init__(self, fn, world_size: int, args: tuple, backend: str, timeout_s: float):
+    def __init__(self, fn, world_size: int, args: tuple, backend: str, timeout_s: float,
+                 name_rank: Callable[[int], str] = pipeline_rank_name):
         self.fn, self.world_size, self.args = fn, world_size, args
-        self.backend, self.timeout_s = backend, timeout_s
+        self.backend, self.timeout_s, self.name_rank = backend, timeout_s, name_rank
         self.results: dict[int, Any] = {}
         self.reported: set[int] = set()  # ranks that sent an error before exiting
-        self.failures: list[tuple[float, int, str, bool]] = []  # (time, failed stage, message, caused by a peer)
+        self.failures: list[tuple[float, int, str, bool]] = []  # (time, failed rank, message, caused by a peer)
         self.hung = False
 
     def run(self) -> dict[int, Any]:
@@ -206,7 +209,7 @@ class Spawner:
                 parent_end, child_end = context.Pipe(duplex=False)
                 proc = context.Process(target=child_main, name=f"astrobio-rank{rank}", daemon=False,
                                        args=(self.fn, rank, self.world_size, self.store.port, self.backend,
-                                             self.timeout_s, self.args, child_end, os.getpid()))
+                                             self.timeout_s, self.args, child_end, os.getpid(), self.name_rank))
                 proc.start()
                 child_end.close()
                 self.procs.append(proc)
@@ -234,7 +237,7 @@ class Spawner:
                 deadline = time.monotonic() + self.timeout_s
             if deadline is not None and time.monotonic() > deadline:
                 for rank in live:
-                    self.failures.append((time.monotonic(), rank, f"stage {rank} (rank {rank}) did not stop "
+                    self.failures.append((time.monotonic(), rank, f"{self.name_rank(rank)} did not stop "
                                           f"within {self.timeout_s:g} s of the failure; killed", True))
                 self.hung = True
                 return
@@ -251,8 +254,8 @@ class Spawner:
             if status == "ok":
                 self.results[rank] = payload
             else:
-                failed_stage, message = payload
-                self.failures.append((time.monotonic(), failed_stage, message, status == "peer"))
+                failed_rank, message = payload
+                self.failures.append((time.monotonic(), failed_rank, message, status == "peer"))
                 self.reported.add(rank)
 
     def on_exit(self, rank: int) -> None:
@@ -260,7 +263,7 @@ class Spawner:
         if rank in self.results or rank in self.reported:
             return
         how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        self.failures.append((time.monotonic(), rank, f"stage {rank} (rank {rank}) died with {how}", False))
+        self.failures.append((time.monotonic(), rank, f"{self.name_rank(rank)} died with {how}", False))
         note_failure(self.store, rank, f"died with {how}")
 
     def stop_all(self) -> None:
@@ -279,7 +282,7 @@ class Spawner:
 
     def describe_failures(self) -> str:
         ordered = sorted(self.failures, key=lambda f: (f[3], f[0]))  # root causes first, then by time
-        _, stage, message, _ = ordered[0]
-        lines = [f"pipeline job failed at stage {stage} (rank {stage}): {message.strip()}"]
+        _, rank, message, _ = ordered[0]
+        lines = [f"pipeline job failed at {self.name_rank(rank)}: {message.strip()}"]
         lines += [f"  then: {m.strip().splitlines()[0]}" for _, _, m, _ in ordered[1:]]
         return "\n".join(lines)

@@ -43,12 +43,24 @@ def message_tag(micro_batch: int, kind: str) -> int:
 
 
 def side_gloo_group(group):
-    """A gloo group over the same ranks, for headers (small CPU tensors) next to NCCL data."""
+    """A gloo group over the same ranks, for headers (small CPU tensors) next to NCCL data. Made on first
+    use, which every rank of the world must reach together (``dist.new_group`` is collective over the
+    world): for groups of some ranks only, ``make_side_gloo_groups`` first."""
     key = id(group)
     if key not in _side_groups:
         ranks = None if group is None else dist.get_process_group_ranks(group)
         _side_groups[key] = dist.new_group(ranks, backend="gloo")
     return _side_groups[key]
+
+
+def make_side_gloo_groups(own: dist.ProcessGroup, every: list[list[int]]) -> None:
+    """The side gloo groups of several disjoint groups at once (e.g. every replica's pipeline): every
+    rank creates all of them, in the order of ``every`` (global ranks), and keeps the one of ``own``."""
+    mine = set(dist.get_process_group_ranks(own))
+    for ranks in every:
+        side = dist.new_group(ranks, backend="gloo")
+        if set(ranks) == mine:
+            _side_groups[id(own)] = side
 
 
 def make_header(t: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ once for this process's place in the job:
     build_optimizer                   astrobio.train.optimizer: 8-bit AdamW, torch AdamW or the offload engine
     build_schedule                    linear warm-up, then cosine decay to ``--min-lr``
     the step runner, the rank layout and the checkpoint writer: one process (astrobio.train.local) or
-    a pipeline rank (astrobio.train.pipeline), chosen here and nowhere else
+    a rank of a multi-process job (astrobio.train.pipeline: a pipeline stage, of one of the replicas
+    with data parallel; a whole model per rank under pure data parallel), chosen here and nowhere else
     the metrics logger (rank 0), the memory profiler and the step timeline (astrobio.train.timeline)
 """
 
@@ -158,31 +159,36 @@ class Parts:
 
 def build_parts(config: TrainConfig, data: DataBundle, device: torch.device,
                 ranks: RankLayout | None = None) -> Parts:
-    """The parts of one process: the whole model (``ranks`` None), or one rank's pipeline stage
-    (``ranks``: that rank's astrobio.train.pipeline.Ranks)."""
+    """The parts of one process: the whole model (``ranks`` None), or one rank's share of a job
+    (``ranks``: that rank's astrobio.train.pipeline.Ranks): its pipeline stage, or with one stage the
+    whole model (pure data parallel)."""
     checkpoints = Checkpointer(Path(config.output_dir) / "checkpoints", config.keep_last_k)
     config = resolve_grad_accum_location(config, data.vocab_size, device, log=None)  # when not done before
-    if ranks is None:
-        ranks = SingleProcess()
+    one_process = ranks is None
+    ranks = ranks or SingleProcess()
+    if ranks.stages == 1:  # one process, or the replicas of a whole model
         timeline = StepTimeline(device)
         model, index_offset = build_model(config, data.vocab_size, device), 0
         speed = speed_up(model, config, device)
         prefix = build_prefix(config, device)
         runner = LocalStepRunner(model, device, config.use_mixed_precision, prefix, timeline)
-        writer = WholeCheckpoint(checkpoints)
     else:
-        from astrobio.train.pipeline import PipelineStepRunner, StagedCheckpoint
+        from astrobio.train.pipeline import PipelineStepRunner
         timeline = StepTimeline(device, ranks.stage)
         model, index_offset = build_stage_model(config, data.vocab_size, device, ranks.stage)
         speed = speed_up(model, config, device)
         prefix = build_prefix(config, device) if ranks.stage == 0 else None  # the encoders live on stage 0
         runner = PipelineStepRunner(model, ranks, config.schedule, device, config.use_mixed_precision, lm_loss,
                                     prefix, prefix_len(config), timeline)
-        writer = StagedCheckpoint(checkpoints, ranks)
     named = trainable(model, prefix)
     # the prefix runs outside the model's hooked forward: then the offload engine's end_step waits for
     # every bucket instead of each layer waiting for its own
     optimizer = build_optimizer(config, named, ranks, timeline, model if prefix is None else None, index_offset)
+    if one_process:
+        writer = WholeCheckpoint(checkpoints)
+    else:
+        from astrobio.train.pipeline import StagedCheckpoint
+        writer = StagedCheckpoint(checkpoints, ranks, optimizer.sharded)  # one part per stage (and replica)
     logger = (MetricsLogger(config.output_dir, config.to_dict(), config.wandb_project, config.wandb_name)
               if ranks.is_main else NullLogger())
     return Parts(device=device, ranks=ranks, model=model, prefix=prefix, names=[n for n, _ in named],

@@ -54,6 +54,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from astrobio.spec.adamw8bit import BLOCK_SIZE as BLOCK
+
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # 1: a plain sha256 per file; 2: the chunked sha256 (module docstring)
 HASH_CHUNK = 64 << 20  # bytes per hashed piece of a file (format 2)
@@ -63,7 +65,8 @@ TENSORS_FILE = "state.safetensors"
 STATE_FILE = "state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 MODEL_PART = re.compile(r"^model(-stage\d+)?\.safetensors$")
-OPTIMIZER_PART = re.compile(r"^optimizer-stage(\d+)\.json$")
+OPTIMIZER_PART = re.compile(r"^optimizer-stage(\d+)\.json$")  # merged by load_checkpoint
+OPTIMIZER_ANY = re.compile(r"^optimizer-stage(\d+)(-replica(\d+))?\.json$")  # read by load_offload_state
 CHUNK_BYTES = 64 << 20  # the most a save holds of one tensor at once (on the host, beyond the tensor itself)
 MAP_BYTES = 1 << 20  # a load maps tensors from this size up; smaller ones are read
 # the safetensors format's dtype names
@@ -239,27 +242,54 @@ def read_tensors(path: Path, stats: IoStats | None = None) -> dict[str, torch.Te
     started = time.perf_counter()
     size = path.stat().st_size
     try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                raise ValueError(f"header of {length} bytes in a file of {size}")
-            header = json.loads(f.read(length))
-        header.pop("__metadata__", None)
-        start = 8 + length
-        spans = sorted((entry["data_offsets"], name) for name, entry in header.items())
-        end = 0
-        for (begin, stop), name in spans:
-            if begin != end or stop < begin:
-                raise ValueError(f"{name} occupies bytes {begin}-{stop}, expected to start at {end}")
-            end = stop
-        if start + end != size:
-            raise ValueError(f"the tensors cover {end} bytes but the file has {size - start} after its header")
+        start, header = _header(path, size)
         with open(path, "rb") as f:
             tensors = {name: _tensor(path, f, start, entry) for name, entry in header.items()}
     except (ValueError, KeyError, TypeError, struct.error) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
     if stats is not None:
         stats.add(size, time.perf_counter() - started)
+    return tensors
+
+
+def _header(path: Path, size: int) -> tuple[int, dict]:
+    """(where the data starts, the header's tensor entries) of a safetensors file of ``size`` bytes,
+    checked: the tensors tile the data, which fills the file."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > size - 8:
+            raise ValueError(f"header of {length} bytes in a file of {size}")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    start = 8 + length
+    spans = sorted((entry["data_offsets"], name) for name, entry in header.items())
+    end = 0
+    for (begin, stop), name in spans:
+        if begin != end or stop < begin:
+            raise ValueError(f"{name} occupies bytes {begin}-{stop}, expected to start at {end}")
+        end = stop
+    if start + end != size:
+        raise ValueError(f"the tensors cover {end} bytes but the file has {size - start} after its header")
+    return start, header
+
+
+def map_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of one copy-on-write mapping of the whole file: nothing
+    is read until a view's elements are (a rank resharding an optimizer state touches its own only)."""
+    size = path.stat().st_size
+    try:
+        start, header = _header(path, size)
+        whole = torch.from_numpy(np.memmap(path, dtype=np.uint8, mode="c"))
+        tensors = {}
+        for name, entry in header.items():
+            dtype = DTYPES[entry["dtype"]]
+            begin, stop = entry["data_offsets"]
+            raw = whole[start + begin:start + stop]
+            if (start + begin) % raw.new_empty(0, dtype=dtype).element_size():  # laid out by another writer
+                raw = raw.clone()
+            tensors[name] = raw.view(dtype).view(entry["shape"])
+    except (ValueError, KeyError, TypeError, struct.error) as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from None
     return tensors
 
 
@@ -546,4 +576,108 @@ def optimizer_by_index(saved: dict, names: list[str]) -> dict:
     out["state"] = {index[n]: entry for n, entry in saved["state"].items() if n in index}
     if "param_groups" in saved:
         out["param_groups"] = [{**saved["param_groups"][0], "params": list(range(len(names)))}]
+    return out
+
+
+# ----------------------------------------------------------------------------- data-parallel parts
+
+def optimizer_part(stage: int, replica: int | None = None) -> str:
+    """The stem of a stage's optimizer part: ``optimizer-stage{stage}``, or one replica's slices of a
+    sharded offload engine's state, ``optimizer-stage{stage}-replica{replica}``."""
+    return f"optimizer-stage{stage}" if replica is None else f"optimizer-stage{stage}-replica{replica}"
+
+
+def write_rank_part(directory: Path, stage: int, replica: int, model_state: dict[str, torch.Tensor],
+                    optimizer_state: dict, sharded: bool, stats: IoStats | None = None) -> dict[str, FileRecord]:
+    """One rank's files of a data-parallel x pipeline checkpoint, into the temporary ``directory``: replica
+    0 writes the stage's weights (``model-stage{stage}.safetensors``: the replicas hold the same); the
+    optimizer state (by parameter name, ``optimizer_by_name``) goes to ``optimizer-stage{stage}`` from
+    replica 0 alone when every replica holds the same, or, ``sharded`` (an OffloadEngine with replicas:
+    each holds its slices), to ``optimizer-stage{stage}-replica{replica}`` from every replica. Returns the
+    manifest entries of the files it wrote."""
+    model_file = f"model-stage{stage}.safetensors" if replica == 0 else None
+    if sharded:
+        return write_part(directory, model_file, model_state, optimizer_part(stage, replica), optimizer_state, stats)
+    if replica == 0:
+        return write_part(directory, model_file, model_state, optimizer_part(stage), optimizer_state, stats)
+    return {}
+
+
+def map_part(path: Path, stem: str):
+    """A part's tree with its tensors as views of the mapped file (``map_tensors``)."""
+    return decode_tree(json.loads((path / f"{stem}.json").read_text()), map_tensors(path / f"{stem}.safetensors"))
+
+
+def offload_sources(path: Path) -> list[dict]:
+    """The by-name optimizer states of a checkpoint's parts, mapped: every ``optimizer-stage*`` part
+    (unsharded or one replica's), else the one in ``state.json`` (a one-process checkpoint)."""
+    stems = sorted(p.name[:-len(".json")] for p in path.iterdir() if OPTIMIZER_ANY.match(p.name))
+    if stems:
+        return [map_part(path, stem) for stem in stems]
+    state = map_part(path, STATE_FILE[:-len(".json")])
+    if state.get("optimizer") is None:
+        raise CheckpointError(f"checkpoint {path} holds no optimizer state")
+    return [state["optimizer"]]
+
+
+ELEMENTWISE = ("master", "exp_avg", "exp_avg_sq")  # one value per element of the parameter
+BLOCKWISE = ("absmax1", "absmax2")  # one value per block of 256 elements
+
+
+def load_offload_state(path: str | os.PathLike, names: list[str], ranges: dict[int, tuple[int, int]]) -> dict:
+    """An OffloadEngine state for this rank (``engine.load_state_dict``), resharded from the checkpoint
+    at ``path`` whatever the stage and replica counts that wrote it: ``names`` are the engine's parameter
+    names in its order, ``ranges`` its ``shard_ranges()`` (index -> the elements (lo, hi) it holds). Each
+    entry is assembled from the saved pieces that overlap it (unsharded parts hold whole parameters,
+    replica parts slices with their ``range``), copying only those elements out of the mapped files, so a
+    rank never reads another's state. Verify the checkpoint first (``load_checkpoint`` does)."""
+    path = Path(path)
+    sources = offload_sources(path)
+    first = sources[0]
+    for source in sources:
+        if source.get("accumulation") is not None:
+            raise CheckpointError(f"checkpoint {path} was saved inside an optimizer step (it holds accumulators); "
+                                  f"only a state saved between steps can be resharded")
+        if source.get("master_weights") != first.get("master_weights") or source.get("masters") != first.get("masters"):
+            raise CheckpointError(f"checkpoint {path}: its optimizer parts disagree on the master weights")
+    pieces: dict[str, list[tuple[int, int, dict]]] = {}
+    for source in sources:
+        for name, entry in source["state"].items():
+            lo, hi = entry.get("range", (0, entry["exp_avg"].numel()))
+            pieces.setdefault(name, []).append((int(lo), int(hi), entry))
+    state = {i: assemble(path, names[i], lo, hi, pieces.get(names[i], [])) for i, (lo, hi) in ranges.items()}
+    return {**{k: first[k] for k in ("hyperparameters", "master_weights", "accum_dtype", "skipped_steps")},
+            "masters": first.get("masters", "saved"), "state": state, "accumulation": None}
+
+
+def assemble(path: Path, name: str, lo: int, hi: int, pieces: list[tuple[int, int, dict]]) -> dict:
+    """Parameter ``name``'s state for its elements ``lo``..``hi`` from the saved ``pieces`` (lo, hi, entry)."""
+    out: dict = {"range": [lo, hi]}
+    covered = lo
+    for plo, phi, entry in sorted(pieces, key=lambda piece: piece[0]):
+        start, stop = max(lo, plo), min(hi, phi)
+        if start >= stop:
+            continue
+        if start != covered or (start - lo) % BLOCK or (start - plo) % BLOCK:
+            break
+        if "step" in out and out["step"] != entry["step"]:
+            raise CheckpointError(f"checkpoint {path}: the slices of {name}'s optimizer state have different step "
+                                  f"counts ({out['step']} and {entry['step']})")
+        out["step"] = entry["step"]
+        for key in ELEMENTWISE + BLOCKWISE:
+            if key not in entry:
+                continue
+            value = entry[key].reshape(-1)
+            whole_length = hi - lo if key in ELEMENTWISE else -(-(hi - lo) // BLOCK)
+            target = out.setdefault(key, torch.empty(whole_length, dtype=value.dtype))
+            if key in ELEMENTWISE:
+                target[start - lo:stop - lo].copy_(value[start - plo:stop - plo])
+            else:
+                blocks = -(-(stop - start) // BLOCK)
+                target[(start - lo) // BLOCK:(start - lo) // BLOCK + blocks].copy_(
+                    value[(start - plo) // BLOCK:(start - plo) // BLOCK + blocks])
+        covered = stop
+    if covered != hi:
+        raise CheckpointError(f"checkpoint {path} holds no optimizer state for elements {covered}..{hi} of {name} "
+                              f"(a replica's part missing, or saved for another model?)")
     return out

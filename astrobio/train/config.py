@@ -29,6 +29,7 @@ OFFLOAD_BY_DEFAULT = ("13b",)  # presets whose optimizer state does not fit next
 DEVICES = ("cpu", "cuda", "auto")
 KERNEL_CHOICES = ("auto", "eager", "fused")
 COMPILE_CHOICES = ("auto", "on", "off")
+COUNT_OR_AUTO = ("data_parallel",)  # string fields holding "auto" or a whole number
 DEFAULT_STEPS = 400  # the default job: enough for tiny to learn hz and type (docs/TRAINING.md)
 
 
@@ -52,12 +53,12 @@ class TrainConfig:
     model: str = option("tiny", "model preset", choices=tuple(PRESETS))
     steps: int | None = option(None, f"optimizer steps (default {DEFAULT_STEPS} unless --epochs is given)", int)
     epochs: int | None = option(None, "passes over the training split, instead of --steps", int)
-    batch_size: int | None = option(None, "sequences per optimizer step (default micro-batch x accumulation)",
-                                    int)
+    batch_size: int | None = option(None, "sequences per optimizer step, over all replicas (default replicas x "
+                                    "micro-batch x accumulation)", int)
     micro_batch_size: int | None = option(None, "sequences per forward/backward (default 16, 4 with several "
                                           "pipeline stages, or the batch size / accumulation)", int)
-    gradient_accumulation_steps: int | None = option(None, "micro-batches per optimizer step (default "
-                                                     "batch size / micro-batch size, or 1)", int)
+    gradient_accumulation_steps: int | None = option(None, "micro-batches per optimizer step and replica (default "
+                                                     "batch size / (replicas x micro-batch size), or 1)", int)
     seq_len: int = option(128, "tokens per training sequence")
     lr: float | None = option(None, "peak learning rate (default: the --model preset's, e.g. 3e-3 for tiny, "
                               "1e-4 for 13b)", float)
@@ -101,6 +102,9 @@ class TrainConfig:
     pipeline_stages: int | None = option(None, "pipeline stages: processes started here (gloo on the CPU, NCCL on "
                                          "GPUs), or torchrun's (default: 2 on the CPU with --modalities text, "
                                          "else 1)", int)
+    data_parallel: str = option("auto", "replicas of the pipeline, each training on its own share of every step's "
+                                "micro-batches: K, or auto (torchrun's ranks / --pipeline-stages; 1 when started "
+                                "plainly)", str)
     schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)
     pipeline_timeout: float = option(60.0, "seconds a pipeline rank waits for a silent peer before it stops")
     use_cpu_offloading: bool | None = option(None, "keep optimizer state, master weights and gradient "
@@ -182,6 +186,8 @@ def coerce(name: str, value, source: str):
     """A file value checked against the field's kind (ints are accepted where floats are expected)."""
     meta = FIELDS[name].metadata
     kind, choices = meta["kind"], meta["choices"]
+    if name in COUNT_OR_AUTO and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # e.g. data_parallel: 2 in a YAML file
     ok = (value is None and FIELDS[name].default is None) or (
         isinstance(value, kind) and not (kind is int and isinstance(value, bool)))
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
@@ -198,7 +204,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     args = vars(build_parser().parse_args(argv))
     values = read_config_file(args.pop("config")) if "config" in args else {}
     values.update(args)
-    return validate(resolve_batch(resolve_stages(TrainConfig(**values))))
+    return validate(resolve_batch(resolve_replicas(resolve_stages(TrainConfig(**values)))))
 
 
 def resolve_stages(config: TrainConfig) -> TrainConfig:
@@ -215,10 +221,52 @@ def resolve_stages(config: TrainConfig) -> TrainConfig:
     return replace(config, pipeline_stages=2 if text_only and config.device == "cpu" else 1)
 
 
+def torchrun_world_size() -> int | None:
+    """WORLD_SIZE when this process is a rank started by torchrun, else None."""
+    from astrobio.parallel.launch import under_torchrun
+    return int(os.environ["WORLD_SIZE"]) if under_torchrun() else None
+
+
+def resolve_replicas(config: TrainConfig) -> TrainConfig:
+    """``--data-parallel`` as a number: auto is torchrun's ranks / the stages (1 when started plainly,
+    where the ranks are spawned here: replicas x stages of them). Under torchrun the ranks must be
+    exactly replicas x stages."""
+    value, stages, world = config.data_parallel, config.pipeline_stages, torchrun_world_size()
+    if stages is not None and stages < 1:
+        return config  # check_counts names the bad --pipeline-stages
+    if str(value) == "auto":
+        if world is not None and world % stages:
+            raise ConfigError(f"torchrun started {world} ranks, which do not split into pipelines of "
+                              f"--pipeline-stages {stages}; start a multiple of {stages} ranks "
+                              f"(--nnodes x --nproc-per-node) or give another --pipeline-stages")
+        replicas = world // stages if world is not None else 1
+    else:
+        replicas = int(value) if str(value).isdigit() else 0
+        if replicas < 1:
+            raise ConfigError(f"--data-parallel must be auto or a whole number >= 1, got {value!r}")
+        if world is not None and world != replicas * stages:
+            raise ConfigError(f"torchrun started {world} ranks but --data-parallel {replicas} x --pipeline-stages "
+                              f"{stages} needs {replicas * stages}; start {replicas * stages} ranks (--nnodes x "
+                              f"--nproc-per-node) or pass --data-parallel auto")
+    return replace(config, data_parallel=str(replicas))
+
+
+def replicas(config: TrainConfig) -> int:
+    """The data-parallel degree of a resolved config (``--data-parallel``)."""
+    return int(resolve_replicas(config).data_parallel)
+
+
+def micro_batches_per_step(config: TrainConfig) -> int:
+    """Micro-batches one optimizer step takes from the data, over all replicas."""
+    return replicas(config) * config.gradient_accumulation_steps
+
+
 def resolve_batch(config: TrainConfig) -> TrainConfig:
-    """Fills whichever of batch size, micro-batch size and accumulation steps is missing; any two given
-    determine the third, and all three given must agree."""
+    """Fills whichever of batch size (over all replicas), micro-batch size and accumulation steps (per
+    replica) is missing; any two given determine the third, and all three given must agree."""
     batch, micro, accum = config.batch_size, config.micro_batch_size, config.gradient_accumulation_steps
+    k = replicas(config)
+    per = f" x {k} replicas" if k > 1 else ""
     for name, value in (("batch_size", batch), ("micro_batch_size", micro),
                         ("gradient_accumulation_steps", accum)):
         if value is not None and value < 1:
@@ -228,21 +276,22 @@ def resolve_batch(config: TrainConfig) -> TrainConfig:
     if batch is None:
         micro = micro or 16
         accum = accum or 1
-        batch = micro * accum
+        batch = k * micro * accum
     elif micro is None:
         accum = accum or 1
-        if batch % accum:
-            raise ConfigError(f"--gradient-accumulation-steps {accum} does not divide --batch-size {batch}; "
+        if batch % (k * accum):
+            raise ConfigError(f"--gradient-accumulation-steps {accum}{per} does not divide --batch-size {batch}; "
                               f"choose a divisor of {batch}")
-        micro = batch // accum
+        micro = batch // (k * accum)
     else:
-        if batch % micro:
-            raise ConfigError(f"--micro-batch-size {micro} does not divide --batch-size {batch}; choose a "
-                              f"divisor of {batch} (e.g. {largest_divisor(batch, micro)})")
-        if accum is not None and micro * accum != batch:
+        if batch % (k * micro):
+            hint = (f"choose a divisor of {batch} (e.g. {largest_divisor(batch, micro)})" if k == 1
+                    else f"choose a --batch-size that is a multiple of {k * micro}")
+            raise ConfigError(f"--micro-batch-size {micro}{per} does not divide --batch-size {batch}; {hint}")
+        if accum is not None and k * micro * accum != batch:
             raise ConfigError(f"--batch-size {batch} != --micro-batch-size {micro} x --gradient-accumulation-steps "
-                              f"{accum}; give two of the three, or make them agree")
-        accum = batch // micro
+                              f"{accum}{per}; give two of the three, or make them agree")
+        accum = batch // (k * micro)
     return replace(config, batch_size=batch, micro_batch_size=micro, gradient_accumulation_steps=accum)
 
 

@@ -5,6 +5,11 @@ only ``redact_uri(data)`` is ever written or shown. With ``--modalities text`` t
 into sequences (``PackedLoader``; a micro-batch is ``(inputs, targets)``); with a prefix modality
 (``catalogue``, ``graph``) each example is one sequence with its catalogue row and molecule graph
 (``MultimodalLoader``; a micro-batch is a ``MultimodalBatch``). Both loaders save their position.
+
+With data parallel every rank holds the same loader, and ``ReplicaShard`` gives its replica its share:
+an optimizer step takes replicas x accumulation micro-batches of the one global sequence, and replica
+``r`` trains on micro-batches ``r, r + K, r + 2K, ...`` of them. The position is the global one, so a
+checkpoint resumes exactly with another replica count as long as the global batch is the same.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from astrobio.data.sources import redact_uri
-from astrobio.train.config import ConfigError, TrainConfig
+from astrobio.train.config import ConfigError, TrainConfig, micro_batches_per_step
 
 VAL_FRACTION = 0.05  # as astrobio.data.build_token_splits
 
@@ -28,6 +33,35 @@ class DataBundle:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
+
+
+class ReplicaShard:
+    """Replica ``replica`` of ``replicas``' view of a training loader: each ``next`` draws one micro-batch
+    for every replica from the global sequence and keeps this replica's. ``state_dict`` is the global
+    loader's (the same on every replica)."""
+
+    def __init__(self, loader, replica: int, replicas: int):
+        if not 0 <= replica < replicas:
+            raise ValueError(f"replica {replica} is not one of 0..{replicas - 1}")
+        self.loader, self.replica, self.replicas = loader, replica, replicas
+
+    def __iter__(self) -> ReplicaShard:
+        return self
+
+    def __next__(self):
+        drawn = [next(self.loader) for _ in range(self.replicas)]
+        return drawn[self.replica]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """The global loader's micro-batches per epoch (every replica's together)."""
+        return self.loader.batches_per_epoch
+
+    def state_dict(self) -> dict:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loader.load_state_dict(state)
 
 
 def build_data(config: TrainConfig) -> DataBundle:
@@ -59,10 +93,10 @@ def build_packed_data(config: TrainConfig, tokenizer) -> DataBundle:
     train_ids, val_ids = build_token_splits(records, tokenizer, VAL_FRACTION, seed=config.seed)
     data = redact_uri(config.data)
     loader = PackedLoader(train_ids, config.seq_len, config.micro_batch_size, seed=config.seed)
-    if loader.batches_per_epoch < config.gradient_accumulation_steps:
+    if loader.batches_per_epoch < micro_batches_per_step(config):
         raise ConfigError(f"the training split of {data!r} ({len(train_ids)} tokens) holds "
                           f"{loader.batches_per_epoch} micro-batches of {config.micro_batch_size} x "
-                          f"{config.seq_len} tokens, fewer than one step's {config.gradient_accumulation_steps}; "
+                          f"{config.seq_len} tokens, fewer than one step's {micro_batches_per_step(config)}; "
                           f"use more data or a smaller --seq-len / --batch-size")
     val_windows = (len(val_ids) - 1) // config.seq_len
     if val_windows < 1:
@@ -82,10 +116,10 @@ def build_multimodal_data(config: TrainConfig, tokenizer) -> DataBundle:
     examples = load_examples(config.data, seed=config.seed)
     train, val = split_records(examples, VAL_FRACTION, seed=config.seed)
     loader = MultimodalLoader(train, tokenizer, config.seq_len, config.micro_batch_size, config.seed, modalities)
-    if loader.batches_per_epoch < config.gradient_accumulation_steps:
+    if loader.batches_per_epoch < micro_batches_per_step(config):
         raise ConfigError(f"the training split of {redact_uri(config.data)!r} ({len(train)} examples) holds "
                           f"{loader.batches_per_epoch} micro-batches of {config.micro_batch_size}, fewer than one "
-                          f"step's {config.gradient_accumulation_steps}; use more data or a smaller --batch-size")
+                          f"step's {micro_batches_per_step(config)}; use more data or a smaller --batch-size")
     val_loader = MultimodalLoader(val, tokenizer, config.seq_len, min(config.micro_batch_size, len(val)),
                                   config.seed, modalities, shuffle=False)
     val_batches = take(val_loader, eval_count(config, val_loader.batches_per_epoch))

@@ -9,11 +9,12 @@ process, so that two 24 GiB cards can be tried out on one larger GPU.
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from astrobio.memory.units import parse_bytes
-from astrobio.train.config import ConfigError, TrainConfig
+from astrobio.train.config import ConfigError, TrainConfig, replicas
 
 
 def gpu_memory_limit(config: TrainConfig) -> int | None:
@@ -36,9 +37,18 @@ def ranks_per_gpu(stages: int) -> int:
     return max(1, math.ceil(stages / gpus)) if gpus else 1
 
 
-def backend_for(device: torch.device, stages: int) -> str:
-    """NCCL when every rank has a GPU of its own, else gloo (the CPU, or ranks sharing a GPU)."""
-    return "nccl" if device.type == "cuda" and torch.cuda.device_count() >= stages else "gloo"
+def local_ranks(config: TrainConfig) -> int:
+    """The job's ranks on this machine: torchrun's LOCAL_WORLD_SIZE, else all of them (replicas x stages,
+    spawned here)."""
+    if "LOCAL_WORLD_SIZE" in os.environ and "ASTROBIO_SPAWNED" not in os.environ:
+        return int(os.environ["LOCAL_WORLD_SIZE"])
+    return replicas(config) * config.pipeline_stages
+
+
+def backend_for(device: torch.device, local_ranks: int) -> str:
+    """NCCL when every rank of this machine (``local_ranks``) has a GPU of its own, else gloo (the CPU, or
+    ranks sharing a GPU)."""
+    return "nccl" if device.type == "cuda" and torch.cuda.device_count() >= local_ranks else "gloo"
 
 
 def rank_device(device: torch.device, local_rank: int) -> torch.device:
@@ -53,7 +63,7 @@ def rank_device(device: torch.device, local_rank: int) -> torch.device:
 def process_gpu_budget(config: TrainConfig, total: int) -> int:
     """The GPU memory one process may plan with: ``--gpu-memory-limit``, or the GPU's share of each of
     the ranks that use it. A cap that the ranks sharing a GPU cannot all have is refused."""
-    limit, sharing = gpu_memory_limit(config), ranks_per_gpu(config.pipeline_stages)
+    limit, sharing = gpu_memory_limit(config), ranks_per_gpu(local_ranks(config))
     if limit is None:
         return total // sharing
     if limit * sharing > total:

@@ -3,9 +3,9 @@ and reports it (plots, ``summary.json``, the task accuracy, the printed summary)
 
 ``prepare`` does everything that can fail on a bad configuration (flags, paths, data, the checkpoint to
 resume, the memory preflight) before the output directory is touched; ``main`` turns those failures
-into exit code 2. With ``--pipeline-stages`` above 1 the ranks are started with
-``astrobio.parallel.launch.launch`` (spawned here, gloo on the CPU and NCCL on GPUs; or one rank per
-process under ``torchrun``) and each runs ``rank_main``.
+into exit code 2. With ``--pipeline-stages`` or ``--data-parallel`` above 1 the job's replicas x stages
+ranks are started with ``astrobio.parallel.launch.launch`` (spawned here, gloo on the CPU and NCCL on
+GPUs; or one rank per process under ``torchrun``) and each runs ``rank_main``.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from pathlib import Path
 from astrobio.cli import resolve_device
 from astrobio.model import get_config
 from astrobio.train.builders import build_parts
-from astrobio.train.config import ConfigError, TrainConfig, check_environment, parse_config
-from astrobio.train.data import DataBundle, build_data
-from astrobio.train.devices import backend_for, limit_gpu_memory, rank_device
+from astrobio.train.config import (ConfigError, TrainConfig, check_environment, micro_batches_per_step, parse_config,
+                                   replicas)
+from astrobio.train.data import DataBundle, ReplicaShard, build_data
+from astrobio.train.devices import backend_for, limit_gpu_memory, local_ranks, rank_device
 from astrobio.train.logging import memory_stats, read_metrics
 from astrobio.train.memory import plot_memory_records, preflight_run, resolve_grad_accum_location
 from astrobio.train.plots import plot_loss, plot_step_timeline
@@ -43,7 +44,7 @@ def resolve_steps(config: TrainConfig, data: DataBundle) -> TrainConfig:
     """--epochs becomes a step count, now that the data's size is known."""
     if config.epochs is None:
         return config
-    per_epoch = data.train_loader.batches_per_epoch // config.gradient_accumulation_steps
+    per_epoch = data.train_loader.batches_per_epoch // micro_batches_per_step(config)
     return replace(config, steps=config.epochs * per_epoch)
 
 
@@ -131,7 +132,7 @@ def run(config: TrainConfig) -> dict | None:
         create_outputs(config, resume)
     if resume is not None and torchrun_rank() == 0:
         print(f"resumed from {resume.path} (step {resume.step})")
-    if config.pipeline_stages > 1:
+    if config.pipeline_stages * replicas(config) > 1:
         summary = run_pipeline(config, data, resume)
     else:
         device = resolve_device(config.device)
@@ -157,23 +158,29 @@ def train_and_report(trainer: Trainer, resume: Resume | None) -> dict | None:
 
 
 def rank_main(ctx, config: TrainConfig, data: DataBundle, resume_path: str | None) -> dict | None:
-    """One rank of the pipeline job: the trainer over this rank's stage; rank 0 returns the summary."""
+    """One rank of the job: the trainer over this rank's stage, on its replica's share of the data;
+    rank 0 returns the summary."""
     from astrobio.train.pipeline import Ranks
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, signal.default_int_handler)  # the launcher's SIG_IGN is inherited
     device = rank_device(resolve_device(config.device), ctx.local_rank)  # with NCCL, ctx.device
     limit_gpu_memory(config, device)
-    trainer = Trainer(config, data, build_parts(config, data, device, Ranks(ctx)))
+    ranks = Ranks(ctx, replicas(config))
+    data = replace(data, train_loader=ReplicaShard(data.train_loader, ranks.replica, ranks.replicas))
+    trainer = Trainer(config, data, build_parts(config, data, device, ranks))
     return train_and_report(trainer, load_resume(config, resume_path) if resume_path is not None else None)
 
 
 def run_pipeline(config: TrainConfig, data: DataBundle, resume: Resume | None) -> dict | None:
-    """Starts (or, under torchrun, joins) the job; returns rank 0's summary (None on other ranks)."""
+    """Starts (or, under torchrun, joins) the job of replicas x stages ranks; returns rank 0's summary
+    (None on other ranks)."""
     from astrobio.parallel.launch import launch
+    from astrobio.parallel.replicas import Layout
+    layout = Layout(replicas(config), config.pipeline_stages)
     with interrupts_left_to_ranks():
-        results = launch(rank_main, config.pipeline_stages, args=(config, data, str(resume.path) if resume else None),
-                         backend=backend_for(resolve_device(config.device), config.pipeline_stages),
-                         timeout_s=config.pipeline_timeout)
+        results = launch(rank_main, layout.world_size, args=(config, data, str(resume.path) if resume else None),
+                         backend=backend_for(resolve_device(config.device), local_ranks(config)),
+                         timeout_s=config.pipeline_timeout, name_rank=layout.name)
     return results.get(0)
 
 

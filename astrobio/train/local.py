@@ -7,8 +7,9 @@ without asking which:
   (each micro-batch's loss scaled by 1/len(micro_batches)) and returns the step's mean loss;
   ``evaluate`` returns the mean loss without gradients; ``step_record`` gives the metrics the step adds
   (a collective with several stages); ``write_plots`` draws the runner's own figures.
-- The rank layout (``SingleProcess`` here): this process's stage, whether it is the main rank, and the
-  collectives, which are identities in one process.
+- The rank layout (``SingleProcess`` here): this process's stage and replica, whether it is the main
+  rank, and the collectives, which are identities in one process (so is averaging the gradients over
+  replicas: ``gradient_reducer`` gives None).
 - The checkpoint writer (``WholeCheckpoint`` here): one ``step-N`` directory with ``model.safetensors``
   and the optimizer state inside the training state.
 """
@@ -104,13 +105,23 @@ class LocalStepRunner:
 
 class RankLayout(Protocol):
     stage: int  # this process's pipeline stage (0 in one process)
+    stages: int
+    replica: int  # which copy of the pipeline this process belongs to (0 in one process)
+    replicas: int
+    replica_group: object  # the ranks of this stage in every replica (a ProcessGroup; None in one process)
     is_main: bool  # rank 0: it writes the metrics, plots and summary
 
-    def sum_across(self, value: float) -> float: ...
+    def sum_across(self, value: float) -> float: ...  # over this replica's stages
 
     def global_norm(self, local_norm: float) -> float: ...
 
-    def gather(self, obj) -> list: ...
+    def replica_mean(self, value: float) -> float: ...
+
+    def gradient_reducer(self, params: list[nn.Parameter]): ...  # a GradientReducer, or None
+
+    def gather(self, obj) -> list: ...  # one per stage of this replica
+
+    def gather_all(self, obj) -> list: ...  # one per rank
 
     def barrier(self) -> None: ...
 
@@ -123,7 +134,7 @@ class CheckpointWriter(Protocol):
 class SingleProcess:
     """The rank layout of one process holding the whole model: the collectives are identities."""
 
-    stage, is_main = 0, True
+    stage, stages, replica, replicas, replica_group, is_main = 0, 1, 0, 1, None, True
 
     def sum_across(self, value: float) -> float:
         return value
@@ -131,7 +142,16 @@ class SingleProcess:
     def global_norm(self, local_norm: float) -> float:
         return local_norm
 
+    def replica_mean(self, value: float) -> float:
+        return value
+
+    def gradient_reducer(self, params: list[nn.Parameter]) -> None:
+        return None
+
     def gather(self, obj) -> list:
+        return [obj]
+
+    def gather_all(self, obj) -> list:
         return [obj]
 
     def barrier(self) -> None:

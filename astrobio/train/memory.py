@@ -23,7 +23,7 @@ import torch
 from astrobio.memory import MemoryProfiler, Plan, PlanConfig, PlanError, check_fits, plan, plot_memory
 from astrobio.memory.accumulation import choose_accumulation
 from astrobio.memory.profiler import host_total
-from astrobio.train.config import ConfigError, TrainConfig
+from astrobio.train.config import ConfigError, TrainConfig, replicas
 
 # profiler sample keys that go into metrics.jsonl as they are ("alert" becomes "memory_alert" when set);
 # "device" tells plots/memory.png which curves mean something there (on the CPU the device is host memory)
@@ -57,12 +57,14 @@ def weights_dtype(config: TrainConfig, device: torch.device) -> torch.dtype:
 
 def plan_config(config: TrainConfig, vocab_size: int, device: torch.device) -> PlanConfig:
     """What this run will hold, in the planner's terms: the weights in ``weights_dtype``, the prefix
-    encoders of ``--modalities`` on stage 0 and their positions before the tokens."""
+    encoders of ``--modalities`` on stage 0 and their positions before the tokens, the replicas (an
+    offloaded state is sharded over them) and the ranks on this machine."""
     from astrobio.model.encoders import check_modalities
     hardware, gpu_memory = gpu_budget(config, device)
     param_dtype = "bf16" if weights_dtype(config, device) == torch.bfloat16 else "fp32"
+    from astrobio.train.devices import local_ranks
     return PlanConfig(model=config.model, vocab_size=vocab_size, stages=config.pipeline_stages,
-                      seq_len=config.seq_len, modalities=check_modalities(config.modalities),
+                      data_parallel=replicas(config), ranks_per_machine=local_ranks(config), seq_len=config.seq_len, modalities=check_modalities(config.modalities),
                       micro_batch_size=config.micro_batch_size, micro_batches=config.gradient_accumulation_steps,
                       schedule=config.schedule, checkpointing=config.use_gradient_checkpointing,
                       offload=bool(config.use_cpu_offloading), master_weights=config.master_weights,

@@ -1,12 +1,15 @@
-"""Pipeline-parallel training: ``--pipeline-stages N --schedule 1f1b|gpipe|zb-h1`` (docs/TRAINING.md).
+"""Multi-process training: ``--pipeline-stages N --schedule 1f1b|gpipe|zb-h1`` and ``--data-parallel K``
+(docs/TRAINING.md, docs/SCALING.md).
 
 The entry point (astrobio.train.entry) starts the ranks with ``astrobio.parallel.launch.launch`` (spawned
 there, gloo on the CPU and NCCL on GPUs; or one rank per process under ``torchrun``), and every rank runs
 the same loop over its own stage with this module's parts, the counterparts of astrobio.train.local's:
 
-- ``Ranks``: the rank layout, what the trainer needs from the job: this rank's stage, collectives that
-  stop when a peer fails (through the launcher's ``FaultGuard``), and the global gradient norm (an
-  all-reduce of the stages' squared norms).
+- ``Ranks``: the rank layout, what the trainer needs from the job: this rank's replica and stage on the
+  ("dp", "pp") mesh (astrobio.parallel.replicas), collectives that stop when a peer fails (through the
+  launcher's ``FaultGuard``), the global gradient norm (an all-reduce of the stages' squared norms over
+  the replica's pipeline: the replicas hold the same averaged gradients), the step's loss averaged
+  over the replicas, and the reducer that averages the gradients over them.
 - ``PipelineStepRunner`` (a ``StepRunner``) runs one step's micro-batches through the schedule with
   ``astrobio.parallel.executor.run_pipeline_step`` (every rank reads the same micro-batches from an
   identical loader: stage 0 uses the inputs, the last stage the targets), returns the loss on every
@@ -14,10 +17,11 @@ the same loop over its own stage with this module's parts, the counterparts of a
   In a multimodal run the micro-batches are MultimodalBatch: stage 0 runs the prefix encoders before its
   layers (``PrefixedStage``; the encoders and their optimizer state live on stage 0 only) and the last
   stage's loss covers the token positions.
-- ``StagedCheckpoint``: checkpoints in parts, one per stage (astrobio.train.checkpoint); they load with
-  any number of stages (the prefix encoders' weights go with rank 0's training state, as with one stage).
+- ``StagedCheckpoint``: checkpoints in parts, one per stage, written by replica 0 (astrobio.train.checkpoint);
+  they load with any number of stages and replicas (the prefix encoders' weights go with rank 0's
+  training state, as with one stage).
 
-Only rank 0 writes metrics, plots and the summary.
+Only rank 0 writes metrics, plots and the summary; its figures and per-stage records are replica 0's.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ import torch.distributed as dist
 from torch import nn
 
 from astrobio.model.stages import PrefixedStage
-from astrobio.train.checkpoint import Checkpointer, write_part
+from astrobio.parallel.replicas import GradientReducer, Layout, mesh
+from astrobio.train.checkpoint import Checkpointer, write_part, write_rank_part
 from astrobio.train.timeline import DEVICE, HOST, StepTimeline
 
 # the schedule's computations as phases of the step breakdown (W: the weight-gradient half of backward)
@@ -40,31 +45,66 @@ TRACE_PHASES = {"F": "forward", "B": "backward", "W": "backward"}
 
 
 class Ranks:
-    """This rank's place in the pipeline job, and collectives that stop when a peer fails."""
+    """This rank's place in the job (``replicas`` x the stages), and collectives that stop when a peer
+    fails."""
 
-    def __init__(self, ctx):
+    def __init__(self, ctx, replicas: int = 1):
+        if ctx.world_size % replicas:
+            raise ValueError(f"{ctx.world_size} ranks do not split into {replicas} replicas")
         self.ctx, self.guard = ctx, ctx.guard
-        self.stage, self.world_size = ctx.rank, ctx.world_size
+        self.layout = Layout(replicas, ctx.world_size // replicas)
+        self.mesh = mesh(self.layout, ctx.device.type)
+        self.pipeline = self.mesh.get_group("pp")  # this replica's stages: activations, gradients, the norm
+        self.replica_group = self.mesh.get_group("dp")  # this stage in every replica: the gradients' average
+        self.stage, self.stages = self.mesh.get_local_rank("pp"), self.layout.stages
+        self.replica, self.replicas = self.mesh.get_local_rank("dp"), replicas
         self.is_main = ctx.rank == 0
         self.transport_device = ctx.device  # where the backend's tensors live: the GPU with NCCL, else the host
+        if ctx.backend == "nccl":  # the activations' headers go over gloo beside NCCL: made here, by every rank
+            from astrobio.parallel.transport import make_side_gloo_groups
+            make_side_gloo_groups(self.pipeline, [self.layout.pipeline_ranks(r) for r in range(replicas)])
 
     def wait(self, work) -> None:
         self.guard.wait(work)
 
-    def sum_across(self, value: float) -> float:
-        """The sum of ``value`` over the ranks (fp64), the same on every rank."""
+    def peer(self, stage: int) -> int:
+        """The global rank of ``stage`` of this replica."""
+        return dist.get_global_rank(self.pipeline, stage)
+
+    def all_reduce(self, value: float, group) -> float:
         total = torch.tensor([value], dtype=torch.float64, device=self.ctx.device)
-        self.wait(dist.all_reduce(total, async_op=True))
+        self.wait(dist.all_reduce(total, group=group, async_op=True))
         return total.item()
+
+    def sum_across(self, value: float) -> float:
+        """The sum of ``value`` over this replica's stages (fp64), the same on every rank."""
+        return self.all_reduce(value, self.pipeline)
 
     def global_norm(self, local_norm: float) -> float:
         """The whole model's L2 norm from this stage's."""
         return math.sqrt(self.sum_across(local_norm * local_norm))
 
+    def replica_mean(self, value: float) -> float:
+        """The mean of ``value`` over the replicas (e.g. the step's loss), the same on every rank."""
+        if self.replicas == 1:
+            return value
+        return self.all_reduce(value, self.replica_group) / self.replicas
+
+    def gradient_reducer(self, params: list[nn.Parameter]) -> GradientReducer | None:
+        """What averages this stage's gradients over the replicas (None: one replica)."""
+        return GradientReducer(params, self.replica_group, self.wait) if self.replicas > 1 else None
+
     def gather(self, obj) -> list:
+        """Every stage's ``obj`` (of this replica), on every rank."""
+        self.guard.check()
+        out: list = [None] * self.stages
+        dist.all_gather_object(out, obj, group=self.pipeline)
+        return out
+
+    def gather_all(self, obj) -> list:
         """Every rank's ``obj``, on every rank."""
         self.guard.check()
-        out: list = [None] * self.world_size
+        out: list = [None] * self.ctx.world_size
         dist.all_gather_object(out, obj)
         return out
 
@@ -97,7 +137,7 @@ class PipelineStepRunner:
                  loss_fn, prefix: nn.Module | None = None, prefix_len: int = 0, timeline: StepTimeline | None = None):
         self.stage, self.ranks, self.schedule = stage, ranks, schedule
         self.device, self.mixed_precision, self.loss_fn = device, mixed_precision, loss_fn
-        self.first, self.last = ranks.stage == 0, ranks.stage == ranks.world_size - 1
+        self.first, self.last = ranks.stage == 0, ranks.stage == ranks.stages - 1
         self.prefix_len = prefix_len
         self.module = stage if prefix is None else PrefixedStage(stage, prefix)
         self.transport_device = ranks.transport_device
@@ -123,7 +163,8 @@ class PipelineStepRunner:
         start = time.perf_counter()
         with self.autocast():
             result = run_pipeline_step(self.module, self.schedule, self.pairs(micro_batches), self.target_loss,
-                                       guard=self.ranks.guard, device=self.transport_device)
+                                       group=self.ranks.pipeline, guard=self.ranks.guard,
+                                       device=self.transport_device)
         self.add_to_timeline(result.trace, start, time.perf_counter())
         self.trace, self.micro_batches = result.trace, len(micro_batches)
         return result.loss
@@ -164,14 +205,16 @@ class PipelineStepRunner:
             else:
                 shape = (targets.shape[0], self.prefix_len + targets.shape[1], width)
                 x = torch.empty(shape, dtype=self.wire_dtype, device=wire)
-                self.ranks.wait(dist.irecv(x, self.ranks.stage - 1))
+                self.ranks.wait(dist.irecv(x, self.ranks.peer(self.ranks.stage - 1), self.ranks.pipeline))
             with self.autocast():
                 out = self.module(x)
             if self.last:
                 total += self.target_loss(out, targets).double().to(wire)
             else:
-                self.ranks.wait(dist.isend(out.to(wire, self.wire_dtype).contiguous(), self.ranks.stage + 1))
-        self.ranks.wait(dist.broadcast(total, self.ranks.world_size - 1, async_op=True))
+                self.ranks.wait(dist.isend(out.to(wire, self.wire_dtype).contiguous(), self.ranks.peer(self.ranks.stage + 1),
+                                           self.ranks.pipeline))
+        last = self.ranks.peer(self.ranks.stages - 1)
+        self.ranks.wait(dist.broadcast(total, last, group=self.ranks.pipeline, async_op=True))
         return (total / len(batches)).item()
 
     def step_record(self) -> dict:
@@ -188,26 +231,37 @@ class PipelineStepRunner:
         from astrobio.parallel.trace import simulated_bubble
         from astrobio.parallel.gantt import render_gantt
         from astrobio.parallel.schedules import schedule
-        stages, micro_batches = self.ranks.world_size, self.micro_batches
+        stages, micro_batches = self.ranks.stages, self.micro_batches
         simulated = simulated_bubble(schedule(self.schedule, stages, micro_batches), self.last_traces)
         render_gantt(self.last_traces, directory / "pipeline.png",
                      f"{self.schedule}, {stages} stages x {micro_batches} micro-batches", simulated)
 
 
 class StagedCheckpoint:
-    """Each stage writes its part into the temporary directory; rank 0 then writes the shared training
-    state and the manifest, and renames (the same atomic save as with one stage)."""
+    """Each stage's part goes into the temporary directory, written by that stage's rank of replica 0
+    (the replicas hold the same weights and, unless ``sharded``, the same optimizer state; a sharded
+    optimizer's state goes in one part per replica: astrobio.train.checkpoint.write_rank_part); rank 0
+    then writes the shared training state and the manifest, and renames (the same atomic save as with one
+    stage)."""
 
-    def __init__(self, checkpointer: Checkpointer, ranks: Ranks):
-        self.checkpointer, self.ranks = checkpointer, ranks
+    def __init__(self, checkpointer: Checkpointer, ranks: Ranks, sharded: bool = False):
+        self.checkpointer, self.ranks, self.sharded = checkpointer, ranks, sharded
+
+    def writes_part(self) -> bool:
+        """Whether this rank writes files of its stage: replica 0, or every replica of a sharded state."""
+        return self.sharded or self.ranks.replica == 0
+
+    def write_part(self, tmp: Path, model_state: dict, optimizer_state: Callable[[], dict]) -> None:
+        write_rank_part(tmp, self.ranks.stage, self.ranks.replica, model_state, optimizer_state(), self.sharded,
+                        self.checkpointer.save_io)
 
     def save(self, step: int, model_state: dict, optimizer_state: Callable[[], dict],
              training_state: Callable[[], dict]) -> Path:
-        stage, ckpt, is_main = self.ranks.stage, self.checkpointer, self.ranks.is_main
+        ckpt, is_main = self.checkpointer, self.ranks.is_main
         tmp = ckpt.begin(step) if is_main else ckpt.root / f".tmp-step-{step}"
         self.ranks.barrier()
-        write_part(tmp, f"model-stage{stage}.safetensors", model_state, f"optimizer-stage{stage}",
-                   optimizer_state(), ckpt.save_io)
+        if self.writes_part():
+            self.write_part(tmp, model_state, optimizer_state)
         self.ranks.barrier()
         if is_main:
             write_part(tmp, None, None, "state", training_state(), ckpt.save_io)

@@ -42,7 +42,7 @@ def plot_loss(records: list[dict], path: str | os.PathLike) -> Path:
 
 
 PHASE_COLOURS = {"data": "#8C8C8C", "forward": "#4C72B0", "backward": "#DD8452", "pipeline_wait": "#E5E5E5",
-                 "norm_clip": "#C44E52", "norm_reduce": "#F2B6B8", "optimizer": "#55A868", "offload_end_step": "#8172B3"}
+                 "grad_reduce": "#CCB974", "norm_clip": "#C44E52", "norm_reduce": "#F2B6B8", "optimizer": "#55A868", "offload_end_step": "#8172B3"}
 
 
 def plot_step_timeline(breakdowns: list, path: str | os.PathLike) -> Path:

@@ -11,7 +11,9 @@ from astrobio.train.checkpoint import MANIFEST, CheckpointError, Checkpointer, I
 from astrobio.train.config import ConfigError, TrainConfig, flag
 
 # A resumed run must match its checkpoint in these keys (the rest, e.g. --steps or --lr, may change).
-RESUME_KEYS = ("model", "seq_len", "micro_batch_size", "gradient_accumulation_steps", "data", "tokenizer",
+# The global batch (--batch-size) must match, not how it is split: a run resumes with another
+# --data-parallel and --gradient-accumulation-steps of the same product, on the same data position.
+RESUME_KEYS = ("model", "seq_len", "micro_batch_size", "batch_size", "data", "tokenizer",
                "seed", "use_8bit_optimizer", "modalities", "use_cpu_offloading", "master_weights", "accum_dtype")
 
 

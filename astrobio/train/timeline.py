@@ -2,8 +2,8 @@
 
 The parts of a step mark their phases on one ``StepTimeline``: the loop (``data``), the step runner
 (``forward``, ``backward``, and in a pipeline the ``pipeline_wait`` between its computations), the
-optimizer (``norm_clip`` and ``optimizer`` on the device, ``norm_reduce`` for the all-reduce of the
-stages' norms; ``offload_end_step`` for the offload engine's ``end_step``). Phases on the ``host`` lane are wall-clock intervals of the process's main thread and do
+optimizer (``grad_reduce`` for the wait for data parallel's gradient all-reduces, ``norm_clip`` and
+``optimizer`` on the device, ``norm_reduce`` for the all-reduce of the stages' norms; ``offload_end_step`` for the offload engine's ``end_step``). Phases on the ``host`` lane are wall-clock intervals of the process's main thread and do
 not overlap, so they add up to the step's wall time (less the loop's own bookkeeping).
 
 Phases marked as device work also go on the ``device`` lane: on a GPU as CUDA events around the work

@@ -24,8 +24,8 @@ import torch
 from tqdm import tqdm
 
 from astrobio.train.builders import Parts
-from astrobio.train.checkpoint import CheckpointError, optimizer_by_index, optimizer_by_name
-from astrobio.train.config import ConfigError, TrainConfig
+from astrobio.train.checkpoint import CheckpointError, optimizer_by_name
+from astrobio.train.config import ConfigError, TrainConfig, micro_batches_per_step
 from astrobio.train.data import DataBundle
 from astrobio.train.logging import memory_stats
 from astrobio.train.memory import memory_fields
@@ -146,7 +146,7 @@ class Trainer:
         if self.prefix is not None:
             self.prefix.load_state_dict(resume.state["prefix"])
         try:
-            self.optimizer.load_state_dict(optimizer_by_index(resume.state["optimizer"], self.names))
+            self.optimizer.load_checkpoint(resume.path, resume.state, self.names)
         except CheckpointError as error:
             raise ConfigError(str(error)) from None
         self.data.train_loader.load_state_dict(resume.state["data"])
@@ -198,7 +198,7 @@ class Trainer:
         with self.timeline.phase("data"):
             micro_batches = [next(loader) for _ in range(self.config.gradient_accumulation_steps)]
         self.optimizer.begin_step(len(micro_batches))
-        self.last_loss = self.runner.forward_backward(micro_batches)
+        self.last_loss = self.ranks.replica_mean(self.runner.forward_backward(micro_batches))
         stats = self.optimizer.end_step(lr)
         breakdown = self.last_breakdown = self.timeline.finish()
         self.busy_s += breakdown.busy_fraction * breakdown.step_s
@@ -242,7 +242,7 @@ class Trainer:
     def stopping(self, stop: StopSignal) -> bool:
         """Whether a signal asked to stop; with several stages, whether any rank got one (every rank
         then stops after the same step and writes its part of the checkpoint)."""
-        received = [signum for signum in self.ranks.gather(stop.received) if signum is not None]
+        received = [signum for signum in self.ranks.gather_all(stop.received) if signum is not None]
         if not received:
             # NOTE: a signal that arrived here during the gather stays set and goes into the next
             # step's gather; overwriting it with the gathered None lost Ctrl-C when every rank got it
@@ -264,7 +264,7 @@ class Trainer:
         return fields
 
     def epoch(self) -> float:
-        return self.step * self.config.gradient_accumulation_steps / self.data.train_loader.batches_per_epoch
+        return self.step * micro_batches_per_step(self.config) / self.data.train_loader.batches_per_epoch
 
     def checkpoint_due(self) -> bool:
         config, step = self.config, self.step
@@ -272,7 +272,7 @@ class Trainer:
             return True
         if config.save_every_n_epochs:
             per_epoch = self.data.train_loader.batches_per_epoch * config.save_every_n_epochs
-            accum = config.gradient_accumulation_steps
+            accum = micro_batches_per_step(config)
             return step * accum // per_epoch > (step - 1) * accum // per_epoch
         return False
 
