@@ -155,3 +155,21 @@ def test_rank_processes_reuse_freed_memory():
     ranks = launch(split_backward_faults, 1, timeout_s=60, backend="gloo")
     assert plain > 3000
     assert all(faults < plain / 5 for faults in ranks.values()), (plain, ranks)
+
+
+def result_then_crash_in_teardown(ctx, crash_rank: int) -> int:
+    """Returns its rank; the rank ``crash_rank`` then aborts while closing its process group."""
+    if ctx.rank == crash_rank:
+        import importlib
+        importlib.import_module("astrobio.parallel.launch").close_rank = lambda ctx: os.abort()
+    return ctx.rank
+
+
+def test_a_rank_that_crashes_after_its_result_is_reported_not_hidden(capfd):
+    """A rank that ends badly after sending its result (a native thread at exit) is named on stderr; the
+    job's results stand. The ranks that end cleanly leave without the interpreter's teardown (exit 0)."""
+    results = launch(result_then_crash_in_teardown, 2, (1,), timeout_s=TIMEOUT_S, backend="gloo")
+    assert results == {0: 0, 1: 1}
+    err = capfd.readouterr().err
+    assert "stage 1 (rank 1) sent its result but then exited with signal SIGABRT" in err
+    assert "stage 0" not in err
