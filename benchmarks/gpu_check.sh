@@ -180,13 +180,29 @@ train13b() {
 if wants system; then
   optional bench-offload-small 70 "$BENCH_LOG" benchmarks/bench_offload.py --model small --micro-batches 8 \
     --batch-size 8 --seq-len 256 --json "$WORK/offload_small_gpu.json"
+  # data parallel on the one GPU (two ranks over gloo with CUDA tensors): 2 replicas equal one process
+  # with the same global batch; the last line of the step's detail is the largest relative loss difference
+  if ((BUILD_RC == 0)); then
+    run_step train-dp2-1gpu 120 "$TRAIN_LOG" bash -c "$PY -m astrobio.train --device cuda --pipeline-stages 1 \
+      --data-parallel 2 --micro-batch-size 4 --gradient-accumulation-steps 2 --steps 10 --output-dir $WORK/dp2 && \
+      $PY -m astrobio.train --device cuda --pipeline-stages 1 --data-parallel 1 --micro-batch-size 4 \
+      --gradient-accumulation-steps 4 --steps 10 --output-dir $WORK/dp1 && $PY - $WORK/dp1 $WORK/dp2 <<'EOF'
+import json, sys
+runs = [{r['step']: r['loss'] for r in map(json.loads, open(d + '/metrics.jsonl')) if 'loss' in r} for d in sys.argv[1:]]
+diff = max(abs(runs[0][k] - runs[1][k]) / abs(runs[0][k]) for k in runs[0])
+print(f'dp2 vs dp1: {len(runs[0])} logged steps, largest relative loss difference {diff:.2e}')
+EOF"
+    DETAILS[-1]=$(grep "dp2 vs dp1" "$TRAIN_LOG" | tail -n 1)
+  else
+    skip train-dp2-1gpu "the build failed"
+  fi
   COMMON_13B=(--model 13b --device cuda --use-cpu-offloading --master-weights bf16-sr --accum-dtype bf16
               --use-mixed-precision --use-gradient-checkpointing --seq-len 2048 --micro-batch-size 1
               --eval-every-n-steps 0 --eval-batches 1)
   train13b train-13b-1proc 230 "${COMMON_13B[@]}" --pipeline-stages 1 --gradient-accumulation-steps 16 \
     --steps 3 --output-dir "$WORK/run13b-1proc"
   rm -rf "$WORK/run13b-1proc/checkpoints"  # ~50 GB: the disk holds one
-  train13b train-13b-2stage 160 "${COMMON_13B[@]}" --pipeline-stages 2 --gpu-memory-limit 24GiB \
+  train13b train-13b-2stage 300 "${COMMON_13B[@]}" --pipeline-stages 2 --gpu-memory-limit 24GiB \
     --gradient-accumulation-steps 8 --steps 2 --output-dir "$WORK/run13b-2stage"
   rm -rf "$WORK/run13b-2stage/checkpoints"
   optional bench-offload-13b 90 "$BENCH_LOG" benchmarks/bench_offload.py --model 13b --layers 4 \
