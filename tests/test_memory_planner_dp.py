@@ -30,9 +30,8 @@ def test_each_machine_holds_a_kth_of_the_optimizer_state():
         assert terms[name] == pytest.approx(one[name] / 4, abs=4)
     for name in ("gradient accumulators (fp32)", "gradient staging", "process runtime"):
         assert terms[name] == one[name]  # each replica sums its own micro-batches
-    assert terms["reduced gradients (fp32)"] == pytest.approx(one["gradient accumulators (fp32)"] / 4, abs=4)
     assert all("data-parallel buffers" in [t.name for t in d.terms] for d in four.devices)
-    assert four.host.total < plan(PlanConfig()).host.total * 0.65
+    assert four.host.total < plan(PlanConfig()).host.total * 0.55
 
 
 def test_ranks_map_to_machines_replica_by_replica():
@@ -52,7 +51,7 @@ def test_the_command_takes_data_parallel(capsys):
     assert plan_main(["--data-parallel", "4", "--ranks-per-machine", "2"]) == 0
     out = capsys.readouterr().out
     assert "x 4 data-parallel replicas (2 ranks per machine, 4 machine(s))" in out
-    assert "reduced gradients (fp32)" in out and "1/4 per replica" in out
+    assert "the replicas' sum reduced into them" in out and "1/4 per replica" in out
 
 
 def sharded_host_bytes(ctx, location):

@@ -148,8 +148,9 @@ def machine_host(cfg: PlanConfig, hw: HardwareProfile, tensors: list[list[tuple[
     astrobio.optim.offload.OffloadEngine lays them out: per bucket flat master, accumulator and (fp32 master
     over bf16 weights) bf16 upload buffers, pinned on a CUDA machine; a pool of gradient staging buffers of
     the largest bucket's size; moments per parameter. With K data-parallel replicas each rank holds 1/K of
-    its stage's master, moments and upload copy and a reduced-gradient shard beside its whole accumulators
-    (astrobio.optim.replicas; the block rounding is left out), and over gloo (CPU) two gather buffers."""
+    its stage's master, moments and upload copy beside its whole accumulators (the replicas' sum is reduced
+    into them; astrobio.optim.replicas; the block rounding is left out), and over gloo (CPU) two gather
+    buffers."""
     held = [tensors[s] for s in ranks]
     numels = [n for stage in held for _, n in stage]
     n_params = sum(numels)
@@ -173,10 +174,8 @@ def machine_host(cfg: PlanConfig, hw: HardwareProfile, tensors: list[list[tuple[
                                  else "")))
         else:
             terms.append(Term(f"gradient accumulators ({cfg.accum_dtype})", acc * n_params,
-                              "summed over micro-batches"))
-        if k > 1 and not reduced_on_device:
-            terms.append(Term(f"reduced gradients ({cfg.accum_dtype})", acc * n_params // k,
-                              "this replica's shard of the replicas' sum"))
+                              "summed over micro-batches" + ("; the replicas' sum reduced into them" if k > 1
+                                                             else "")))
         if master == 4 and param_bytes == 2:  # not for the fp32 prefix encoders
             uploaded = sum(n for stage in held for name, n in stage if not name.startswith(PREFIX))
             terms.append(Term("bf16 upload copy", 2 * uploaded // k,

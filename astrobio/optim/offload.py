@@ -234,13 +234,13 @@ class _Bucket:
         self.grad_dtype = slots[0].param.dtype
         self.master = torch.empty(self.shard_numel, dtype=master_dtype, pin_memory=pin)
         # the host's summed gradients: all of the bucket's, except where NCCL reduces the device's sums on the
-        # device and only this rank's shard comes over; with replicas, their sum over the replicas, this
-        # rank's shard of it, is ``reduced`` (without, ``accum`` itself)
+        # device and only this rank's shard comes over. ``reduced``: the gradients the step reads, this
+        # rank's shard of the replicas' sum, reduce-scattered in place into its own part of ``accum``
         reduced_on_device = on_device and replicas is not None and replicas.on_device
         self.accum = torch.zeros(self.shard_numel if reduced_on_device else self.numel, dtype=accum_dtype,
                                  pin_memory=pin)
-        self.reduced = (torch.zeros(self.shard_numel, dtype=accum_dtype, pin_memory=pin)
-                        if replicas is not None and not reduced_on_device else self.accum)
+        first = 0 if reduced_on_device else layout.shard_start
+        self.reduced = self.accum[first:first + self.shard_numel]
         # the kernel writes the new weights in the device's dtype here when the master has another dtype
         needs_upload = master_dtype == torch.float32 and self.grad_dtype == torch.bfloat16
         self.upload = torch.empty(self.shard_numel, dtype=torch.bfloat16, pin_memory=pin) if needs_upload else None
@@ -816,8 +816,8 @@ class OffloadEngine:
     def host_bytes(self) -> dict[str, int]:
         """Bytes of the engine's host buffers by kind, as the memory planner names them: ``master``,
         ``moments`` (codes, absmax, fp32 moments), ``accumulators`` (the summed gradients: all of the
-        bucket's, or the shard that came reduced from the device), ``reduced`` (this rank's shard of the
-        replicas' sum, where it is a buffer of its own), ``upload``, ``staging``, ``gather``."""
+        bucket's, or the shard that came reduced from the device; the replicas' sum is reduced into it),
+        ``upload``, ``staging``, ``gather``."""
         def nbytes(tensors) -> int:
             return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -825,7 +825,6 @@ class OffloadEngine:
         return {"master": nbytes(b.master for b in buckets),
                 "moments": nbytes(v for s in self._slots for v in s.state.values() if torch.is_tensor(v)),
                 "accumulators": nbytes(b.accum for b in buckets),
-                "reduced": nbytes(b.reduced for b in buckets if b.reduced is not b.accum),
                 "upload": nbytes(b.upload for b in buckets if b.upload is not None),
                 "staging": 0 if self._pool is None else self._pool.nbytes * self._pool.allocated,
                 "gather": nbytes(buffer for buffer, _ in self._gather_buffers)}

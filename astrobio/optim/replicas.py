@@ -121,7 +121,9 @@ class Replicas:
         return total.item()
 
     def reduce_scatter(self, full: torch.Tensor, shard: torch.Tensor) -> None:
-        """Replicas thread, gloo: ``shard`` = this rank's shard of the sum of every replica's ``full``."""
+        """Replicas thread, gloo: ``shard`` = this rank's shard of the sum of every replica's ``full``;
+        ``shard`` may be that shard's own place in ``full`` (gloo reduces a copy of the input: NOTE, an
+        implementation property, which tests/test_offload_sharded.py's bit-exact comparisons check)."""
         _REDUCE_SCATTER(shard, full, group=self.group)
 
     def all_gather(self, full: torch.Tensor, shard: torch.Tensor) -> None:

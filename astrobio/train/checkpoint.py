@@ -14,6 +14,16 @@ rank writes its part into the temporary directory, then rank 0 writes ``state.*`
 (which lists every file) and renames. ``load_checkpoint`` merges the parts, so a checkpoint loads the
 same whichever number of stages wrote it.
 
+Data parallel (astrobio.optim.offload.OffloadEngine with ``replicas``): the replicas of a stage hold
+the same weights but each only its slices of the optimizer state, so ``write_rank_part`` has replica 0
+write ``model-stage{k}.safetensors`` and every replica its ``optimizer-stage{k}-replica{r}`` part (its
+engine's ``state_dict()`` by parameter name: each entry a slice with its element ``range``); an
+optimizer every replica holds whole goes to ``optimizer-stage{k}`` from replica 0. ``load_checkpoint``
+merges only unsharded parts; an offload engine loads with ``load_offload_state(path, names,
+engine.shard_ranges())``, which assembles exactly the elements the rank holds from whichever parts
+(unsharded or replica slices, any stage and replica count) overlap them, copying them out of mapped
+files (``map_tensors``): no rank reads or materialises another's state.
+
 Loading verifies the manifest first and refuses a checkpoint with a missing, truncated or altered file.
 Nothing is unpickled: tensors go through the safetensors format and the rest through JSON, so a
 checkpoint from elsewhere is data, not a program. Non-string dict keys and tuples (optimizer state dicts
