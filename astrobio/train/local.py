@@ -109,6 +109,7 @@ class RankLayout(Protocol):
     replica: int  # which copy of the pipeline this process belongs to (0 in one process)
     replicas: int
     replica_group: object  # the ranks of this stage in every replica (a ProcessGroup; None in one process)
+    optimizer_group: object  # the same ranks, as a group the offload engine alone uses (None: one replica)
     is_main: bool  # rank 0: it writes the metrics, plots and summary
 
     def sum_across(self, value: float) -> float: ...  # over this replica's stages
@@ -134,7 +135,7 @@ class CheckpointWriter(Protocol):
 class SingleProcess:
     """The rank layout of one process holding the whole model: the collectives are identities."""
 
-    stage, stages, replica, replicas, replica_group, is_main = 0, 1, 0, 1, None, True
+    stage, stages, replica, replicas, replica_group, optimizer_group, is_main = 0, 1, 0, 1, None, None, True
 
     def sum_across(self, value: float) -> float:
         return value

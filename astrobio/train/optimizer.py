@@ -202,7 +202,7 @@ def build_optimizer(config: TrainConfig, named: list[tuple[str, nn.Parameter]], 
     if config.use_cpu_offloading:
         from astrobio.optim.offload import OffloadEngine
         # with replicas the engine averages the gradients itself (reduce-scatter into its shards)
-        sharded = {"replicas": ranks.replica_group} if ranks.replicas > 1 else {}
+        sharded = {"replicas": ranks.optimizer_group} if ranks.replicas > 1 else {}
         engine = OffloadEngine(named, lr=config.lr, betas=betas, weight_decay=config.weight_decay,
                                max_grad_norm=config.max_grad_norm or None, accum_dtype=config.accum_dtype,
                                master_weights=config.master_weights, module=module, seed=config.seed,
