@@ -133,6 +133,7 @@ from astrobio.spec import adamw8bit as reference
 from astrobio.optim.adamw8bit import check_hyperparameters, check_parameter, checked_state, new_state, step_seed
 from astrobio.optim.host_link import HostLink, StagingPool
 from astrobio.optim.offload_timings import OffloadTimings, TimingsRecorder
+from astrobio.optim.pinned import PinnedArena
 from astrobio.optim.replicas import Replicas, bucket_layout
 
 ACCUM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -223,27 +224,24 @@ class _Bucket:
     shard of it (astrobio.optim.replicas; without replicas the shard is the whole bucket)."""
 
     def __init__(self, index: int, slots: list[_Slot], master_dtype: torch.dtype, accum_dtype: torch.dtype,
-                 pin: bool, on_device: bool, replicas: Replicas | None):
+                 host: Callable[[int, torch.dtype], torch.Tensor], on_device: bool, replicas: Replicas | None):
         self.index, self.slots = index, slots
-        layout = bucket_layout([s.param.numel() for s in slots], *((replicas.size, replicas.rank) if replicas
-                                                                   else (1, 0)))
+        layout = self.layout(slots, replicas)
         for position, (slot, piece) in enumerate(zip(slots, layout.pieces)):
             slot.offset, slot.position = piece.offset, position
             slot.lo, slot.hi, slot.local = piece.lo, piece.hi, piece.local
         self.numel, self.shard_numel, self.gaps = layout.numel, layout.shard_numel, layout.gaps
         self.grad_dtype = slots[0].param.dtype
-        self.master = torch.empty(self.shard_numel, dtype=master_dtype, pin_memory=pin)
+        buffers = self.host_buffers(slots, master_dtype, accum_dtype, on_device, replicas)
+        self.master = host(*buffers["master"])
         # the host's summed gradients: all of the bucket's, except where NCCL reduces the device's sums on the
         # device and only this rank's shard comes over. ``reduced``: the gradients the step reads, this
         # rank's shard of the replicas' sum, reduce-scattered in place into its own part of ``accum``
-        reduced_on_device = on_device and replicas is not None and replicas.on_device
-        self.accum = torch.zeros(self.shard_numel if reduced_on_device else self.numel, dtype=accum_dtype,
-                                 pin_memory=pin)
-        first = 0 if reduced_on_device else layout.shard_start
+        self.accum = host(*buffers["accum"]).zero_()
+        first = 0 if self.accum.numel() == self.shard_numel else layout.shard_start
         self.reduced = self.accum[first:first + self.shard_numel]
         # the kernel writes the new weights in the device's dtype here when the master has another dtype
-        needs_upload = master_dtype == torch.float32 and self.grad_dtype == torch.bfloat16
-        self.upload = torch.empty(self.shard_numel, dtype=torch.bfloat16, pin_memory=pin) if needs_upload else None
+        self.upload = host(*buffers["upload"]) if buffers["upload"] is not None else None
         for slot in slots:
             if slot.count:
                 self.owned(self.master, slot).view(-1).copy_(slot.param.detach().reshape(-1)[slot.lo:slot.hi])
@@ -262,6 +260,22 @@ class _Bucket:
         self.stepped: Future | None = None  # the optimizer step; its result is the upload event
         self.uploaded: Any = None  # the last upload's event: master/upload are rewritten only after it
         self.sq_norm: float | None = None
+
+    @staticmethod
+    def layout(slots: list[_Slot], replicas: Replicas | None):
+        return bucket_layout([s.param.numel() for s in slots], *((replicas.size, replicas.rank) if replicas
+                                                                 else (1, 0)))
+
+    @classmethod
+    def host_buffers(cls, slots: list[_Slot], master_dtype: torch.dtype, accum_dtype: torch.dtype,
+                     on_device: bool, replicas: Replicas | None) -> dict[str, tuple[int, torch.dtype] | None]:
+        """(elements, dtype) of the bucket's host buffers: the engine reserves their pinned memory at once."""
+        layout = cls.layout(slots, replicas)
+        reduced_on_device = on_device and replicas is not None and replicas.on_device
+        needs_upload = master_dtype == torch.float32 and slots[0].param.dtype == torch.bfloat16
+        return {"master": (layout.shard_numel, master_dtype),
+                "accum": (layout.shard_numel if reduced_on_device else layout.numel, accum_dtype),
+                "upload": (layout.shard_numel, torch.bfloat16) if needs_upload else None}
 
     @staticmethod
     def view(flat: torch.Tensor, slot: _Slot) -> torch.Tensor:
@@ -416,13 +430,28 @@ class OffloadEngine:
             groups[-1].append(slot)
             size += nbytes
         master, accum = MASTER_WEIGHTS[self.master_weights], ACCUM_DTYPES[self.accum_dtype]
+        on_device = self.grad_accum_location == "device"
+        host = self._host_allocator(groups, master, accum, on_device, pin)
         buckets = []
         for index, group in enumerate(groups):
             for slot in group:
                 slot.bucket = index
-            buckets.append(_Bucket(index, group, master, accum, pin, self.grad_accum_location == "device",
-                                   self._replicas))
+            buckets.append(_Bucket(index, group, master, accum, host, on_device, self._replicas))
         return buckets
+
+    def _host_allocator(self, groups: list[list[_Slot]], master: torch.dtype, accum: torch.dtype, on_device: bool,
+                        pin: bool) -> Callable[[int, torch.dtype], torch.Tensor]:
+        """Where the buckets' host buffers come from: one PinnedArena sized for all of them, pinned on a
+        CUDA device (torch's pinned allocator would round each buffer up to a power of two:
+        astrobio.optim.pinned), plain host blocks on a CPU-only machine (the same code path)."""
+        expected = 0
+        for group in groups:
+            for buffer in _Bucket.host_buffers(group, master, accum, on_device, self._replicas).values():
+                if buffer is not None:
+                    numel, dtype = buffer
+                    expected += numel * dtype.itemsize
+        self._arena = PinnedArena(expected, pin=pin)
+        return self._arena.empty
 
     def attach(self, module: torch.nn.Module) -> None:
         """Forward pre-hooks on every submodule of ``module`` that owns engine parameters: each waits
