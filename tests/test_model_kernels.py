@@ -229,6 +229,15 @@ def check_saved_bytes(case: str) -> dict:
     return {"relative_difference": abs(measured - planned) / planned}
 
 
+def check_last_stage_saved_bytes(checkpointing: bool) -> dict:
+    """A last pipeline stage's loss with the fused kernels (the chunked cross-entropy) keeps no logits:
+    what autograd saves against the planner's count with kernels="fused"."""
+    from _saved_bytes import last_stage_saved_bytes
+    result = last_stage_saved_bytes("fused", checkpointing)
+    return {"relative_difference": abs(result["measured"] - result["planned"]) / result["planned"],
+            "holds_logits": result["holds_logits"]}
+
+
 def register_ops() -> None:
     import astrobio.kernels.cross_entropy  # noqa: F401
     import astrobio.kernels.rmsnorm  # noqa: F401
@@ -252,6 +261,12 @@ def child_main(out_path: str) -> None:
     for case in SAVED_CASES:
         try:
             results["saved"][case] = check_saved_bytes(case)
+        except Exception as error:  # noqa: BLE001
+            results["saved"][case] = {"error": f"{type(error).__name__}: {error}"}
+    for checkpointing in (False, True):
+        case = f"last-stage{'-checkpointing' if checkpointing else ''}"
+        try:
+            results["saved"][case] = check_last_stage_saved_bytes(checkpointing)
         except Exception as error:  # noqa: BLE001
             results["saved"][case] = {"error": f"{type(error).__name__}: {error}"}
     for name in OPCHECKS:
@@ -292,6 +307,14 @@ def test_fused_model_matches_eager_loss_and_gradients(child_results, case):
 def test_fused_block_keeps_what_the_memory_planner_counts(child_results, case):
     result = child_results["saved"][case]
     assert "error" not in result, result.get("error")
+    assert result["relative_difference"] < 0.01, result
+
+
+@pytest.mark.parametrize("case", ["last-stage", "last-stage-checkpointing"])
+def test_fused_last_stage_keeps_no_logits_and_what_the_planner_counts(child_results, case):
+    result = child_results["saved"][case]
+    assert "error" not in result, result.get("error")
+    assert not result["holds_logits"]
     assert result["relative_difference"] < 0.01, result
 
 

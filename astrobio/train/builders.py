@@ -80,6 +80,14 @@ def requested_kernels(config: TrainConfig, device: torch.device) -> str:
     return "fused" if measured_fast_path(config, device) else "eager"
 
 
+def planned_kernels(config: TrainConfig, device: torch.device) -> str:
+    """The kernels ``speed_up`` will switch on (the memory preflight plans their activations):
+    ``requested_kernels``, eager where the fused ones cannot run on ``device``."""
+    from astrobio.model.fast import fused_kernels_unavailable
+    kernels = requested_kernels(config, device)
+    return "eager" if kernels == "fused" and fused_kernels_unavailable(device) else kernels
+
+
 def requested_compile(config: TrainConfig, device: torch.device) -> bool:
     """``--compile``, with auto: on with CUDA without offload, off on the CPU (compiling costs more there
     than it gains)."""

@@ -59,6 +59,7 @@ def plan_config(config: TrainConfig, vocab_size: int, device: torch.device) -> P
     """What this run will hold, in the planner's terms: the weights in ``weights_dtype``, the prefix
     encoders of ``--modalities`` on stage 0 and their positions before the tokens."""
     from astrobio.model.encoders import check_modalities
+    from astrobio.train.builders import planned_kernels
     hardware, gpu_memory = gpu_budget(config, device)
     param_dtype = "bf16" if weights_dtype(config, device) == torch.bfloat16 else "fp32"
     return PlanConfig(model=config.model, vocab_size=vocab_size, stages=config.pipeline_stages,
@@ -68,7 +69,7 @@ def plan_config(config: TrainConfig, vocab_size: int, device: torch.device) -> P
                       offload=bool(config.use_cpu_offloading), master_weights=config.master_weights,
                       accum_dtype=config.accum_dtype, optimizer="adamw8bit" if config.use_8bit_optimizer else "adamw",
                       param_dtype=param_dtype, autocast=config.use_mixed_precision, hardware=hardware,
-                      gpu_memory=gpu_memory, host_memory=host_total())
+                      gpu_memory=gpu_memory, host_memory=host_total(), kernels=planned_kernels(config, device))
 
 
 def one_line(error: PlanError) -> str:
