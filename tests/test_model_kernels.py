@@ -183,14 +183,14 @@ def run_opcheck(name: str, device: str = "cpu") -> str | None:
     return None
 
 
-MODEL_CASES = ["fp32", "bf16", "fp32-checkpointing-prefix", "autocast-stages"]
+MODEL_CASES = ["fp32", "bf16", "fp32-checkpointing-prefix", "autocast-stages", "fp32-projections", "bf16-projections"]
 MODEL_TOLERANCE = {"fp32": (1e-4, 1e-5), "bf16": (3e-2, 3e-2), "autocast": (3e-2, 3e-2)}  # (rtol, atol)
 
 
 def check_model(case: str) -> dict:
-    """The tiny-shaped model's loss and every parameter's gradient, fused kernels vs eager; the worst
-    tolerance excess (<= 0 passes)."""
-    from astrobio.model import ModelConfig, build_model, split_model, use_kernels
+    """The tiny-shaped model's loss and every parameter's gradient, fused kernels (with the fused q, k, v
+    and gate, up products in the "projections" cases) vs eager; the worst tolerance excess (<= 0 passes)."""
+    from astrobio.model import ModelConfig, build_model, fuse_projections, split_model, use_kernels
     precision = case.split("-")[0]
     rtol, atol = MODEL_TOLERANCE[precision]
     config = ModelConfig(vocab_size=300, d_model=64, n_layers=3, n_heads=4, ffn_hidden=176, max_seq_len=64)
@@ -202,6 +202,7 @@ def check_model(case: str) -> dict:
     for kernels in ("eager", "fused"):
         model = build_model(config, seed=2, dtype=dtype)
         assert use_kernels(model, kernels) == kernels
+        fuse_projections(model, kernels == "fused" and "projections" in case)
         model.gradient_checkpointing = "checkpointing" in case
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
             if "stages" in case:
