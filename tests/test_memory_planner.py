@@ -63,6 +63,18 @@ def test_the_fused_kernels_plan_the_chunked_loss():
         PlanConfig(kernels="triton")
 
 
+def test_the_cli_takes_the_kernels(capsys):
+    args = ["--model", "13b", "--seq-len", "2048", "--no-checkpointing", "--hardware", "h200", "--json"]
+    totals = {}
+    for kernels in ("eager", "fused"):
+        assert plan_cli([*args, "--kernels", kernels]) == 0
+        out = json.loads(capsys.readouterr().out)
+        totals[kernels] = out["devices"][1]["total"]
+        cli = plan(PlanConfig(model="13b", seq_len=2048, checkpointing=False, hardware="h200", kernels=kernels))
+        assert totals[kernels] == cli.devices[1].total
+    assert totals["fused"] < totals["eager"]
+
+
 def test_the_trainer_plans_the_kernels_it_will_run(monkeypatch):
     """The preflight plans the kernels ``speed_up`` switches on: --kernels fused falls back to eager on
     the CPU unless the Triton interpreter is on."""
