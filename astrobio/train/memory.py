@@ -24,6 +24,7 @@ from astrobio.memory import MemoryProfiler, Plan, PlanConfig, PlanError, check_f
 from astrobio.memory.accumulation import choose_accumulation
 from astrobio.memory.profiler import host_total
 from astrobio.train.config import ConfigError, TrainConfig
+from astrobio.train.speed import planned_kernels
 
 # profiler sample keys that go into metrics.jsonl as they are ("alert" becomes "memory_alert" when set);
 # "device" tells plots/memory.png which curves mean something there (on the CPU the device is host memory)
@@ -59,7 +60,6 @@ def plan_config(config: TrainConfig, vocab_size: int, device: torch.device) -> P
     """What this run will hold, in the planner's terms: the weights in ``weights_dtype``, the prefix
     encoders of ``--modalities`` on stage 0 and their positions before the tokens."""
     from astrobio.model.encoders import check_modalities
-    from astrobio.train.builders import planned_kernels
     hardware, gpu_memory = gpu_budget(config, device)
     param_dtype = "bf16" if weights_dtype(config, device) == torch.bfloat16 else "fp32"
     return PlanConfig(model=config.model, vocab_size=vocab_size, stages=config.pipeline_stages,
