@@ -63,6 +63,8 @@ def parser() -> argparse.ArgumentParser:
                    help="optimizer state, master weights and gradients stay on the device")
     p.add_argument("--no-checkpointing", dest="checkpointing", action="store_false")
     p.add_argument("--loss-chunks", type=int, default=1)
+    p.add_argument("--kernels", choices=("eager", "fused"), default="eager",
+                   help="the model's layers and loss: fused plans the Triton kernels and the chunked loss")
     p.add_argument("--bucket-size", type=size_arg, default=None, help="offload gradient bucket (default 32MiB)")
     p.add_argument("--hardware", choices=list(PROFILES), default="a5000")
     p.add_argument("--mfu", type=float, default=None, help="override the profile's model FLOPs utilisation")

@@ -11,6 +11,9 @@ a 13B-shaped stage), the same batch for every provider, all in one process:
     fused            astrobio's Triton kernels (RMSNorm + residual, rotary, silu*up, chunked loss): CUDA
     compiled         eager blocks under torch.compile (astrobio.model.compile_blocks)
     fused+compiled   both
+    eager+proj, fused+compiled+proj
+                     the same with q, k, v and gate, up as one product each, their weights concatenated at
+                     use (astrobio.model.fuse_projections)
     llama            transformers' LlamaForCausalLM of the same shape (sdpa attention), the peer
 
 Before timing, each provider's loss and gradients on the batch are compared with the eager model's
@@ -39,10 +42,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from astrobio.model import build_model, compile_blocks, get_config, use_kernels
+from astrobio.model import build_model, compile_blocks, fuse_projections, get_config, use_kernels
 from astrobio.optim import AdamW8bit
 
-PROVIDERS = ("eager", "fused", "compiled", "fused+compiled", "llama")
+PROVIDERS = ("eager", "eager+proj", "fused", "compiled", "fused+compiled", "fused+compiled+proj", "llama")
 KNOWN_PEAKS_TFLOPS = {"H100": 989.5, "H200": 989.5, "A100": 312.0, "A5000": 111.1}  # dense bf16 tensor cores
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2}  # relative: loss, and each gradient's norm
 
@@ -187,9 +190,10 @@ def make_provider(name: str, base: torch.nn.Module, args: argparse.Namespace):
                 lambda: llama_grads_as_ours(base.config, llama))
     model = copy.deepcopy(base)
     model.gradient_checkpointing = args.checkpointing
+    fuse_projections(model, name.endswith("+proj"))
     if "fused" in name and use_kernels(model, "fused") != "fused":
         return "the fused kernels cannot run here (see the message above)"
-    if "compiled" in name and not compile_blocks(model):
+    if "compiled" in name and not compile_blocks(model):  # after fuse_projections: it is traced
         return "torch.compile is unsupported here (see the message above)"
     return model, model.loss, lambda: {n: p.grad for n, p in model.named_parameters()}
 

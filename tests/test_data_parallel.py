@@ -110,7 +110,7 @@ def replica_gradients(ctx, layouts: list[tuple[int, int, str]], batches: list) -
     this rank's gradients after the reduction, by parameter name, whether every bucket's all-reduce had
     started before backward ended (from the hooks), and the ranks of its pipeline's side gloo group."""
     from astrobio.train.builders import build_model, build_stage_model
-    from astrobio.train.local import LocalStepRunner, lm_loss
+    from astrobio.train.local import LocalStepRunner
     from astrobio.train.pipeline import PipelineStepRunner, Ranks
     cpu, results = torch.device("cpu"), []
     for replicas, stages, schedule in layouts:
@@ -120,7 +120,7 @@ def replica_gradients(ctx, layouts: list[tuple[int, int, str]], batches: list) -
             runner = LocalStepRunner(model, cpu, mixed_precision=False)
         else:
             model, _ = build_stage_model(config, VOCAB, cpu, ranks.stage)
-            runner = PipelineStepRunner(model, ranks, schedule, cpu, False, lm_loss)
+            runner = PipelineStepRunner(model, ranks, schedule, cpu, False)
         shard = ReplicaShard(iter(batches), ranks.replica, replicas)
         mine = [next(shard) for _ in range(len(batches) // replicas)]
         reducer = ranks.gradient_reducer(list(model.parameters()))

@@ -1,6 +1,7 @@
 """The memory planner: its counts against what autograd, the optimizer and the model really hold, the 13B
 plan on 2 x 24 GB (docs/MEMORY.md), refusals that say what to change, and planned vs measured peak memory."""
 
+import importlib.util
 import json
 from dataclasses import replace
 
@@ -14,7 +15,7 @@ from astrobio.memory.validate import CpuCase, measure_cpu, measure_cuda, run_sta
 from astrobio.model import build_model, build_stage, get_config
 from astrobio.optim.adamw8bit import AdamW8bit
 from astrobio.plan import main as plan_cli
-from _saved_bytes import saved_and_planned_bytes
+from _saved_bytes import last_stage_saved_bytes, saved_and_planned_bytes
 
 GIB = 2 ** 30
 
@@ -32,6 +33,60 @@ def plan_13b():
 def test_block_saved_bytes_equal_what_autograd_saves(dtype, autocast):
     measured, planned = saved_and_planned_bytes(dtype, autocast)
     assert measured == pytest.approx(planned, rel=0.01)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_last_stage_saved_bytes_equal_the_plan_and_the_eager_loss(checkpointing):
+    """The last stage's loss from its input (the pipeline's): what autograd keeps is the planner's count
+    plus the eager cross-entropy's fp32 log-probabilities (the planner's loss term); the fused kernels'
+    chunked loss keeps no logits (tests/test_model_kernels.py)."""
+    result = last_stage_saved_bytes("eager", checkpointing)
+    assert result["holds_logits"]
+    assert result["measured"] == pytest.approx(result["planned"] + result["logits_fp32"], rel=0.01)
+
+
+def test_the_fused_kernels_plan_the_chunked_loss():
+    """kernels="fused": the last stage plans the chunked loss's working set (one chunk of logits, the
+    fp32 head-weight gradient) instead of the eager loss's 12 bytes per logit, every block keeps less;
+    a bad value is refused naming it."""
+    config = dict(model=get_config("tiny", vocab_size=32768), stages=2, seq_len=256, micro_batch_size=4,
+                  micro_batches=4, checkpointing=False, offload=False, hardware="cpu")
+    eager, fused = (plan(PlanConfig(**config, kernels=k)) for k in ("eager", "fused"))
+    term = lambda p, s, name: next(t.bytes for t in p.devices[s].terms if t.name == name)  # noqa: E731
+    logits = 4 * 4 * 256 * 32768
+    assert term(eager, 1, "logits + loss") >= 3 * logits  # the eager loss's backward: 12 bytes per logit
+    # one chunk of logits (here all 1024 tokens' in fp32, 4 bytes per logit) and the fp32 head gradient
+    assert term(fused, 1, "logits + loss") == logits + 4 * 32768 * 128 + 4 * 1024
+    assert term(fused, 0, "activations") < term(eager, 0, "activations")
+    assert fused.devices[1].total < eager.devices[1].total - logits
+    with pytest.raises(ValueError, match="kernels='triton'"):
+        PlanConfig(kernels="triton")
+
+
+def test_the_cli_takes_the_kernels(capsys):
+    args = ["--model", "13b", "--seq-len", "2048", "--no-checkpointing", "--hardware", "h200", "--json"]
+    totals = {}
+    for kernels in ("eager", "fused"):
+        assert plan_cli([*args, "--kernels", kernels]) == 0
+        out = json.loads(capsys.readouterr().out)
+        totals[kernels] = out["devices"][1]["total"]
+        cli = plan(PlanConfig(model="13b", seq_len=2048, checkpointing=False, hardware="h200", kernels=kernels))
+        assert totals[kernels] == cli.devices[1].total
+    assert totals["fused"] < totals["eager"]
+
+
+def test_the_trainer_plans_the_kernels_it_will_run(monkeypatch):
+    """The preflight plans the kernels ``speed_up`` switches on: --kernels fused falls back to eager on
+    the CPU unless the Triton interpreter is on."""
+    from astrobio.train import parse_config
+    from astrobio.train.memory import plan_config
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert plan_config(parse_config([]), 259, cpu).kernels == "eager"
+    assert plan_config(parse_config(["--kernels", "fused"]), 259, cpu).kernels == "eager"
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if importlib.util.find_spec("triton") is not None:
+        assert plan_config(parse_config(["--kernels", "fused"]), 259, cpu).kernels == "fused"
 
 
 def test_stage_parameter_counts_sum_to_the_model():

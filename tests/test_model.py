@@ -163,3 +163,44 @@ def test_compiled_pipeline_stages_give_the_eager_loss():
         pytest.skip("torch.compile is unsupported here")
     loss = stages[1].loss(stages[0](tokens[:, :-1]), tokens[:, 1:])
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype, checkpointing", [(torch.float32, False), (torch.float32, True),
+                                                  (torch.bfloat16, False)])
+def test_fused_projections_equal_the_separate_ones(dtype, checkpointing):
+    """fuse_projections: one product for q, k, v and one for gate, up, equal to the separate products
+    within fp32 rounding (rtol 1e-5) or bf16's (2e-2: bf16 products of different shapes accumulate in
+    their own order); parameter names and state dicts unchanged."""
+    from astrobio.model import fuse_projections
+    cfg = get_config("tiny", vocab_size=300)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 33))
+    results = []
+    for fused in (False, True):
+        model = build_model(cfg, seed=6, dtype=dtype)
+        model.gradient_checkpointing = checkpointing
+        fuse_projections(model, fused)
+        assert all(m.fused_projections == fused for m in model.modules() if hasattr(m, "fused_projections"))
+        loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        results.append((model, loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (plain, loss_p, grads_p), (fused, loss_f, grads_f) = results
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    rtol, atol = (1e-5, 1e-6) if dtype == torch.float32 else (2e-2, 2e-2)
+    torch.testing.assert_close(loss_f, loss_p, rtol=rtol, atol=atol)
+    for name, g in grads_p.items():
+        torch.testing.assert_close(grads_f[name], g, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_projections_with_the_kv_cache():
+    """Generation with the KV cache: the fused projections give the logits of the full forward."""
+    from astrobio.model import fuse_projections
+    cfg = get_config("tiny", vocab_size=300)
+    model = build_model(cfg, seed=7)
+    fuse_projections(model)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 12))
+    with torch.no_grad():
+        full = model(tokens)
+        caches = [{} for _ in range(cfg.n_layers)]
+        first = model(tokens[:, :8], kv_caches=caches)
+        steps = [model(tokens[:, i:i + 1], kv_caches=caches, position_offset=i) for i in range(8, 12)]
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, rtol=1e-4, atol=1e-5)

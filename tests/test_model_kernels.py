@@ -183,14 +183,14 @@ def run_opcheck(name: str, device: str = "cpu") -> str | None:
     return None
 
 
-MODEL_CASES = ["fp32", "bf16", "fp32-checkpointing-prefix", "autocast-stages"]
+MODEL_CASES = ["fp32", "bf16", "fp32-checkpointing-prefix", "autocast-stages", "fp32-projections", "bf16-projections"]
 MODEL_TOLERANCE = {"fp32": (1e-4, 1e-5), "bf16": (3e-2, 3e-2), "autocast": (3e-2, 3e-2)}  # (rtol, atol)
 
 
 def check_model(case: str) -> dict:
-    """The tiny-shaped model's loss and every parameter's gradient, fused kernels vs eager; the worst
-    tolerance excess (<= 0 passes)."""
-    from astrobio.model import ModelConfig, build_model, split_model, use_kernels
+    """The tiny-shaped model's loss and every parameter's gradient, fused kernels (with the fused q, k, v
+    and gate, up products in the "projections" cases) vs eager; the worst tolerance excess (<= 0 passes)."""
+    from astrobio.model import ModelConfig, build_model, fuse_projections, split_model, use_kernels
     precision = case.split("-")[0]
     rtol, atol = MODEL_TOLERANCE[precision]
     config = ModelConfig(vocab_size=300, d_model=64, n_layers=3, n_heads=4, ffn_hidden=176, max_seq_len=64)
@@ -202,6 +202,7 @@ def check_model(case: str) -> dict:
     for kernels in ("eager", "fused"):
         model = build_model(config, seed=2, dtype=dtype)
         assert use_kernels(model, kernels) == kernels
+        fuse_projections(model, kernels == "fused" and "projections" in case)
         model.gradient_checkpointing = "checkpointing" in case
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
             if "stages" in case:
@@ -229,6 +230,15 @@ def check_saved_bytes(case: str) -> dict:
     return {"relative_difference": abs(measured - planned) / planned}
 
 
+def check_last_stage_saved_bytes(checkpointing: bool) -> dict:
+    """A last pipeline stage's loss with the fused kernels (the chunked cross-entropy) keeps no logits:
+    what autograd saves against the planner's count with kernels="fused"."""
+    from _saved_bytes import last_stage_saved_bytes
+    result = last_stage_saved_bytes("fused", checkpointing)
+    return {"relative_difference": abs(result["measured"] - result["planned"]) / result["planned"],
+            "holds_logits": result["holds_logits"]}
+
+
 def register_ops() -> None:
     import astrobio.kernels.cross_entropy  # noqa: F401
     import astrobio.kernels.rmsnorm  # noqa: F401
@@ -252,6 +262,12 @@ def child_main(out_path: str) -> None:
     for case in SAVED_CASES:
         try:
             results["saved"][case] = check_saved_bytes(case)
+        except Exception as error:  # noqa: BLE001
+            results["saved"][case] = {"error": f"{type(error).__name__}: {error}"}
+    for checkpointing in (False, True):
+        case = f"last-stage{'-checkpointing' if checkpointing else ''}"
+        try:
+            results["saved"][case] = check_last_stage_saved_bytes(checkpointing)
         except Exception as error:  # noqa: BLE001
             results["saved"][case] = {"error": f"{type(error).__name__}: {error}"}
     for name in OPCHECKS:
@@ -292,6 +308,14 @@ def test_fused_model_matches_eager_loss_and_gradients(child_results, case):
 def test_fused_block_keeps_what_the_memory_planner_counts(child_results, case):
     result = child_results["saved"][case]
     assert "error" not in result, result.get("error")
+    assert result["relative_difference"] < 0.01, result
+
+
+@pytest.mark.parametrize("case", ["last-stage", "last-stage-checkpointing"])
+def test_fused_last_stage_keeps_no_logits_and_what_the_planner_counts(child_results, case):
+    result = child_results["saved"][case]
+    assert "error" not in result, result.get("error")
+    assert not result["holds_logits"]
     assert result["relative_difference"] < 0.01, result
 
 
@@ -360,3 +384,21 @@ def test_fused_and_compiled_model_on_gpu_matches_eager(checkpointing):
         results.append([loss.detach()] + [p.grad for p in model.parameters()])
     for fast, eager in zip(*reversed(results)):
         assert worst_excess(fast, eager.double(), *MODEL_TOLERANCE["bf16"]) <= 0
+
+
+def test_the_chunked_loss_runs_the_heads_forward_pre_hooks(monkeypatch):
+    """The fused loss reads the head's weight without calling the head: what waits before the head's
+    forward (the offload engine's wait for its updated weights) must still run, once per loss."""
+    from astrobio.kernels import cross_entropy
+    from astrobio.model import transformer
+    from astrobio.model.fast import load_fused_ops
+    from astrobio.model.transformer import head_loss
+    monkeypatch.setattr(cross_entropy, "triton_row_step_available", lambda device: False)
+    monkeypatch.setattr(transformer, "FUSED", transformer.FUSED or load_fused_ops())
+    head = torch.nn.Linear(16, 40, bias=False)
+    seen = []
+    head.register_forward_pre_hook(lambda module, args: seen.append(module))
+    hidden, targets = torch.randn(2, 5, 16), torch.randint(0, 40, (2, 5))
+    fused = head_loss(head, hidden, targets, fused=True)
+    assert seen == [head]
+    assert torch.allclose(fused, head_loss(head, hidden, targets, fused=False), rtol=1e-5, atol=1e-6)

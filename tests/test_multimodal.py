@@ -352,7 +352,7 @@ def two_stage_steps(ctx):
     train, val = pipeline_batches()
     out = {}
     for schedule in ("1f1b", "zb-h1"):
-        runner = PipelineStepRunner(stage, Ranks(ctx), schedule, ctx.device, False, None, prefix, prefix_len)
+        runner = PipelineStepRunner(stage, Ranks(ctx), schedule, ctx.device, False, prefix, prefix_len)
         loss = runner.forward_backward(train)
         out[schedule] = loss, {n: p.grad.clone() for n, p in named if p.grad is not None}
         for _, p in named:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from astrobio.train import ConfigError, main, parse_config
-from astrobio.train.builders import requested_compile, requested_kernels
+from astrobio.train.speed import requested_compile, requested_kernels
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 

@@ -45,7 +45,8 @@ class PlanConfig:
     bucket_bytes: int = ENGINE_BUCKET_BYTES  # the offload engine's bucket: its host staging buffers' size
     staging_buffers: int = 2           # host staging buffers per stage (one filling, one accumulating)
     device_grads_in_flight: int = 2    # gradients on the device at once: one produced, one copying out
-    loss_chunks: int = 1
+    loss_chunks: int = 1               # eager loss: head + cross-entropy computed in this many pieces
+    kernels: str = "eager"             # the model's layers and loss: eager | fused (astrobio.model.use_kernels)
     vocab_size: int | None = None      # for presets that take the tokenizer's
     mfu: float | None = None           # hardware overrides
     host_link: float | None = None
@@ -60,7 +61,8 @@ class PlanConfig:
                 pass
         choices = {"schedule": SCHEDULES, "master_weights": ("fp32", "bf16-sr"), "accum_dtype": ("fp32", "bf16"),
                    "grad_accum_location": ("auto", "device", "host"),
-                   "optimizer": ("adamw8bit", "adamw"), "param_dtype": (None, "bf16", "fp32")}
+                   "optimizer": ("adamw8bit", "adamw"), "param_dtype": (None, "bf16", "fp32"),
+                   "kernels": ("eager", "fused")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r}; choose one of "

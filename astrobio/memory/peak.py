@@ -26,6 +26,11 @@ class StageShape:
     is_first: bool
     is_last: bool
     precision: act.Precision
+    kernels: str = "eager"  # the model's layers and loss (astrobio.memory.activations.KERNELS)
+
+    @property
+    def fused(self) -> bool:
+        return self.kernels == "fused"
 
 
 def splits_backward(schedule: str, stage: int) -> bool:
@@ -56,28 +61,29 @@ def occupancy(schedule: str, stages: int, stage: int, micro_batches: int) -> lis
 def micro_batch_activations(s: StageShape, checkpointing: bool) -> int:
     """What one micro-batch leaves on a stage between its forward and its backward. A sent output is
     released once sent (the executor keeps its autograd edge only); a received input is kept for B."""
-    m, t, p = s.model, s.tokens, s.precision
+    m, t, p, k = s.model, s.tokens, s.precision, s.kernels
+    head = act.head_saved_bytes(m, t, p, k) if s.is_last else 0
     if checkpointing:
-        head = act.head_saved_bytes(m, t, p) if s.is_last else 0
         return s.layers * act.hidden_bytes(m, t, p) + head
-    per_layer = act.block_saved_bytes(m, t, p) + act.block_input_saved(m, t, p)
-    held_input = act.hidden_bytes(m, t, p) if (not s.is_first and p.residual < act.FP32) else 0
-    head = act.head_saved_bytes(m, t, p) if s.is_last else 0
+    per_layer = act.block_saved_bytes(m, t, p, k) + act.block_input_saved(m, t, p, k)
+    # the received input is kept for B; the first block counts it already where its norm saves its input
+    held_input = act.hidden_bytes(m, t, p) if not (s.is_first or act.block_input_saved(m, t, p, k)) else 0
     return s.layers * per_layer + held_input + head
 
 
 def caught_grad_bytes(s: StageShape, layers: int) -> int:
     """Gradients of Linear outputs that a split backward keeps for W: q, k, v, o, down (h wide),
-    gate, up (f wide) per block; the logits' gradient on the last stage."""
+    gate, up (f wide) per block; the logits' gradient on the last stage (not with the fused chunked
+    loss, which computes the head's gradient in F)."""
     m, t, e = s.model, s.tokens.count, s.precision.matmul
-    head = e * t * m.vocab_size if s.is_last else 0
+    head = e * t * m.vocab_size if s.is_last and not s.fused else 0
     return layers * e * t * (5 * m.d_model + 2 * m.ffn_hidden) + head
 
 
 def w_pending_bytes(s: StageShape, checkpointing: bool) -> int:
     """A micro-batch between its B and its W: the retained graph (its activations, and on the last
-    stage the loss's fp32 log-probabilities) and the caught output gradients."""
-    loss_saved = act.FP32 * s.tokens.count * s.model.vocab_size if s.is_last else 0
+    stage the eager loss's fp32 log-probabilities) and the caught output gradients."""
+    loss_saved = act.FP32 * s.tokens.count * s.model.vocab_size if s.is_last and not s.fused else 0
     return micro_batch_activations(s, checkpointing) + loss_saved + caught_grad_bytes(s, s.layers)
 
 
@@ -106,7 +112,15 @@ def backward_moments(s: StageShape, cfg: PlanConfig, grads: dict[str, int], othe
     accumulated = sum(grads.values()) if (grads_resident and cfg.micro_batches > 1) else 0
     out = []
     done = 0
-    if s.is_last:
+    if s.is_last and s.fused:
+        # the chunked loss's forward (one chunk of logits, the fp32 head-weight gradient being summed),
+        # then its backward: the head's gradient, and the hidden states' gradient scaled
+        out.append(("forward of the chunked loss", others + full, act.fused_loss_working_bytes(m, t, p),
+                    accumulated))
+        done = grads.get("head", 0) + grads.get("norm", 0)
+        out.append(("backward of the chunked loss", others + full, p.matmul * t.count * m.d_model,
+                    (accumulated or done) if grads_resident else grad_in_flight("head")))
+    elif s.is_last:
         loss = act.loss_working_bytes(m, t, cfg.loss_chunks)
         # no gradient of this micro-batch exists yet; then the head's backward holds the logits'
         # gradient in the activation dtype and produces the head's (largest) weight gradient
@@ -117,10 +131,11 @@ def backward_moments(s: StageShape, cfg: PlanConfig, grads: dict[str, int], othe
                     (accumulated or done) if grads_resident else grad_in_flight("head")))
     hidden = act.hidden_bytes(m, t, p)
     # under checkpointing the block input is the checkpoint itself, already counted in ``hidden``
-    saved = act.block_saved_bytes(m, t, p) + (0 if cfg.checkpointing else act.block_input_saved(m, t, p))
+    saved = (act.block_saved_bytes(m, t, p, s.kernels)
+             + (0 if cfg.checkpointing else act.block_input_saved(m, t, p, s.kernels)))
     transient = act.block_backward_transient(m, t, p)
-    head_saved = act.head_saved_bytes(m, t, p) if s.is_last else 0
-    retained_loss = act.FP32 * t.count * m.vocab_size if (split and s.is_last) else 0
+    head_saved = act.head_saved_bytes(m, t, p, s.kernels) if s.is_last else 0
+    retained_loss = act.FP32 * t.count * m.vocab_size if (split and s.is_last and not s.fused) else 0
     for i in range(s.layers - 1, -1, -1):
         if split:
             held = full + retained_loss + caught_grad_bytes(s, s.layers - i) + transient
@@ -177,8 +192,9 @@ class CastCopies:
     def of(cls, cfg: PlanConfig, tensors: list[tuple[str, int]], param_bytes: int) -> "CastCopies":
         if not (cfg.autocast and param_bytes == 4):
             return cls()
+        # the fused loss casts the head's weight itself and keeps no copy
         matrices = {name: n for name, n in tensors if name.endswith("weight") and "norm" not in name
-                    and not name.startswith("embed")}
+                    and not name.startswith("embed") and not (cfg.kernels == "fused" and name == "head.weight")}
         per_block = layer_grad_bytes([(k, n) for k, n in matrices.items() if k.startswith("layers.")], 2)
         return cls(stage=2 * sum(matrices.values()), block=max(per_block.values(), default=0),
                    head=2 * matrices.get("head.weight", 0))

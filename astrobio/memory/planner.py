@@ -114,7 +114,8 @@ def plan_stage(cfg: PlanConfig, hw: HardwareProfile, s: StageShape, stage: int,
     if cfg.offload and cfg.data_parallel > 1 and not hw.unified:
         terms.append(Term("data-parallel buffers", collective_device_bytes(cfg, tensors, param_bytes),
                           "NCCL: one bucket's reduce-scatter and all-gather buffers"))
-    terms.append(Term("logits + loss", peak.loss, f"last stage, {cfg.loss_chunks} chunk(s); at the peak moment"))
+    how_loss = "the chunked cross-entropy (fused)" if cfg.kernels == "fused" else f"{cfg.loss_chunks} chunk(s)"
+    terms.append(Term("logits + loss", peak.loss, f"last stage, {how_loss}; at the peak moment"))
     allocated = sum(t.bytes for t in terms)
     terms.append(Term("allocator slack", int(hw.allocator_slack * allocated), f"{hw.allocator_slack:.0%} of allocated"))
     if hw.context_bytes:
@@ -257,7 +258,7 @@ def plan(cfg: PlanConfig) -> Plan:
     tokens = act.Tokens(cfg.micro_batch_size, positions)
     devices = []
     for s, layers in enumerate(split):
-        shape = StageShape(model, tokens, layers, s == 0, s == len(split) - 1, precision)
+        shape = StageShape(model, tokens, layers, s == 0, s == len(split) - 1, precision, cfg.kernels)
         budget = plan_stage(cfg, hw, shape, s, tensors[s], param_bytes)
         budget.layers = (sum(split[:s]), sum(split[:s + 1]) - 1)
         devices.append(budget)

@@ -2,6 +2,7 @@
 
     use_kernels(model, "fused")   the layers' Triton kernels (astrobio.kernels) and the chunked loss
     compile_blocks(model)          torch.compile each TransformerBlock in place
+    fuse_projections(model)        q, k, v and SwiGLU's gate and up as one matrix product each
 
 Both take a whole model (RebuiltLLMIntegration) or a pipeline stage (PipelineStage), work with
 activation checkpointing (``model.gradient_checkpointing``: the checkpoint calls the compiled block,
@@ -81,6 +82,21 @@ def use_kernels(model: nn.Module, kernels: str) -> str:
         if hasattr(module, "fused"):  # the layers, and the model or last stage for the loss
             module.fused = fused
     return kernels
+
+
+def fuse_projections(model: nn.Module, on: bool = True) -> None:
+    """q, k and v as one matrix product of the input with their weights concatenated at use, and
+    SwiGLU's gate and up likewise (``on``; off: three and two products). The parameters stay as they
+    are (names, state dicts, optimizer state and checkpoints unchanged).
+
+    Costs where the products are already large: each forward copies the concatenated weights
+    (3 h^2 + 2 h f per block) and autograd keeps that copy until the backward; the Linear modules' own
+    forwards no longer run, so their forward hooks do not fire (the offload engine's wait for a
+    module's weights, ZB-H1's deferred weight pass: their gradients are then computed in B). The
+    trainer does not use it (docs/MODEL.md: measured gain on the CPU within noise)."""
+    for module in model.modules():
+        if isinstance(module, (transformer.Attention, transformer.SwiGLU)):
+            module.fused_projections = on
 
 
 def compile_unsupported(model: nn.Module) -> str | None:

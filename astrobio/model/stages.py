@@ -90,6 +90,10 @@ class PrefixedStage(nn.Module):
     def forward(self, batch) -> torch.Tensor:
         return self.stage(batch.tokens, prefix=self.prefix(**batch.prefix_inputs()))
 
+    def loss(self, batch, targets: torch.Tensor) -> torch.Tensor:
+        """A one-stage pipeline's loss (``PipelineStage.loss``) over the token positions."""
+        return self.stage.loss(batch.tokens, targets, prefix=self.prefix(**batch.prefix_inputs()))
+
 
 def build_stage(config: ModelConfig, stage: int, layers_per_stage: list[int] | None = None, seed: int = 0,
                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,

@@ -98,17 +98,24 @@ class Attention(nn.Module):
         self.wv = nn.Linear(d, d, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
         self.fused = False
+        self.fused_projections = False  # q, k, v as one matrix product (astrobio.model.fast.fuse_projections)
+
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v ``[batch, seq, d_model]``: three products, or one of the weights concatenated."""
+        if self.fused_projections:
+            weight = torch.cat((self.wq.weight, self.wk.weight, self.wv.weight))
+            return F.linear(x, weight).split(self.config.d_model, dim=-1)
+        return self.wq(x), self.wk(x), self.wv(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: dict | None = None) -> torch.Tensor:
         b, t, _ = x.shape
         h, hd = self.config.n_heads, self.config.head_dim
+        q, k, v = (y.reshape(b, t, h, hd) for y in self.projections(x))
         if self.fused:
-            q, k = FUSED.rotary(self.wq(x).view(b, t, h, hd), self.wk(x).view(b, t, h, hd), cos, sin)
+            q, k = FUSED.rotary(q, k, cos, sin)
         else:
-            q = apply_rotary(self.wq(x).view(b, t, h, hd), cos, sin)
-            k = apply_rotary(self.wk(x).view(b, t, h, hd), cos, sin)
-        v = self.wv(x).view(b, t, h, hd)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         causal = True
         if kv_cache is not None:
             if "k" in kv_cache:
@@ -137,11 +144,19 @@ class SwiGLU(nn.Module):
         self.w_up = nn.Linear(config.d_model, config.ffn_hidden, bias=False)
         self.w_down = nn.Linear(config.ffn_hidden, config.d_model, bias=False)
         self.fused = False
+        self.fused_projections = False  # gate and up as one matrix product (astrobio.model.fast.fuse_projections)
+
+    def gate_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused_projections:
+            weight = torch.cat((self.w_gate.weight, self.w_up.weight))
+            return F.linear(x, weight).split(self.w_gate.out_features, dim=-1)
+        return self.w_gate(x), self.w_up(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x)
         if self.fused:
-            return self.w_down(FUSED.silu_mul(self.w_gate(x), self.w_up(x)))
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+            return self.w_down(FUSED.silu_mul(gate, up))
+        return self.w_down(F.silu(gate) * up)
 
 
 class TransformerBlock(nn.Module):
@@ -220,6 +235,11 @@ def head_loss(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, fuse
         raise ValueError(f"hidden states {tuple(hidden.shape)} do not match targets {tuple(targets.shape)}: "
                          "expected [batch, seq, d_model] and [batch, seq]")
     if fused:
+        # the chunked loss reads the head's weight without calling the head: run what would run before its
+        # forward, e.g. the offload engine's wait for the head's updated weights (its forward hooks, which
+        # ZB-H1's weight pass records calls with, stay out: the head is not called)
+        for hook in head._forward_pre_hooks.values():
+            hook(head, (hidden,))
         return FUSED.linear_cross_entropy(hidden, head.weight, targets, ignore_index)
     return F.cross_entropy(head(hidden).float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 

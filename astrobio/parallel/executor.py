@@ -11,6 +11,12 @@ Each action of the schedule goes to one method: ``F`` to ``forward``, ``B`` to `
 ``B`` for its gradient. A stage keeps only the autograd edge of an output it sent: once the send
 completes the output's memory is released.
 
+The last stage's loss. By default the last stage's ``F`` runs ``loss_fn(stage_module(input), targets)``.
+With ``loss_from_input`` given it runs ``loss_from_input(input, targets)`` instead: the stage's forward
+and its loss in one call, for a stage that computes its loss without ever returning its whole output
+(a language model's chunked cross-entropy, which never builds the fp32 logits). The executor does not
+care which module or loss it runs.
+
 Backward. With ``gpipe`` and ``1f1b``, ``B`` runs the whole backward. With ``zb-h1`` (on every stage
 that has an input to differentiate), ``B`` runs the backward to the stage input and ``W`` the weight
 gradients of the ``nn.Linear`` modules (astrobio.parallel.weight_pass). Activation checkpointing
@@ -61,7 +67,8 @@ def run_pipeline_step(stage_module: nn.Module, schedule: Schedule | str,
                       micro_batches: Sequence[tuple[Any, Any]], loss_fn: Callable[[torch.Tensor, Any], torch.Tensor],
                       *, group: dist.ProcessGroup | None = None, guard: FaultGuard | None = None,
                       device: torch.device | None = None, on_action: Callable[[Action], None] | None = None,
-                      max_late_weight_passes: int = MAX_LATE_WEIGHT_PASSES) -> StepResult:
+                      max_late_weight_passes: int = MAX_LATE_WEIGHT_PASSES,
+                      loss_from_input: Callable[[Any, Any], torch.Tensor] | None = None) -> StepResult:
     """One step of this rank's stage.
 
     ``micro_batches[i]`` is ``(inputs, targets)``: stage 0 reads the inputs (token ids), the last stage
@@ -71,7 +78,9 @@ def run_pipeline_step(stage_module: nn.Module, schedule: Schedule | str,
     another rank fails. ``on_action`` is called before each action (tracing, fault injection in tests),
     in the schedule's order. ``max_late_weight_passes``: how many ``W`` may wait past their place in the
     schedule for a moment when the stage would otherwise wait for data (0: every ``W`` exactly where
-    the schedule puts it)."""
+    the schedule puts it). ``loss_from_input(input, targets)``: on the last stage, the micro-batch's mean
+    loss straight from the stage's input, in place of ``loss_fn(stage_module(input), targets)`` (then
+    ``loss_fn`` may be None)."""
     if max_late_weight_passes < 0:
         raise ValueError(f"max_late_weight_passes must be >= 0, got {max_late_weight_passes}")
     stage, world = dist.get_rank(group), dist.get_world_size(group)
@@ -80,18 +89,22 @@ def run_pipeline_step(stage_module: nn.Module, schedule: Schedule | str,
     if sched.num_stages != world or sched.num_micro_batches != m:
         raise ValueError(f"schedule is for {sched.num_stages} stages x {sched.num_micro_batches} micro-batches, "
                          f"but the group has {world} ranks and {m} micro-batches were given")
+    if stage == world - 1 and loss_fn is None and loss_from_input is None:
+        raise ValueError("the last stage needs loss_fn(output, targets) or loss_from_input(input, targets) "
+                         "for its loss")
     device = device or next(stage_module.parameters()).device
     transport = StageTransport(group, guard, device, stage, m)
     return _StageRun(stage_module, sched, stage, micro_batches, loss_fn, transport, on_action,
-                     max_late_weight_passes).execute()
+                     max_late_weight_passes, loss_from_input).execute()
 
 
 class _StageRun:
     """One step of one stage: the schedule's actions in order, and what they leave for later ones."""
 
     def __init__(self, module, sched: Schedule, stage: int, micro_batches, loss_fn, transport: StageTransport,
-                 on_action, max_late_weight_passes: int):
+                 on_action, max_late_weight_passes: int, loss_from_input=None):
         self.module, self.sched, self.stage = module, sched, stage
+        self.loss_from_input = loss_from_input
         self.micro_batches, self.loss_fn, self.transport, self.on_action = micro_batches, loss_fn, transport, on_action
         self.m = sched.num_micro_batches
         self.first, self.last = stage == 0, stage == sched.num_stages - 1
@@ -181,12 +194,18 @@ class _StageRun:
         if self.split is not None:
             self.split.recording = self.linear_calls[mb] = []
         try:
-            out = self.module(x)
+            if self.last:
+                targets = self.micro_batches[mb][1]
+                if self.loss_from_input is not None:
+                    loss = self.loss_from_input(x, targets)
+                else:
+                    loss = self.loss_fn(self.module(x), targets)
+            else:
+                out = self.module(x)
         finally:
             if self.split is not None:
                 self.split.recording = None
         if self.last:
-            loss = self.loss_fn(out, self.micro_batches[mb][1])
             self.losses[mb] = loss.detach()
             self.roots[mb] = loss / self.m  # the one place the loss is scaled
         else:
@@ -201,7 +220,7 @@ class _StageRun:
         start = time.perf_counter()
         root = self.roots.pop(mb)
         if self.split is not None:
-            self.split.input_backward(root, grad, self.inputs[mb])
+            self.split.input_backward(root, grad, self.inputs[mb], self.linear_calls.get(mb, []))
         else:
             torch.autograd.backward([root], None if grad is None else [grad])
         if not self.first:

@@ -6,6 +6,10 @@ hook on its output catches the output's gradient when ``B`` runs. ``W`` then com
 gradient as one GEMM of the two (what Linear's backward does) and accumulates them all into ``.grad``
 with one autograd call, so post-accumulate-grad hooks fire as in a whole backward.
 
+A Linear whose forward did not run during F (its weight used directly, as a chunked cross-entropy uses
+the head's) has no call to defer: B computes its weights' gradients with the others outside Linear
+calls.
+
 Under activation checkpointing (``module.gradient_checkpointing``) no Linear input is kept (that would
 undo the recomputation's memory saving): ``B`` keeps the graph, and ``W`` runs backward from each Linear
 output's autograd edge to its weights, recomputing a checkpointed block once more.
@@ -64,6 +68,7 @@ class WeightSplit:
         linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
         deferred = {id(p) for lin in linears for p in lin.parameters()}
         self.early_params = [p for p in module.parameters() if p.requires_grad and id(p) not in deferred]
+        self.linears = linears
         self.recording: list[LinearCall] | None = None  # the calls of the forward running now
         self.handles = [lin.register_forward_hook(self.record) for lin in linears]
 
@@ -80,17 +85,23 @@ class WeightSplit:
         output.register_hook(call.catch)
         self.recording.append(call)
 
-    def input_backward(self, root, grad: torch.Tensor | None, stage_input: torch.Tensor) -> None:
-        """B: the backward to the stage input and the parameters outside Linear modules. W needs the graph
-        again only when it goes back through the Linear outputs' edges (under checkpointing)."""
+    def input_backward(self, root, grad: torch.Tensor | None, stage_input: torch.Tensor,
+                       calls: list[LinearCall]) -> None:
+        """B: the backward to the stage input, the parameters outside Linear modules and those of the
+        Linear modules not called in this micro-batch's forward (``calls``: the ones that were). W needs
+        the graph again only when it goes back through the Linear outputs' edges (under checkpointing)."""
+        called = {id(call.module) for call in calls}
+        uncalled = [p for lin in self.linears if id(lin) not in called for p in lin.parameters() if p.requires_grad]
         torch.autograd.backward([root], None if grad is None else [grad], retain_graph=not self.keep_inputs,
-                                inputs=[stage_input] + self.early_params)
+                                inputs=[stage_input] + self.early_params + uncalled)
 
     def weight_backward(self, calls: list[LinearCall]) -> None:
         """W: the weight gradients of one micro-batch's Linear calls, accumulated into ``.grad``."""
         if self.keep_inputs:
-            # one GEMM per Linear, then one autograd call that accumulates every gradient into .grad
-            pairs = [pair for call in calls for pair in call.weight_grads()]
+            # one GEMM per Linear (recording no graph: the inputs still require grad), then one autograd
+            # call that accumulates every gradient into .grad
+            with torch.no_grad():
+                pairs = [pair for call in calls for pair in call.weight_grads()]
             torch.autograd.backward([p for p, _ in pairs], [g for _, g in pairs])
         else:
             # NOTE: one backward per Linear, reaching only its own weights: from all outputs at once the

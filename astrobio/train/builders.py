@@ -5,7 +5,7 @@ once for this process's place in the job:
                                       meta device and materialised where it lives, in its dtype
                                       (astrobio.model.materialize: the same weights, no fp32 host copy)
     speed_up                          ``--kernels`` and ``--compile`` applied to the model or stage on its
-                                      device (astrobio.model.fast), with what is in use
+                                      device (astrobio.train.speed), with what is in use
     build_prefix                      the multimodal prefix encoders of ``--modalities`` (stage 0)
     build_optimizer                   astrobio.train.optimizer: 8-bit AdamW, torch AdamW or the offload engine
     build_schedule                    linear warm-up, then cosine decay to ``--min-lr``
@@ -25,16 +25,17 @@ import torch
 from torch import nn
 
 from astrobio.memory import MemoryProfiler
-from astrobio.model import compile_blocks, get_config, use_kernels
+from astrobio.model import get_config
 from astrobio.model.materialize import build_model_on, build_stage_on
 from astrobio.train.checkpoint import Checkpointer
 from astrobio.train.config import TrainConfig, prefix_len
 from astrobio.train.data import DataBundle
 from astrobio.train.local import (CheckpointWriter, LocalStepRunner, RankLayout, SingleProcess, StepRunner,
-                                  WholeCheckpoint, lm_loss)
+                                  WholeCheckpoint)
 from astrobio.train.logging import MetricsLogger, NullLogger
 from astrobio.train.memory import build_profiler, resolve_grad_accum_location, weights_dtype
 from astrobio.train.optimizer import TrainingOptimizer, build_optimizer
+from astrobio.train.speed import Speed, speed_up
 from astrobio.train.timeline import StepTimeline
 
 
@@ -56,45 +57,6 @@ def build_stage_model(config: TrainConfig, vocab_size: int, device: torch.device
     module.gradient_checkpointing = config.use_gradient_checkpointing
     before = sum(len(list(build_stage(model_config, s, split, device="meta").parameters())) for s in range(stage))
     return module, before
-
-
-@dataclass(frozen=True)
-class Speed:
-    """What ``speed_up`` switched on: the kernels in use ("eager" or "fused") and whether the blocks
-    are compiled."""
-
-    kernels: str
-    compiled: bool
-
-
-def measured_fast_path(config: TrainConfig, device: torch.device) -> bool:
-    """Whether ``auto`` may pick the fused, compiled model: on CUDA, where it was measured (2x eager on
-    an H200, docs/BENCHMARKS.md), and not with CPU offload, whose hooks have not yet run with compiled
-    blocks on a GPU (NOTE: lift this once a GPU run has checked that combination)."""
-    return device.type == "cuda" and not config.use_cpu_offloading
-
-
-def requested_kernels(config: TrainConfig, device: torch.device) -> str:
-    """``--kernels``, with auto: fused on CUDA without offload, else eager."""
-    if config.kernels != "auto":
-        return config.kernels
-    return "fused" if measured_fast_path(config, device) else "eager"
-
-
-def requested_compile(config: TrainConfig, device: torch.device) -> bool:
-    """``--compile``, with auto: on with CUDA without offload, off on the CPU (compiling costs more there
-    than it gains)."""
-    if config.compile != "auto":
-        return config.compile == "on"
-    return measured_fast_path(config, device)
-
-
-def speed_up(module: nn.Module, config: TrainConfig, device: torch.device) -> Speed:
-    """``--kernels`` and ``--compile`` applied to the model or stage, which must already be on its device
-    with its gradient_checkpointing set. What cannot run here falls back with a one-line message."""
-    kernels = use_kernels(module, requested_kernels(config, device))
-    compiled = compile_blocks(module) if requested_compile(config, device) else False
-    return Speed(kernels, compiled)
 
 
 def build_prefix(config: TrainConfig, device: torch.device) -> nn.Module | None:
@@ -178,7 +140,7 @@ def build_parts(config: TrainConfig, data: DataBundle, device: torch.device,
         model, index_offset = build_stage_model(config, data.vocab_size, device, ranks.stage)
         speed = speed_up(model, config, device)
         prefix = build_prefix(config, device) if ranks.stage == 0 else None  # the encoders live on stage 0
-        runner = PipelineStepRunner(model, ranks, config.schedule, device, config.use_mixed_precision, lm_loss,
+        runner = PipelineStepRunner(model, ranks, config.schedule, device, config.use_mixed_precision,
                                     prefix, prefix_len(config), timeline)
     named = trainable(model, prefix)
     # the prefix runs outside the model's hooked forward: then the offload engine's end_step waits for

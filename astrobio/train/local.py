@@ -21,18 +21,12 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from astrobio.train.checkpoint import Checkpointer
 from astrobio.train.timeline import StepTimeline
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy, computed in fp32."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
 class StepRunner(Protocol):
@@ -67,8 +61,8 @@ class LocalStepRunner:
                 module.train(mode)
 
     def loss(self, batch) -> torch.Tensor:
-        """One micro-batch's mean loss over the token positions: the model's own ``loss`` (``lm_loss`` of
-        its logits on the eager path, the chunked cross-entropy with fused kernels)."""
+        """One micro-batch's mean loss over the token positions: the model's own ``loss`` (the cross-entropy
+        of its fp32 logits on the eager path, the chunked cross-entropy with fused kernels)."""
         if self.prefix is None:
             inputs, targets = batch
             return self.model.loss(inputs.to(self.device), targets.to(self.device))

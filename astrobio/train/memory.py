@@ -24,6 +24,7 @@ from astrobio.memory import MemoryProfiler, Plan, PlanConfig, PlanError, check_f
 from astrobio.memory.accumulation import choose_accumulation
 from astrobio.memory.profiler import host_total
 from astrobio.train.config import ConfigError, TrainConfig, replicas
+from astrobio.train.speed import planned_kernels
 
 # profiler sample keys that go into metrics.jsonl as they are ("alert" becomes "memory_alert" when set);
 # "device" tells plots/memory.png which curves mean something there (on the CPU the device is host memory)
@@ -70,7 +71,7 @@ def plan_config(config: TrainConfig, vocab_size: int, device: torch.device) -> P
                       offload=bool(config.use_cpu_offloading), master_weights=config.master_weights,
                       accum_dtype=config.accum_dtype, optimizer="adamw8bit" if config.use_8bit_optimizer else "adamw",
                       param_dtype=param_dtype, autocast=config.use_mixed_precision, hardware=hardware,
-                      gpu_memory=gpu_memory, host_memory=host_total())
+                      gpu_memory=gpu_memory, host_memory=host_total(), kernels=planned_kernels(config, device))
 
 
 def one_line(error: PlanError) -> str:

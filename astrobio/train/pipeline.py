@@ -141,14 +141,17 @@ class HostBoundary(nn.Module):
         out = self.stage(x.to(self.device))
         return out.to("cpu") if self.output_to_host else out
 
+    def loss(self, x, targets):  # the last stage's loss from its input (PipelineStepRunner.target_loss)
+        return self.stage.loss(x.to(self.device), targets)
+
 
 class PipelineStepRunner:
     """This rank's stage of the model, run by the schedule; see the module docstring."""
 
     def __init__(self, stage: nn.Module, ranks: Ranks, schedule: str, device: torch.device, mixed_precision: bool,
-                 loss_fn, prefix: nn.Module | None = None, prefix_len: int = 0, timeline: StepTimeline | None = None):
+                 prefix: nn.Module | None = None, prefix_len: int = 0, timeline: StepTimeline | None = None):
         self.stage, self.ranks, self.schedule = stage, ranks, schedule
-        self.device, self.mixed_precision, self.loss_fn = device, mixed_precision, loss_fn
+        self.device, self.mixed_precision = device, mixed_precision
         self.first, self.last = ranks.stage == 0, ranks.stage == ranks.stages - 1
         self.prefix_len = prefix_len
         self.module = stage if prefix is None else PrefixedStage(stage, prefix)
@@ -174,9 +177,9 @@ class PipelineStepRunner:
         self.module.train()
         start = time.perf_counter()
         with self.autocast():
-            result = run_pipeline_step(self.module, self.schedule, self.pairs(micro_batches), self.target_loss,
+            result = run_pipeline_step(self.module, self.schedule, self.pairs(micro_batches), None,
                                        group=self.ranks.pipeline, guard=self.ranks.guard,
-                                       device=self.transport_device)
+                                       device=self.transport_device, loss_from_input=self.target_loss)
         self.add_to_timeline(result.trace, start, time.perf_counter())
         self.trace, self.micro_batches = result.trace, len(micro_batches)
         return result.loss
@@ -196,12 +199,10 @@ class PipelineStepRunner:
         if end > cursor:
             self.timeline.add(HOST, "pipeline_wait", cursor, end)
 
-    def target_loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The micro-batch's mean loss; with a prefix, over the token positions only."""
-        if self.prefix_len:
-            from astrobio.model.encoders import prefix_lm_loss
-            return prefix_lm_loss(output, targets.to(self.device), self.prefix_len)
-        return self.loss_fn(output, targets.to(self.device))
+    def target_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The last stage's mean loss of a micro-batch, over the token positions, from the stage's input:
+        the stage's own ``loss`` (with fused kernels the chunked cross-entropy, which never builds the logits)."""
+        return self.module.loss(x, targets.to(self.device))
 
     @torch.no_grad()
     def evaluate(self, batches: list) -> float:
@@ -219,9 +220,9 @@ class PipelineStepRunner:
                 x = torch.empty(shape, dtype=self.wire_dtype, device=wire)
                 self.ranks.wait(dist.irecv(x, self.ranks.peer(self.ranks.stage - 1), self.ranks.pipeline))
             with self.autocast():
-                out = self.module(x)
+                out = self.target_loss(x, targets) if self.last else self.module(x)
             if self.last:
-                total += self.target_loss(out, targets).double().to(wire)
+                total += out.double().to(wire)
             else:
                 self.ranks.wait(dist.isend(out.to(wire, self.wire_dtype).contiguous(), self.ranks.peer(self.ranks.stage + 1),
                                            self.ranks.pipeline))
