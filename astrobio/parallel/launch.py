@@ -21,6 +21,7 @@ to 10% of its compute.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import multiprocessing.connection
 import os
@@ -185,14 +186,14 @@ def child_main(fn, rank: int, world_size: int, port: int, backend: str, timeout_
         conn.close()
         os._exit(1)
     close_rank(ctx)
-    # NOTE: the rank leaves without the interpreter's teardown. Once in ~50 runs of a two-stage job on two
-    # busy cores, a rank that had sent its result and closed its process group printed "terminate called
-    # without an active exception" while exiting: a native thread (torch's or gloo's) met the C++ static
-    # destructors. Nothing of this process is needed past this point; the launcher still reports a rank
-    # that ends badly after its result (Spawner.on_exit).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    # NOTE: the rank ends at the start of the interpreter's exit handlers, before the rest of its teardown.
+    # Once in ~50 runs of a two-stage job on two busy cores, a rank that had sent its result and closed its
+    # process group printed "terminate called without an active exception" while exiting: a native thread
+    # (torch's or gloo's) met the C++ static destructors. multiprocessing's own cleanup (e.g. the semaphores
+    # of tqdm's lock) has run by then; ending here in child_main itself skipped it (the launcher then warned
+    # of leaked semaphores). The launcher still reports a rank that ends badly after its result
+    # (Spawner.on_exit).
+    atexit.register(os._exit, 0)
 
 
 class Spawner:
