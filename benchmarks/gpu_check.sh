@@ -132,15 +132,22 @@ if wants kernels; then
     --providers "${ADAMW8BIT_PROVIDERS:-astrobio CUDA,astrobio CUDA step(found_inf=False),astrobio Triton,torch AdamW fused,bitsandbytes AdamW8bit,torchao AdamW8bit}" \
     --json "$WORK/adamw8bit_gpu.json"
   optional bench-model-small 90 "$BENCH_LOG" benchmarks/bench_model.py --device cuda --model small \
-    --batch-size 32 --seq-len 256 --providers eager,fused,fused+compiled,llama --steps 5 --warmup 2 \
+    --batch-size 32 --seq-len 256 --providers eager,eager+proj,fused,fused+compiled,fused+compiled+proj,llama \
+    --steps 5 --warmup 2 \
     --json "$WORK/model_small_gpu.json"
   optional bench-model-13b 90 "$BENCH_LOG" benchmarks/bench_model.py --device cuda --model 13b --layers 4 \
-    --batch-size 2 --seq-len 2048 --providers eager,fused,fused+compiled,llama --steps 5 --warmup 2 \
+    --batch-size 2 --seq-len 2048 --providers eager,fused,fused+compiled,fused+compiled+proj,llama --steps 5 \
+    --warmup 2 \
     --json "$WORK/model_13b_gpu.json"
   if ((BUILD_RC == 0)); then
     # the trainer's default on CUDA: fused Triton layers and compiled blocks (summary.json says which ran)
     run_step train-small-fused 120 "$TRAIN_LOG" "$PY" -m astrobio.train --device cuda --model small \
       --pipeline-stages 1 --steps 20 --output-dir "$WORK/run-small-fused"
+    # two stages on the one GPU with fused layers: the last stage's chunked loss through its input, the
+    # fused plan in the preflight
+    run_step train-pp-fused 120 "$TRAIN_LOG" "$PY" -m astrobio.train --device cuda --model small \
+      --pipeline-stages 2 --gpu-memory-limit 40GiB --steps 20 --kernels fused --compile on \
+      --output-dir "$WORK/run-pp-fused"
     run_step gpu-tests-adamw8bit 240 "$TEST_LOG" "$PY" -m pytest -q -rfEs -p no:cacheprovider \
       tests/test_adamw8bit_gpu.py
     TEST_RC=$?
