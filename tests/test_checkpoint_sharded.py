@@ -178,3 +178,26 @@ def test_a_missing_replica_part_is_named(chain, tmp_path):
     names = [n for n, _ in stages_of(make_model())[1]]
     with pytest.raises(CheckpointError, match=r"no optimizer state for elements \d+\.\.60000 of net.2.weight"):
         load_offload_state(broken, names, {0: (0, 60000)})
+
+
+def test_a_checkpoint_missing_a_replicas_part_is_refused_naming_it(tmp_path):
+    """Rank 0 checks every rank's part before the manifest: on machines without a shared output
+    directory, another machine's slices never arrive here."""
+    from types import SimpleNamespace
+
+    from astrobio.train.checkpoint import CheckpointError, Checkpointer
+    from astrobio.train.pipeline import StagedCheckpoint
+    ranks = SimpleNamespace(stages=2, replicas=2)
+    writer = StagedCheckpoint(Checkpointer(tmp_path / "checkpoints", 2), ranks, sharded=True)
+    parts = ["model-stage0.safetensors", "model-stage1.safetensors", "optimizer-stage0-replica0.json",
+             "optimizer-stage0-replica1.json", "optimizer-stage1-replica0.json", "optimizer-stage1-replica1.json"]
+    for name in parts:
+        if name != "optimizer-stage1-replica1.json":
+            (tmp_path / name).write_text("{}")
+    with pytest.raises(CheckpointError, match=r"lacks optimizer-stage1-replica1\.json .* must be a directory all"):
+        writer.check_parts(tmp_path)
+    (tmp_path / "optimizer-stage1-replica1.json").write_text("{}")
+    writer.check_parts(tmp_path)  # complete: no error
+    unsharded = StagedCheckpoint(Checkpointer(tmp_path / "checkpoints", 2), ranks, sharded=False)
+    with pytest.raises(CheckpointError, match=r"optimizer-stage0\.json, optimizer-stage1\.json"):
+        unsharded.check_parts(tmp_path)

@@ -166,6 +166,29 @@ def test_replicas_compute_the_gradients_of_one_process_with_the_global_batch():
 
 # --------------------------------------------------------------------------------- whole runs
 
+def reduce_unused(ctx) -> list:
+    """Three parameters in one bucket: ``a`` used on every replica, ``b`` on none, ``c`` on rank 0 only;
+    their gradients after the reducer's mean (None where a parameter has none)."""
+    import torch.distributed as dist
+    from astrobio.parallel.replicas import GradientReducer
+    a, b, c = (torch.nn.Parameter(torch.full((3,), float(i + 1))) for i in range(3))
+    reducer = GradientReducer([a, b, c], dist.group.WORLD, wait=lambda work: work.wait())
+    reducer.begin_step(1)
+    loss = (a * (ctx.rank + 1)).sum() + ((c * 2).sum() if ctx.rank == 0 else 0)
+    loss.backward()
+    reducer.finish()
+    return [None if p.grad is None else p.grad.tolist() for p in (a, b, c)]
+
+
+def test_a_parameter_no_replica_used_keeps_no_gradient():
+    """As in one process, where an optimizer then skips it (no weight decay, no moment update); one that
+    some replica used gets the mean, counting zeros for the others."""
+    results = launch(reduce_unused, 2, backend="gloo", timeout_s=30)
+    for rank in (0, 1):
+        a, b, c = results[rank]
+        assert a == [1.5] * 3 and b is None and c == [1.0] * 3
+
+
 def losses(out: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 

@@ -125,9 +125,14 @@ class GradientReducer:
 
     def launch(self, b: int) -> None:
         # NOTE: a parameter without a gradient (unused this step) counts as zeros: every replica must
-        # send the same bucket layout, and another replica's data may have used it
+        # send the same bucket layout, and another replica's data may have used it. After the gradients,
+        # one count per parameter of the replicas that had one: a parameter no replica used keeps no
+        # gradient, as in one process (an optimizer then skips it: no decay, no moment update)
         bucket = self.buckets[b]
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
+        had = torch.tensor([float(p.grad is not None) for p in bucket], dtype=bucket[0].dtype,
+                           device=bucket[0].device)
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket]
+                         + [had])
         self.launched.append((bucket, flat, dist.all_reduce(flat, group=self.group, async_op=True)))
 
     def finish(self) -> None:
@@ -136,11 +141,14 @@ class GradientReducer:
             self.launch(len(self.launched))
         for bucket, flat, work in self.launched:
             self.wait(work)
-            flat.div_(self.replicas)
+            grads, had = flat[:-len(bucket)], flat[-len(bucket):].tolist()
+            grads.div_(self.replicas)
             offset = 0
-            for p in bucket:
-                reduced = flat[offset:offset + p.numel()].view_as(p)
-                if p.grad is None:
+            for p, users in zip(bucket, had):
+                reduced = grads[offset:offset + p.numel()].view_as(p)
+                if users == 0:
+                    p.grad = None  # no replica used it
+                elif p.grad is None:
                     p.grad = reduced.clone()
                 else:
                     p.grad.copy_(reduced)

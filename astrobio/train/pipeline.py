@@ -37,7 +37,7 @@ from torch import nn
 
 from astrobio.model.stages import PrefixedStage
 from astrobio.parallel.replicas import GradientReducer, Layout, mesh
-from astrobio.train.checkpoint import Checkpointer, write_part, write_rank_part
+from astrobio.train.checkpoint import CheckpointError, Checkpointer, optimizer_part, write_part, write_rank_part
 from astrobio.train.timeline import DEVICE, HOST, StepTimeline
 
 # the schedule's computations as phases of the step breakdown (W: the weight-gradient half of backward)
@@ -268,6 +268,19 @@ class StagedCheckpoint:
         write_rank_part(tmp, self.ranks.stage, self.ranks.replica, model_state, optimizer_state(), self.sharded,
                         self.checkpointer.save_io)
 
+    def check_parts(self, tmp: Path) -> None:
+        """Rank 0, before the manifest: every rank's part is in ``tmp`` (on several machines the output
+        directory must be one shared directory: the parts of a sharded state are written on every
+        machine)."""
+        stages, replicas = range(self.ranks.stages), range(self.ranks.replicas if self.sharded else 1)
+        expected = [f"model-stage{s}.safetensors" for s in stages]
+        expected += [f"{optimizer_part(s, r if self.sharded else None)}.json" for s in stages for r in replicas]
+        missing = [name for name in expected if not (tmp / name).is_file()]
+        if missing:
+            raise CheckpointError(f"checkpoint {tmp} lacks {', '.join(missing)} after every rank wrote its part: "
+                                  f"with several machines, --output-dir must be a directory all of them share "
+                                  f"(e.g. NFS); see docs/SCALING.md")
+
     def save(self, step: int, model_state: dict, optimizer_state: Callable[[], dict],
              training_state: Callable[[], dict]) -> Path:
         ckpt, is_main = self.checkpointer, self.ranks.is_main
@@ -277,6 +290,7 @@ class StagedCheckpoint:
             self.write_part(tmp, model_state, optimizer_state)
         self.ranks.barrier()
         if is_main:
+            self.check_parts(tmp)
             write_part(tmp, None, None, "state", training_state(), ckpt.save_io)
             ckpt.finish(tmp, step)
         self.ranks.barrier()

@@ -198,8 +198,12 @@ class Trainer:
         with self.timeline.phase("data"):
             micro_batches = [next(loader) for _ in range(self.config.gradient_accumulation_steps)]
         self.optimizer.begin_step(len(micro_batches))
-        self.last_loss = self.ranks.replica_mean(self.runner.forward_backward(micro_batches))
+        loss = self.runner.forward_backward(micro_batches)
         stats = self.optimizer.end_step(lr)
+        # after end_step: the replicas' gradient all-reduces on the same group may still be starting in it
+        # (a bucket whose gradients were not all final in backward), and every rank must issue them in one
+        # order
+        self.last_loss = self.ranks.replica_mean(loss)
         breakdown = self.last_breakdown = self.timeline.finish()
         self.busy_s += breakdown.busy_fraction * breakdown.step_s
         self.stepped_s += breakdown.step_s
