@@ -283,3 +283,28 @@ def test_two_gloo_replicas_sharing_a_gpu():
             for dtype in ("torch.float32", "torch.bfloat16"):
                 result = runs[rank][("identical", location, dtype)]
                 assert result["weights_equal"] and result["state_mismatch"] is None
+
+
+def test_after_a_failed_collective_task_no_later_one_is_issued():
+    """A rank whose task failed (e.g. its shard's step raised before the all-gather) issues none of the
+    later collectives, which would pair with its peers' earlier ones, and closes without waiting."""
+    import torch.distributed as dist
+
+    from astrobio.optim.replicas import Replicas
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        replicas = Replicas(dist.group.WORLD, torch.device("cpu"))
+        ran = []
+
+        def fails():
+            raise ValueError("the shard's step failed")
+
+        with pytest.raises(ValueError, match="shard's step failed"):
+            replicas.submit(fails).result()
+        later = replicas.submit(ran.append, "issued")
+        with pytest.raises(RuntimeError, match="earlier collective of the replicas failed"):
+            later.result()
+        assert ran == []
+        replicas.close()
+    finally:
+        dist.destroy_process_group()

@@ -102,6 +102,7 @@ class Replicas:
         self.device = device
         self.stream = torch.cuda.Stream(device) if self.on_device else None
         self._lane = ThreadPoolExecutor(1, thread_name_prefix="astrobio-replicas")
+        self.failed: BaseException | None = None  # the first task that raised (see submit)
 
     @classmethod
     def of(cls, group: dist.ProcessGroup, device: torch.device) -> "Replicas | None":
@@ -109,10 +110,26 @@ class Replicas:
         return cls(group, device) if dist.get_world_size(group) > 1 else None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        return self._lane.submit(fn, *args)
+        """Runs ``fn(*args)`` on the replicas thread, after every task submitted before it. Once a task has
+        failed, the later ones raise without running: a rank that skipped one collective would pair its
+        next one with its peers' previous (sizes differ: garbage or a hang); it fails instead, and its
+        error reaches the launcher, which stops the peers."""
+        return self._lane.submit(self._run, fn, *args)
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.failed is not None:
+            raise RuntimeError(f"an earlier collective of the replicas failed ({self.failed!r}); this one was "
+                               f"not issued") from self.failed
+        try:
+            return fn(*args)
+        except BaseException as error:
+            self.failed = error
+            raise
 
     def close(self) -> None:
-        self._lane.shutdown(wait=True)
+        # after a failure a peer may never answer: do not wait for a task stuck in a collective
+        broken = self.failed is not None
+        self._lane.shutdown(wait=not broken, cancel_futures=broken)
 
     def sum(self, value: float) -> float:
         """Replicas thread: the sum of ``value`` over the replicas (fp64), the same on every rank."""
