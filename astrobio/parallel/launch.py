@@ -187,7 +187,7 @@ def child_main(fn, rank: int, world_size: int, port: int, backend: str, timeout_
         os._exit(1)
     close_rank(ctx)
     # NOTE: the rank ends at the start of the interpreter's exit handlers, before the rest of its teardown.
-    # Once in 106 runs of a two-stage job on two busy cores, a rank that had sent its result and closed its
+    # Once in 60 runs of a two-stage job on two busy cores, a rank that had sent its result and closed its
     # process group printed "terminate called without an active exception" while exiting: a native thread
     # (torch's or gloo's) met the C++ static destructors. multiprocessing's own cleanup (e.g. the semaphores
     # of tqdm's lock) has run by then; ending here in child_main itself skipped it (the launcher then warned
