@@ -201,3 +201,13 @@ def test_a_checkpoint_missing_a_replicas_part_is_refused_naming_it(tmp_path):
     unsharded = StagedCheckpoint(Checkpointer(tmp_path / "checkpoints", 2), ranks, sharded=False)
     with pytest.raises(CheckpointError, match=r"optimizer-stage0\.json, optimizer-stage1\.json"):
         unsharded.check_parts(tmp_path)
+
+
+def test_a_slice_off_the_block_grid_is_refused_as_such(tmp_path):
+    """The 8-bit moments' absmax covers blocks of 256 elements: a saved slice that starts off the grid
+    cannot be cut, and the error says so (rather than reporting a missing part)."""
+    from astrobio.train.checkpoint import CheckpointError, assemble
+    entry = {"step": 3, "exp_avg": torch.zeros(300, dtype=torch.uint8)}
+    with pytest.raises(CheckpointError, match="do not meet on a block of 256 elements"):
+        assemble(tmp_path, "w", 0, 600, [(0, 300, entry), (300, 600, entry)])
+    assert assemble(tmp_path, "w", 0, 300, [(0, 300, entry)])["range"] == [0, 300]

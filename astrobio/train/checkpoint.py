@@ -668,8 +668,12 @@ def assemble(path: Path, name: str, lo: int, hi: int, pieces: list[tuple[int, in
         start, stop = max(lo, plo), min(hi, phi)
         if start >= stop:
             continue
-        if start != covered or (start - lo) % BLOCK or (start - plo) % BLOCK:
-            break
+        if start != covered:
+            break  # a gap (reported below) or a piece overlapping what is already taken
+        if (start - lo) % BLOCK or (start - plo) % BLOCK:
+            raise CheckpointError(f"checkpoint {path}: the saved slice {plo}..{phi} of {name}'s optimizer state "
+                                  f"and the wanted {lo}..{hi} do not meet on a block of {BLOCK} elements, so its "
+                                  f"8-bit moments cannot be split there (a checkpoint from another layout version?)")
         if "step" in out and out["step"] != entry["step"]:
             raise CheckpointError(f"checkpoint {path}: the slices of {name}'s optimizer state have different step "
                                   f"counts ({out['step']} and {entry['step']})")
