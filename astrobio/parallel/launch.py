@@ -180,6 +180,13 @@ def child_main(fn, rank: int, world_size: int, port: int, backend: str, timeout_
         conn.close()
         os._exit(1)  # the peer is gone: tearing the process group down could wait on it
     except BaseException as err:  # noqa: BLE001 - reported to the parent, then the rank exits
+        # a collective called outside the guard's waits (e.g. all_gather_object) fails with the backend's
+        # own error when a peer dies: name the peer that failed, as the guard's waits do
+        cause = ctx.guard.cause_of(err) if isinstance(err, RuntimeError) else None
+        if cause is not None:
+            conn.send_bytes(pickle.dumps(("peer", (cause.stage, str(cause)))))
+            conn.close()
+            os._exit(1)
         text = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
         ctx.guard.report(f"{type(err).__name__}: {err}")
         conn.send_bytes(pickle.dumps(("error", (rank, text))))
