@@ -9,13 +9,10 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,7 @@ from astrobio.train import parse_config, run
 from astrobio.train.config import ConfigError
 from astrobio.train.data import ReplicaShard
 from astrobio.train.logging import read_metrics
-from test_train_integration_pipeline import spawned_ranks
+from test_train_integration_pipeline import kill_a_rank_in_training
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 259  # the byte tokenizer's
@@ -235,25 +232,11 @@ def test_offloaded_replicas_train_as_one_process_and_resume_in_one(tmp_path, cor
 
 def test_a_killed_rank_of_two_replicas_stops_every_rank_naming_it(tmp_path, corpus):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "astrobio.train", *train_args(
-                             corpus, out, 2, 2, 2, "--steps", "100000", "--pipeline-timeout", "10", "--save-every-n-steps", "0")],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not any("loss" in r for r in read_metrics(out / "metrics.jsonl")):
-            assert time.monotonic() < deadline and proc.poll() is None, "the job did not start training"
-            time.sleep(0.2)
-        ranks = spawned_ranks(proc.pid)
-        assert len(ranks) == 4
-        os.kill(ranks[3], signal.SIGKILL)  # rank 3: replica 1's stage 1
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    errors = [line for line in re.split(r"[\r\n]", err) if line.startswith("error:")]
-    assert proc.returncode == 1 and len(errors) == 1, err[-2000:]
+    code, errors, err = kill_a_rank_in_training(
+        train_args(corpus, out, 2, 2, 2, "--steps", "100000", "--pipeline-timeout", "10", "--save-every-n-steps", "0"),
+        out, ranks=4, victim=3, start_s=120)  # rank 3: replica 1's stage 1
+    assert code == 1 and len(errors) == 1, err[-2000:]
     assert "rank 3 (replica 1, stage 1)" in errors[0] and "SIGKILL" in errors[0]
-    assert not spawned_ranks(proc.pid)
 
 
 def free_port() -> int:

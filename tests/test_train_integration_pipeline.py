@@ -108,27 +108,37 @@ def spawned_ranks(parent: int) -> list[int]:
     return sorted(pids)
 
 
-def test_a_dead_rank_stops_the_job_with_one_line(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "astrobio.train", *args(out, "--pipeline-stages", "2",
-                             "--steps", "100000", "--pipeline-timeout", "10", "--save-every-n-steps", "0")],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def kill_a_rank_in_training(train_args: list[str], out: Path, ranks: int, victim: int,
+                            start_s: float) -> tuple[int, list[str], str]:
+    """Starts ``python -m astrobio.train`` with ``train_args`` (writing to ``out``), waits up to
+    ``start_s`` for its first training loss, SIGKILLs spawned rank ``victim`` of its ``ranks`` and lets it
+    stop; returns its exit code, its ``error:`` lines and its stderr, once no rank outlives it."""
+    proc = subprocess.Popen([sys.executable, "-m", "astrobio.train", *train_args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + start_s
         while not any("loss" in r for r in read_metrics(out / "metrics.jsonl")):
             assert time.monotonic() < deadline and proc.poll() is None, "the job did not start training"
             time.sleep(0.2)
-        ranks = spawned_ranks(proc.pid)
-        assert len(ranks) == 2
-        os.kill(ranks[1], signal.SIGKILL)  # rank 1, started second
+        spawned = spawned_ranks(proc.pid)
+        assert len(spawned) == ranks
+        os.kill(spawned[victim], signal.SIGKILL)  # ranks start in order: the victim-th one started
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
-    errors = [line for line in re.split(r"[\r\n]", err) if line.startswith("error:")]  # tqdm ends lines in \r
-    assert proc.returncode == 1 and len(errors) == 1, err[-2000:]
-    assert "stage 1" in errors[0] and "SIGKILL" in errors[0]
     assert not spawned_ranks(proc.pid)
+    errors = [line for line in re.split(r"[\r\n]", err) if line.startswith("error:")]  # tqdm ends lines in \r
+    return proc.returncode, errors, err
+
+
+def test_a_dead_rank_stops_the_job_with_one_line(tmp_path):
+    out = tmp_path / "run"
+    code, errors, err = kill_a_rank_in_training(
+        args(out, "--pipeline-stages", "2", "--steps", "100000", "--pipeline-timeout", "10",
+             "--save-every-n-steps", "0"), out, ranks=2, victim=1, start_s=90)
+    assert code == 1 and len(errors) == 1, err[-2000:]
+    assert "stage 1" in errors[0] and "SIGKILL" in errors[0]
 
 
 def test_ctrl_c_stops_both_stages_after_the_same_step_with_a_checkpoint(tmp_path):
