@@ -232,7 +232,7 @@ class _Bucket:
             slot.lo, slot.hi, slot.local = piece.lo, piece.hi, piece.local
         self.numel, self.shard_numel, self.gaps = layout.numel, layout.shard_numel, layout.gaps
         self.grad_dtype = slots[0].param.dtype
-        buffers = self.host_buffers(slots, master_dtype, accum_dtype, on_device, replicas)
+        buffers = self.host_buffers(layout, self.grad_dtype, master_dtype, accum_dtype, on_device, replicas)
         self.master = host(*buffers["master"])
         # the host's summed gradients: all of the bucket's, except where NCCL reduces the device's sums on the
         # device and only this rank's shard comes over. ``reduced``: the gradients the step reads, this
@@ -266,13 +266,13 @@ class _Bucket:
         return bucket_layout([s.param.numel() for s in slots], *((replicas.size, replicas.rank) if replicas
                                                                  else (1, 0)))
 
-    @classmethod
-    def host_buffers(cls, slots: list[_Slot], master_dtype: torch.dtype, accum_dtype: torch.dtype,
+    @staticmethod
+    def host_buffers(layout, grad_dtype: torch.dtype, master_dtype: torch.dtype, accum_dtype: torch.dtype,
                      on_device: bool, replicas: Replicas | None) -> dict[str, tuple[int, torch.dtype] | None]:
-        """(elements, dtype) of the bucket's host buffers: the engine reserves their pinned memory at once."""
-        layout = cls.layout(slots, replicas)
+        """(elements, dtype) of the host buffers of a bucket of ``layout``: the engine reserves their
+        pinned memory at once."""
         reduced_on_device = on_device and replicas is not None and replicas.on_device
-        needs_upload = master_dtype == torch.float32 and slots[0].param.dtype == torch.bfloat16
+        needs_upload = master_dtype == torch.float32 and grad_dtype == torch.bfloat16
         return {"master": (layout.shard_numel, master_dtype),
                 "accum": (layout.shard_numel if reduced_on_device else layout.numel, accum_dtype),
                 "upload": (layout.shard_numel, torch.bfloat16) if needs_upload else None}
@@ -446,7 +446,9 @@ class OffloadEngine:
         astrobio.optim.pinned), plain host blocks on a CPU-only machine (the same code path)."""
         expected = 0
         for group in groups:
-            for buffer in _Bucket.host_buffers(group, master, accum, on_device, self._replicas).values():
+            layout = _Bucket.layout(group, self._replicas)
+            for buffer in _Bucket.host_buffers(layout, group[0].param.dtype, master, accum, on_device,
+                                               self._replicas).values():
                 if buffer is not None:
                     numel, dtype = buffer
                     expected += numel * dtype.itemsize

@@ -58,14 +58,14 @@ class Ranks:
         self.replica_group = self.mesh.get_group("dp")  # this stage in every replica: the gradients' average
         self.stage, self.stages = self.mesh.get_local_rank("pp"), self.layout.stages
         self.replica, self.replicas = self.mesh.get_local_rank("dp"), replicas
-        self.optimizer_group = self.optimizer_replica_group(ctx.rank)
+        self.optimizer_group = self.optimizer_replica_group()
         self.is_main = ctx.rank == 0
         self.transport_device = ctx.device  # where the backend's tensors live: the GPU with NCCL, else the host
         if ctx.backend == "nccl":  # the activations' headers go over gloo beside NCCL: made here, by every rank
             from astrobio.parallel.transport import make_side_gloo_groups
             make_side_gloo_groups(self.pipeline, [self.layout.pipeline_ranks(r) for r in range(replicas)])
 
-    def optimizer_replica_group(self, rank: int):
+    def optimizer_replica_group(self):
         """This stage's replicas again, as a group of the offload engine's own (None: one replica): the
         engine issues its collectives from a thread of its own, and those must never interleave with the
         loop's on one group (e.g. the loss's mean during the next step's all-gathers of weights).
@@ -74,7 +74,7 @@ class Ranks:
             return None
         groups = [dist.new_group([r for r in range(self.layout.world_size) if self.layout.stage_of(r) == stage])
                   for stage in range(self.stages)]
-        return groups[self.layout.stage_of(rank)]
+        return groups[self.stage]
 
     def wait(self, work) -> None:
         self.guard.wait(work)
