@@ -2,9 +2,10 @@
 
 torch's page-locked host allocator rounds every allocation up to the next power of two (so that a freed
 block fits the next request of its size class). The offload engine's buffers are allocated once and never
-freed, and their sizes (a bucket's masters, accumulators, staging) are whatever the model's parameters
-add up to: rounded one by one they cost up to twice what they hold, and pinned pages are always
-resident. A 13B stage's 52 GB of pinned buckets measured ~24 GB more host memory than planned.
+freed, and their sizes (a bucket's masters, accumulators, upload copy) are whatever the model's
+parameters add up to: rounded one by one they cost up to twice what they hold, and pinned pages are
+always resident. A 13B run on one H200 measured 100.6 GiB of host RSS against 76.8 GiB planned, which
+this rounding can explain (to be measured again with the arena, docs/BENCHMARKS.md).
 
 ``PinnedArena`` asks the allocator only for blocks whose size is a power of two (nothing to round) and
 hands out aligned slices of them, first fit. A new block is as large as what is still expected
