@@ -88,6 +88,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+         causal: bool) -> torch.Tensor:
+    """PyTorch SDPA of [batch, heads, seq, head_dim] tensors. On the CPU under bf16 autocast it runs in
+    fp32: PyTorch's CPU flash-attention backward is about 3x slower in bf16 than in fp32 (a tiny-model
+    step on one core: 93 ms in fp32, 94 ms under autocast, 66 ms under autocast with attention in fp32;
+    docs/MODEL.md)."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                                  is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -128,12 +141,10 @@ class Attention(nn.Module):
             out = flash_attn_func(q, k, v, causal=causal)
         else:
             q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+            mask = None
             if causal and k.shape[2] != t:  # prefill onto a non-empty cache: offset causal mask
                 mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            out = out.transpose(1, 2)
+            out = sdpa(q, k, v, mask, causal and mask is None).transpose(1, 2)
         return self.wo(out.reshape(b, t, h * hd))
 
 
