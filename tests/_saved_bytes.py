@@ -55,7 +55,7 @@ def saved_and_planned_bytes(dtype: torch.dtype, autocast: bool, kernels: str = "
     saved = SavedBytes([*block.parameters(), cos, sin])
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), saved.hooks():
         block(x, cos, sin)
-    tokens, precision = act.Tokens(batch, seq), act.Precision.of(dtype.itemsize, autocast)
+    tokens, precision = act.Tokens(batch, seq), act.Precision.of(dtype.itemsize, autocast, cpu=True)
     planned = (act.block_saved_bytes(config, tokens, precision, kernels)
                + act.block_input_saved(config, tokens, precision, kernels))
     casts = sum(2 * p.numel() for name, p in block.named_parameters() if "norm" not in name) if autocast else 0

@@ -13,8 +13,10 @@ count against it in all three precisions):
                 normalised fp32                                                                  4Th
     linears     the norms' outputs as wq/wk/wv and w_gate/w_up inputs: once each (2rTh) when
                 e = r, else autocast's five separate bf16 casts (5eTh)
-    attention   q and k after rotary, v (SDPA / flash keep q, k, v and the output)               3eTh
-                the output (input of wo), logsumexp fp32                                         eTh + 4Tn
+    attention   q and k after rotary, v (SDPA / flash keep q, k, v and the output)               3aTh
+                the output (input of wo), logsumexp fp32                                         aTh + 4Tn
+                (a = e, except on the CPU under autocast, where attention runs in fp32: a = 4, and wo
+                keeps a bf16 cast of the output besides, eTh)
     SwiGLU      gate output (silu's input), silu output, up output, their product                4eTf
 
 Rotary multiplies by constant tables and so saves only the (shared) cos / sin tables. The block input
@@ -60,13 +62,16 @@ class Tokens:
 
 @dataclass(frozen=True)
 class Precision:
-    """Bytes per element of matrix-product outputs and of the residual stream."""
+    """Bytes per element of matrix-product outputs, of the residual stream, and of what attention keeps
+    (the model's ``sdpa`` runs in fp32 on the CPU under autocast)."""
     matmul: int
     residual: int
+    attention: int | None = None  # None: the matmul dtype's
 
     @classmethod
-    def of(cls, param_bytes: int, autocast: bool) -> "Precision":
-        return cls(2 if (param_bytes == 2 or autocast) else 4, param_bytes)
+    def of(cls, param_bytes: int, autocast: bool, cpu: bool = False) -> "Precision":
+        matmul = 2 if (param_bytes == 2 or autocast) else 4
+        return cls(matmul, param_bytes, FP32 if (cpu and autocast) else None)
 
 
 def check_kernels(kernels: str) -> None:
@@ -85,7 +90,8 @@ def block_saved_bytes(config: ModelConfig, tokens: Tokens, p: Precision, kernels
         norms = (FP32 * t * h if r < FP32 else 0) + 3 * FP32 * t * h
         mlp = 4 * e * t * f
     linear_inputs = 2 * r * t * h if e == r else 5 * e * t * h
-    attention = 4 * e * t * h + FP32 * t * config.n_heads
+    a = p.attention or e
+    attention = 4 * a * t * h + (e * t * h if a != e else 0) + FP32 * t * config.n_heads
     rsqrt = 2 * FP32 * t
     return norms + linear_inputs + attention + mlp + rsqrt
 

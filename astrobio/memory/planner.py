@@ -252,7 +252,7 @@ def plan(cfg: PlanConfig) -> Plan:
         raise ValueError(f"seq_len {cfg.seq_len}{with_prefix} exceeds the model's max_seq_len {model.max_seq_len}")
     param_dtype = cfg.param_dtype or ("fp32" if hw.unified else "bf16")
     param_bytes = 2 if param_dtype == "bf16" else 4
-    precision = act.Precision.of(param_bytes, cfg.autocast)
+    precision = act.Precision.of(param_bytes, cfg.autocast, cpu=hw.unified)
     layers_only = stage_tensors(model, tuple(split))
     tensors = [[*layers_only[0], *encoders], *layers_only[1:]]  # the encoders live on stage 0
     tokens = act.Tokens(cfg.micro_batch_size, positions)
