@@ -33,16 +33,44 @@ def small_args(out: Path, *extra: str) -> list[str]:
 # ------------------------------------------------------------------------------------ configuration
 
 @pytest.mark.parametrize("flags, expected", [
-    ([], (16, 4, 4)),  # the default job: 2 pipeline stages, 4 micro-batches to fill them
     (["--pipeline-stages", "1"], (16, 16, 1)),
+    (["--pipeline-stages", "2"], (16, 4, 4)),  # 4 micro-batches to fill the pipeline
     (["--batch-size", "8", "--micro-batch-size", "2"], (8, 2, 4)),
     (["--micro-batch-size", "2", "--gradient-accumulation-steps", "3"], (6, 2, 3)),
     (["--batch-size", "8", "--gradient-accumulation-steps", "2"], (8, 4, 2)),
     (["--batch-size", "12", "--micro-batch-size", "4", "--gradient-accumulation-steps", "3"], (12, 4, 3)),
 ])
-def test_batch_sizes_resolve(flags, expected):
+def test_batch_sizes_resolve(monkeypatch, flags, expected):
+    monkeypatch.setattr("astrobio.train.config.usable_cores", lambda: 1)  # one process
     config = parse_config(flags)
     assert (config.batch_size, config.micro_batch_size, config.gradient_accumulation_steps) == expected
+
+
+@pytest.mark.parametrize("cores, flags, expected", [
+    (2, [], (1, "2", 16, 8, 1)),  # the default job: one replica per core, 16 sequences a step
+    (8, [], (1, "2", 16, 8, 1)),  # two processes, as on two cores (each then takes 4 threads)
+    (1, [], (1, "1", 16, 16, 1)),  # one core: one process
+    (2, ["--batch-size", "32"], (1, "2", 32, 16, 1)),
+    (2, ["--micro-batch-size", "4", "--gradient-accumulation-steps", "2"], (1, "2", 16, 4, 2)),
+    (2, ["--batch-size", "9"], (1, "1", 9, 9, 1)),  # does not split over two: one process
+    (2, ["--pipeline-stages", "2"], (2, "1", 16, 4, 4)),  # the pipeline when asked for
+    (2, ["--data-parallel", "1"], (1, "1", 16, 16, 1)),
+    (2, ["--data-parallel", "3"], (1, "3", 48, 16, 1)),
+    (2, ["--modalities", "text,graph"], (1, "1", 16, 16, 1)),  # a prefix runs in one process
+    (2, ["--device", "cuda"], (1, "1", 16, 16, 1)),  # one device may not hold two NCCL ranks
+])
+def test_default_layout(monkeypatch, cores, flags, expected):
+    monkeypatch.setattr("astrobio.train.config.usable_cores", lambda: cores)
+    config = parse_config(flags)
+    assert (config.pipeline_stages, config.data_parallel, config.batch_size, config.micro_batch_size,
+            config.gradient_accumulation_steps) == expected
+
+
+def test_default_layout_under_torchrun_is_torchruns(monkeypatch):
+    monkeypatch.setattr("astrobio.train.config.usable_cores", lambda: 2)
+    monkeypatch.setattr("astrobio.train.config.torchrun_world_size", lambda: 4)
+    config = parse_config([])
+    assert (config.pipeline_stages, config.data_parallel, config.batch_size) == (1, "4", 64)
 
 
 @pytest.mark.parametrize("flags, words", [

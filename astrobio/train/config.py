@@ -100,11 +100,11 @@ class TrainConfig:
                                        "WANDB_MODE or WANDB_API_KEY say otherwise)", str)
     wandb_name: str | None = option(None, "W&B run name", str)
     pipeline_stages: int | None = option(None, "pipeline stages: processes started here (gloo on the CPU, NCCL on "
-                                         "GPUs), or torchrun's (default: 2 on the CPU with --modalities text, "
-                                         "else 1)", int)
+                                         "GPUs), or torchrun's (default 1)", int)
     data_parallel: str = option("auto", "replicas of the pipeline, each training on its own share of every step's "
-                                "micro-batches: K, or auto (torchrun's ranks / --pipeline-stages; 1 when started "
-                                "plainly)", str)
+                                "micro-batches: K, or auto (torchrun's ranks / --pipeline-stages; started "
+                                "plainly: 2 on a CPU of 2 or more cores with --modalities text and no "
+                                "--pipeline-stages, else 1)", str)
     schedule: str = option("1f1b", "pipeline schedule", choices=SCHEDULES)
     pipeline_timeout: float = option(60.0, "seconds a pipeline rank waits for a silent peer before it stops")
     use_cpu_offloading: bool | None = option(None, "keep optimizer state, master weights and gradient "
@@ -208,9 +208,12 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def resolve_stages(config: TrainConfig) -> TrainConfig:
-    """The default pipeline: 2 stages (1F1B) for text on the CPU; one stage for a multimodal prefix (the
-    documented multimodal job; ``--pipeline-stages 2`` puts the encoders on stage 0) or a GPU (one device
-    may not hold two NCCL ranks)."""
+    """The default layout, where ``--pipeline-stages`` is not given: one stage. Started plainly on the
+    CPU with text and ``--data-parallel auto`` (the default job), two whole-model replicas, one process
+    per core, where the machine has two cores and the batch splits over them; a step then takes 16
+    sequences (8 per replica) unless the batch flags say otherwise. Two replicas train a small model
+    1.4x faster on two cores than the 2-stage pipeline, whose ranks wait for each other about a quarter
+    of each step (docs/TRAINING.md)."""
     if config.pipeline_stages is not None:
         return config
     from astrobio.model.encoders import check_modalities
@@ -218,7 +221,22 @@ def resolve_stages(config: TrainConfig) -> TrainConfig:
         text_only = not check_modalities(config.modalities)
     except ValueError as error:
         raise ConfigError(str(error)) from None
-    return replace(config, pipeline_stages=2 if text_only and config.device == "cpu" else 1)
+    config = replace(config, pipeline_stages=1)
+    if not (text_only and computes_on_cpu(config.device) and config.data_parallel == "auto"
+            and torchrun_world_size() is None and usable_cores() >= 2):
+        return config
+    batch = (config.batch_size, config.micro_batch_size, config.gradient_accumulation_steps)
+    two = replace(config, data_parallel="2", batch_size=16 if batch == (None, None, None) else config.batch_size)
+    try:
+        resolve_batch(two)
+    except ConfigError:
+        return config  # e.g. --batch-size 9: one process takes it
+    return two
+
+
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def torchrun_world_size() -> int | None:
@@ -314,6 +332,11 @@ def validate(config: TrainConfig) -> TrainConfig:
         config = replace(config, use_cpu_offloading=config.model in OFFLOAD_BY_DEFAULT)
     check_offload(config)
     return config
+
+
+def computes_on_cpu(device: str) -> bool:
+    import torch
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
 
 def resolve_optimizer_defaults(config: TrainConfig) -> TrainConfig:
