@@ -39,7 +39,9 @@ const Kernels& kernels() {
   return cpu::layers::portable::kKernels;
 }
 
-int64_t rows_per_task(int64_t row_elements) { return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements)); }
+int64_t rows_per_task(int64_t row_elements) {
+  return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(1, row_elements));
+}
 
 DType layer_dtype(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " is on ", t.device(),
@@ -88,7 +90,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rmsnorm_forward_cpu(const at::Ten
                                          w.data_ptr<float>(), y.data_ptr(), h.data_ptr(), rstd.data_ptr<float>(),
                                          cols, static_cast<float>(eps), dtype};
   const Kernels& k = kernels();
-  at::parallel_for(0, rows, rows_per_task(cols), [&](int64_t begin, int64_t end) { k.rmsnorm_forward(args, begin, end); });
+  at::parallel_for(0, rows, rows_per_task(cols),
+                   [&](int64_t begin, int64_t end) { k.rmsnorm_forward(args, begin, end); });
   return {y, h, rstd};
 }
 
