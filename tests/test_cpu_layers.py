@@ -16,9 +16,10 @@ import torch.nn.functional as F
 
 from astrobio import ops
 
-pytestmark = pytest.mark.skipif(not ops.has_cpu_kernel(), reason="astrobio._C is not built")
+pytestmark = pytest.mark.skipif(ops.cpu_layer_kernels_unavailable() is not None,
+                                reason=str(ops.cpu_layer_kernels_unavailable()))
 
-if ops.has_cpu_kernel():
+if ops.cpu_layer_kernels_unavailable() is None:
     from astrobio import _C
     from astrobio.model import cpu_layers
 

@@ -10,7 +10,7 @@ rotary.py, swiglu.py), with the same call signatures:
 fp32 arithmetic, results in the inputs' dtype (fp32 or bf16). The ops are ``astrobio::*_cpu`` (schemas in
 csrc/ops.cpp), named apart from the Triton ops so that both can be registered in one process; each has a
 fake kernel here, so torch.compile traces through them. Importing this module needs the compiled
-extension (astrobio.ops.has_cpu_kernel()).
+extension with these ops (astrobio.ops.cpu_layer_kernels_unavailable() is None).
 """
 
 from __future__ import annotations
@@ -19,9 +19,8 @@ import torch
 
 from astrobio import ops
 
-if not ops.has_cpu_kernel():
-    raise ImportError(f"the C++ layer kernels need the compiled extension astrobio._C ({ops.extension_error()}); "
-                      "rebuild with `pip install --no-build-isolation -e .`")
+if ops.cpu_layer_kernels_unavailable() is not None:
+    raise ImportError(f"the C++ layer kernels cannot run: {ops.cpu_layer_kernels_unavailable()}")
 
 
 def _new(like: torch.Tensor, dtype: torch.dtype | None = None, shape=None) -> torch.Tensor:

@@ -63,9 +63,8 @@ def fused_kernels_unavailable(device: torch.device) -> str | None:
     """Why the fused kernels cannot run on ``device``, or None when they can."""
     if runs_cpu_kernels(device):
         from astrobio import ops
-        if not ops.has_cpu_kernel():
-            return f"the C++ CPU kernels are not built: {ops.extension_error()}"
-        return None
+        reason = ops.cpu_layer_kernels_unavailable()
+        return None if reason is None else f"the C++ CPU kernels cannot run: {reason}"
     if device.type not in ("cuda", "cpu"):
         return f"the fused kernels run on CUDA (Triton) and on the CPU (C++), not on {device.type}"
     if importlib.util.find_spec("triton") is None:
