@@ -11,7 +11,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstring>
 #include <string>
 #include <tuple>
 
