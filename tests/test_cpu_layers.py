@@ -326,6 +326,7 @@ def test_the_fused_ops_follow_the_device_and_the_interpreter(monkeypatch):
     from astrobio.model.fast import compile_unsupported, load_cpu_fused_ops, load_fused_ops
     config = get_config("tiny", vocab_size=259)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    load_fused_ops()  # triton imported here, not under the variable set below (nothing is interpreted here)
     model = build_model(config)
     assert use_kernels(model, "fused") == "fused"
     assert transformer.FUSED["cpu"] is load_cpu_fused_ops()
