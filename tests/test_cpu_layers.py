@@ -318,6 +318,31 @@ def test_fused_tiny_model_on_the_cpu_matches_eager(monkeypatch, checkpointing):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("precision", ["bf16", "autocast"])
+def test_fused_tiny_model_on_the_cpu_in_bf16_matches_eager(precision):
+    """bf16 weights and activations, or bf16 autocast over fp32 weights (the trainer's mixed precision):
+    the loss and every gradient within 3e-2 of eager's, as the relative error of the tensor's norm
+    (|a - b| / |b|; both round to bf16, in different places: 1.1e-2 at worst here; gradients as small as
+    2e-4 rule out an absolute tolerance)."""
+    from astrobio.model import build_model, get_config, use_kernels
+    config = get_config("tiny", vocab_size=259)
+    tokens = torch.randint(0, config.vocab_size, (2, 65), generator=torch.Generator().manual_seed(63))
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    eager, fused = build_model(config, seed=5, dtype=dtype), build_model(config, seed=5, dtype=dtype)
+    assert use_kernels(fused, "fused") == "fused"
+    results = []
+    for model in (fused, eager):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "autocast"):
+            loss = model.loss(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        results.append([loss.detach()] + [p.grad for p in model.parameters()])
+    names = ["loss"] + [n for n, _ in fused.named_parameters()]
+    for name, a, b in zip(names, *results):
+        assert a.dtype == b.dtype
+        error = ((a.double() - b.double()).norm() / b.double().norm()).item()
+        assert error <= 3e-2, f"{name}: relative error {error:.3g}"
+
+
 def test_the_fused_ops_follow_the_device_and_the_interpreter(monkeypatch):
     """The C++ ops on the CPU; the Triton interpreter's kernels on the CPU under TRITON_INTERPRET=1, where
     torch.compile is refused (it cannot trace them) but not with the C++ ops."""
