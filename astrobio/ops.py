@@ -58,6 +58,15 @@ def has_cpu_kernel() -> bool:
     return _C is not None
 
 
+def cpu_layer_kernels_unavailable() -> str | None:
+    """Why the C++ ops of the model's fused layers (astrobio.model.cpu_layers) cannot run, or None."""
+    if not has_cpu_kernel():
+        return f"the compiled extension astrobio._C did not load ({_IMPORT_ERROR}); reinstall with `pip install -e .`"
+    if not hasattr(torch.ops.astrobio, "rmsnorm_forward_cpu"):
+        return "astrobio._C was built from sources older than the C++ layer kernels; rebuild it with `pip install -e .`"
+    return None
+
+
 def has_cuda_kernel() -> bool:
     return _C is not None and bool(_C.cuda_built()) and torch.cuda.is_available()
 

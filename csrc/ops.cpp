@@ -194,6 +194,16 @@ TORCH_LIBRARY(astrobio, m) {
       "Tensor(d!) absmax1, Tensor(e!) absmax2, Tensor qmap1, Tensor qmap2, Tensor(f!)? param_bf16, "
       "Tensor? found_inf, float lr, float beta1, float beta2, float eps, float weight_decay, "
       "float grad_scale, int step, int seed) -> ()");
+  // The model's fused layers on the CPU (csrc/cpu/layers.cpp): the specification of the Triton ops of the
+  // same names without "_cpu" (kernels/rmsnorm.py, rotary.py, swiglu.py), fp32 and bf16, new tensors out.
+  // rmsnorm: y, h (x + residual; empty without a residual), rstd (fp32, one per row of the last dimension).
+  m.def("rmsnorm_forward_cpu(Tensor x, Tensor? residual, Tensor weight, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("rmsnorm_backward_cpu(Tensor dy, Tensor? dh, Tensor h, Tensor weight, Tensor rstd) -> (Tensor, Tensor)");
+  // q, k [batch, seq, heads, head_dim]; cos, sin fp32 [seq, head_dim / 2]; the backward rotates back.
+  m.def("rotary_cpu(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
+  m.def("rotary_backward_cpu(Tensor dq, Tensor dk, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
+  m.def("silu_mul_cpu(Tensor gate, Tensor up) -> Tensor");
+  m.def("silu_mul_backward_cpu(Tensor dout, Tensor gate, Tensor up) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(astrobio, CPU, m) { m.impl("adamw8bit_step", &astrobio::adamw8bit_step_cpu); }

@@ -77,12 +77,16 @@ def test_the_cli_takes_the_kernels(capsys):
 
 def test_the_trainer_plans_the_kernels_it_will_run(monkeypatch):
     """The preflight plans the kernels ``speed_up`` switches on: --kernels fused falls back to eager on
-    the CPU unless the Triton interpreter is on."""
+    the CPU where neither the C++ kernels are built nor the Triton interpreter is on."""
+    from astrobio import ops
     from astrobio.train import parse_config
     from astrobio.train.memory import plan_config
     cpu = torch.device("cpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert plan_config(parse_config([]), 259, cpu).kernels == "eager"
+    if ops.has_cpu_kernel():
+        assert plan_config(parse_config(["--kernels", "fused"]), 259, cpu).kernels == "fused"
+    monkeypatch.setattr(ops, "has_cpu_kernel", lambda: False)
     assert plan_config(parse_config(["--kernels", "fused"]), 259, cpu).kernels == "eager"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if importlib.util.find_spec("triton") is not None:

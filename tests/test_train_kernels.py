@@ -71,13 +71,15 @@ def test_auto_is_fused_and_compiled_on_cuda_only(kernels, compile_, device, expe
     assert (requested_kernels(config, device), requested_compile(config, device)) == expected
 
 
-def test_fused_on_the_cpu_without_the_interpreter_falls_back_to_eager(tmp_path, capsys, monkeypatch):
+def test_fused_on_the_cpu_without_the_extension_falls_back_to_eager(tmp_path, capsys, monkeypatch):
+    from astrobio import ops
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(ops, "has_cpu_kernel", lambda: False)
     assert main(tiny_run(tmp_path / "eager", "--kernels", "eager")) == 0
     capsys.readouterr()
     assert main(tiny_run(tmp_path / "fused", "--kernels", "fused")) == 0
     err = capsys.readouterr().err
-    assert "fused kernels off" in err and "TRITON_INTERPRET" in err
+    assert "fused kernels off" in err and "C++ CPU kernels cannot run" in err
     assert summary(tmp_path / "fused")["kernels"] == "eager"
     assert summary(tmp_path / "fused")["compiled"] is False
     assert losses(tmp_path / "fused") == losses(tmp_path / "eager")

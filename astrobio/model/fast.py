@@ -1,13 +1,16 @@
-"""The model at hardware speed: its fused Triton kernels, and torch.compile of each block.
+"""The model at hardware speed: its fused layer kernels, and torch.compile of each block.
 
-    use_kernels(model, "fused")   the layers' Triton kernels (astrobio.kernels) and the chunked loss
+    use_kernels(model, "fused")   the layers' fused kernels for the model's device: on CUDA the Triton
+                                   kernels (astrobio.kernels) and the chunked loss, on the CPU the C++
+                                   ops (astrobio.model.cpu_layers) and the eager loss
     compile_blocks(model)          torch.compile each TransformerBlock in place
     fuse_projections(model)        q, k, v and SwiGLU's gate and up as one matrix product each
 
 Both take a whole model (RebuiltLLMIntegration) or a pipeline stage (PipelineStage), work with
 activation checkpointing (``model.gradient_checkpointing``: the checkpoint calls the compiled block,
 and recomputes through it), and fall back with a one-line message where they cannot run: the fused
-kernels need Triton and a CUDA device (or CPU tensors under TRITON_INTERPRET=1, for tests);
+kernels need Triton on CUDA, and the compiled extension (astrobio._C) on the CPU; under
+TRITON_INTERPRET=1 (tests) CPU tensors run the Triton kernels in Triton's interpreter instead.
 torch.compile needs TorchDynamo on this Python and, on the CPU, a C++ compiler, and cannot trace the
 Triton interpreter. Each returns what it switched on, so a trainer can log it.
 """
@@ -19,6 +22,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
+from functools import cache
 from typing import Callable
 
 import torch
@@ -35,7 +39,7 @@ class FusedOps:
     rmsnorm: Callable
     rotary: Callable
     silu_mul: Callable
-    linear_cross_entropy: Callable
+    linear_cross_entropy: Callable | None  # None: the loss is the eager head and cross-entropy
 
 
 def say(message: str) -> None:
@@ -50,19 +54,37 @@ def module_device(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def runs_cpu_kernels(device: torch.device) -> bool:
+    """Whether the fused layers on ``device`` are the C++ ops (the CPU, unless Triton's interpreter is on)."""
+    return device.type == "cpu" and not interpreted()
+
+
 def fused_kernels_unavailable(device: torch.device) -> str | None:
-    """Why the Triton kernels cannot run on ``device``, or None when they can."""
+    """Why the fused kernels cannot run on ``device``, or None when they can."""
+    if runs_cpu_kernels(device):
+        from astrobio import ops
+        reason = ops.cpu_layer_kernels_unavailable()
+        return None if reason is None else f"the C++ CPU kernels cannot run: {reason}"
+    if device.type not in ("cuda", "cpu"):
+        return f"the fused kernels run on CUDA (Triton) and on the CPU (C++), not on {device.type}"
     if importlib.util.find_spec("triton") is None:
         return "Triton is not installed"
-    if device.type == "cuda" or (device.type == "cpu" and interpreted()):
-        return None
-    return f"the Triton kernels run on CUDA (CPU tensors only under TRITON_INTERPRET=1), not on {device.type}"
+    return None
 
 
+@cache
 def load_fused_ops() -> FusedOps:
+    """The Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
     from astrobio import ops
     kernels = ops.load_layer_kernels()
     return FusedOps(kernels["rmsnorm"], kernels["rotary"], kernels["silu_mul"], kernels["linear_cross_entropy"])
+
+
+@cache
+def load_cpu_fused_ops() -> FusedOps:
+    """The C++ kernels; no chunked loss (its row step would be PyTorch on the CPU: the eager loss serves)."""
+    from astrobio.model import cpu_layers
+    return FusedOps(cpu_layers.rmsnorm, cpu_layers.rotary, cpu_layers.silu_mul, None)
 
 
 def use_kernels(model: nn.Module, kernels: str) -> str:
@@ -71,12 +93,13 @@ def use_kernels(model: nn.Module, kernels: str) -> str:
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {', '.join(KERNELS)}, got {kernels!r}")
     if kernels == "fused":
-        reason = fused_kernels_unavailable(module_device(model))
+        device = module_device(model)
+        reason = fused_kernels_unavailable(device)
         if reason is not None:
             say(f"fused kernels off ({reason}); the layers run eager")
             kernels = "eager"
-        elif transformer.FUSED is None:
-            transformer.FUSED = load_fused_ops()
+        else:  # per device type: a CPU model and a GPU model in one process each get their own
+            transformer.FUSED[device.type] = load_cpu_fused_ops() if runs_cpu_kernels(device) else load_fused_ops()
     fused = kernels == "fused"
     for module in model.modules():
         if hasattr(module, "fused"):  # the layers, and the model or last stage for the loss
@@ -109,8 +132,8 @@ def compile_unsupported(model: nn.Module) -> str | None:
     if device.type == "cpu":
         if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
             return "Inductor needs a C++ compiler for CPU code and none was found"
-        if any(getattr(m, "fused", False) for m in model.modules()):
-            return "the Triton interpreter's kernels (fused, on the CPU) cannot be traced"
+        if interpreted() and any(getattr(m, "fused", False) for m in model.modules()):
+            return "the Triton interpreter's kernels (fused, on the CPU under TRITON_INTERPRET=1) cannot be traced"
     return None
 
 

@@ -2,10 +2,11 @@
 causal attention through PyTorch SDPA, or flash-attn on a GPU when installed).
 
 Each layer has two paths: eager PyTorch (the specification), and with ``fused`` set on its module (by
-``astrobio.model.fast.use_kernels``) the Triton kernels of astrobio.kernels: RMSNorm with the
-residual add, rotary of q and k in one launch, SwiGLU's silu(gate) * up, and the chunked linear
-cross-entropy of ``loss``. The kernels are imported only when switched on (into ``FUSED``), so
-importing the model never imports triton.
+``astrobio.model.fast.use_kernels``) the fused kernels for the tensors' device: RMSNorm with the
+residual add, rotary of q and k in one launch, SwiGLU's silu(gate) * up, and, where the device has one
+(the Triton kernels of astrobio.kernels), the chunked linear cross-entropy of ``loss``. On the CPU
+they are the C++ ops of astrobio.model.cpu_layers. The kernels are imported only when switched on
+(into ``FUSED``), so importing the model never imports triton.
 
 Initialisation is deterministic per parameter: each tensor draws from a generator seeded by the run's
 seed and the parameter's name, so a model built whole, or stage by stage on different ranks, or on the
@@ -28,7 +29,7 @@ try:  # optional: used on CUDA for bf16/fp16 inputs
 except ImportError:
     flash_attn_func = None
 
-FUSED = None  # the fused ops (astrobio.model.fast.FusedOps) once use_kernels has switched them on
+FUSED = {}  # device type -> the fused ops (astrobio.model.fast.FusedOps) use_kernels switched on there
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
-            return FUSED.rmsnorm(x, self.weight, self.eps)[0]
+            return FUSED[x.device.type].rmsnorm(x, self.weight, self.eps)[0]
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (normed * self.weight.float()).to(x.dtype)
@@ -126,7 +127,7 @@ class Attention(nn.Module):
         h, hd = self.config.n_heads, self.config.head_dim
         q, k, v = (y.reshape(b, t, h, hd) for y in self.projections(x))
         if self.fused:
-            q, k = FUSED.rotary(q, k, cos, sin)
+            q, k = FUSED[q.device.type].rotary(q, k, cos, sin)
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         causal = True
@@ -166,7 +167,7 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
         if self.fused:
-            return self.w_down(FUSED.silu_mul(gate, up))
+            return self.w_down(FUSED[gate.device.type].silu_mul(gate, up))
         return self.w_down(F.silu(gate) * up)
 
 
@@ -181,8 +182,8 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache=None):
         if self.fused:  # the residual add inside mlp_norm's kernel
-            normed, x = FUSED.rmsnorm(self.attn(self.attn_norm(x), cos, sin, kv_cache), self.mlp_norm.weight,
-                                      self.mlp_norm.eps, residual=x)
+            attended = self.attn(self.attn_norm(x), cos, sin, kv_cache)
+            normed, x = FUSED[x.device.type].rmsnorm(attended, self.mlp_norm.weight, self.mlp_norm.eps, residual=x)
             return x + self.mlp(normed)
         x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
         return x + self.mlp(self.mlp_norm(x))
@@ -220,8 +221,8 @@ class RebuiltLLMIntegration(nn.Module):
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor, prefix: torch.Tensor | None = None,
              ignore_index: int = -100) -> torch.Tensor:
         """Mean next-token cross-entropy of the token positions (targets ``[batch, seq]``, ``ignore_index``
-        where nothing is predicted), as ``F.cross_entropy`` of the fp32 logits; the fused path never
-        materialises the logits of all positions."""
+        where nothing is predicted), as ``F.cross_entropy`` of the fp32 logits; the fused path on CUDA (the
+        chunked loss) never materialises the logits of all positions."""
         hidden = self.hidden_states(tokens, prefix)
         return head_loss(self.head, hidden[:, hidden.shape[1] - targets.shape[1]:], targets, self.fused,
                          ignore_index)
@@ -245,13 +246,14 @@ def head_loss(head: nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, fuse
     if hidden.shape[:2] != targets.shape:
         raise ValueError(f"hidden states {tuple(hidden.shape)} do not match targets {tuple(targets.shape)}: "
                          "expected [batch, seq, d_model] and [batch, seq]")
-    if fused:
+    chunked = FUSED[hidden.device.type].linear_cross_entropy if fused else None
+    if chunked is not None:
         # the chunked loss reads the head's weight without calling the head: run what would run before its
         # forward, e.g. the offload engine's wait for the head's updated weights (its forward hooks, which
         # ZB-H1's weight pass records calls with, stay out: the head is not called)
         for hook in head._forward_pre_hooks.values():
             hook(head, (hidden,))
-        return FUSED.linear_cross_entropy(hidden, head.weight, targets, ignore_index)
+        return chunked(hidden, head.weight, targets, ignore_index)
     return F.cross_entropy(head(hidden).float().flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
 
 
@@ -296,7 +298,7 @@ def init_parameters(module: nn.Module, config: ModelConfig, seed: int, prefix: s
 def build_model(config: ModelConfig, seed: int = 0, device: torch.device | str = "cpu",
                 dtype: torch.dtype = torch.float32) -> RebuiltLLMIntegration:
     """Builds the model; on ``device="meta"`` no memory is allocated (parameter counts, planning).
-    ``astrobio.model.use_kernels(model, "fused")`` then switches on the Triton kernels where they run."""
+    ``astrobio.model.use_kernels(model, "fused")`` then switches on the fused kernels where they run."""
     with torch.device("meta"):
         model = RebuiltLLMIntegration(config)
     if torch.device(device).type == "meta":
