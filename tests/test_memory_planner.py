@@ -50,7 +50,7 @@ def test_the_fused_kernels_plan_the_chunked_loss():
     fp32 head-weight gradient) instead of the eager loss's 12 bytes per logit, every block keeps less;
     a bad value is refused naming it."""
     config = dict(model=get_config("tiny", vocab_size=32768), stages=2, seq_len=256, micro_batch_size=4,
-                  micro_batches=4, checkpointing=False, offload=False, hardware="cpu")
+                  micro_batches=4, checkpointing=False, offload=False, hardware="a5000", param_dtype="fp32")
     eager, fused = (plan(PlanConfig(**config, kernels=k)) for k in ("eager", "fused"))
     term = lambda p, s, name: next(t.bytes for t in p.devices[s].terms if t.name == name)  # noqa: E731
     logits = 4 * 4 * 256 * 32768
@@ -61,6 +61,10 @@ def test_the_fused_kernels_plan_the_chunked_loss():
     assert fused.devices[1].total < eager.devices[1].total - logits
     with pytest.raises(ValueError, match="kernels='triton'"):
         PlanConfig(kernels="triton")
+    # on the CPU the fused layers (the C++ kernels) keep the eager loss: its logits are planned
+    cpu_eager, cpu_fused = (plan(PlanConfig(**{**config, "hardware": "cpu"}, kernels=k)) for k in ("eager", "fused"))
+    assert term(cpu_fused, 1, "logits + loss") == term(cpu_eager, 1, "logits + loss") >= 3 * logits
+    assert term(cpu_fused, 0, "activations") < term(cpu_eager, 0, "activations")
 
 
 def test_the_cli_takes_the_kernels(capsys):
@@ -83,10 +87,12 @@ def test_the_trainer_plans_the_kernels_it_will_run(monkeypatch):
     from astrobio.train.memory import plan_config
     cpu = torch.device("cpu")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert plan_config(parse_config([]), 259, cpu).kernels == "eager"
     if ops.has_cpu_kernel():
+        assert plan_config(parse_config([]), 259, cpu).kernels == "fused"
         assert plan_config(parse_config(["--kernels", "fused"]), 259, cpu).kernels == "fused"
+    assert plan_config(parse_config(["--kernels", "eager"]), 259, cpu).kernels == "eager"
     monkeypatch.setattr(ops, "has_cpu_kernel", lambda: False)
+    assert plan_config(parse_config([]), 259, cpu).kernels == "eager"
     assert plan_config(parse_config(["--kernels", "fused"]), 259, cpu).kernels == "eager"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     if importlib.util.find_spec("triton") is not None:

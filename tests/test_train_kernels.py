@@ -56,17 +56,18 @@ def test_unknown_values_are_refused(flags, named):
 
 
 @pytest.mark.parametrize("kernels, compile_, device, expected", [
-    ("auto", "auto", CPU, ("eager", False)),
+    ("auto", "auto", CPU, ("fused", False)),  # the C++ layer kernels; compiling costs more than it gains
+    ("auto", "auto", "offload on cpu", ("eager", False)),
     ("auto", "auto", CUDA, ("fused", True)),
     ("fused", "on", CPU, ("fused", True)),  # an explicit flag wins
     ("eager", "off", CUDA, ("eager", False)),
     ("auto", "auto", "offload on cuda", ("eager", False)),  # not yet run with the offload hooks on a GPU
     ("fused", "on", "offload on cuda", ("fused", True)),
 ])
-def test_auto_is_fused_and_compiled_on_cuda_only(kernels, compile_, device, expected):
+def test_auto_is_fused_without_offload_and_compiled_on_cuda_only(kernels, compile_, device, expected):
     flags = ["--kernels", kernels, "--compile", compile_]
-    if device == "offload on cuda":
-        flags, device = flags + ["--use-cpu-offloading"], CUDA
+    if isinstance(device, str):
+        flags, device = flags + ["--use-cpu-offloading"], CUDA if device.endswith("cuda") else CPU
     config = parse_config(flags)
     assert (requested_kernels(config, device), requested_compile(config, device)) == expected
 

@@ -115,15 +115,17 @@ def block_backward_transient(config: ModelConfig, tokens: Tokens, p: Precision) 
     return t * (3 * p.matmul * config.ffn_hidden + 2 * p.residual * config.d_model)
 
 
-def head_saved_bytes(config: ModelConfig, tokens: Tokens, p: Precision, kernels: str = "eager") -> int:
-    """Final RMSNorm (fp32 input copy or the fp32 input, normalised fp32) and the head's input; fused:
-    the norm's input and rstd, and the chunked loss's gradients of the head input and the head weight
-    (computed in the forward, kept until the backward)."""
+def head_saved_bytes(config: ModelConfig, tokens: Tokens, p: Precision, kernels: str = "eager",
+                     chunked_loss: bool | None = None) -> int:
+    """Final RMSNorm (fp32 input copy or the fp32 input, normalised fp32; fused: its input and rstd) and
+    the head's input; with the chunked loss (``chunked_loss``, by default the fused kernels': on the CPU
+    the fused layers keep the eager loss) the head's input gradient and weight gradient instead, computed
+    in the forward and kept until the backward."""
     check_kernels(kernels)
     t, h = tokens.count, config.d_model
-    if kernels == "fused":
-        return p.residual * t * h + FP32 * t + p.matmul * t * h + p.matmul * config.vocab_size * h
-    return 2 * FP32 * t * h + p.matmul * t * h
+    chunked = kernels == "fused" if chunked_loss is None else chunked_loss
+    norm = p.residual * t * h + FP32 * t if kernels == "fused" else 2 * FP32 * t * h
+    return norm + p.matmul * t * h + (p.matmul * config.vocab_size * h if chunked else 0)
 
 
 def loss_working_bytes(config: ModelConfig, tokens: Tokens, chunks: int = 1) -> int:

@@ -27,10 +27,12 @@ class StageShape:
     is_last: bool
     precision: act.Precision
     kernels: str = "eager"  # the model's layers and loss (astrobio.memory.activations.KERNELS)
+    chunked_loss: bool | None = None  # None: with the fused kernels (on the CPU they keep the eager loss)
 
     @property
     def fused(self) -> bool:
-        return self.kernels == "fused"
+        """Whether the loss is the fused kernels' chunked cross-entropy (no logits kept)."""
+        return self.kernels == "fused" if self.chunked_loss is None else self.chunked_loss
 
 
 def splits_backward(schedule: str, stage: int) -> bool:
@@ -62,7 +64,7 @@ def micro_batch_activations(s: StageShape, checkpointing: bool) -> int:
     """What one micro-batch leaves on a stage between its forward and its backward. A sent output is
     released once sent (the executor keeps its autograd edge only); a received input is kept for B."""
     m, t, p, k = s.model, s.tokens, s.precision, s.kernels
-    head = act.head_saved_bytes(m, t, p, k) if s.is_last else 0
+    head = act.head_saved_bytes(m, t, p, k, s.fused) if s.is_last else 0
     if checkpointing:
         return s.layers * act.hidden_bytes(m, t, p) + head
     per_layer = act.block_saved_bytes(m, t, p, k) + act.block_input_saved(m, t, p, k)
@@ -134,7 +136,7 @@ def backward_moments(s: StageShape, cfg: PlanConfig, grads: dict[str, int], othe
     saved = (act.block_saved_bytes(m, t, p, s.kernels)
              + (0 if cfg.checkpointing else act.block_input_saved(m, t, p, s.kernels)))
     transient = act.block_backward_transient(m, t, p)
-    head_saved = act.head_saved_bytes(m, t, p, s.kernels) if s.is_last else 0
+    head_saved = act.head_saved_bytes(m, t, p, s.kernels, s.fused) if s.is_last else 0
     retained_loss = act.FP32 * t.count * m.vocab_size if (split and s.is_last and not s.fused) else 0
     for i in range(s.layers - 1, -1, -1):
         if split:
@@ -189,12 +191,13 @@ class CastCopies:
     head: int = 0
 
     @classmethod
-    def of(cls, cfg: PlanConfig, tensors: list[tuple[str, int]], param_bytes: int) -> "CastCopies":
+    def of(cls, cfg: PlanConfig, tensors: list[tuple[str, int]], param_bytes: int,
+           chunked_loss: bool = False) -> "CastCopies":
         if not (cfg.autocast and param_bytes == 4):
             return cls()
-        # the fused loss casts the head's weight itself and keeps no copy
+        # the chunked loss casts the head's weight itself and keeps no copy
         matrices = {name: n for name, n in tensors if name.endswith("weight") and "norm" not in name
-                    and not name.startswith("embed") and not (cfg.kernels == "fused" and name == "head.weight")}
+                    and not name.startswith("embed") and not (chunked_loss and name == "head.weight")}
         per_block = layer_grad_bytes([(k, n) for k, n in matrices.items() if k.startswith("layers.")], 2)
         return cls(stage=2 * sum(matrices.values()), block=max(per_block.values(), default=0),
                    head=2 * matrices.get("head.weight", 0))
@@ -216,7 +219,7 @@ def peak_moment(cfg: PlanConfig, s: StageShape, stage: int, tensors: list[tuple[
                    key=lambda bw: bw[0] * per_mb + bw[1] * per_w)
     others = n_b * per_mb + n_w * per_w
     split = splits_backward(cfg.schedule, stage)
-    casts = CastCopies.of(cfg, tensors, param_bytes)
+    casts = CastCopies.of(cfg, tensors, param_bytes, s.fused)
     held_casts = (n_b + n_w) * (casts.head if cfg.checkpointing else casts.stage)
     own_casts = casts.block + casts.head if cfg.checkpointing else casts.stage
     moments = [PeakMoment(name, a, loss, g, held_casts + own_casts, n_b, n_w) for name, a, loss, g

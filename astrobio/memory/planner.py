@@ -92,6 +92,12 @@ def resident_terms(cfg: PlanConfig, tensors: list[tuple[str, int]], param_bytes:
     return terms
 
 
+def chunked_loss(cfg: PlanConfig, hw: HardwareProfile) -> bool:
+    """Whether the last stage's loss is the chunked cross-entropy: the fused kernels' on a GPU; the CPU's
+    fused layers (the C++ kernels) keep the eager loss."""
+    return cfg.kernels == "fused" and not hw.unified
+
+
 def plan_stage(cfg: PlanConfig, hw: HardwareProfile, s: StageShape, stage: int,
                tensors: list[tuple[str, int]], param_bytes: int) -> MemoryBudget:
     peak = peak_moment(cfg, s, stage, tensors, param_bytes)
@@ -114,7 +120,7 @@ def plan_stage(cfg: PlanConfig, hw: HardwareProfile, s: StageShape, stage: int,
     if cfg.offload and cfg.data_parallel > 1 and not hw.unified:
         terms.append(Term("data-parallel buffers", collective_device_bytes(cfg, tensors, param_bytes),
                           "NCCL: one bucket's reduce-scatter and all-gather buffers"))
-    how_loss = "the chunked cross-entropy (fused)" if cfg.kernels == "fused" else f"{cfg.loss_chunks} chunk(s)"
+    how_loss = "the chunked cross-entropy (fused)" if chunked_loss(cfg, hw) else f"{cfg.loss_chunks} chunk(s)"
     terms.append(Term("logits + loss", peak.loss, f"last stage, {how_loss}; at the peak moment"))
     allocated = sum(t.bytes for t in terms)
     terms.append(Term("allocator slack", int(hw.allocator_slack * allocated), f"{hw.allocator_slack:.0%} of allocated"))
@@ -258,7 +264,8 @@ def plan(cfg: PlanConfig) -> Plan:
     tokens = act.Tokens(cfg.micro_batch_size, positions)
     devices = []
     for s, layers in enumerate(split):
-        shape = StageShape(model, tokens, layers, s == 0, s == len(split) - 1, precision, cfg.kernels)
+        shape = StageShape(model, tokens, layers, s == 0, s == len(split) - 1, precision, cfg.kernels,
+                           chunked_loss(cfg, hw))
         budget = plan_stage(cfg, hw, shape, s, tensors[s], param_bytes)
         budget.layers = (sum(split[:s]), sum(split[:s + 1]) - 1)
         devices.append(budget)

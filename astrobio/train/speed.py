@@ -31,10 +31,14 @@ def measured_fast_path(config: TrainConfig, device: torch.device) -> bool:
 
 
 def requested_kernels(config: TrainConfig, device: torch.device) -> str:
-    """``--kernels``, with auto: fused on CUDA without offload, else eager."""
+    """``--kernels``, with auto: fused on CUDA without offload (the Triton kernels) and on the CPU without
+    offload (the C++ kernels: the default job 1.1-1.2x eager, docs/TRAINING.md), else eager. With offload
+    the fused blocks read the post-attention norm's weight without calling its module, so the engine's
+    wait for it would not run."""
     if config.kernels != "auto":
         return config.kernels
-    return "fused" if measured_fast_path(config, device) else "eager"
+    cpu = device.type == "cpu" and not config.use_cpu_offloading
+    return "fused" if cpu or measured_fast_path(config, device) else "eager"
 
 
 def planned_kernels(config: TrainConfig, device: torch.device) -> str:
