@@ -204,6 +204,12 @@ TORCH_LIBRARY(astrobio, m) {
   m.def("rotary_backward_cpu(Tensor dq, Tensor dk, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("silu_mul_cpu(Tensor gate, Tensor up) -> Tensor");
   m.def("silu_mul_backward_cpu(Tensor dout, Tensor gate, Tensor up) -> (Tensor, Tensor)");
+  // Causal self-attention on the CPU (csrc/cpu/attention.cpp), fp32 q, k, v [batch, seq, heads, head_dim],
+  // scale 1 / sqrt(head_dim): out [batch, seq, heads, head_dim] and logsumexp [batch, heads, seq]; the
+  // backward gives dq, dk, dv from dout and the forward's inputs and outputs.
+  m.def("causal_attention_cpu(Tensor q, Tensor k, Tensor v) -> (Tensor, Tensor)");
+  m.def("causal_attention_backward_cpu(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse) "
+        "-> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(astrobio, CPU, m) { m.impl("adamw8bit_step", &astrobio::adamw8bit_step_cpu); }

@@ -1,0 +1,10 @@
+// AVX2 path of causal attention on the CPU (attention_kernels.h): 8 fp32 lanes, a * b + c contracted into
+// fused multiply-adds.
+#if defined(__x86_64__)
+#pragma GCC optimize("fp-contract=fast")
+#include "attention_kernels.h"
+
+namespace astrobio::cpu::attention::avx2 {
+ASTROBIO_ATTENTION_KERNELS(__attribute__((target("avx2,fma"))))
+}  // namespace astrobio::cpu::attention::avx2
+#endif
