@@ -33,60 +33,89 @@ namespace astrobio::cpu::attention {
 using layers::exp_approx;
 using layers::kLanes;
 
-constexpr int kBlockChunks = 4;  // chunks of kLanes keys scored together
+constexpr int kRows = 4;         // query rows computed together: each load of K^T or V serves four rows
+constexpr int kBlockChunks = 4;  // chunks of kLanes keys scored together (4 x 4 accumulators)
 
 ASTROBIO_INLINE int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// s[j0 + l] = x . mt[:, j0 + l] for l < CHUNKS * kLanes (mt: [dim][stride], columns past the keys are 0).
+// s[r][j0 + l] = x[r] . mt[:, j0 + l] for the kRows rows r of x (x: [kRows][dim]; mt: [dim][stride]; s: rows
+// of `stride`) and l < CHUNKS * kLanes.
 template <int CHUNKS>
-ASTROBIO_INLINE void score_block(const float* x, const float* mt, int64_t dim, int64_t stride, int64_t j0,
-                                 float* s) {
-  float acc[CHUNKS * kLanes] = {};
+ASTROBIO_INLINE void score_tile(const float* x, const float* mt, int64_t dim, int64_t stride, int64_t j0, float* s) {
+  constexpr int kWidth = CHUNKS * kLanes;
+  float a0[kWidth] = {}, a1[kWidth] = {}, a2[kWidth] = {}, a3[kWidth] = {};
   for (int64_t d = 0; d < dim; ++d) {
-    const float xd = x[d];
+    const float x0 = x[d], x1 = x[dim + d], x2 = x[2 * dim + d], x3 = x[3 * dim + d];
     const float* row = mt + d * stride + j0;
-    for (int l = 0; l < CHUNKS * kLanes; ++l) acc[l] += xd * row[l];
+    for (int l = 0; l < kWidth; ++l) {
+      a0[l] += x0 * row[l];
+      a1[l] += x1 * row[l];
+      a2[l] += x2 * row[l];
+      a3[l] += x3 * row[l];
+    }
   }
-  for (int l = 0; l < CHUNKS * kLanes; ++l) s[j0 + l] = acc[l];
+  for (int l = 0; l < kWidth; ++l) {
+    s[j0 + l] = a0[l];
+    s[stride + j0 + l] = a1[l];
+    s[2 * stride + j0 + l] = a2[l];
+    s[3 * stride + j0 + l] = a3[l];
+  }
 }
 
-// s[j] = x . mt[:, j] for j < round_up(n, kLanes) (x: dim values; mt: [dim][stride], stride >= that).
+// score_tile over the keys j < round_up(n, kLanes) (stride >= that; K^T's columns past the keys are 0).
 ASTROBIO_INLINE void scores(const float* x, const float* mt, int64_t dim, int64_t stride, int64_t n, float* s) {
   const int64_t chunks = round_up(n, kLanes) / kLanes;
   int64_t c = 0;
   for (; c + kBlockChunks <= chunks; c += kBlockChunks)
-    score_block<kBlockChunks>(x, mt, dim, stride, c * kLanes, s);
+    score_tile<kBlockChunks>(x, mt, dim, stride, c * kLanes, s);
   switch (chunks - c) {
-    case 3: score_block<3>(x, mt, dim, stride, c * kLanes, s); break;
-    case 2: score_block<2>(x, mt, dim, stride, c * kLanes, s); break;
-    case 1: score_block<1>(x, mt, dim, stride, c * kLanes, s); break;
+    case 3: score_tile<3>(x, mt, dim, stride, c * kLanes, s); break;
+    case 2: score_tile<2>(x, mt, dim, stride, c * kLanes, s); break;
+    case 1: score_tile<1>(x, mt, dim, stride, c * kLanes, s); break;
     default: break;
   }
 }
 
-// out[0, width) = sum_{j < n} w[j] rows[j][0, width)  (rows: [n][width], width a multiple of kLanes), four
-// rows at a time into independent accumulators.
-ASTROBIO_INLINE void weighted_rows(const float* w, const float* rows, int64_t n, int64_t width, float* out) {
+// out[r][0, width) = sum_{j < n} w[r][j] rows[j][0, width) for the kRows rows r of w (rows of `stride`;
+// rows: [n][width], width a multiple of kLanes; out: [kRows][width]).
+ASTROBIO_INLINE void weighted_rows(const float* w, int64_t stride, const float* rows, int64_t n, int64_t width,
+                                   float* out) {
   for (int64_t c = 0; c < width; c += kLanes) {
     float a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
-    const float* r = rows + c;
-    int64_t j = 0;
-    for (; j + 4 <= n; j += 4) {
-      const float w0 = w[j], w1 = w[j + 1], w2 = w[j + 2], w3 = w[j + 3];
-      const float *r0 = r + j * width, *r1 = r0 + width, *r2 = r1 + width, *r3 = r2 + width;
+    for (int64_t j = 0; j < n; ++j) {
+      const float w0 = w[j], w1 = w[stride + j], w2 = w[2 * stride + j], w3 = w[3 * stride + j];
+      const float* r = rows + j * width + c;
       for (int l = 0; l < kLanes; ++l) {
-        a0[l] += w0 * r0[l];
-        a1[l] += w1 * r1[l];
-        a2[l] += w2 * r2[l];
-        a3[l] += w3 * r3[l];
+        a0[l] += w0 * r[l];
+        a1[l] += w1 * r[l];
+        a2[l] += w2 * r[l];
+        a3[l] += w3 * r[l];
       }
     }
-    for (; j < n; ++j) {
-      const float wj = w[j];
-      const float* rj = r + j * width;
-      for (int l = 0; l < kLanes; ++l) a0[l] += wj * rj[l];
+    for (int l = 0; l < kLanes; ++l) {
+      out[c + l] = a0[l];
+      out[width + c + l] = a1[l];
+      out[2 * width + c + l] = a2[l];
+      out[3 * width + c + l] = a3[l];
     }
-    for (int l = 0; l < kLanes; ++l) out[c + l] = (a0[l] + a1[l]) + (a2[l] + a3[l]);
+  }
+}
+
+// acc[j][0, width) += sum_r w[r][j] x[r][0, width) for j < n (w: kRows rows of `stride`; x: [kRows][width]).
+ASTROBIO_INLINE void add_outer(const float* w, int64_t stride, const float* x, int64_t n, int64_t width, float* acc) {
+  for (int64_t c = 0; c < width; c += kLanes) {
+    float x0[kLanes], x1[kLanes], x2[kLanes], x3[kLanes];
+    for (int l = 0; l < kLanes; ++l) {
+      x0[l] = x[c + l];
+      x1[l] = x[width + c + l];
+      x2[l] = x[2 * width + c + l];
+      x3[l] = x[3 * width + c + l];
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      const float w0 = w[j], w1 = w[stride + j], w2 = w[2 * stride + j], w3 = w[3 * stride + j];
+      float* a = acc + j * width + c;
+      for (int l = 0; l < kLanes; ++l) a[l] += (w0 * x0[l] + w1 * x1[l]) + (w2 * x2[l] + w3 * x3[l]);
+    }
   }
 }
 
@@ -111,117 +140,124 @@ ASTROBIO_INLINE float dot(const float* a, const float* b, int64_t n) {
   return layers::lane_total(acc);
 }
 
+// Row i of the pair (b, h) = pair / heads, pair % heads of a [batch, seq, heads, head_dim] tensor.
+ASTROBIO_INLINE int64_t row_offset(const Shape& s, int64_t pair, int64_t i) {
+  return ((pair / s.heads * s.seq + i) * s.heads + pair % s.heads) * s.head_dim;
+}
 
-// x[b, :, h, :] of a [batch, seq, heads, head_dim] tensor as transposed [head_dim][stride].
+// The pair's rows of x, times `scale`, into t: [seq][width] (columns past head_dim left as they are).
+ASTROBIO_INLINE void load_rows(const float* x, const Shape& s, int64_t pair, float scale, int64_t width, float* t) {
+  for (int64_t j = 0; j < s.seq; ++j) {
+    const float* row = x + row_offset(s, pair, j);
+    for (int64_t d = 0; d < s.head_dim; ++d) t[j * width + d] = row[d] * scale;
+  }
+}
+
+// The pair's rows of x transposed into t: [head_dim][stride] (columns past seq left as they are).
 ASTROBIO_INLINE void load_transposed(const float* x, const Shape& s, int64_t pair, int64_t stride, float* t) {
-  const int64_t b = pair / s.heads, h = pair % s.heads, row = s.heads * s.head_dim;
-  const float* base = x + b * s.seq * row + h * s.head_dim;
-  for (int64_t j = 0; j < s.seq; ++j)
-    for (int64_t d = 0; d < s.head_dim; ++d) t[d * stride + j] = base[j * row + d];
+  for (int64_t j = 0; j < s.seq; ++j) {
+    const float* row = x + row_offset(s, pair, j);
+    for (int64_t d = 0; d < s.head_dim; ++d) t[d * stride + j] = row[d];
+  }
 }
 
-// x[b, :, h, :] as rows [seq][width] (the padding columns stay as they are: zero).
-ASTROBIO_INLINE void load_rows(const float* x, const Shape& s, int64_t pair, int64_t width, float* t) {
-  const int64_t b = pair / s.heads, h = pair % s.heads, row = s.heads * s.head_dim;
-  const float* base = x + b * s.seq * row + h * s.head_dim;
-  for (int64_t j = 0; j < s.seq; ++j)
-    for (int64_t d = 0; d < s.head_dim; ++d) t[j * width + d] = base[j * row + d];
-}
-
-ASTROBIO_INLINE const float* row_of(const float* x, const Shape& s, int64_t pair, int64_t i) {
-  const int64_t b = pair / s.heads, h = pair % s.heads;
-  return x + ((b * s.seq + i) * s.heads + h) * s.head_dim;
-}
-
-ASTROBIO_INLINE float* row_of(float* x, const Shape& s, int64_t pair, int64_t i) {
-  const int64_t b = pair / s.heads, h = pair % s.heads;
-  return x + ((b * s.seq + i) * s.heads + h) * s.head_dim;
-}
+// Buffers of floats, zero-filled once (the padding rows and columns stay zero).
+ASTROBIO_INLINE std::vector<float> zeros(int64_t n) { return std::vector<float>(static_cast<size_t>(n), 0.0f); }
 
 ASTROBIO_INLINE void forward_pairs(const Forward& a, int64_t begin, int64_t end) {
   const Shape& s = a.shape;
-  const int64_t T = s.seq, D = s.head_dim, stride = round_up(T, kLanes), width = round_up(D, kLanes);
-  std::vector<float> kt(static_cast<size_t>(D * stride), 0.0f), v(static_cast<size_t>(T * width), 0.0f);
-  std::vector<float> score(static_cast<size_t>(stride)), q(static_cast<size_t>(D)), o(static_cast<size_t>(width));
+  const int64_t T = s.seq, D = s.head_dim, rows = round_up(T, kRows);
+  const int64_t stride = round_up(T, kLanes), width = round_up(D, kLanes);
+  std::vector<float> q = zeros(rows * D), kt = zeros(D * stride), v = zeros(T * width);
+  std::vector<float> p = zeros(kRows * stride), o = zeros(kRows * width);
   for (int64_t pair = begin; pair < end; ++pair) {
+    load_rows(a.q, s, pair, s.scale, D, q.data());
     load_transposed(a.k, s, pair, stride, kt.data());
-    load_rows(a.v, s, pair, width, v.data());
-    for (int64_t i = 0; i < T; ++i) {
-      const int64_t n = i + 1;
-      const float* qi = row_of(a.q, s, pair, i);
-      for (int64_t d = 0; d < D; ++d) q[d] = qi[d] * s.scale;
-      scores(q.data(), kt.data(), D, stride, n, score.data());
-      const float m = row_max(score.data(), n);
-      float acc[kLanes] = {};
-      int64_t j = 0;
-      for (; j + kLanes <= n; j += kLanes)
-        for (int l = 0; l < kLanes; ++l) {
-          const float p = exp_approx(score[j + l] - m);
-          score[j + l] = p;
-          acc[l] += p;
+    load_rows(a.v, s, pair, 1.0f, width, v.data());
+    for (int64_t i0 = 0; i0 < T; i0 += kRows) {
+      const int64_t keys = std::min(i0 + kRows, T);  // keys of the tile's last row
+      scores(q.data() + i0 * D, kt.data(), D, stride, keys, p.data());
+      float totals[kRows];
+      for (int64_t r = 0; r < kRows; ++r) {  // rows past seq (zero q) give finite values, not written
+        const int64_t n = std::min(i0 + r + 1, keys);  // row i0 + r sees keys j <= i0 + r
+        float* pr = p.data() + r * stride;
+        const float m = row_max(pr, n);
+        float acc[kLanes] = {};
+        int64_t j = 0;
+        for (; j + kLanes <= n; j += kLanes)
+          for (int l = 0; l < kLanes; ++l) {
+            const float e = exp_approx(pr[j + l] - m);
+            pr[j + l] = e;
+            acc[l] += e;
+          }
+        for (int l = 0; j + l < n; ++l) {
+          const float e = exp_approx(pr[j + l] - m);
+          pr[j + l] = e;
+          acc[l] += e;
         }
-      for (int l = 0; j + l < n; ++l) {
-        const float p = exp_approx(score[j + l] - m);
-        score[j + l] = p;
-        acc[l] += p;
+        for (j = n; j < keys; ++j) pr[j] = 0.0f;
+        totals[r] = layers::lane_total(acc);
+        if (i0 + r < T) a.lse[pair * T + i0 + r] = m + std::log(totals[r]);
       }
-      const float total = layers::lane_total(acc);
-      weighted_rows(score.data(), v.data(), n, width, o.data());
-      const float inverse = 1.0f / total;
-      float* out = row_of(a.out, s, pair, i);
-      for (int64_t d = 0; d < D; ++d) out[d] = o[d] * inverse;
-      a.lse[pair * T + i] = m + std::log(total);
+      weighted_rows(p.data(), stride, v.data(), keys, width, o.data());
+      for (int64_t r = 0; r < kRows && i0 + r < T; ++r) {
+        const float inverse = 1.0f / totals[r];
+        float* out = a.out + row_offset(s, pair, i0 + r);
+        for (int64_t d = 0; d < D; ++d) out[d] = o[r * width + d] * inverse;
+      }
     }
   }
 }
 
 ASTROBIO_INLINE void backward_pairs(const Backward& a, int64_t begin, int64_t end) {
   const Shape& s = a.shape;
-  const int64_t T = s.seq, D = s.head_dim, stride = round_up(T, kLanes), width = round_up(D, kLanes);
-  std::vector<float> kt(static_cast<size_t>(D * stride), 0.0f), vt(static_cast<size_t>(D * stride), 0.0f);
-  std::vector<float> k(static_cast<size_t>(T * width), 0.0f), dk(static_cast<size_t>(T * width));
-  std::vector<float> dv(static_cast<size_t>(T * width));
-  std::vector<float> p(static_cast<size_t>(stride)), ds(static_cast<size_t>(stride));
-  std::vector<float> q(static_cast<size_t>(width), 0.0f), g(static_cast<size_t>(width), 0.0f);
-  std::vector<float> dq(static_cast<size_t>(width));
+  const int64_t T = s.seq, D = s.head_dim, rows = round_up(T, kRows);
+  const int64_t stride = round_up(T, kLanes), width = round_up(D, kLanes);
+  // q and dout as rows of head_dim (for the scores) and of width (for dk and dv); k and v transposed (for
+  // the scores) and k as rows of width (for dq); dk, dv summed over the pair's query rows.
+  std::vector<float> q = zeros(rows * D), g = zeros(rows * D), qw = zeros(rows * width), gw = zeros(rows * width);
+  std::vector<float> kt = zeros(D * stride), vt = zeros(D * stride), k = zeros(T * width);
+  std::vector<float> dk(static_cast<size_t>(T * width)), dv(static_cast<size_t>(T * width));
+  std::vector<float> p = zeros(kRows * stride), ds = zeros(kRows * stride), dq = zeros(kRows * width);
   for (int64_t pair = begin; pair < end; ++pair) {
+    load_rows(a.q, s, pair, s.scale, D, q.data());
+    load_rows(a.q, s, pair, s.scale, width, qw.data());
+    load_rows(a.dout, s, pair, 1.0f, D, g.data());
+    load_rows(a.dout, s, pair, 1.0f, width, gw.data());
     load_transposed(a.k, s, pair, stride, kt.data());
     load_transposed(a.v, s, pair, stride, vt.data());
-    load_rows(a.k, s, pair, width, k.data());
+    load_rows(a.k, s, pair, 1.0f, width, k.data());
     std::fill(dk.begin(), dk.end(), 0.0f);
     std::fill(dv.begin(), dv.end(), 0.0f);
-    for (int64_t i = 0; i < T; ++i) {
-      const int64_t n = i + 1;
-      const float *qi = row_of(a.q, s, pair, i), *gi = row_of(a.dout, s, pair, i);
-      for (int64_t d = 0; d < D; ++d) {
-        q[d] = qi[d] * s.scale;
-        g[d] = gi[d];
-      }
-      const float lse = a.lse[pair * T + i];
-      const float delta = dot(g.data(), row_of(a.out, s, pair, i), D);
-      scores(q.data(), kt.data(), D, stride, n, p.data());
-      scores(g.data(), vt.data(), D, stride, n, ds.data());
-      for (int64_t j = 0; j < n; ++j) {
-        const float pj = exp_approx(p[j] - lse);
-        p[j] = pj;
-        ds[j] = pj * (ds[j] - delta);
-      }
-      weighted_rows(ds.data(), k.data(), n, width, dq.data());
-      float* dqi = row_of(a.dq, s, pair, i);
-      for (int64_t d = 0; d < D; ++d) dqi[d] = dq[d] * s.scale;
-      for (int64_t j = 0; j < n; ++j) {
-        const float dsj = ds[j], pj = p[j];
-        float* dkj = dk.data() + j * width;
-        float* dvj = dv.data() + j * width;
-        for (int64_t d = 0; d < width; ++d) {
-          dkj[d] += dsj * q[d];
-          dvj[d] += pj * g[d];
+    for (int64_t i0 = 0; i0 < T; i0 += kRows) {
+      const int64_t keys = std::min(i0 + kRows, T);
+      scores(q.data() + i0 * D, kt.data(), D, stride, keys, p.data());
+      scores(g.data() + i0 * D, vt.data(), D, stride, keys, ds.data());
+      for (int64_t r = 0; r < kRows; ++r) {
+        const int64_t i = i0 + r, n = i < T ? i + 1 : 0;
+        float *pr = p.data() + r * stride, *dsr = ds.data() + r * stride;
+        if (n > 0) {
+          const float lse = a.lse[pair * T + i];
+          const float delta = dot(g.data() + i * D, a.out + row_offset(s, pair, i), D);
+          for (int64_t j = 0; j < n; ++j) {
+            const float e = exp_approx(pr[j] - lse);
+            pr[j] = e;
+            dsr[j] = e * (dsr[j] - delta);
+          }
         }
+        for (int64_t j = n; j < keys; ++j) pr[j] = dsr[j] = 0.0f;
       }
+      weighted_rows(ds.data(), stride, k.data(), keys, width, dq.data());
+      for (int64_t r = 0; r < kRows && i0 + r < T; ++r) {
+        float* dqi = a.dq + row_offset(s, pair, i0 + r);
+        for (int64_t d = 0; d < D; ++d) dqi[d] = dq[r * width + d] * s.scale;
+      }
+      add_outer(ds.data(), stride, qw.data() + i0 * width, keys, width, dk.data());
+      add_outer(p.data(), stride, gw.data() + i0 * width, keys, width, dv.data());
     }
     for (int64_t j = 0; j < T; ++j) {
-      float* dkj = row_of(a.dk, s, pair, j);
-      float* dvj = row_of(a.dv, s, pair, j);
+      float* dkj = a.dk + row_offset(s, pair, j);
+      float* dvj = a.dv + row_offset(s, pair, j);
       for (int64_t d = 0; d < D; ++d) {
         dkj[d] = dk[j * width + d];
         dvj[d] = dv[j * width + d];
