@@ -101,21 +101,27 @@ ASTROBIO_INLINE void weighted_rows(const float* w, int64_t stride, const float* 
   }
 }
 
-// acc[j][0, width) += sum_r w[r][j] x[r][0, width) for j < n (w: kRows rows of `stride`; x: [kRows][width]).
-ASTROBIO_INLINE void add_outer(const float* w, int64_t stride, const float* x, int64_t n, int64_t width, float* acc) {
-  for (int64_t c = 0; c < width; c += kLanes) {
-    float x0[kLanes], x1[kLanes], x2[kLanes], x3[kLanes];
-    for (int l = 0; l < kLanes; ++l) {
-      x0[l] = x[c + l];
-      x1[l] = x[width + c + l];
-      x2[l] = x[2 * width + c + l];
-      x3[l] = x[3 * width + c + l];
-    }
+// acc[d][j] += sum_r x[r][d] w[r][j] for d < dim, j < n (x: [kRows][dim]; w: kRows rows of `stride`; acc:
+// [dim][stride]): a transposed sum, so that the loop runs over j, contiguous in w and in acc; two rows of
+// acc at a time share the loads of w.
+ASTROBIO_INLINE void add_outer(const float* x, int64_t dim, const float* w, int64_t stride, int64_t n, float* acc) {
+  const float *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;
+  int64_t d = 0;
+  for (; d + 2 <= dim; d += 2) {
+    const float x0 = x[d], x1 = x[dim + d], x2 = x[2 * dim + d], x3 = x[3 * dim + d];
+    const float y0 = x[d + 1], y1 = x[dim + d + 1], y2 = x[2 * dim + d + 1], y3 = x[3 * dim + d + 1];
+    float* a = acc + d * stride;
+    float* b = a + stride;
     for (int64_t j = 0; j < n; ++j) {
-      const float w0 = w[j], w1 = w[stride + j], w2 = w[2 * stride + j], w3 = w[3 * stride + j];
-      float* a = acc + j * width + c;
-      for (int l = 0; l < kLanes; ++l) a[l] += (w0 * x0[l] + w1 * x1[l]) + (w2 * x2[l] + w3 * x3[l]);
+      const float v0 = w0[j], v1 = w1[j], v2 = w2[j], v3 = w3[j];
+      a[j] = a[j] + x0 * v0 + x1 * v1 + x2 * v2 + x3 * v3;
+      b[j] = b[j] + y0 * v0 + y1 * v1 + y2 * v2 + y3 * v3;
     }
+  }
+  for (; d < dim; ++d) {
+    const float x0 = x[d], x1 = x[dim + d], x2 = x[2 * dim + d], x3 = x[3 * dim + d];
+    float* a = acc + d * stride;
+    for (int64_t j = 0; j < n; ++j) a[j] = a[j] + x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j];
   }
 }
 
@@ -153,12 +159,31 @@ ASTROBIO_INLINE void load_rows(const float* x, const Shape& s, int64_t pair, flo
   }
 }
 
-// The pair's rows of x transposed into t: [head_dim][stride] (columns past seq left as they are).
+// The pair's rows of x transposed into t: [head_dim][stride] (columns past seq left as they are), in blocks
+// of kLanes rows: each column of a block is one vector store (GCC's vectorized row-at-a-time loop scatters
+// lane by lane).
 ASTROBIO_INLINE void load_transposed(const float* x, const Shape& s, int64_t pair, int64_t stride, float* t) {
-  for (int64_t j = 0; j < s.seq; ++j) {
-    const float* row = x + row_offset(s, pair, j);
-    for (int64_t d = 0; d < s.head_dim; ++d) t[d * stride + j] = row[d];
-  }
+  const float* base = x + row_offset(s, pair, 0);
+  const int64_t row = s.heads * s.head_dim;
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= s.seq; j0 += kLanes)
+    for (int64_t d = 0; d < s.head_dim; ++d)
+      for (int l = 0; l < kLanes; ++l) t[d * stride + j0 + l] = base[(j0 + l) * row + d];
+  for (int64_t d = 0; d < s.head_dim; ++d)
+    for (int64_t j = j0; j < s.seq; ++j) t[d * stride + j] = base[j * row + d];
+}
+
+// t: [head_dim][stride] transposed into the pair's rows of x, in blocks of kLanes rows (one vector load
+// per column of a block).
+ASTROBIO_INLINE void store_transposed(const float* t, int64_t stride, const Shape& s, int64_t pair, float* x) {
+  float* base = x + row_offset(s, pair, 0);
+  const int64_t row = s.heads * s.head_dim;
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= s.seq; j0 += kLanes)
+    for (int64_t d = 0; d < s.head_dim; ++d)
+      for (int l = 0; l < kLanes; ++l) base[(j0 + l) * row + d] = t[d * stride + j0 + l];
+  for (int64_t d = 0; d < s.head_dim; ++d)
+    for (int64_t j = j0; j < s.seq; ++j) base[j * row + d] = t[d * stride + j];
 }
 
 // Buffers of floats, zero-filled once (the padding rows and columns stay zero).
@@ -213,22 +238,20 @@ ASTROBIO_INLINE void backward_pairs(const Backward& a, int64_t begin, int64_t en
   const Shape& s = a.shape;
   const int64_t T = s.seq, D = s.head_dim, rows = round_up(T, kRows);
   const int64_t stride = round_up(T, kLanes), width = round_up(D, kLanes);
-  // q and dout as rows of head_dim (for the scores) and of width (for dk and dv); k and v transposed (for
-  // the scores) and k as rows of width (for dq); dk, dv summed over the pair's query rows.
-  std::vector<float> q = zeros(rows * D), g = zeros(rows * D), qw = zeros(rows * width), gw = zeros(rows * width);
+  // q (scaled) and dout as rows; k and v transposed (for the scores) and k as rows of width (for dq); dk
+  // and dv transposed, summed over the pair's query rows.
+  std::vector<float> q = zeros(rows * D), g = zeros(rows * D);
   std::vector<float> kt = zeros(D * stride), vt = zeros(D * stride), k = zeros(T * width);
-  std::vector<float> dk(static_cast<size_t>(T * width)), dv(static_cast<size_t>(T * width));
+  std::vector<float> dkt(static_cast<size_t>(D * stride)), dvt(static_cast<size_t>(D * stride));
   std::vector<float> p = zeros(kRows * stride), ds = zeros(kRows * stride), dq = zeros(kRows * width);
   for (int64_t pair = begin; pair < end; ++pair) {
     load_rows(a.q, s, pair, s.scale, D, q.data());
-    load_rows(a.q, s, pair, s.scale, width, qw.data());
     load_rows(a.dout, s, pair, 1.0f, D, g.data());
-    load_rows(a.dout, s, pair, 1.0f, width, gw.data());
     load_transposed(a.k, s, pair, stride, kt.data());
     load_transposed(a.v, s, pair, stride, vt.data());
     load_rows(a.k, s, pair, 1.0f, width, k.data());
-    std::fill(dk.begin(), dk.end(), 0.0f);
-    std::fill(dv.begin(), dv.end(), 0.0f);
+    std::fill(dkt.begin(), dkt.end(), 0.0f);
+    std::fill(dvt.begin(), dvt.end(), 0.0f);
     for (int64_t i0 = 0; i0 < T; i0 += kRows) {
       const int64_t keys = std::min(i0 + kRows, T);
       scores(q.data() + i0 * D, kt.data(), D, stride, keys, p.data());
@@ -252,17 +275,11 @@ ASTROBIO_INLINE void backward_pairs(const Backward& a, int64_t begin, int64_t en
         float* dqi = a.dq + row_offset(s, pair, i0 + r);
         for (int64_t d = 0; d < D; ++d) dqi[d] = dq[r * width + d] * s.scale;
       }
-      add_outer(ds.data(), stride, qw.data() + i0 * width, keys, width, dk.data());
-      add_outer(p.data(), stride, gw.data() + i0 * width, keys, width, dv.data());
+      add_outer(q.data() + i0 * D, D, ds.data(), stride, keys, dkt.data());
+      add_outer(g.data() + i0 * D, D, p.data(), stride, keys, dvt.data());
     }
-    for (int64_t j = 0; j < T; ++j) {
-      float* dkj = a.dk + row_offset(s, pair, j);
-      float* dvj = a.dv + row_offset(s, pair, j);
-      for (int64_t d = 0; d < D; ++d) {
-        dkj[d] = dk[j * width + d];
-        dvj[d] = dv[j * width + d];
-      }
-    }
+    store_transposed(dkt.data(), stride, s, pair, a.dk);
+    store_transposed(dvt.data(), stride, s, pair, a.dv);
   }
 }
 
