@@ -38,14 +38,15 @@ constexpr int kBlockChunks = 4;  // chunks of kLanes keys scored together (4 x 4
 
 ASTROBIO_INLINE int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// s[r][j0 + l] = x[r] . mt[:, j0 + l] for the kRows rows r of x (x: [kRows][dim]; mt: [dim][stride]; s: rows
-// of `stride`) and l < CHUNKS * kLanes.
+// s[r][j0 + l] = x[r] . mt[:, j0 + l] for the kRows rows r of x (x: rows of ldx, dim used; mt: [dim][stride];
+// s: rows of `stride`) and l < CHUNKS * kLanes.
 template <int CHUNKS>
-ASTROBIO_INLINE void score_tile(const float* x, const float* mt, int64_t dim, int64_t stride, int64_t j0, float* s) {
+ASTROBIO_INLINE void score_tile(const float* x, int64_t ldx, const float* mt, int64_t dim, int64_t stride, int64_t j0,
+                                float* s) {
   constexpr int kWidth = CHUNKS * kLanes;
   float a0[kWidth] = {}, a1[kWidth] = {}, a2[kWidth] = {}, a3[kWidth] = {};
   for (int64_t d = 0; d < dim; ++d) {
-    const float x0 = x[d], x1 = x[dim + d], x2 = x[2 * dim + d], x3 = x[3 * dim + d];
+    const float x0 = x[d], x1 = x[ldx + d], x2 = x[2 * ldx + d], x3 = x[3 * ldx + d];
     const float* row = mt + d * stride + j0;
     for (int l = 0; l < kWidth; ++l) {
       a0[l] += x0 * row[l];
@@ -62,16 +63,16 @@ ASTROBIO_INLINE void score_tile(const float* x, const float* mt, int64_t dim, in
   }
 }
 
-// score_tile over the keys j < round_up(n, kLanes) (stride >= that; K^T's columns past the keys are 0).
+// score_tile over the keys j < round_up(n, kLanes) (stride >= that), x as rows of dim.
 ASTROBIO_INLINE void scores(const float* x, const float* mt, int64_t dim, int64_t stride, int64_t n, float* s) {
   const int64_t chunks = round_up(n, kLanes) / kLanes;
   int64_t c = 0;
   for (; c + kBlockChunks <= chunks; c += kBlockChunks)
-    score_tile<kBlockChunks>(x, mt, dim, stride, c * kLanes, s);
+    score_tile<kBlockChunks>(x, dim, mt, dim, stride, c * kLanes, s);
   switch (chunks - c) {
-    case 3: score_tile<3>(x, mt, dim, stride, c * kLanes, s); break;
-    case 2: score_tile<2>(x, mt, dim, stride, c * kLanes, s); break;
-    case 1: score_tile<1>(x, mt, dim, stride, c * kLanes, s); break;
+    case 3: score_tile<3>(x, dim, mt, dim, stride, c * kLanes, s); break;
+    case 2: score_tile<2>(x, dim, mt, dim, stride, c * kLanes, s); break;
+    case 1: score_tile<1>(x, dim, mt, dim, stride, c * kLanes, s); break;
     default: break;
   }
 }
@@ -101,28 +102,19 @@ ASTROBIO_INLINE void weighted_rows(const float* w, int64_t stride, const float* 
   }
 }
 
-// acc[d][j] += sum_r x[r][d] w[r][j] for d < dim, j < n (x: [kRows][dim]; w: kRows rows of `stride`; acc:
-// [dim][stride]): a transposed sum, so that the loop runs over j, contiguous in w and in acc; two rows of
-// acc at a time share the loads of w.
-ASTROBIO_INLINE void add_outer(const float* x, int64_t dim, const float* w, int64_t stride, int64_t n, float* acc) {
-  const float *w0 = w, *w1 = w + stride, *w2 = w + 2 * stride, *w3 = w + 3 * stride;
-  int64_t d = 0;
-  for (; d + 2 <= dim; d += 2) {
-    const float x0 = x[d], x1 = x[dim + d], x2 = x[2 * dim + d], x3 = x[3 * dim + d];
-    const float y0 = x[d + 1], y1 = x[dim + d + 1], y2 = x[2 * dim + d + 1], y3 = x[3 * dim + d + 1];
-    float* a = acc + d * stride;
-    float* b = a + stride;
-    for (int64_t j = 0; j < n; ++j) {
-      const float v0 = w0[j], v1 = w1[j], v2 = w2[j], v3 = w3[j];
-      a[j] = a[j] + x0 * v0 + x1 * v1 + x2 * v2 + x3 * v3;
-      b[j] = b[j] + y0 * v0 + y1 * v1 + y2 * v2 + y3 * v3;
+// out[d][j] = sum_{i >= j} xt[d][i] w[i][j] for d < dim, j < n (xt: [round_up(dim, kRows)][n], w: [n][stride]
+// with w[i][j] = 0 for j > i; out: [round_up(dim, kRows)][stride]): dk^T = q^T ds and dv^T = dout^T p, as
+// score tiles of four rows of xt, each block of keys summed from its first key's row on.
+ASTROBIO_INLINE void causal_products(const float* xt, int64_t dim, const float* w, int64_t stride, int64_t n,
+                                     float* out) {
+  const int64_t chunks = round_up(n, kLanes) / kLanes;
+  for (int64_t d0 = 0; d0 < dim; d0 += kRows)
+    for (int64_t c = 0; c < chunks; c += 2) {
+      const int64_t j0 = c * kLanes;
+      const float* x = xt + d0 * n + j0;
+      if (c + 2 <= chunks) score_tile<2>(x, n, w + j0 * stride, n - j0, stride, j0, out + d0 * stride);
+      else score_tile<1>(x, n, w + j0 * stride, n - j0, stride, j0, out + d0 * stride);
     }
-  }
-  for (; d < dim; ++d) {
-    const float x0 = x[d], x1 = x[dim + d], x2 = x[2 * dim + d], x3 = x[3 * dim + d];
-    float* a = acc + d * stride;
-    for (int64_t j = 0; j < n; ++j) a[j] = a[j] + x0 * w0[j] + x1 * w1[j] + x2 * w2[j] + x3 * w3[j];
-  }
 }
 
 ASTROBIO_INLINE float row_max(const float* s, int64_t n) {
@@ -162,15 +154,16 @@ ASTROBIO_INLINE void load_rows(const float* x, const Shape& s, int64_t pair, flo
 // The pair's rows of x transposed into t: [head_dim][stride] (columns past seq left as they are), in blocks
 // of kLanes rows: each column of a block is one vector store (GCC's vectorized row-at-a-time loop scatters
 // lane by lane).
-ASTROBIO_INLINE void load_transposed(const float* x, const Shape& s, int64_t pair, int64_t stride, float* t) {
+ASTROBIO_INLINE void load_transposed(const float* x, const Shape& s, int64_t pair, float scale, int64_t stride,
+                                     float* t) {
   const float* base = x + row_offset(s, pair, 0);
   const int64_t row = s.heads * s.head_dim;
   int64_t j0 = 0;
   for (; j0 + kLanes <= s.seq; j0 += kLanes)
     for (int64_t d = 0; d < s.head_dim; ++d)
-      for (int l = 0; l < kLanes; ++l) t[d * stride + j0 + l] = base[(j0 + l) * row + d];
+      for (int l = 0; l < kLanes; ++l) t[d * stride + j0 + l] = base[(j0 + l) * row + d] * scale;
   for (int64_t d = 0; d < s.head_dim; ++d)
-    for (int64_t j = j0; j < s.seq; ++j) t[d * stride + j] = base[j * row + d];
+    for (int64_t j = j0; j < s.seq; ++j) t[d * stride + j] = base[j * row + d] * scale;
 }
 
 // t: [head_dim][stride] transposed into the pair's rows of x, in blocks of kLanes rows (one vector load
@@ -197,7 +190,7 @@ ASTROBIO_INLINE void forward_pairs(const Forward& a, int64_t begin, int64_t end)
   std::vector<float> p = zeros(kRows * stride), o = zeros(kRows * width);
   for (int64_t pair = begin; pair < end; ++pair) {
     load_rows(a.q, s, pair, s.scale, D, q.data());
-    load_transposed(a.k, s, pair, stride, kt.data());
+    load_transposed(a.k, s, pair, 1.0f, stride, kt.data());
     load_rows(a.v, s, pair, 1.0f, width, v.data());
     for (int64_t i0 = 0; i0 < T; i0 += kRows) {
       const int64_t keys = std::min(i0 + kRows, T);  // keys of the tile's last row
@@ -236,29 +229,30 @@ ASTROBIO_INLINE void forward_pairs(const Forward& a, int64_t begin, int64_t end)
 
 ASTROBIO_INLINE void backward_pairs(const Backward& a, int64_t begin, int64_t end) {
   const Shape& s = a.shape;
-  const int64_t T = s.seq, D = s.head_dim, rows = round_up(T, kRows);
+  const int64_t T = s.seq, D = s.head_dim, rows = round_up(T, kRows), dims = round_up(D, kRows);
   const int64_t stride = round_up(T, kLanes), width = round_up(D, kLanes);
-  // q (scaled) and dout as rows; k and v transposed (for the scores) and k as rows of width (for dq); dk
-  // and dv transposed, summed over the pair's query rows.
-  std::vector<float> q = zeros(rows * D), g = zeros(rows * D);
+  // q (scaled) and dout as rows (for the scores) and transposed (for dk, dv); k and v transposed (for the
+  // scores), k as rows of width (for dq); the pair's p and ds (zero past the diagonal); dk, dv transposed.
+  std::vector<float> q = zeros(rows * D), g = zeros(rows * D), qt = zeros(dims * T), gt = zeros(dims * T);
   std::vector<float> kt = zeros(D * stride), vt = zeros(D * stride), k = zeros(T * width);
-  std::vector<float> dkt(static_cast<size_t>(D * stride)), dvt(static_cast<size_t>(D * stride));
-  std::vector<float> p = zeros(kRows * stride), ds = zeros(kRows * stride), dq = zeros(kRows * width);
+  std::vector<float> p = zeros(rows * stride), ds = zeros(rows * stride), dq = zeros(kRows * width);
+  std::vector<float> dkt = zeros(dims * stride), dvt = zeros(dims * stride);
   for (int64_t pair = begin; pair < end; ++pair) {
     load_rows(a.q, s, pair, s.scale, D, q.data());
     load_rows(a.dout, s, pair, 1.0f, D, g.data());
-    load_transposed(a.k, s, pair, stride, kt.data());
-    load_transposed(a.v, s, pair, stride, vt.data());
+    load_transposed(a.q, s, pair, s.scale, T, qt.data());
+    load_transposed(a.dout, s, pair, 1.0f, T, gt.data());
+    load_transposed(a.k, s, pair, 1.0f, stride, kt.data());
+    load_transposed(a.v, s, pair, 1.0f, stride, vt.data());
     load_rows(a.k, s, pair, 1.0f, width, k.data());
-    std::fill(dkt.begin(), dkt.end(), 0.0f);
-    std::fill(dvt.begin(), dvt.end(), 0.0f);
     for (int64_t i0 = 0; i0 < T; i0 += kRows) {
       const int64_t keys = std::min(i0 + kRows, T);
-      scores(q.data() + i0 * D, kt.data(), D, stride, keys, p.data());
-      scores(g.data() + i0 * D, vt.data(), D, stride, keys, ds.data());
+      float *p0 = p.data() + i0 * stride, *ds0 = ds.data() + i0 * stride;
+      scores(q.data() + i0 * D, kt.data(), D, stride, keys, p0);
+      scores(g.data() + i0 * D, vt.data(), D, stride, keys, ds0);
       for (int64_t r = 0; r < kRows; ++r) {
         const int64_t i = i0 + r, n = i < T ? i + 1 : 0;
-        float *pr = p.data() + r * stride, *dsr = ds.data() + r * stride;
+        float *pr = p0 + r * stride, *dsr = ds0 + r * stride;
         if (n > 0) {
           const float lse = a.lse[pair * T + i];
           const float delta = dot(g.data() + i * D, a.out + row_offset(s, pair, i), D);
@@ -268,16 +262,16 @@ ASTROBIO_INLINE void backward_pairs(const Backward& a, int64_t begin, int64_t en
             dsr[j] = e * (dsr[j] - delta);
           }
         }
-        for (int64_t j = n; j < keys; ++j) pr[j] = dsr[j] = 0.0f;
+        for (int64_t j = n; j < stride; ++j) pr[j] = dsr[j] = 0.0f;
       }
-      weighted_rows(ds.data(), stride, k.data(), keys, width, dq.data());
+      weighted_rows(ds0, stride, k.data(), keys, width, dq.data());
       for (int64_t r = 0; r < kRows && i0 + r < T; ++r) {
         float* dqi = a.dq + row_offset(s, pair, i0 + r);
         for (int64_t d = 0; d < D; ++d) dqi[d] = dq[r * width + d] * s.scale;
       }
-      add_outer(q.data() + i0 * D, D, ds.data(), stride, keys, dkt.data());
-      add_outer(g.data() + i0 * D, D, p.data(), stride, keys, dvt.data());
     }
+    causal_products(qt.data(), D, ds.data(), stride, T, dkt.data());
+    causal_products(gt.data(), D, p.data(), stride, T, dvt.data());
     store_transposed(dkt.data(), stride, s, pair, a.dk);
     store_transposed(dvt.data(), stride, s, pair, a.dv);
   }
