@@ -6,8 +6,12 @@ rotary.py, swiglu.py), with the same call signatures:
     rmsnorm(x, weight, eps, residual=None) -> (y, h)    h = x + residual (x without one)
     rotary(q, k, cos, sin) -> (q, k)                      q, k [batch, seq, heads, head_dim]
     silu_mul(gate, up) -> silu(gate) * up
+    causal_attention(q, k, v) -> out                    [batch, seq, heads, head_dim], fp32 only
 
-fp32 arithmetic, results in the inputs' dtype (fp32 or bf16). The ops are ``astrobio::*_cpu`` (schemas in
+fp32 arithmetic, results in the inputs' dtype (fp32 or bf16; attention: fp32). causal_attention is
+``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` in the projections' layout (no transposes),
+computing only the unmasked half (csrc/cpu/attention.cpp); it saves for the backward what SDPA saves:
+q, k, v, out and the fp32 logsumexp [batch, heads, seq]. The ops are ``astrobio::*_cpu`` (schemas in
 csrc/ops.cpp), named apart from the Triton ops so that both can be registered in one process; each has a
 fake kernel here, so torch.compile traces through them. Importing this module needs the compiled
 extension with these ops (astrobio.ops.cpu_layer_kernels_unavailable() is None).
@@ -59,6 +63,16 @@ def _silu_mul_backward_fake(dout, gate, up):
     return _new(gate), _new(up)
 
 
+@torch.library.register_fake("astrobio::causal_attention_cpu")
+def _causal_attention_fake(q, k, v):
+    return _new(q), _new(q, torch.float32, (q.shape[0], q.shape[2], q.shape[1]))
+
+
+@torch.library.register_fake("astrobio::causal_attention_backward_cpu")
+def _causal_attention_backward_fake(dout, q, k, v, out, lse):
+    return _new(q), _new(k), _new(v)
+
+
 def _rmsnorm_setup_context(ctx, inputs, output):
     x, residual, weight, _ = inputs
     _, h, rstd = output
@@ -92,10 +106,21 @@ def _silu_mul_backward(ctx, dout):
     return torch.ops.astrobio.silu_mul_backward_cpu(dout, gate, up)
 
 
+def _causal_attention_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _causal_attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    return torch.ops.astrobio.causal_attention_backward_cpu(dout, q, k, v, out, lse)
+
+
 torch.library.register_autograd("astrobio::rmsnorm_forward_cpu", _rmsnorm_backward,
                                 setup_context=_rmsnorm_setup_context)
 torch.library.register_autograd("astrobio::rotary_cpu", _rotary_backward, setup_context=_rotary_setup_context)
 torch.library.register_autograd("astrobio::silu_mul_cpu", _silu_mul_backward, setup_context=_silu_mul_setup_context)
+torch.library.register_autograd("astrobio::causal_attention_cpu", _causal_attention_backward,
+                                setup_context=_causal_attention_setup_context)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
@@ -121,3 +146,11 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` computed in fp32, for gate and up of one shape and dtype."""
     return torch.ops.astrobio.silu_mul_cpu(gate, up)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` of q, k, v transposed to [batch, heads, seq, head_dim], with
+    ``is_causal=True``, back in the layout of q, k, v: [batch, seq, heads, head_dim] (CPU tensors of one
+    shape). Computed in fp32; bf16 inputs are converted and the result converted back."""
+    out = torch.ops.astrobio.causal_attention_cpu(q.float(), k.float(), v.float())[0]
+    return out.to(q.dtype)

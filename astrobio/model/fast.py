@@ -40,6 +40,7 @@ class FusedOps:
     rotary: Callable
     silu_mul: Callable
     linear_cross_entropy: Callable | None  # None: the loss is the eager head and cross-entropy
+    attention: Callable | None = None  # causal self-attention of [b, t, h, hd]; None: PyTorch's SDPA
 
 
 def say(message: str) -> None:
@@ -82,9 +83,10 @@ def load_fused_ops() -> FusedOps:
 
 @cache
 def load_cpu_fused_ops() -> FusedOps:
-    """The C++ kernels; no chunked loss (its row step would be PyTorch on the CPU: the eager loss serves)."""
+    """The C++ kernels, causal attention included; no chunked loss (its row step would be PyTorch on the
+    CPU: the eager loss serves)."""
     from astrobio.model import cpu_layers
-    return FusedOps(cpu_layers.rmsnorm, cpu_layers.rotary, cpu_layers.silu_mul, None)
+    return FusedOps(cpu_layers.rmsnorm, cpu_layers.rotary, cpu_layers.silu_mul, None, cpu_layers.causal_attention)
 
 
 def use_kernels(model: nn.Module, kernels: str) -> str:

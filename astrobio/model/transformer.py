@@ -102,6 +102,15 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
+def cpu_attention(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The fused ops' causal attention of [batch, seq, heads, head_dim] tensors on the CPU; under bf16
+    autocast in fp32, as ``sdpa`` runs PyTorch's."""
+    if torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            return attention(q.float(), k.float(), v.float())
+    return attention(q, k, v)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -137,7 +146,10 @@ class Attention(nn.Module):
                 v = torch.cat((kv_cache["v"], v), dim=1)
                 causal = t > 1  # one new token attends to everything cached
             kv_cache["k"], kv_cache["v"] = k, v
-        if (flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+        fused_attention = FUSED[x.device.type].attention if self.fused else None
+        if fused_attention is not None and kv_cache is None and x.device.type == "cpu":
+            out = cpu_attention(fused_attention, q, k, v)
+        elif (flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
                 and (causal or t == 1)):
             out = flash_attn_func(q, k, v, causal=causal)
         else:
