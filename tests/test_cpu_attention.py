@@ -201,3 +201,16 @@ def test_fused_tiny_model_runs_the_kernel_and_matches_eager(monkeypatch, checkpo
     for name, a, b in zip(["loss"] + names, loss_and_grads(fused, tokens), loss_and_grads(eager, tokens)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert len(calls) == config.n_layers * (2 if checkpointing else 1)
+
+
+@pytest.mark.parametrize("case", ["fp32", "bf16", "autocast"])
+def test_fused_block_keeps_what_the_memory_planner_counts(monkeypatch, case):
+    """The kernel keeps what SDPA keeps (q, k, v, out, the fp32 logsumexp): a fused block's saved bytes on
+    the CPU equal the planner's count exactly, in fp32 and under autocast (attention in fp32); a bf16
+    model keeps SDPA (the kernel would keep fp32 copies of q, k, v)."""
+    from _saved_bytes import saved_and_planned_bytes
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    dtype, autocast = {"fp32": (torch.float32, False), "bf16": (torch.bfloat16, False),
+                       "autocast": (torch.float32, True)}[case]
+    measured, planned = saved_and_planned_bytes(dtype, autocast, "fused")
+    assert measured == planned

@@ -103,8 +103,9 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor |
 
 
 def cpu_attention(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The fused ops' causal attention of [batch, seq, heads, head_dim] tensors on the CPU; under bf16
-    autocast in fp32, as ``sdpa`` runs PyTorch's."""
+    """The fused ops' causal attention (the C++ kernel) of fp32 [batch, seq, heads, head_dim] tensors on
+    the CPU; under bf16 autocast in fp32, as ``sdpa`` runs PyTorch's (a bf16 model keeps SDPA: the kernel
+    would keep fp32 copies of q, k, v where SDPA keeps bf16)."""
     if torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
             return attention(q.float(), k.float(), v.float())
@@ -146,8 +147,9 @@ class Attention(nn.Module):
                 v = torch.cat((kv_cache["v"], v), dim=1)
                 causal = t > 1  # one new token attends to everything cached
             kv_cache["k"], kv_cache["v"] = k, v
-        fused_attention = FUSED[x.device.type].attention if self.fused else None
-        if fused_attention is not None and kv_cache is None and x.device.type == "cpu":
+        fused_attention = FUSED[x.device.type].attention if self.fused and x.device.type == "cpu" else None
+        if (fused_attention is not None and kv_cache is None
+                and (q.dtype == torch.float32 or torch.is_autocast_enabled("cpu"))):
             out = cpu_attention(fused_attention, q, k, v)
         elif (flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
                 and (causal or t == 1)):
