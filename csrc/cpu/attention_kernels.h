@@ -3,21 +3,24 @@
 // inlined into functions carrying that path's target attribute, where GCC vectorizes them.
 //
 // One (batch, head) pair at a time, in fp32. Row i of the causal mask sees keys j <= i only, so the kernel
-// computes only those scores: half the work of a full T x T block. The pair's K and V are first copied
-// into small contiguous tiles: K^T [head_dim][seq] so that a query row's scores q_i . k_j are vectorised
-// over j (q_i[d] broadcast against a row of K^T), and V (or K) as rows padded to a multiple of 16 so that
-// sums of rows are vectorised over the head dimension. Scores go in blocks of up to 64 keys held in four
-// independent accumulators (the sums over d are then 4 chains of fused multiply-adds in flight, not one).
+// computes only those scores (rounded up to a multiple of 16 keys): about half the work of the full T x T
+// block. The pair's rows are first copied into small contiguous tiles: K^T and V^T [head_dim][seq] so that
+// scores q_i . k_j are vectorised over j (q_i[d] broadcast against a row of K^T), and K, V, q, dout as rows
+// padded to a multiple of 16 so that sums of rows are vectorised over the head dimension. Every product is
+// a register tile of four rows: four query rows' scores over blocks of up to 64 keys (16 accumulators),
+// four rows' weighted sums of 16 columns (4 accumulators), so that each load serves four multiply-adds.
 //
 //   forward:  s_j = scale q_i . k_j (j <= i),  m = max_j s_j,  l = sum_j e^(s_j - m),
 //             out_i = sum_j e^(s_j - m) v_j / l,  lse_i = m + log l
-//   backward: p_j = e^(s_j - lse_i),  dp_j = dout_i . v_j,  D_i = dout_i . out_i,  ds_j = p_j (dp_j - D_i),
-//             dq_i = scale sum_j ds_j k_j,  dk_j += scale ds_j q_i,  dv_j += p_j dout_i
+//   backward: p_ij = e^(s_ij - lse_i),  dp_ij = dout_i . v_j,  D_i = dout_i . out_i,
+//             ds_ij = p_ij (dp_ij - D_i),  dq_i = scale sum_j ds_ij k_j,
+//             dk_j = scale sum_i ds_ij q_i,  dv_j = sum_i p_ij dout_i   (i >= j)
 //
-// dk and dv sum over the rows i of their pair in a per-pair fp32 tile, written out once: nothing is shared
-// between pairs, so the results do not depend on the number of threads. The SIMD paths contract a * b + c
-// into fused multiply-adds (attention_avx512.cpp, attention_avx2.cpp), the portable path does not: the
-// paths agree to fp32 rounding, not bit for bit.
+// The backward keeps the pair's p and ds ([seq][seq], zero above the diagonal: 64 KB each at seq 128) and
+// reads their columns for dk and dv, so nothing is transposed back and every output row is written once.
+// Nothing is shared between pairs, so the results do not depend on the number of threads. The SIMD paths
+// contract a * b + c into fused multiply-adds (attention_avx512.cpp, attention_avx2.cpp), the portable
+// path does not: the paths agree to fp32 rounding, not bit for bit.
 #pragma once
 
 #include <algorithm>
@@ -77,15 +80,17 @@ ASTROBIO_INLINE void scores(const float* x, const float* mt, int64_t dim, int64_
   }
 }
 
-// out[r][0, width) = sum_{j < n} w[r][j] rows[j][0, width) for the kRows rows r of w (rows of `stride`;
-// rows: [n][width], width a multiple of kLanes; out: [kRows][width]).
-ASTROBIO_INLINE void weighted_rows(const float* w, int64_t stride, const float* rows, int64_t n, int64_t width,
-                                   float* out) {
+// out[r][0, width) = sum_{i < n} w(r, i) rows[i][0, width) for r < kRows, w(r, i) = w[r * wr + i * wi] (rows:
+// [n][width], width a multiple of kLanes; out: [kRows][width]). dq = ds k takes w as rows of ds (wi = 1),
+// dk = ds^T q and dv = p^T dout as columns (wr = 1): the sums over query rows need no transposes.
+ASTROBIO_INLINE void weighted_rows(const float* w, int64_t wr, int64_t wi, const float* rows, int64_t n,
+                                   int64_t width, float* out) {
   for (int64_t c = 0; c < width; c += kLanes) {
     float a0[kLanes] = {}, a1[kLanes] = {}, a2[kLanes] = {}, a3[kLanes] = {};
-    for (int64_t j = 0; j < n; ++j) {
-      const float w0 = w[j], w1 = w[stride + j], w2 = w[2 * stride + j], w3 = w[3 * stride + j];
-      const float* r = rows + j * width + c;
+    for (int64_t i = 0; i < n; ++i) {
+      const float* wc = w + i * wi;
+      const float w0 = wc[0], w1 = wc[wr], w2 = wc[2 * wr], w3 = wc[3 * wr];
+      const float* r = rows + i * width + c;
       for (int l = 0; l < kLanes; ++l) {
         a0[l] += w0 * r[l];
         a1[l] += w1 * r[l];
@@ -100,21 +105,6 @@ ASTROBIO_INLINE void weighted_rows(const float* w, int64_t stride, const float* 
       out[3 * width + c + l] = a3[l];
     }
   }
-}
-
-// out[d][j] = sum_{i >= j} xt[d][i] w[i][j] for d < dim, j < n (xt: [round_up(dim, kRows)][n], w: [n][stride]
-// with w[i][j] = 0 for j > i; out: [round_up(dim, kRows)][stride]): dk^T = q^T ds and dv^T = dout^T p, as
-// score tiles of four rows of xt, each block of keys summed from its first key's row on.
-ASTROBIO_INLINE void causal_products(const float* xt, int64_t dim, const float* w, int64_t stride, int64_t n,
-                                     float* out) {
-  const int64_t chunks = round_up(n, kLanes) / kLanes;
-  for (int64_t d0 = 0; d0 < dim; d0 += kRows)
-    for (int64_t c = 0; c < chunks; c += 2) {
-      const int64_t j0 = c * kLanes;
-      const float* x = xt + d0 * n + j0;
-      if (c + 2 <= chunks) score_tile<2>(x, n, w + j0 * stride, n - j0, stride, j0, out + d0 * stride);
-      else score_tile<1>(x, n, w + j0 * stride, n - j0, stride, j0, out + d0 * stride);
-    }
 }
 
 ASTROBIO_INLINE float row_max(const float* s, int64_t n) {
@@ -166,19 +156,6 @@ ASTROBIO_INLINE void load_transposed(const float* x, const Shape& s, int64_t pai
     for (int64_t j = j0; j < s.seq; ++j) t[d * stride + j] = base[j * row + d] * scale;
 }
 
-// t: [head_dim][stride] transposed into the pair's rows of x, in blocks of kLanes rows (one vector load
-// per column of a block).
-ASTROBIO_INLINE void store_transposed(const float* t, int64_t stride, const Shape& s, int64_t pair, float* x) {
-  float* base = x + row_offset(s, pair, 0);
-  const int64_t row = s.heads * s.head_dim;
-  int64_t j0 = 0;
-  for (; j0 + kLanes <= s.seq; j0 += kLanes)
-    for (int64_t d = 0; d < s.head_dim; ++d)
-      for (int l = 0; l < kLanes; ++l) base[(j0 + l) * row + d] = t[d * stride + j0 + l];
-  for (int64_t d = 0; d < s.head_dim; ++d)
-    for (int64_t j = j0; j < s.seq; ++j) base[j * row + d] = t[d * stride + j];
-}
-
 // Buffers of floats, zero-filled once (the padding rows and columns stay zero).
 ASTROBIO_INLINE std::vector<float> zeros(int64_t n) { return std::vector<float>(static_cast<size_t>(n), 0.0f); }
 
@@ -217,7 +194,7 @@ ASTROBIO_INLINE void forward_pairs(const Forward& a, int64_t begin, int64_t end)
         totals[r] = layers::lane_total(acc);
         if (i0 + r < T) a.lse[pair * T + i0 + r] = m + std::log(totals[r]);
       }
-      weighted_rows(p.data(), stride, v.data(), keys, width, o.data());
+      weighted_rows(p.data(), stride, 1, v.data(), keys, width, o.data());
       for (int64_t r = 0; r < kRows && i0 + r < T; ++r) {
         const float inverse = 1.0f / totals[r];
         float* out = a.out + row_offset(s, pair, i0 + r);
@@ -227,21 +204,29 @@ ASTROBIO_INLINE void forward_pairs(const Forward& a, int64_t begin, int64_t end)
   }
 }
 
+// Rows [r0, r0 + kRows) of tile ([kRows][width]) times scale into the pair's rows of x (those below seq).
+ASTROBIO_INLINE void store_rows(const float* tile, int64_t width, float scale, const Shape& s, int64_t pair,
+                                int64_t r0, float* x) {
+  for (int64_t r = 0; r < kRows && r0 + r < s.seq; ++r) {
+    float* row = x + row_offset(s, pair, r0 + r);
+    for (int64_t d = 0; d < s.head_dim; ++d) row[d] = tile[r * width + d] * scale;
+  }
+}
+
 ASTROBIO_INLINE void backward_pairs(const Backward& a, int64_t begin, int64_t end) {
   const Shape& s = a.shape;
-  const int64_t T = s.seq, D = s.head_dim, rows = round_up(T, kRows), dims = round_up(D, kRows);
+  const int64_t T = s.seq, D = s.head_dim, rows = round_up(T, kRows);
   const int64_t stride = round_up(T, kLanes), width = round_up(D, kLanes);
-  // q (scaled) and dout as rows (for the scores) and transposed (for dk, dv); k and v transposed (for the
-  // scores), k as rows of width (for dq); the pair's p and ds (zero past the diagonal); dk, dv transposed.
-  std::vector<float> q = zeros(rows * D), g = zeros(rows * D), qt = zeros(dims * T), gt = zeros(dims * T);
+  // q (scaled) and dout as rows of head_dim (for the scores) and of width (for dk, dv); k and v transposed
+  // (for the scores), k as rows of width (for dq); the pair's p and ds, zero past the diagonal.
+  std::vector<float> q = zeros(rows * D), g = zeros(rows * D), qw = zeros(T * width), gw = zeros(T * width);
   std::vector<float> kt = zeros(D * stride), vt = zeros(D * stride), k = zeros(T * width);
-  std::vector<float> p = zeros(rows * stride), ds = zeros(rows * stride), dq = zeros(kRows * width);
-  std::vector<float> dkt = zeros(dims * stride), dvt = zeros(dims * stride);
+  std::vector<float> p = zeros(rows * stride), ds = zeros(rows * stride), tile = zeros(kRows * width);
   for (int64_t pair = begin; pair < end; ++pair) {
     load_rows(a.q, s, pair, s.scale, D, q.data());
     load_rows(a.dout, s, pair, 1.0f, D, g.data());
-    load_transposed(a.q, s, pair, s.scale, T, qt.data());
-    load_transposed(a.dout, s, pair, 1.0f, T, gt.data());
+    load_rows(a.q, s, pair, s.scale, width, qw.data());
+    load_rows(a.dout, s, pair, 1.0f, width, gw.data());
     load_transposed(a.k, s, pair, 1.0f, stride, kt.data());
     load_transposed(a.v, s, pair, 1.0f, stride, vt.data());
     load_rows(a.k, s, pair, 1.0f, width, k.data());
@@ -264,16 +249,16 @@ ASTROBIO_INLINE void backward_pairs(const Backward& a, int64_t begin, int64_t en
         }
         for (int64_t j = n; j < stride; ++j) pr[j] = dsr[j] = 0.0f;
       }
-      weighted_rows(ds0, stride, k.data(), keys, width, dq.data());
-      for (int64_t r = 0; r < kRows && i0 + r < T; ++r) {
-        float* dqi = a.dq + row_offset(s, pair, i0 + r);
-        for (int64_t d = 0; d < D; ++d) dqi[d] = dq[r * width + d] * s.scale;
-      }
+      weighted_rows(ds0, stride, 1, k.data(), keys, width, tile.data());
+      store_rows(tile.data(), width, s.scale, s, pair, i0, a.dq);
     }
-    causal_products(qt.data(), D, ds.data(), stride, T, dkt.data());
-    causal_products(gt.data(), D, p.data(), stride, T, dvt.data());
-    store_transposed(dkt.data(), stride, s, pair, a.dk);
-    store_transposed(dvt.data(), stride, s, pair, a.dv);
+    // keys j0 .. j0 + 3 gather the query rows i >= j0 (p and ds are zero above the diagonal)
+    for (int64_t j0 = 0; j0 < T; j0 += kRows) {
+      weighted_rows(ds.data() + j0 * stride + j0, 1, stride, qw.data() + j0 * width, T - j0, width, tile.data());
+      store_rows(tile.data(), width, 1.0f, s, pair, j0, a.dk);
+      weighted_rows(p.data() + j0 * stride + j0, 1, stride, gw.data() + j0 * width, T - j0, width, tile.data());
+      store_rows(tile.data(), width, 1.0f, s, pair, j0, a.dv);
+    }
   }
 }
 
