@@ -176,21 +176,19 @@ ASTROBIO_INLINE void forward_pairs(const Forward& a, int64_t begin, int64_t end)
       for (int64_t r = 0; r < kRows; ++r) {  // rows past seq (zero q) give finite values, not written
         const int64_t n = std::min(i0 + r + 1, keys);  // row i0 + r sees keys j <= i0 + r
         float* pr = p.data() + r * stride;
-        const float m = row_max(pr, n);
+        // whole vectors: the masked keys of the last one as -inf, whose exponential (0 or the smallest
+        // subnormal) leaves the sum, at least 1, unchanged; zero for the sum over v
+        const int64_t full = round_up(n, kLanes);
+        for (int64_t j = n; j < full; ++j) pr[j] = -INFINITY;
+        const float m = row_max(pr, full);
         float acc[kLanes] = {};
-        int64_t j = 0;
-        for (; j + kLanes <= n; j += kLanes)
+        for (int64_t j = 0; j < full; j += kLanes)
           for (int l = 0; l < kLanes; ++l) {
             const float e = exp_approx(pr[j + l] - m);
             pr[j + l] = e;
             acc[l] += e;
           }
-        for (int l = 0; j + l < n; ++l) {
-          const float e = exp_approx(pr[j + l] - m);
-          pr[j + l] = e;
-          acc[l] += e;
-        }
-        for (j = n; j < keys; ++j) pr[j] = 0.0f;
+        for (int64_t j = n; j < keys; ++j) pr[j] = 0.0f;
         totals[r] = layers::lane_total(acc);
         if (i0 + r < T) a.lse[pair * T + i0 + r] = m + std::log(totals[r]);
       }
@@ -241,7 +239,7 @@ ASTROBIO_INLINE void backward_pairs(const Backward& a, int64_t begin, int64_t en
         if (n > 0) {
           const float lse = a.lse[pair * T + i];
           const float delta = dot(g.data() + i * D, a.out + row_offset(s, pair, i), D);
-          for (int64_t j = 0; j < n; ++j) {
+          for (int64_t j = 0; j < round_up(n, kLanes); ++j) {  // whole vectors; the masked keys are zeroed below
             const float e = exp_approx(pr[j] - lse);
             pr[j] = e;
             dsr[j] = e * (dsr[j] - delta);
