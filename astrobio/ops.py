@@ -62,7 +62,7 @@ def cpu_layer_kernels_unavailable() -> str | None:
     """Why the C++ ops of the model's fused layers (astrobio.model.cpu_layers) cannot run, or None."""
     if not has_cpu_kernel():
         return f"the compiled extension astrobio._C did not load ({_IMPORT_ERROR}); reinstall with `pip install -e .`"
-    if not hasattr(torch.ops.astrobio, "rmsnorm_forward_cpu"):
+    if not all(hasattr(torch.ops.astrobio, op) for op in ("rmsnorm_forward_cpu", "causal_attention_cpu")):
         return "astrobio._C was built from sources older than the C++ layer kernels; rebuild it with `pip install -e .`"
     return None
 
