@@ -211,9 +211,9 @@ def resolve_stages(config: TrainConfig) -> TrainConfig:
     """The default layout, where ``--pipeline-stages`` is not given: one stage. Started plainly on the
     CPU with text and ``--data-parallel auto`` (the default job), two whole-model replicas, one process
     per core, where the machine has two cores and the batch splits over them; a step then takes 16
-    sequences (8 per replica) unless the batch flags say otherwise. Two replicas train a small model
-    1.4x faster on two cores than the 2-stage pipeline, whose ranks wait for each other about a quarter
-    of each step (docs/TRAINING.md)."""
+    sequences (8 per replica) unless the batch flags say otherwise. Two replicas trained tiny 1.34x
+    faster on two cores than the 2-stage pipeline, whose ranks wait for each other about a quarter of
+    each step (docs/TRAINING.md)."""
     if config.pipeline_stages is not None:
         return config
     from astrobio.model.encoders import check_modalities
