@@ -175,32 +175,8 @@ def test_bad_arguments_get_clear_errors():
 
 # ------------------------------------------------------------------------------ the model
 
-def loss_and_grads(model, tokens):
-    loss = model.loss(tokens[:, :-1], tokens[:, 1:])
-    loss.backward()
-    return [loss.detach()] + [p.grad for p in model.parameters()]
-
-
-@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
-def test_fused_tiny_model_runs_the_kernel_and_matches_eager(monkeypatch, checkpointing):
-    """Loss and every parameter gradient within tests/test_cpu_layers.py's whole-model tolerance (1e-4
-    relative, 1e-6 absolute), with every block's attention through the C++ op (counted)."""
-    from astrobio.model import build_model, get_config, use_kernels
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    config = get_config("tiny", vocab_size=259)
-    tokens = torch.randint(0, config.vocab_size, (2, 65), generator=torch.Generator().manual_seed(60))
-    eager, fused = build_model(config, seed=5), build_model(config, seed=5)
-    for model in (eager, fused):
-        model.gradient_checkpointing = checkpointing
-    assert use_kernels(fused, "fused") == "fused"
-    calls = []
-    real = torch.ops.astrobio.causal_attention_cpu
-    monkeypatch.setattr(cpu_layers.torch.ops.astrobio, "causal_attention_cpu",
-                        lambda *a: calls.append(1) or real(*a), raising=False)
-    names = [n for n, _ in fused.named_parameters()]
-    for name, a, b in zip(["loss"] + names, loss_and_grads(fused, tokens), loss_and_grads(eager, tokens)):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
-    assert len(calls) == config.n_layers * (2 if checkpointing else 1)
+# The fused tiny model against eager, with every block's attention through this op (counted):
+# tests/test_cpu_layers.py::test_fused_tiny_model_on_the_cpu_matches_eager.
 
 
 @pytest.mark.parametrize("case", ["fp32", "bf16", "autocast"])

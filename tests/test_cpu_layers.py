@@ -302,7 +302,8 @@ def loss_and_grads(model, tokens):
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 def test_fused_tiny_model_on_the_cpu_matches_eager(monkeypatch, checkpointing):
     """Loss and every parameter gradient within fp32 tolerance (1e-4 relative, 1e-6 absolute: the
-    kernels' sums are reassociated against eager's, over 4 blocks)."""
+    kernels' sums are reassociated against eager's, over 4 blocks), with every block's attention through
+    the C++ causal attention (counted: once per block, twice with checkpointing's recompute)."""
     from astrobio.model import build_model, get_config, transformer, use_kernels
     from astrobio.model.fast import load_cpu_fused_ops
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -313,9 +314,14 @@ def test_fused_tiny_model_on_the_cpu_matches_eager(monkeypatch, checkpointing):
         model.gradient_checkpointing = checkpointing
     assert use_kernels(fused, "fused") == "fused"
     assert transformer.FUSED["cpu"] is load_cpu_fused_ops()
+    calls = []
+    real = torch.ops.astrobio.causal_attention_cpu
+    monkeypatch.setattr(cpu_layers.torch.ops.astrobio, "causal_attention_cpu",
+                        lambda *a: calls.append(1) or real(*a), raising=False)
     names = [n for n, _ in fused.named_parameters()]
     for name, a, b in zip(["loss"] + names, loss_and_grads(fused, tokens), loss_and_grads(eager, tokens)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert len(calls) == config.n_layers * (2 if checkpointing else 1)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "autocast"])
