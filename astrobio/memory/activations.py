@@ -63,7 +63,7 @@ class Tokens:
 @dataclass(frozen=True)
 class Precision:
     """Bytes per element of matrix-product outputs, of the residual stream, and of what attention keeps
-    (the model's ``sdpa`` runs in fp32 on the CPU under autocast)."""
+    (the model's ``attend`` runs attention in fp32 on the CPU under autocast)."""
     matmul: int
     residual: int
     attention: int | None = None  # None: the matmul dtype's

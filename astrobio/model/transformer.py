@@ -89,27 +89,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
 
 
-def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-         causal: bool) -> torch.Tensor:
-    """PyTorch SDPA of [batch, heads, seq, head_dim] tensors. On the CPU under bf16 autocast it runs in
-    fp32: PyTorch's CPU flash-attention backward is about 3x slower in bf16 than in fp32 (a tiny-model
-    step on one core: 93 ms in fp32, 94 ms under autocast, 66 ms under autocast with attention in fp32;
-    docs/MODEL.md)."""
+def attend(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``attention(q, k, v, **kwargs)``: PyTorch's SDPA, or the fused ops' causal attention (the C++
+    kernel, fp32 only). On the CPU under bf16 autocast it runs in fp32: PyTorch's CPU flash-attention
+    backward is about 3x slower in bf16 than in fp32 (a tiny-model step on one core: 93 ms in fp32, 94 ms
+    under autocast, 66 ms under autocast with attention in fp32; docs/MODEL.md). A bf16 model keeps SDPA
+    (the C++ kernel would keep fp32 copies of q, k, v where SDPA keeps bf16)."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                  is_causal=causal)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-
-
-def cpu_attention(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The fused ops' causal attention (the C++ kernel) of fp32 [batch, seq, heads, head_dim] tensors on
-    the CPU; under bf16 autocast in fp32, as ``sdpa`` runs PyTorch's (a bf16 model keeps SDPA: the kernel
-    would keep fp32 copies of q, k, v where SDPA keeps bf16)."""
-    if torch.is_autocast_enabled("cpu"):
-        with torch.autocast("cpu", enabled=False):
-            return attention(q.float(), k.float(), v.float())
-    return attention(q, k, v)
+            return attention(q.float(), k.float(), v.float(), **kwargs)
+    return attention(q, k, v, **kwargs)
 
 
 class Attention(nn.Module):
@@ -147,10 +136,10 @@ class Attention(nn.Module):
                 v = torch.cat((kv_cache["v"], v), dim=1)
                 causal = t > 1  # one new token attends to everything cached
             kv_cache["k"], kv_cache["v"] = k, v
-        fused_attention = FUSED[x.device.type].attention if self.fused and x.device.type == "cpu" else None
+        fused_attention = FUSED[x.device.type].attention if self.fused else None  # the CPU's C++ kernel
         if (fused_attention is not None and kv_cache is None
                 and (q.dtype == torch.float32 or torch.is_autocast_enabled("cpu"))):
-            out = cpu_attention(fused_attention, q, k, v)
+            out = attend(fused_attention, q, k, v)
         elif (flash_attn_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
                 and (causal or t == 1)):
             out = flash_attn_func(q, k, v, causal=causal)
@@ -159,7 +148,8 @@ class Attention(nn.Module):
             mask = None
             if causal and k.shape[2] != t:  # prefill onto a non-empty cache: offset causal mask
                 mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
-            out = sdpa(q, k, v, mask, causal and mask is None).transpose(1, 2)
+            out = attend(F.scaled_dot_product_attention, q, k, v, attn_mask=mask,
+                         is_causal=causal and mask is None).transpose(1, 2)
         return self.wo(out.reshape(b, t, h * hd))
 
 
